@@ -1,0 +1,230 @@
+"""The `dstudio` command line: teacher training, sampling and distillation on any diffusers pipeline."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+STOCK_SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpmpp": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def _positive_int(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got '{text}'") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+        return value
+
+    return parse
+
+
+# --- teacher train / distill ------------------------------------------------------------------------
+def _train(method_name: str, args, teacher_source: str | None) -> Path:
+    import torch
+
+    from distill.core.config import from_dict, load_preset, merge_overrides
+    from distill.core.io import check_writable
+    from distill.core.method import get_method
+    from distill.core.teacher import load_teacher
+    from distill.core.trainer import Trainer, TrainerConfig
+    from distill.data import load_data
+
+    cls = get_method(method_name)
+    raw = merge_overrides(load_preset(cls.name, args.preset, args.data or "mnist"), args.set or [])
+    unknown = set(raw) - {"trainer", "method"}
+    if unknown:
+        raise UsageError(f"unknown config section(s) {sorted(unknown)}: use trainer: and method:")
+    if args.steps is not None:
+        raw["trainer"]["steps"] = args.steps
+    tcfg = from_dict(TrainerConfig, raw.get("trainer"), "trainer.")
+    mraw = dict(raw.get("method") or {})
+    if args.data is not None and "data" in {f for f in cls.Config.__dataclass_fields__}:
+        mraw["data"] = args.data
+    mcfg = from_dict(cls.Config, mraw, "method.")
+    out = check_writable(args.out)
+    teacher = load_teacher(teacher_source) if cls.needs_teacher else None
+    data = None
+    if cls.needs_data:
+        resolution = teacher.sample_shape[-1] if teacher else mcfg.resolution
+        channels = teacher.sample_shape[0] if teacher else 1
+        data = load_data(getattr(mcfg, "data", "mnist"), resolution, channels)
+    torch.manual_seed(tcfg.seed)
+    method = cls(mcfg, teacher=teacher, data=data)
+    resolved = {"method_name": cls.name, "preset": args.preset, "teacher": teacher_source,
+                "trainer": _asdict(tcfg), "method": _asdict(mcfg)}
+    trainer = Trainer(method, tcfg, out, data=data, resolved_config=resolved)
+    pipeline = trainer.fit(resume=args.resume)
+    print(f"exported {pipeline}")
+    return pipeline
+
+
+def _asdict(cfg):
+    import dataclasses
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def cmd_teacher_train(args) -> None:
+    _train("ddpm", args, None)
+
+
+def cmd_distill(args) -> None:
+    _train(args.method, args, args.teacher)
+
+
+# --- sample -----------------------------------------------------------------------------------------
+def cmd_sample(args) -> None:
+    import diffusers
+    import torch
+
+    from distill.core.export import provenance
+    from distill.core.images import save_grid, save_pngs
+    from distill.core.io import check_writable, save_json
+    from distill.core.teacher import load_pipeline, teacher_from_pipeline
+
+    out = check_writable(args.out)
+    if args.grid:
+        check_writable(Path(args.grid).parent)
+    source = args.pipeline or args.teacher
+    pipe = load_pipeline(source)
+    teacher = teacher_from_pipeline(pipe, str(source))
+    if args.scheduler_name:
+        name = args.scheduler_name
+        if name not in STOCK_SCHEDULERS:
+            raise UsageError(f"unknown scheduler '{name}': use one of {', '.join(STOCK_SCHEDULERS)}")
+        pipe.scheduler = getattr(diffusers, STOCK_SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    if args.class_label is not None:
+        teacher.check_class(args.class_label)
+    if teacher.kind == "text" and not args.prompt:
+        raise UsageError(f"pipeline '{source}' is text-to-image: give --prompt")
+
+    generator = torch.Generator().manual_seed(args.seed)
+    done, grid_images = 0, []
+    while done < args.num_images:
+        n = min(args.batch_size, args.num_images - done)
+        if teacher.kind == "text":
+            images = pipe(prompt=[args.prompt] * n, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                          generator=generator, output_type="pt").images
+        else:
+            labels = None
+            if teacher.kind == "class":
+                # equal, contiguous blocks of classes: image i has class i * classes // num_images
+                labels = (torch.full((n,), args.class_label) if args.class_label is not None
+                          else torch.arange(done, done + n) * teacher.num_classes // args.num_images)
+            images = pipe(batch_size=n, class_labels=labels, num_inference_steps=args.steps,
+                          guidance_scale=args.guidance, generator=generator, output_type="pt").images
+        save_pngs(images * 2 - 1, out, start=done)
+        grid_images.append(images * 2 - 1)
+        done += n
+        print(f"\r{done}/{args.num_images} images", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    save_json(provenance(pipeline=str(source), scheduler=type(pipe.scheduler).__name__, steps=args.steps,
+                         guidance=args.guidance, seed=args.seed, class_label=args.class_label,
+                         num_images=args.num_images), out / "samples.json")
+    if args.grid:
+        per_row = args.num_images // teacher.num_classes if teacher.kind == "class" and args.class_label is None \
+            else int(args.num_images ** 0.5)
+        save_grid(torch.cat(grid_images), args.grid, nrow=max(per_row, 1), upscale=4)
+        print(f"wrote grid {args.grid}")
+    print(f"wrote {args.num_images} images to {out}")
+
+
+# --- parser -----------------------------------------------------------------------------------------
+def _add_train_args(p, default_out: str) -> None:
+    p.add_argument("--preset", default="quick", help="a preset name from configs/ (quick, full) or a YAML file")
+    p.add_argument("--data", default=None, help="mnist, digits or an image folder (default: the preset's)")
+    p.add_argument("--steps", type=_positive_int("--steps"), default=None, help="override trainer.steps")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set trainer.batch_size=32 --set method.lr=2e-4")
+    p.add_argument("--out", default=default_out, help="run folder: config, checkpoint, sample grids, pipeline/")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`dstudio: error: ...`, exit 2) instead of usage dumps."""
+
+    def error(self, message):
+        self.exit(2, f"dstudio: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from distill.core.method import METHODS, get_method
+
+    get_method("ddpm")  # imports and registers every method
+    parser = Parser(prog="dstudio", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    teacher = sub.add_parser("teacher", help="train the embedded teacher").add_subparsers(
+        dest="action", required=True, parser_class=Parser)
+    tt = teacher.add_parser("train", help="train a class-conditional DDPM teacher on MNIST-5k (or --data)")
+    _add_train_args(tt, "runs/teacher")
+    tt.set_defaults(func=cmd_teacher_train)
+
+    distillers = sorted(n for n, c in METHODS.items() if c.is_distiller)
+    dp = sub.add_parser("distill", help="distill a teacher into a fast student")
+    dp.add_argument("method", help=f"one of: {', '.join(distillers) or '(none yet)'}")
+    dp.add_argument("--teacher", default=None, help="pipeline folder or hub id (default: the shipped MNIST teacher)")
+    _add_train_args(dp, "runs/distill")
+    dp.set_defaults(func=cmd_distill)
+
+    sp = sub.add_parser("sample", help="draw images from a teacher or an exported student")
+    sp.add_argument("--teacher", default=None, help="pipeline folder or hub id (default: the shipped MNIST teacher)")
+    sp.add_argument("--pipeline", default=None, help="same as --teacher, for exported students")
+    sp.add_argument("--steps", type=_positive_int("--steps"), default=None,
+                    help="number of inference steps (default: the scheduler's own, 50 for stock ones)")
+    sp.add_argument("--scheduler", dest="scheduler_name", default=None,
+                    help=f"replace the pipeline's scheduler: {', '.join(STOCK_SCHEDULERS)}")
+    sp.add_argument("--class", dest="class_label", type=int, default=None, help="class label (default: all classes in turn)")
+    sp.add_argument("--prompt", default=None, help="prompt, for text-to-image pipelines")
+    sp.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--num-images", type=_positive_int("--num-images"), default=16)
+    sp.add_argument("--batch-size", type=_positive_int("--batch-size"), default=100)
+    sp.add_argument("--out", default="samples", help="folder for the PNGs")
+    sp.add_argument("--grid", default=None, help="also write one PNG grid (one row per class) to this file")
+    sp.set_defaults(func=cmd_sample)
+
+    sub.add_parser("methods", help="list the registered methods").set_defaults(
+        func=lambda a: print("\n".join(f"{n}\t{(c.__doc__ or '').strip().splitlines()[0]}" for n, c in sorted(METHODS.items()))))
+    return parser
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    from distill.core.config import ConfigError
+    from distill.core.teacher import TeacherError
+    from distill.core.trainer import DivergenceError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (UsageError, ConfigError, TeacherError, FileNotFoundError, PermissionError) as e:
+        print(f"dstudio: error: {e}", file=sys.stderr)
+        return 2
+    except DivergenceError as e:
+        print(f"dstudio: diverged: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dstudio: interrupted; the last checkpoint is kept, rerun with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""One denoiser call for every model: D(x, sigma, cond) -> x0_hat on the VE scale x = x0 + sigma * eps.
+
+Karras et al. 2022 (EDM), eq. 7: D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma)).
+Each adapter below only says what c_skip, c_out, c_in and c_noise are for its kind of backbone.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from samplers.schedules import DiscreteSigmas, flow_sigma_to_t
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def append_dims(x: Tensor, ndim: int) -> Tensor:
+    return x.reshape(x.shape + (1,) * (ndim - x.ndim))
+
+
+def call_backbone(model: nn.Module, x: Tensor, t: Tensor, cond) -> Tensor:
+    """Call a diffusers UNet (or any module with the same signature) with its conditioning keyword."""
+    kwargs = {}
+    if cond is not None:
+        key = "encoder_hidden_states" if hasattr(model.config, "cross_attention_dim") else "class_labels"
+        kwargs[key] = cond
+    dtype = next(model.parameters()).dtype
+    out = model(x.to(dtype), t, **kwargs)
+    return (out.sample if hasattr(out, "sample") else out).to(x.dtype)
+
+
+class Denoiser(nn.Module):
+    """Base adapter: subclasses define `scalings(sigma) -> (c_skip, c_out, c_in)` and `c_noise(sigma)`."""
+
+    sigma_min: float
+    sigma_max: float
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def c_noise(self, sigma: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, sigma: Tensor | float, cond=None) -> Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float64)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        c_skip, c_out, c_in = (append_dims(c.to(x.dtype), x.ndim) for c in self.scalings(sigma))
+        F = call_backbone(self.model, x * c_in, self.c_noise(sigma).to(x.dtype), cond)
+        return c_skip * x + c_out * F
+
+    def loss_weight(self, sigma: Tensor) -> Tensor:
+        """1 / c_out^2: the weight under which ||D - x0||^2 is the backbone's own regression loss."""
+        return self.scalings(sigma)[1].pow(-2)
+
+
+class DiscreteDenoiser(Denoiser):
+    """A DDPM-style UNet over t = 0..T-1 (eps-, v- or sample-prediction), seen through alphas_cumprod.
+
+    With alpha = 1/sqrt(1 + sigma^2) the VP state is x_VP = alpha * x, and
+    eps:    x0 = x - sigma * eps                                   (c_skip 1,      c_out -sigma)
+    v:      x0 = alpha x_VP - sigma alpha v                        (c_skip alpha^2, c_out -sigma alpha)
+    sample: x0 = F                                                 (c_skip 0,      c_out 1)
+    """
+
+    def __init__(self, model: nn.Module, alphas_cumprod: Tensor, prediction_type: str = "epsilon"):
+        super().__init__(model)
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type '{prediction_type}' is not supported; use one of {PREDICTION_TYPES}")
+        self.prediction_type = prediction_type
+        # Zero-terminal-SNR schedules end at alphabar = 0 (sigma = inf): keep the grid finite.
+        self.schedule = DiscreteSigmas(alphas_cumprod.double().clamp(min=1e-10))
+        self.sigma_min, self.sigma_max = self.schedule.sigma_min, self.schedule.sigma_max
+
+    def scalings(self, sigma: Tensor):
+        alpha = (1 + sigma**2).rsqrt()
+        if self.prediction_type == "epsilon":
+            return torch.ones_like(sigma), -sigma, alpha
+        if self.prediction_type == "v_prediction":
+            return alpha**2, -sigma * alpha, alpha
+        return torch.zeros_like(sigma), torch.ones_like(sigma), alpha
+
+    def c_noise(self, sigma: Tensor) -> Tensor:
+        return self.schedule.sigma_to_t(sigma).to(sigma.device)
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        return self.schedule.sigma_to_t(sigma)
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        return self.schedule.t_to_sigma(t)
+
+
+class FlowDenoiser(Denoiser):
+    """A velocity (rectified-flow) model. Project convention: x_t = t x1 + (1 - t) z, v = x1 - z, t = 1 is data.
+
+    On the VE scale t = 1 / (1 + sigma) and x_t = t * x, so x0 = x_t + (1 - t) v:
+    c_skip = c_in = 1 / (1 + sigma), c_out = sigma / (1 + sigma). `noise_at_one=True` adapts models of the
+    mirror convention (diffusers' flow-matching, RF++: s = 1 - t is noise and the model predicts z - x1).
+    """
+
+    def __init__(self, model: nn.Module, time_scale: float = 1000.0, noise_at_one: bool = False,
+                 sigma_min: float = 1e-3, sigma_max: float = 1e3):
+        super().__init__(model)
+        self.time_scale, self.noise_at_one = time_scale, noise_at_one
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def scalings(self, sigma: Tensor):
+        t = flow_sigma_to_t(sigma)
+        sign = -1.0 if self.noise_at_one else 1.0
+        return t, sign * sigma * t, t
+
+    def c_noise(self, sigma: Tensor) -> Tensor:
+        t = flow_sigma_to_t(sigma)
+        return (1 - t if self.noise_at_one else t) * self.time_scale
+
+    def velocity(self, x_t: Tensor, t: Tensor | float, cond=None) -> Tensor:
+        """v(x_t, t) = x1 - z in the project convention, from the flow state x_t directly."""
+        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float64)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        time = (1 - t if self.noise_at_one else t) * self.time_scale
+        out = call_backbone(self.model, x_t, time.to(x_t.dtype), cond)
+        return -out if self.noise_at_one else out
+
+
+class CFGDenoiser(nn.Module):
+    """Ho & Salimans 2022, eq. 6, in x0 space: D_w = D(x, null) + w (D(x, c) - D(x, null)); w = 1 is no guidance."""
+
+    def __init__(self, denoiser: Denoiser, guidance_scale: float, null_cond: Tensor):
+        super().__init__()
+        self.denoiser, self.guidance_scale = denoiser, guidance_scale
+        self.register_buffer("null_cond", torch.as_tensor(null_cond), persistent=False)
+
+    @property
+    def sigma_min(self) -> float:
+        return self.denoiser.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.denoiser.sigma_max
+
+    def forward(self, x: Tensor, sigma: Tensor | float, cond=None) -> Tensor:
+        if cond is None or self.guidance_scale == 1.0:
+            return self.denoiser(x, sigma, cond)
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float64)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        null = self.null_cond.to(cond.device).expand(cond.shape)
+        d_cond, d_null = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, null])).chunk(2)
+        return d_null + self.guidance_scale * (d_cond - d_null)

@@ -1,0 +1,44 @@
+"""Export of students and teachers as diffusers pipeline folders, with a provenance file."""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import shutil
+from pathlib import Path
+
+from distill.core.io import atomic_path, save_json
+
+PIPELINE_FILE = Path(__file__).with_name("pipeline_dstudio.py")
+CUSTOM_CLASS = ["pipeline_dstudio", "DStudioPipeline"]
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import diffusers
+    import torch
+
+    from importlib.metadata import version
+
+    return {"dstudio": version("dstudio"), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "accelerate": accelerate.__version__, "python": platform.python_version()}
+
+
+def provenance(**extra) -> dict:
+    return {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(), "machine": platform.machine(), **extra}
+
+
+def export_image_pipeline(unet, scheduler, path: str | Path, **info) -> Path:
+    """Write `unet` + `scheduler` as a folder that plain `DiffusionPipeline.from_pretrained` loads and runs."""
+    from distill.core.pipeline_dstudio import DStudioPipeline
+
+    path = Path(path)
+    with atomic_path(path, is_dir=True) as tmp:
+        DStudioPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+        index = json.loads((tmp / "model_index.json").read_text())
+        index["_class_name"] = CUSTOM_CLASS
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        shutil.copy(PIPELINE_FILE, tmp / PIPELINE_FILE.name)
+        save_json(provenance(**info), tmp / "dstudio.json")
+    return path

@@ -1,0 +1,61 @@
+"""Atomic writes: every file or folder a user gets appears whole or not at all (temp + rename)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, is_dir: bool = False):
+    """Yield a temporary sibling of `path`; on success rename it over `path`, on failure remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) if is_dir else \
+        path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        if is_dir:
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            if path.exists():
+                path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+
+
+def save_torch(obj, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_json(obj, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def save_image(image, path: str | Path) -> None:
+    """Save a PIL image atomically (the format comes from the final suffix)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail early, before any work, when an output location cannot be created or written."""
+    path = Path(path)
+    probe = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    if (path.exists() and not path.is_dir()) or not os.access(probe, os.W_OK):
+        raise PermissionError(f"output '{path}' is not a writable folder")
+    return path

@@ -1,0 +1,115 @@
+"""The Method base: a method owns its networks, declares its update phases and computes their losses.
+
+Methods register themselves with `@register("name")`; the CLI, the app and the tests read `METHODS`,
+so a new method is one new file in distill/methods.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from distill.core.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One update: the submodules it trains, how often it runs and its optimiser settings."""
+
+    name: str
+    modules: tuple[str, ...]
+    lr: float
+    every: int = 1
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+
+    def active(self, step: int) -> bool:
+        return step % self.every == 0
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set `name`, `Config` (a dataclass) and implement phases/loss/sample/export."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type]
+    needs_teacher: ClassVar[bool] = True
+    needs_data: ClassVar[bool] = True
+    is_distiller: ClassVar[bool] = True
+    student_module: ClassVar[str] = "student"
+
+    def __init__(self, config, teacher=None, data=None):
+        super().__init__()
+        self.config = config
+
+    # --- what subclasses define -----------------------------------------------------------------
+    def phases(self) -> list[Phase]:
+        raise NotImplementedError
+
+    def loss(self, phase: str, batch: tuple[Tensor, Tensor] | None, step: int) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
+        """Images in [-1, 1] from the student for the given class labels (for grids and FID)."""
+        raise NotImplementedError
+
+    def export(self, path) -> None:
+        """Write the student as a diffusers pipeline folder at `path`."""
+        raise NotImplementedError
+
+    # --- shared machinery -------------------------------------------------------------------------
+    def forward(self, phase: str, batch, step: int):
+        return self.loss(phase, batch, step)
+
+    def student_net(self) -> nn.Module:
+        """The network that is averaged (EMA) and exported: the attribute named by `student_module`."""
+        return getattr(self, self.student_module)
+
+    def phase_parameters(self, phase: Phase) -> list[nn.Parameter]:
+        params, seen = [], set()
+        for name in phase.modules:
+            for p in getattr(self, name).parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        return params
+
+    def trainable_modules(self) -> list[str]:
+        names = []
+        for phase in self.phases():
+            names += [m for m in phase.modules if m not in names]
+        return names
+
+    def train_only(self, phase: Phase) -> None:
+        """Let gradients reach this phase's parameters and nothing else (frozen teachers stay frozen)."""
+        self.requires_grad_(False)
+        for p in self.phase_parameters(phase):
+            p.requires_grad_(True)
+
+
+METHODS: dict[str, type[Method]] = {}
+ALIASES: dict[str, str] = {}
+
+
+def register(name: str, *aliases: str):
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in METHODS:
+            raise RuntimeError(f"method '{name}' is registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        for a in aliases:
+            ALIASES[a] = name
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> type[Method]:
+    import distill.methods  # noqa: F401  (methods register themselves on import)
+
+    name = ALIASES.get(name, name)
+    if name not in METHODS:
+        raise ConfigError(f"unknown method '{name}': use one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]

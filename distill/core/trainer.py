@@ -1,0 +1,273 @@
+"""The one training loop for every method: phases, EMA, clipping, grids, atomic checkpoints, resume, export."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from distill.core.config import require, to_dict
+from distill.core.images import save_grid
+from distill.core.io import atomic_path, save_torch
+from distill.core.method import Method, Phase
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    seed: int = 0
+    ema_decay: float = 0.999
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    log_every: int = 25
+    sample_every: int = 500
+    checkpoint_every: int = 500
+    grid_per_class: int = 8
+    cpu: bool = False
+
+    def validate(self) -> None:
+        require(self.steps > 0, f"trainer.steps={self.steps} must be > 0")
+        require(self.batch_size > 0, f"trainer.batch_size={self.batch_size} must be > 0")
+        require(0 <= self.ema_decay < 1, f"trainer.ema_decay={self.ema_decay} must be in [0, 1)")
+        for key in ("log_every", "sample_every", "checkpoint_every", "grid_per_class"):
+            require(getattr(self, key) > 0, f"trainer.{key}={getattr(self, key)} must be > 0")
+
+
+class DivergenceError(RuntimeError):
+    """A non-finite loss: the run stops and keeps its last good checkpoint."""
+
+
+class EMA:
+    """Exponential moving average of a module's parameters, with the usual warm-up min(decay, (1+k)/(10+k))."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = [p.detach().clone() for p in module.parameters()]
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow, module.parameters()):
+            s.lerp_(p.detach().to(s.dtype), 1 - d)
+
+    @contextlib.contextmanager
+    def applied(self, module: nn.Module):
+        """Swap the averaged weights in for the duration of the block."""
+        live = [p.detach().clone() for p in module.parameters()]
+        with torch.no_grad():
+            for s, p in zip(self.shadow, module.parameters()):
+                p.copy_(s)
+        try:
+            yield module
+        finally:
+            with torch.no_grad():
+                for v, p in zip(live, module.parameters()):
+                    p.copy_(v)
+
+    def state_dict(self) -> list[Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, shadow: list[Tensor]) -> None:
+        for s, v in zip(self.shadow, shadow):
+            s.copy_(v)
+
+
+class BatchStream:
+    """An endless, resumable stream of shuffled mini-batches; each process takes its own slice."""
+
+    def __init__(self, data, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.rank, self.world = rank, world
+        self.epoch, self.pos = 0, 0
+
+    def _order(self) -> Tensor:
+        return torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+
+    def next(self, device) -> tuple[Tensor, Tensor]:
+        need = self.batch_size * self.world
+        order, idx, have = self._order(), [], 0
+        while have < need:
+            take = order[self.pos:self.pos + need - have]
+            idx.append(take)
+            have += len(take)
+            self.pos += len(take)
+            if self.pos >= len(order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                order = self._order()
+        idx = torch.cat(idx)[self.rank::self.world]
+        return self.data.images[idx].to(device), self.data.labels[idx].to(device)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Runs a Method's phases for `config.steps` steps in `run_dir` and exports its student."""
+
+    def __init__(self, method: Method, config: TrainerConfig, run_dir: str | Path, data=None,
+                 resolved_config: dict | None = None):
+        from accelerate import Accelerator
+
+        self.config, self.run_dir, self.data = config, Path(run_dir), data
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+        self.method = method.to(self.accelerator.device)
+        self.phases = method.phases()
+        self.optimizers = {
+            ph.name: torch.optim.AdamW(method.phase_parameters(ph), lr=ph.lr, betas=ph.betas,
+                                       weight_decay=ph.weight_decay)
+            for ph in self.phases
+        }
+        self.ema = EMA(method.student_net(), config.ema_decay)
+        self.stream = None
+        if method.needs_data:
+            require(data is not None, f"method {method.name} needs a data set")
+            self.stream = BatchStream(data, config.batch_size, config.seed,
+                                      self.accelerator.process_index, self.accelerator.num_processes)
+        self.step = 0
+        self.resolved_config = resolved_config or {"trainer": to_dict(config), "method": to_dict(method.config)}
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "modules": {n: getattr(self.method, n).state_dict() for n in self.method.trainable_modules()},
+            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+            "ema": self.ema.state_dict(),
+            "stream": self.stream.state_dict() if self.stream else None,
+            "rng": _rng_state(),
+            "config": self.resolved_config,
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.is_main:
+            save_torch(self.state_dict(), self.run_dir / CHECKPOINT)
+        self.accelerator.wait_for_everyone()
+
+    def load_checkpoint(self) -> None:
+        path = self.run_dir / CHECKPOINT
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: no {CHECKPOINT} in '{self.run_dir}'; start without --resume")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # torch raises many types for a damaged zip
+            raise ValueError(f"checkpoint '{path}' is corrupt ({type(e).__name__}); delete it to start over") from None
+        for name, sd in state["modules"].items():
+            getattr(self.method, name).load_state_dict(sd)
+        for name, sd in state["optimizers"].items():
+            self.optimizers[name].load_state_dict(sd)
+        self.ema.load_state_dict(state["ema"])
+        if self.stream and state["stream"]:
+            self.stream.load_state_dict(state["stream"])
+        _set_rng_state(state["rng"])
+        self.step = state["step"]
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def _run_phase(self, phase: Phase, batch) -> dict[str, float]:
+        self.method.train_only(phase)
+        opt = self.optimizers[phase.name]
+        with self.accelerator.autocast():
+            loss, logs = self.method(phase.name, batch, self.step)
+        if not torch.isfinite(loss):
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
+            raise DivergenceError(
+                f"non-finite loss at step {self.step}, phase '{phase.name}' ({terms or 'loss=' + str(loss.item())}); "
+                f"the last good checkpoint is kept in {self.run_dir}: rerun with --resume and a lower learning rate")
+        self.accelerator.backward(loss)
+        params = self.method.phase_parameters(phase)
+        if phase.grad_clip:
+            self.accelerator.clip_grad_norm_(params, phase.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {f"{phase.name}/{k}": v for k, v in logs.items()}
+
+    def sample_grid(self, path: Path) -> None:
+        m = self.method
+        n_cls = max(getattr(m, "num_classes", 0), 1)
+        labels = torch.arange(n_cls).repeat_interleave(self.config.grid_per_class).to(self.accelerator.device)
+        gen = torch.Generator(self.accelerator.device).manual_seed(self.config.seed)
+        rng = torch.get_rng_state()
+        m.eval()
+        with torch.no_grad(), self.ema.applied(m.student_net()):
+            images = m.sample(labels, gen)
+        m.train()
+        torch.set_rng_state(rng)
+        save_grid(images, path, nrow=self.config.grid_per_class)
+
+    def fit(self, resume: bool = False, export: bool = True) -> Path | None:
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.load_checkpoint()
+        else:
+            torch.manual_seed(cfg.seed + self.accelerator.process_index)
+            np.random.seed(cfg.seed)
+            random.seed(cfg.seed)
+        if self.is_main:
+            with atomic_path(self.run_dir / "config.yaml") as tmp:
+                tmp.write_text(yaml.safe_dump(self.resolved_config, sort_keys=False))
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.method.name}", disable=not self.is_main,
+                   dynamic_ncols=True)
+        log_file = self.run_dir / "log.jsonl"
+        self.method.train()
+        t0 = time.time()
+        while self.step < cfg.steps:
+            batch = self.stream.next(self.accelerator.device) if self.stream else None
+            logs = {}
+            for phase in self.phases:
+                if phase.active(self.step):
+                    logs.update(self._run_phase(phase, batch))
+            self.ema.update(self.method.student_net(), self.step)
+            self.step += 1
+            bar.update(1)
+            if self.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in logs.items() if math.isfinite(v)})
+                with open(log_file, "a") as f:
+                    f.write(json.dumps({"step": self.step, "time": round(time.time() - t0, 2), **logs}) + "\n")
+            if self.step % cfg.sample_every == 0 and self.is_main:
+                self.sample_grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        if not export:
+            return None
+        out = self.run_dir / "pipeline"
+        if self.is_main:
+            with self.ema.applied(self.method.student_net()):
+                self.method.export(out)
+            self.sample_grid(self.run_dir / "samples" / "final.png")
+        self.accelerator.wait_for_everyone()
+        return out

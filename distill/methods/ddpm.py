@@ -1,0 +1,109 @@
+"""Training a class-conditional DDPM teacher from data (the embedded teacher's own objective)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from distill.core.config import require
+from distill.core.denoiser import DiscreteDenoiser
+from distill.core.export import export_image_pipeline
+from distill.core.method import Method, Phase, register
+from samplers import append_zero, discrete_timesteps, sample_ddim
+
+
+@dataclass
+class DDPMConfig:
+    data: str = "mnist"
+    resolution: int = 16
+    channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    attention: bool = False
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "epsilon"
+    label_dropout: float = 0.1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grid_steps: int = 50
+
+    def validate(self) -> None:
+        require(self.resolution >= 4, f"method.resolution={self.resolution} must be >= 4")
+        require(self.resolution % 2 ** (len(self.channels) - 1) == 0,
+                f"method.resolution={self.resolution} must be divisible by 2^(levels-1)={2 ** (len(self.channels) - 1)}")
+        require(all(c > 0 for c in self.channels), f"method.channels={self.channels} must be positive")
+        require(0 <= self.label_dropout < 1, f"method.label_dropout={self.label_dropout} must be in [0, 1)")
+        require(self.lr > 0, f"method.lr={self.lr} must be > 0")
+        require(self.prediction_type in ("epsilon", "v_prediction", "sample"),
+                f"method.prediction_type={self.prediction_type!r} is not one of epsilon, v_prediction, sample")
+
+
+def build_unet(cfg: DDPMConfig, in_channels: int, num_classes: int):
+    from diffusers import UNet2DModel
+
+    down = tuple("AttnDownBlock2D" if cfg.attention and i > 0 else "DownBlock2D" for i in range(len(cfg.channels)))
+    up = tuple("AttnUpBlock2D" if cfg.attention and i < len(cfg.channels) - 1 else "UpBlock2D"
+               for i in range(len(cfg.channels)))
+    return UNet2DModel(
+        sample_size=cfg.resolution, in_channels=in_channels, out_channels=in_channels,
+        block_out_channels=tuple(cfg.channels), layers_per_block=cfg.layers_per_block,
+        down_block_types=down, up_block_types=up,
+        norm_num_groups=min(32, math.gcd(*cfg.channels)),
+        num_class_embeds=num_classes + 1 if num_classes else None,  # + the null label for CFG
+    )
+
+
+def build_scheduler(cfg: DDPMConfig):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                         prediction_type=cfg.prediction_type, clip_sample=False, timestep_spacing="trailing")
+
+
+@register("ddpm")
+class DDPM(Method):
+    """Ho et al. 2020, eq. 14 (L_simple), written as ||D(x0 + sigma eps) - x0||^2 / c_out^2, with label dropout."""
+
+    Config = DDPMConfig
+    needs_teacher = False
+    is_distiller = False
+    student_module = "unet"
+
+    def __init__(self, config: DDPMConfig, teacher=None, data=None):
+        super().__init__(config)
+        require(data is not None, "ddpm training needs a data set")
+        self.num_classes = data.num_classes
+        self.in_channels = data.images.shape[1]
+        self.unet = build_unet(config, self.in_channels, self.num_classes)
+        self.scheduler = build_scheduler(config)
+        self.denoiser = DiscreteDenoiser(self.unet, self.scheduler.alphas_cumprod, config.prediction_type)
+
+    def phases(self) -> list[Phase]:
+        c = self.config
+        return [Phase("denoise", ("unet",), lr=c.lr, weight_decay=c.weight_decay, grad_clip=c.grad_clip)]
+
+    def loss(self, phase: str, batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        x0, labels = batch
+        drop = torch.rand(labels.shape, device=labels.device) < self.config.label_dropout
+        labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        t = torch.randint(0, self.config.num_train_timesteps, (len(x0),), device=x0.device)
+        sigma = self.denoiser.t_to_sigma(t).to(x0.device)
+        eps = torch.randn_like(x0)
+        x0_hat = self.denoiser(x0 + sigma.view(-1, 1, 1, 1).to(x0.dtype) * eps, sigma, labels)
+        w = self.denoiser.loss_weight(sigma).to(x0.dtype).view(-1, 1, 1, 1)
+        loss = (w * (x0_hat - x0) ** 2).mean()
+        return loss, {"loss": loss.item()}
+
+    def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
+        steps = discrete_timesteps(self.config.num_train_timesteps, self.config.grid_steps)
+        sigmas = append_zero(self.denoiser.t_to_sigma(torch.tensor(steps)).to(labels.device))
+        shape = (len(labels), self.in_channels, self.config.resolution, self.config.resolution)
+        x = torch.randn(shape, generator=generator, device=labels.device) * (1 + sigmas[0] ** 2).sqrt().float()
+        return sample_ddim(self.denoiser, x, sigmas.float(), labels).clamp(-1, 1)
+
+    def export(self, path) -> None:
+        export_image_pipeline(self.unet, self.scheduler, path, method=self.name,
+                              num_classes=self.num_classes)

@@ -1,0 +1,95 @@
+"""Noise-level grids and the discrete-time <-> sigma map of DDPM-style teachers.
+
+Every noise level in dstudio is an EDM / VE `sigma` (x = x0 + sigma * eps). A discrete DDPM teacher
+with cumulative products `alphas_cumprod` (alphabar_t) lives on that scale through
+sigma_t = sqrt((1 - alphabar_t) / alphabar_t) and x_VE = x_VP / sqrt(alphabar_t).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
+    """sigma_t = sqrt((1 - alphabar_t) / alphabar_t) for every training step t (DDPM -> VE)."""
+    a = alphas_cumprod.double()
+    return ((1 - a) / a).sqrt()
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """Karras et al. 2022 (EDM), eq. 5: n noise levels from sigma_max down to sigma_min, no trailing 0."""
+    if n < 1:
+        raise ValueError(f"karras_sigmas needs n >= 1, got {n}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"karras_sigmas needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+class DiscreteSigmas:
+    """The sigma grid of a discrete teacher and the continuous map t <-> sigma between its points.
+
+    Interpolates log(sigma) linearly in t, as k-diffusion's DiscreteSchedule does, so both directions
+    are exact on integer t and monotone in between.
+    """
+
+    def __init__(self, alphas_cumprod: Tensor):
+        self.sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)
+        self.log_sigmas = self.sigmas.log()
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.sigmas)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64).clamp(0, self.num_train_timesteps - 1)
+        lo = t.floor().long()
+        hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
+        w = t - lo
+        ls = self.log_sigmas.to(t.device)
+        return ((1 - w) * ls[lo] + w * ls[hi]).exp()
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        ls = self.log_sigmas
+        log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log().to(ls.device)
+        log_sigma = log_sigma.clamp(ls[0], ls[-1])
+        hi = torch.searchsorted(ls, log_sigma.reshape(-1).contiguous()).clamp(1, len(ls) - 1).reshape(log_sigma.shape)
+        lo = hi - 1
+        w = (log_sigma - ls[lo]) / (ls[hi] - ls[lo])
+        return lo + w
+
+    def timesteps_to_sigmas(self, timesteps) -> Tensor:
+        return self.t_to_sigma(torch.as_tensor(timesteps, dtype=torch.float64))
+
+
+def flow_t_to_sigma(t: Tensor) -> Tensor:
+    """Rectified flow x_t = t x1 + (1 - t) z is x0 + sigma z on the VE scale after dividing by t."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    return (1 - t) / t
+
+
+def flow_sigma_to_t(sigma: Tensor) -> Tensor:
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    return 1 / (1 + sigma)
+
+
+def append_zero(sigmas: Tensor) -> Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def vp_scale(sigma) -> float | Tensor:
+    """1 / sqrt(1 + sigma^2): the factor from the VE state to the DDPM (VP) state."""
+    if isinstance(sigma, Tensor):
+        return (1 + sigma**2).rsqrt()
+    return 1 / math.sqrt(1 + sigma**2)

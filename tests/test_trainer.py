@@ -1,0 +1,150 @@
+"""The one Trainer loop: phase isolation, update ratios, bit-for-bit resume, atomic checkpoints, export."""
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from distill.core.method import Method, Phase, get_method, register
+from distill.core.trainer import CHECKPOINT, DivergenceError, Trainer, TrainerConfig
+from distill.data import digits8
+from distill.methods.ddpm import DDPM, DDPMConfig
+
+
+@dataclass
+class ToyConfig:
+    every_b: int = 2
+    lr: float = 0.1
+    nan_at: int = -1
+
+
+@register("toy-two-phase")
+class ToyTwoPhase(Method):
+    """Two phases whose losses both depend on both networks, plus a frozen 'teacher'."""
+
+    Config = ToyConfig
+    needs_teacher = False
+    is_distiller = False
+
+    def __init__(self, config, teacher=None, data=None):
+        super().__init__(config)
+        self.student = nn.Linear(64, 4)
+        self.critic = nn.Linear(4, 1)
+        self.teacher = nn.Linear(64, 4).requires_grad_(False)
+        self.calls = []
+
+    def phases(self):
+        return [Phase("critic", ("critic",), lr=self.config.lr),
+                Phase("student", ("student",), lr=self.config.lr, every=self.config.every_b)]
+
+    def loss(self, phase, batch, step):
+        self.calls.append((step, phase))
+        x = batch[0].flatten(1)
+        out = self.critic(self.student(x) - self.teacher(x)).pow(2).mean()
+        if step == self.config.nan_at:
+            out = out * float("nan")
+        return (out if phase == "critic" else -out), {"v": out.item()}
+
+
+def _snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before, module):
+    return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_phases_touch_only_their_parameters(tmp_path):
+    data = digits8(8)
+    method = ToyTwoPhase(ToyConfig())
+    trainer = Trainer(method, TrainerConfig(steps=1, batch_size=8), tmp_path, data=data)
+    batch = trainer.stream.next("cpu")
+    for phase, trained, frozen in ((trainer.phases[0], "critic", "student"), (trainer.phases[1], "student", "critic")):
+        snaps = {n: _snapshot(getattr(method, n)) for n in ("student", "critic", "teacher")}
+        method.train_only(phase)
+        loss, _ = method(phase.name, batch, 0)
+        loss.backward()
+        assert all(p.grad is not None for p in getattr(method, trained).parameters())
+        assert all(p.grad is None for n in (frozen, "teacher") for p in getattr(method, n).parameters())
+        for p in getattr(method, trained).parameters():
+            p.grad = None
+        trainer._run_phase(phase, batch)
+        assert _changed(snaps[trained], getattr(method, trained))
+        assert not _changed(snaps[frozen], getattr(method, frozen))
+        assert not _changed(snaps["teacher"], method.teacher)
+
+
+def test_update_ratio_is_honoured(tmp_path):
+    method = ToyTwoPhase(ToyConfig(every_b=3))
+    Trainer(method, TrainerConfig(steps=7, batch_size=4), tmp_path, data=digits8(8)).fit(export=False)
+    assert [s for s, p in method.calls if p == "critic"] == list(range(7))
+    assert [s for s, p in method.calls if p == "student"] == [0, 3, 6]
+
+
+def test_divergence_stops_with_step_phase_and_term(tmp_path):
+    method = ToyTwoPhase(ToyConfig(nan_at=3))
+    trainer = Trainer(method, TrainerConfig(steps=6, batch_size=4, checkpoint_every=2), tmp_path, data=digits8(8))
+    with pytest.raises(DivergenceError, match=r"step 3, phase 'critic' \(v=nan\).*--resume"):
+        trainer.fit(export=False)
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["step"] == 2
+
+
+def _tiny_ddpm(seed=0):
+    torch.manual_seed(seed)
+    data = digits8(8)
+    return DDPM(DDPMConfig(data="digits", resolution=8, channels=(8, 16), grid_steps=2), data=data), data
+
+
+def test_checkpoint_resume_continues_bit_for_bit(tmp_path):
+    cfg = dict(batch_size=16, checkpoint_every=3, sample_every=100, seed=5)
+    straight, data = _tiny_ddpm()
+    Trainer(straight, TrainerConfig(steps=6, **cfg), tmp_path / "a", data=data).fit(export=False)
+
+    first, data = _tiny_ddpm()
+    Trainer(first, TrainerConfig(steps=3, **cfg), tmp_path / "b", data=data).fit(export=False)
+    resumed, data = _tiny_ddpm(seed=123)  # different init: everything must come from the checkpoint
+    trainer = Trainer(resumed, TrainerConfig(steps=6, **cfg), tmp_path / "b", data=data)
+    trainer.fit(resume=True, export=False)
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    ref = Trainer(straight, TrainerConfig(steps=6, **cfg), tmp_path / "a", data=data)
+    ref.load_checkpoint()
+    for a, b in zip(ref.ema.shadow, trainer.ema.shadow):
+        assert torch.equal(a, b)
+
+
+def test_resume_without_checkpoint_and_corrupt_checkpoint(tmp_path):
+    method, data = _tiny_ddpm()
+    trainer = Trainer(method, TrainerConfig(steps=2, batch_size=4), tmp_path, data=data)
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
+        trainer.fit(resume=True)
+    (tmp_path / CHECKPOINT).write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="corrupt"):
+        trainer.fit(resume=True)
+
+
+def test_no_temporary_files_left(tmp_path):
+    method, data = _tiny_ddpm()
+    Trainer(method, TrainerConfig(steps=2, batch_size=4, sample_every=1, checkpoint_every=1), tmp_path,
+            data=data).fit()
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
+    assert leftovers == []
+    assert (tmp_path / "samples" / "step_000001.png").is_file() and (tmp_path / "config.yaml").is_file()
+
+
+def test_export_loads_with_plain_diffusers(tiny_teacher):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_teacher, trust_remote_code=True)
+    assert type(pipe).__name__ == "DStudioPipeline"
+    out = pipe(class_labels=[0, 9], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+               output_type="np").images
+    assert out.shape == (2, 8, 8, 1) and 0 <= out.min() and out.max() <= 1
+    with pytest.raises(ValueError, match="class label 10"):
+        pipe(class_labels=[10], num_inference_steps=1)
+
+
+def test_registry_names_methods():
+    assert get_method("ddpm") is DDPM
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        get_method("nope")
