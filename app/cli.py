@@ -86,6 +86,31 @@ def cmd_distill(args) -> None:
     _train(args.method, args, args.teacher)
 
 
+def load_scheduler(folder: str):
+    """A scheduler folder written by save_pretrained: dstudio's own classes or any diffusers scheduler."""
+    import json
+
+    import diffusers
+
+    import samplers
+
+    path = Path(folder)
+    config = path / "scheduler_config.json"
+    if not config.is_file():
+        raise UsageError(f"scheduler folder '{folder}' has no scheduler_config.json")
+    try:
+        name = json.loads(config.read_text())["_class_name"]
+    except (json.JSONDecodeError, KeyError):
+        raise UsageError(f"scheduler folder '{folder}' has a corrupt scheduler_config.json") from None
+    cls = getattr(samplers, name, None) or getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise UsageError(f"scheduler class '{name}' in '{folder}' is neither a dstudio nor a diffusers scheduler")
+    try:
+        return cls.from_pretrained(path)
+    except ValueError as e:
+        raise UsageError(f"scheduler folder '{folder}': {e}") from None
+
+
 # --- sample -----------------------------------------------------------------------------------------
 def cmd_sample(args) -> None:
     import diffusers
@@ -107,6 +132,10 @@ def cmd_sample(args) -> None:
         if name not in STOCK_SCHEDULERS:
             raise UsageError(f"unknown scheduler '{name}': use one of {', '.join(STOCK_SCHEDULERS)}")
         pipe.scheduler = getattr(diffusers, STOCK_SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    if args.scheduler_dir:
+        if args.scheduler_name:
+            raise UsageError("give --scheduler or --scheduler-dir, not both")
+        pipe.scheduler = load_scheduler(args.scheduler_dir)
     if args.class_label is not None:
         teacher.check_class(args.class_label)
     if teacher.kind == "text" and not args.prompt:
@@ -188,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="number of inference steps (default: the scheduler's own, 50 for stock ones)")
     sp.add_argument("--scheduler", dest="scheduler_name", default=None,
                     help=f"replace the pipeline's scheduler: {', '.join(STOCK_SCHEDULERS)}")
+    sp.add_argument("--scheduler-dir", default=None, help="a saved scheduler folder (e.g. a searched schedule)")
     sp.add_argument("--class", dest="class_label", type=int, default=None, help="class label (default: all classes in turn)")
     sp.add_argument("--prompt", default=None, help="prompt, for text-to-image pipelines")
     sp.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")

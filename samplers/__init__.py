@@ -1,5 +1,16 @@
 """Pure sampling functions over a Denoiser and diffusers-compatible scheduler classes."""
-from samplers.samplers import discrete_timesteps, noise_like, sample_ddim
+from samplers.samplers import (
+    SAMPLERS,
+    discrete_timesteps,
+    get_sampler,
+    sample_ddim,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_flow_euler,
+    sample_heun,
+    sample_multistep,
+)
+from samplers.schedulers import FlowEulerScheduler, SearchedScheduler, StudentScheduler, scheduler_from_teacher
 from samplers.schedules import (
     DiscreteSigmas,
     append_zero,
@@ -11,6 +22,8 @@ from samplers.schedules import (
 )
 
 __all__ = [
-    "DiscreteSigmas", "append_zero", "discrete_timesteps", "flow_sigma_to_t", "flow_t_to_sigma",
-    "karras_sigmas", "noise_like", "sample_ddim", "sigmas_from_alphas_cumprod", "vp_scale",
+    "SAMPLERS", "DiscreteSigmas", "FlowEulerScheduler", "SearchedScheduler", "StudentScheduler", "append_zero",
+    "discrete_timesteps", "flow_sigma_to_t", "flow_t_to_sigma", "get_sampler", "karras_sigmas",
+    "sample_ddim", "sample_dpmpp_2m", "sample_euler", "sample_flow_euler", "sample_heun", "sample_multistep",
+    "scheduler_from_teacher", "sigmas_from_alphas_cumprod", "vp_scale",
 ]

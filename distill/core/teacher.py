@@ -97,7 +97,7 @@ def load_dstudio_pipeline(path: str | Path, dtype=torch.float32):
         if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
             continue
         cls = getattr(importlib.import_module(spec[0]), spec[1])
-        kwargs = {"torch_dtype": dtype} if hasattr(cls, "dtype") else {}
+        kwargs = {"torch_dtype": dtype} if hasattr(cls, "dtype") and dtype != torch.float32 else {}
         parts[name] = cls.from_pretrained(path / name, **kwargs)
     return DStudioPipeline(**parts)
 
@@ -121,7 +121,8 @@ def load_pipeline(source: str | Path | None, device: str | torch.device = "cpu",
         if _is_local(source) and _is_dstudio_folder(path):
             pipe = load_dstudio_pipeline(path, dtype)
         else:
-            pipe = DiffusionPipeline.from_pretrained(str(path) if _is_local(source) else source, torch_dtype=dtype)
+            kwargs = {"torch_dtype": dtype} if dtype != torch.float32 else {}
+            pipe = DiffusionPipeline.from_pretrained(str(path) if _is_local(source) else source, **kwargs)
     except (OSError, ValueError, RuntimeError, AttributeError, KeyError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TeacherError(f"could not load pipeline '{source}': {first}") from None

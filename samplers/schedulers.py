@@ -1,0 +1,298 @@
+"""diffusers-compatible schedulers whose step lists live in their config.
+
+`pipe.scheduler = SearchedScheduler.from_pretrained(dir)` is all a pipeline needs: `set_timesteps(n)`
+applies the stored list (stock DDIMScheduler assumes uniform spacing and DDPMPipeline passes no
+`timesteps=`), and `timesteps=` / `sigmas=` are accepted for `retrieve_timesteps` in Stable Diffusion.
+Each `step` is the matching pure sampler of samplers.samplers, written in diffusers' (VP) variables.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+from diffusers.utils import logging
+
+from samplers.schedules import DiscreteSigmas
+
+logger = logging.get_logger(__name__)
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+SOLVERS = ("ddim", "dpmpp")
+
+
+def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
+               trained_betas=None) -> torch.Tensor:
+    """The beta schedules of diffusers' DDPM/DDIM schedulers, computed the same way (float32)."""
+    if trained_betas is not None:
+        return torch.tensor(trained_betas, dtype=torch.float32)
+    T = num_train_timesteps
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        abar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=torch.float32)
+    raise ValueError(f"beta_schedule '{beta_schedule}' is not one of linear, scaled_linear, squaredcos_cap_v2")
+
+
+def check_timesteps(timesteps, num_train_timesteps: int) -> list[int]:
+    """A time-step list must be non-empty, strictly decreasing (so distinct) and inside [0, T)."""
+    steps = [int(t) for t in timesteps]
+    if any(int(t) != t for t in timesteps):
+        raise ValueError(f"timesteps {list(timesteps)} must be integers")
+    if not steps:
+        raise ValueError("timesteps is empty: give at least one time step")
+    bad = [t for t in steps if not 0 <= t < num_train_timesteps]
+    if bad:
+        raise ValueError(f"timestep {bad[0]} is outside [0, {num_train_timesteps})")
+    if any(a <= b for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"timesteps {steps} must be strictly decreasing with no duplicates")
+    return steps
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type '{prediction_type}' is not supported; use one of {', '.join(PREDICTION_TYPES)}")
+
+
+@dataclass
+class _Step:
+    sigma: float
+    sigma_next: float
+
+
+class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
+    """Shared machinery: betas, t <-> sigma, model output -> x0, step indexing, add_noise."""
+
+    order = 1
+    init_noise_sigma = 1.0
+
+    def _setup(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type, timesteps):
+        check_prediction_type(prediction_type)
+        if timesteps is not None:
+            check_timesteps(timesteps, num_train_timesteps)
+        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        self.schedule = DiscreteSigmas(self.alphas_cumprod)
+        self.timesteps = torch.tensor([], dtype=torch.long)
+        self.num_inference_steps = None
+        self._sigmas: list[float] = []
+        self._step_index = None
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    @property
+    def default_num_inference_steps(self) -> int | None:
+        stored = self.config.timesteps
+        return len(stored) if stored is not None else None
+
+    def _resolve(self, num_inference_steps, timesteps, sigmas) -> torch.Tensor:
+        from samplers.samplers import discrete_timesteps
+
+        T = self.config.num_train_timesteps
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("give timesteps= or sigmas=, not both")
+        if sigmas is not None:
+            s = torch.as_tensor(sigmas, dtype=torch.float64)
+            s = s[s > 0]
+            if len(s) == 0 or torch.any(s[:-1] <= s[1:]):
+                raise ValueError(f"sigmas {torch.as_tensor(sigmas).tolist()} must be non-empty and strictly decreasing")
+            return self.schedule.sigma_to_t(s)
+        if timesteps is not None:
+            return torch.tensor(check_timesteps(timesteps, T), dtype=torch.long)
+        stored = self.config.timesteps
+        if stored is not None:
+            if num_inference_steps not in (None, len(stored)):
+                logger.warning(f"{type(self).__name__} stores a {len(stored)}-step list; "
+                               f"num_inference_steps={num_inference_steps} is ignored")
+            return torch.tensor(stored, dtype=torch.long)
+        if num_inference_steps is None:
+            raise ValueError(f"{type(self).__name__} has no stored timesteps: give num_inference_steps or timesteps=")
+        return torch.tensor(discrete_timesteps(T, int(num_inference_steps), self.config.timestep_spacing))
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
+        t = self._resolve(num_inference_steps, timesteps, sigmas)
+        self._sigmas = self.schedule.t_to_sigma(t.double()).tolist() + [self._final_sigma()]
+        self.timesteps = t.to(device)
+        self.num_inference_steps = len(t)
+        self._step_index = None
+
+    def _final_sigma(self) -> float:
+        return 0.0 if self.config.set_alpha_to_one else float(self.schedule.sigmas[0])
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return sample
+
+    def _current(self, timestep) -> _Step:
+        if self._step_index is None:
+            if not len(self.timesteps):
+                raise ValueError("call set_timesteps before step")
+            t = torch.as_tensor(timestep, device=self.timesteps.device).to(self.timesteps.dtype)
+            hits = (self.timesteps == t).nonzero()
+            self._step_index = int(hits[0]) if len(hits) else 0
+        i = self._step_index
+        return _Step(self._sigmas[i], self._sigmas[i + 1])
+
+    def _x0(self, model_output, sample, sigma: float) -> torch.Tensor:
+        """Model output at VP state `sample` -> x0, through the sigma of that step (DiscreteDenoiser's scalings)."""
+        alpha = (1 + sigma**2) ** -0.5
+        x_ve = sample / alpha
+        p = self.config.prediction_type
+        if p == "epsilon":
+            return x_ve - sigma * model_output
+        if p == "v_prediction":
+            return alpha**2 * x_ve - sigma * alpha * model_output
+        return model_output
+
+    def add_noise(self, original_samples, noise, timesteps) -> torch.Tensor:
+        a = self.alphas_cumprod.to(original_samples.device)[timesteps.long()].to(original_samples.dtype)
+        a = a.reshape(-1, *([1] * (original_samples.ndim - 1)))
+        return a.sqrt() * original_samples + (1 - a).sqrt() * noise
+
+    def _finish(self, prev_ve, sigma_next: float, x0, return_dict: bool):
+        self._step_index += 1
+        prev = prev_ve * (1 + sigma_next**2) ** -0.5
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+class SearchedScheduler(_DiscreteScheduler):
+    """A DDPM-family schedule run at an arbitrary, stored list of time steps with the DDIM or DPM-Solver++ (2M) rule.
+
+    `timesteps` (strictly decreasing, in [0, num_train_timesteps)) is what `set_timesteps()` applies; without it the
+    scheduler falls back to a uniform list with `timestep_spacing`.
+    """
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas: list[float] | None = None,
+                 prediction_type: str = "epsilon", timesteps: list[int] | None = None, solver: str = "ddim",
+                 set_alpha_to_one: bool = True, timestep_spacing: str = "trailing"):
+        if solver not in SOLVERS:
+            raise ValueError(f"solver '{solver}' is not one of {', '.join(SOLVERS)}")
+        self._setup(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type, timesteps)
+        self._x0_prev = None
+
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
+        super().set_timesteps(num_inference_steps, device, timesteps, sigmas)
+        self._x0_prev = None
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kwargs):
+        """One DDIM (Song et al. 2021, eq. 12, eta = 0) or DPM-Solver++ 2M (Lu et al. 2022, Alg. 2) step."""
+        cur = self._current(timestep)
+        i, sigma, sigma_next = self._step_index, cur.sigma, cur.sigma_next
+        x_ve = sample * (1 + sigma**2) ** 0.5
+        x0 = self._x0(model_output, sample, sigma)
+        if sigma_next == 0:
+            prev = x0
+        elif self.config.solver == "ddim" or self._x0_prev is None:
+            prev = x0 + (sigma_next / sigma) * (x_ve - x0)
+        else:
+            h = math.log(sigma / sigma_next)
+            r = math.log(self._sigmas[i - 1] / sigma) / h
+            x0_d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * self._x0_prev
+            prev = (sigma_next / sigma) * x_ve - math.expm1(-h) * x0_d
+        self._x0_prev = x0
+        return self._finish(prev, sigma_next, x0, return_dict)
+
+
+class StudentScheduler(_DiscreteScheduler):
+    """One- or few-step students (DMD2, consistency): denoise, re-noise to the next step with fresh noise, repeat.
+
+    Without stored `timesteps`, n steps use the trailing uniform list: [999] for one step, DMD2's backward-simulation
+    list [999, 749, 499, 249] for four.
+    """
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+                 beta_schedule: str = "linear", trained_betas: list[float] | None = None,
+                 prediction_type: str = "epsilon", timesteps: list[int] | None = None,
+                 set_alpha_to_one: bool = True, timestep_spacing: str = "trailing"):
+        self._setup(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type, timesteps)
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kwargs):
+        """Song et al. 2023 (consistency models), Algorithm 1, one step: x0 = D(x, sigma); x' = x0 + sigma' z."""
+        cur = self._current(timestep)
+        x0 = self._x0(model_output, sample, cur.sigma)
+        prev = x0
+        if cur.sigma_next > 0:
+            prev = x0 + cur.sigma_next * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return self._finish(prev, cur.sigma_next, x0, return_dict)
+
+
+class FlowEulerScheduler(SchedulerMixin, ConfigMixin):
+    """Euler on a rectified-flow velocity from t = 0 (noise) to t = 1 (data): x_{t'} = x_t + (t' - t) v.
+
+    The model sees `t * num_train_timesteps` (or `(1 - t) * num_train_timesteps` with `noise_at_one`, the mirror
+    convention of diffusers' flow matching and RF++, whose models predict z - x1 = -v).
+    """
+
+    order = 1
+    init_noise_sigma = 1.0
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, timesteps: list[float] | None = None,
+                 num_inference_steps: int = 1, noise_at_one: bool = False):
+        if timesteps is not None:
+            ts = list(map(float, timesteps))
+            if not ts or any(not 0 <= t < 1 for t in ts) or any(a >= b for a, b in zip(ts, ts[1:])):
+                raise ValueError(f"flow timesteps {ts} must be non-empty, strictly increasing and in [0, 1)")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps} must be >= 1")
+        self._ts: list[float] = []
+        self.timesteps = torch.tensor([])
+        self._step_index = None
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    @property
+    def default_num_inference_steps(self) -> int:
+        stored = self.config.timesteps
+        return len(stored) if stored is not None else self.config.num_inference_steps
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
+        if timesteps is not None:
+            ts = [float(t) / self.config.num_train_timesteps for t in timesteps]
+            if self.config.noise_at_one:
+                ts = [1 - t for t in ts]
+        elif sigmas is not None:
+            ts = [1 / (1 + float(s)) for s in sigmas if math.isfinite(float(s))]
+        elif self.config.timesteps is not None:
+            ts = list(map(float, self.config.timesteps))
+        else:
+            n = int(num_inference_steps or self.config.num_inference_steps)
+            if n < 1:
+                raise ValueError(f"num_inference_steps={n} must be >= 1")
+            ts = [i / n for i in range(n)]
+        if not ts or any(a >= b for a, b in zip(ts, ts[1:])) or any(not 0 <= t < 1 for t in ts):
+            raise ValueError(f"flow times {ts} must be non-empty, strictly increasing and in [0, 1)")
+        self._ts = ts + [1.0]
+        model_t = torch.tensor([(1 - t if self.config.noise_at_one else t) * self.config.num_train_timesteps for t in ts])
+        self.timesteps = model_t.to(device)
+        self.num_inference_steps = len(ts)
+        self._step_index = None
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return sample
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kwargs):
+        """Liu et al. 2023 (rectified flow), Euler step of dx/dt = v(x, t)."""
+        if self._step_index is None:
+            hits = (self.timesteps == torch.as_tensor(timestep, device=self.timesteps.device).float()).nonzero()
+            self._step_index = int(hits[0]) if len(hits) else 0
+        i = self._step_index
+        v = -model_output if self.config.noise_at_one else model_output
+        prev = sample + (self._ts[i + 1] - self._ts[i]) * v
+        self._step_index += 1
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+def scheduler_from_teacher(cls, teacher_scheduler, **overrides):
+    """A dstudio scheduler with the teacher scheduler's betas and prediction type."""
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+    cfg = {k: teacher_scheduler.config[k] for k in keys if k in teacher_scheduler.config}
+    return cls(**{**cfg, **overrides})
