@@ -172,6 +172,37 @@ def cmd_sample(args) -> None:
     print(f"wrote {args.num_images} images to {out}")
 
 
+# --- fid ----------------------------------------------------------------------------------------------
+def cmd_fid(args) -> None:
+    from app.fid import fid_of_folder
+    from distill.core.io import check_writable, save_json
+
+    if args.json:
+        check_writable(Path(args.json).parent)
+    result = fid_of_folder(args.images, args.ref, args.features)
+    for name in result["skipped_corrupt"]:
+        print(f"dstudio: warning: skipped corrupt image {name}", file=sys.stderr)
+    if result["skipped_corrupt"]:
+        print(f"dstudio: warning: {len(result['skipped_corrupt'])} corrupt image(s) skipped", file=sys.stderr)
+    if "warning" in result:
+        print(f"dstudio: warning: {result['warning']}", file=sys.stderr)
+    if args.json:
+        save_json(result, args.json)
+    kid = "n/a" if result["kid"] is None else f"{result['kid']:.5f}"
+    print(f"FID-{result['features']} {result['fid']:.4f}  KID {kid}  "
+          f"({result['n_generated']} images vs {result['n_reference']} reference: {result['reference']})")
+    if args.json:
+        print(f"wrote {args.json}")
+
+
+def cmd_features_train(args) -> None:
+    from app.features import train_feature_net
+
+    card = train_feature_net(epochs=args.epochs)
+    print(f"mnist feature net: held-out accuracy {card['heldout_accuracy']:.4f} on {card['n_heldout']} images "
+          f"never trained on (16 px round trip: {card['heldout_accuracy_16px']:.4f})")
+
+
 # --- parser -----------------------------------------------------------------------------------------
 def _add_train_args(p, default_out: str) -> None:
     p.add_argument("--preset", default="quick", help="a preset name from configs/ (quick, full) or a YAML file")
@@ -228,6 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--grid", default=None, help="also write one PNG grid (one row per class) to this file")
     sp.set_defaults(func=cmd_sample)
 
+    fp = sub.add_parser("fid", help="FID (and KID) of an image folder against a reference, through clean-fid")
+    fp.add_argument("--images", required=True, help="folder of generated images")
+    fp.add_argument("--ref", default="mnist", help="mnist (MNIST-5k statistics, cached), a .npz statistics file or a folder")
+    fp.add_argument("--features", default="mnist", choices=["inception", "mnist"],
+                    help="feature space: inception (standard; downloads once) or mnist (offline digit classifier)")
+    fp.add_argument("--json", default=None, help="also write the result JSON here")
+    fp.set_defaults(func=cmd_fid)
+
+    ft = sub.add_parser("features", help="the offline mnist feature net").add_subparsers(
+        dest="action", required=True, parser_class=Parser)
+    ftt = ft.add_parser("train", help="train the mnist feature net and record its held-out accuracy")
+    ftt.add_argument("--epochs", type=_positive_int("--epochs"), default=12)
+    ftt.set_defaults(func=cmd_features_train)
+
     sub.add_parser("methods", help="list the registered methods").set_defaults(
         func=lambda a: print("\n".join(f"{n}\t{(c.__doc__ or '').strip().splitlines()[0]}" for n, c in sorted(METHODS.items()))))
     return parser
@@ -238,13 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from distill.core.config import ConfigError
     from distill.core.teacher import TeacherError
+    from app.fid import FIDError
     from distill.core.trainer import DivergenceError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (UsageError, ConfigError, TeacherError, FileNotFoundError, PermissionError) as e:
+    except (UsageError, ConfigError, TeacherError, FIDError, FileNotFoundError, PermissionError) as e:
         print(f"dstudio: error: {e}", file=sys.stderr)
         return 2
     except DivergenceError as e:
