@@ -195,6 +195,14 @@ def cmd_fid(args) -> None:
         print(f"wrote {args.json}")
 
 
+def cmd_report(args) -> None:
+    from app.report import build_report
+    from distill.core.io import check_writable
+
+    check_writable(Path(args.out).parent)
+    print(f"wrote {build_report(args.items, args.out)}")
+
+
 def cmd_features_train(args) -> None:
     from app.features import train_feature_net
 
@@ -267,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--json", default=None, help="also write the result JSON here")
     fp.set_defaults(func=cmd_fid)
 
+    rp = sub.add_parser("report", help="one self-contained HTML page from runs and result JSONs")
+    rp.add_argument("items", nargs="+", metavar="RUN_OR_RESULT", help="run folders and/or result .json files")
+    rp.add_argument("--out", default="report.html")
+    rp.set_defaults(func=cmd_report)
+
     ft = sub.add_parser("features", help="the offline mnist feature net").add_subparsers(
         dest="action", required=True, parser_class=Parser)
     ftt = ft.add_parser("train", help="train the mnist feature net and record its held-out accuracy")
@@ -284,13 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     from distill.core.config import ConfigError
     from distill.core.teacher import TeacherError
     from app.fid import FIDError
+    from app.report import ReportError
     from distill.core.trainer import DivergenceError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (UsageError, ConfigError, TeacherError, FIDError, FileNotFoundError, PermissionError) as e:
+    except (UsageError, ConfigError, TeacherError, FIDError, ReportError, FileNotFoundError, PermissionError) as e:
         print(f"dstudio: error: {e}", file=sys.stderr)
         return 2
     except DivergenceError as e:

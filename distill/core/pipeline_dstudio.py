@@ -6,6 +6,8 @@ named in its model_index.json as ["pipeline_dstudio", "DStudioPipeline"], so tha
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -53,6 +55,7 @@ class DStudioPipeline(DiffusionPipeline):
         num_inference_steps = num_inference_steps or getattr(self.scheduler, "default_num_inference_steps", 50)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         x = x * self.scheduler.init_noise_sigma
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         for t in self.progress_bar(self.scheduler.timesteps):
             x_in = self.scheduler.scale_model_input(x, t)
             if cfg:
@@ -61,7 +64,7 @@ class DStudioPipeline(DiffusionPipeline):
                 out = out_u + guidance_scale * (out_c - out_u)
             else:
                 out = self.unet(x_in, t, class_labels=class_labels).sample
-            x = self.scheduler.step(out, t, x, generator=generator).prev_sample
+            x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample
 
         image = (x / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
