@@ -177,9 +177,10 @@ def cmd_fid(args) -> None:
     from app.fid import fid_of_folder
     from distill.core.io import check_writable, save_json
 
-    if args.json:
-        check_writable(Path(args.json).parent)
-    result = fid_of_folder(args.images, args.ref, args.features)
+    for out in (args.json, args.save_ref_stats):
+        if out:
+            check_writable(Path(out).parent)
+    result = fid_of_folder(args.images, args.ref, args.features, save_ref_stats=args.save_ref_stats)
     for name in result["skipped_corrupt"]:
         print(f"dstudio: warning: skipped corrupt image {name}", file=sys.stderr)
     if result["skipped_corrupt"]:
@@ -273,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--features", default="mnist", choices=["inception", "mnist"],
                     help="feature space: inception (standard; downloads once) or mnist (offline digit classifier)")
     fp.add_argument("--json", default=None, help="also write the result JSON here")
+    fp.add_argument("--save-ref-stats", default=None, metavar="FILE.npz",
+                    help="save the reference statistics (mu, sigma, features) for later --ref FILE.npz")
     fp.set_defaults(func=cmd_fid)
 
     rp = sub.add_parser("report", help="one self-contained HTML page from runs and result JSONs")

@@ -231,7 +231,8 @@ def result(gen: Stats, ref: Stats, space: FeatureSpace, skipped: list[str] | Non
     return out
 
 
-def fid_of_folder(images: str | Path, ref: str, features: str = "mnist", device=None) -> dict:
+def fid_of_folder(images: str | Path, ref: str, features: str = "mnist", device=None,
+                  save_ref_stats: str | Path | None = None) -> dict:
     from PIL import Image
 
     space = feature_space(features, device)
@@ -240,7 +241,10 @@ def fid_of_folder(images: str | Path, ref: str, features: str = "mnist", device=
         resolution = im.size[0]
     feats, skipped = folder_features(images, space)
     gen = Stats.of(feats, space.name, str(images))
-    return result(gen, reference_stats(ref, space, resolution), space, skipped)
+    ref_stats = reference_stats(ref, space, resolution)
+    if save_ref_stats:
+        ref_stats.save(save_ref_stats)
+    return result(gen, ref_stats, space, skipped)
 
 
 def fid_of_tensor(images: torch.Tensor, ref: str | Stats, space: FeatureSpace, source: str, **extra) -> dict:

@@ -88,5 +88,11 @@ def test_fid_cli_names_skipped_files_and_writes_json(tmp_path, capsys):
     r = json.loads(out.read_text())
     assert r["features"] == "mnist" and r["n_generated"] == 12 and r["n_reference"] == 12
     assert len(r["skipped_corrupt"]) == 1 and "versions" in r and "date" in r
+    stats = tmp_path / "ref.npz"
+    assert main(["fid", "--images", str(tmp_path / "gen"), "--ref", str(tmp_path / "ref"), "--save-ref-stats",
+                 str(stats)]) == 0
+    again = tmp_path / "again.json"
+    assert main(["fid", "--images", str(tmp_path / "gen"), "--ref", str(stats), "--json", str(again)]) == 0
+    assert json.loads(again.read_text())["fid"] == pytest.approx(r["fid"], rel=1e-9)
     assert main(["fid", "--images", str(tmp_path / "gen"), "--ref", str(tmp_path / "nope.npz")]) == 2
     assert "statistics file" in capsys.readouterr().err

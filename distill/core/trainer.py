@@ -136,17 +136,19 @@ class Trainer:
 
     def __init__(self, method: Method, config: TrainerConfig, run_dir: str | Path, data=None,
                  resolved_config: dict | None = None):
-        from accelerate import Accelerator
+        from accelerate import Accelerator, DistributedDataParallelKwargs
 
         self.config, self.run_dir, self.data = config, Path(run_dir), data
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+        # Phases train different parameters, so every DDP step leaves some of them unused.
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu, kwargs_handlers=[ddp])
         self.method = method.to(self.accelerator.device)
         self.phases = method.phases()
-        self.optimizers = {
-            ph.name: torch.optim.AdamW(method.phase_parameters(ph), lr=ph.lr, betas=ph.betas,
-                                       weight_decay=ph.weight_decay)
-            for ph in self.phases
-        }
+        optimizers = [torch.optim.AdamW(method.phase_parameters(ph), lr=ph.lr, betas=ph.betas,
+                                        weight_decay=ph.weight_decay) for ph in self.phases]
+        # `model` is what runs the losses (DDP-wrapped on many processes); `method` stays the plain module.
+        self.model, *optimizers = self.accelerator.prepare(self.method, *optimizers)
+        self.optimizers = {ph.name: opt for ph, opt in zip(self.phases, optimizers)}
         self.ema = EMA(method.student_net(), config.ema_decay)
         self.stream = None
         if method.needs_data:
@@ -200,7 +202,7 @@ class Trainer:
         self.method.train_only(phase)
         opt = self.optimizers[phase.name]
         with self.accelerator.autocast():
-            loss, logs = self.method(phase.name, batch, self.step)
+            loss, logs = self.model(phase.name, batch, self.step)
         if not torch.isfinite(loss):
             terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
             raise DivergenceError(
@@ -242,7 +244,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.method.name}", disable=not self.is_main,
                    dynamic_ncols=True)
         log_file = self.run_dir / "log.jsonl"
-        self.method.train()
+        self.model.train()
         t0 = time.time()
         while self.step < cfg.steps:
             batch = self.stream.next(self.accelerator.device) if self.stream else None
