@@ -278,6 +278,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="save the reference statistics (mu, sigma, features) for later --ref FILE.npz")
     fp.set_defaults(func=cmd_fid)
 
+    se = sub.add_parser("search", help="AutoDiffusion: evolutionary search of time steps (and skipped blocks)")
+    se.add_argument("--teacher", default=None, help="pipeline folder or hub id (default: the shipped MNIST teacher)")
+    se.add_argument("--nfe", type=int, default=4, help="number of steps (network evaluations) to search for")
+    se.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp"])
+    se.add_argument("--skip-blocks", action="store_true", help="stage two: also search per-step skipped UNet blocks")
+    se.add_argument("--skip-budget", type=float, default=0.3,
+                    help="stage two: the largest fraction of (steps x skippable blocks) that may be skipped")
+    se.add_argument("--init", default=None, help="a search.json whose best candidate seeds the population")
+    se.add_argument("--num-samples", type=_positive_int("--num-samples"), default=500,
+                    help="images per FID evaluation (fixed noise)")
+    se.add_argument("--population", type=_positive_int("--population"), default=50)
+    se.add_argument("--generations", type=_positive_int("--generations"), default=10)
+    se.add_argument("--top-k", type=_positive_int("--top-k"), default=10)
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--out", default="runs/search")
+    se.add_argument("--resume", action="store_true", help="continue after the last complete generation")
+    se.set_defaults(func=lambda a: __import__("app.search_cli", fromlist=["cmd_search"]).cmd_search(a))
+
     rp = sub.add_parser("report", help="one self-contained HTML page from runs and result JSONs")
     rp.add_argument("items", nargs="+", metavar="RUN_OR_RESULT", help="run folders and/or result .json files")
     rp.add_argument("--out", default="report.html")

@@ -1,0 +1,141 @@
+"""`dstudio search`: the CLI side of AutoDiffusion, handing `search.evolve` an FID fitness."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from samplers import append_zero, get_sampler
+
+
+class FIDFitness:
+    """FID of `n` samples from fixed noise and labels for a candidate schedule; the search caches per candidate."""
+
+    def __init__(self, teacher, sampler: str, n: int, features: str = "mnist", seed: int = 0, guidance: float = 1.0,
+                 batch_size: int = 500):
+        from app.fid import feature_space, reference_stats
+
+        if teacher.kind != "class":
+            raise ValueError(f"FID fitness needs a class-conditional image teacher, got a {teacher.kind} teacher")
+        self.teacher, self.sample_fn, self.batch_size = teacher, get_sampler(sampler), batch_size
+        self.denoiser = teacher.guided(guidance)
+        self.space = feature_space(features, "cpu")
+        self.ref = reference_stats("mnist", self.space, teacher.sample_shape[-1])
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(n) % teacher.num_classes
+        self.noise = torch.randn((n, *teacher.sample_shape), generator=g)
+        self.noise_seed = seed
+
+    def images(self, candidate) -> torch.Tensor:
+        from search.skip import SkippingDenoiser
+
+        sigmas = append_zero(self.teacher.denoiser.t_to_sigma(torch.tensor(candidate.steps)).float())
+        out = []
+        for i in range(0, len(self.labels), self.batch_size):
+            z, y = self.noise[i:i + self.batch_size], self.labels[i:i + self.batch_size]
+            den = SkippingDenoiser(self.denoiser, self.teacher.unet, candidate.skips) if candidate.skips \
+                else self.denoiser
+            gen = torch.Generator().manual_seed(self.noise_seed + 1 + i)
+            out.append(self.sample_fn(den, z * (1 + sigmas[0] ** 2).sqrt(), sigmas, y, generator=gen))
+        return torch.cat(out).clamp(-1, 1)
+
+    def __call__(self, candidate) -> float:
+        from app.fid import Stats, frechet, tensor_features
+
+        with torch.no_grad():
+            feats = tensor_features(self.images(candidate), self.space)
+        return frechet(Stats.of(feats, self.space.name, "candidate", keep_feats=False), self.ref)
+
+
+def run_search(args) -> dict:
+    from tqdm.auto import tqdm
+
+    from distill.core.export import provenance
+    from distill.core.io import check_writable, save_json
+    from distill.core.teacher import load_teacher
+    from samplers import SearchedScheduler, scheduler_from_teacher
+    from search import EvolutionConfig, SearchSpace, evolve
+    from search.skip import skippable_blocks
+
+    out = check_writable(args.out)
+    teacher = load_teacher(args.teacher)
+    T = teacher.num_train_timesteps
+    if not 1 <= args.nfe <= T:
+        raise ValueError(f"--nfe {args.nfe} must be in 1..{T} (the teacher's training steps)")
+    blocks = tuple(skippable_blocks(teacher.unet)) if args.skip_blocks else ()
+    max_skipped = int(args.skip_budget * len(blocks) * args.nfe) if blocks else 0
+    if args.skip_blocks and max_skipped < 1:
+        raise ValueError(f"--skip-budget {args.skip_budget} allows no skipped block over {args.nfe} steps x "
+                         f"{len(blocks)} blocks; use a value in (0, 1]")
+    space = SearchSpace(T, args.nfe, blocks, max_skipped)
+    cfg = EvolutionConfig(population=args.population, generations=args.generations, top_k=args.top_k,
+                          mutations=min(25, args.population // 2), crossovers=min(15, args.population // 4),
+                          seed=args.seed)
+    fitness = FIDFitness(teacher, args.sampler, args.num_samples, seed=args.seed)
+    init = []
+    if args.init:
+        import json
+
+        from search.space import Candidate
+
+        init = [Candidate.from_json(json.loads(Path(args.init).read_text())["best"])]
+    out.mkdir(parents=True, exist_ok=True)
+    bars = {}
+
+    def progress(gen, i, best):
+        if gen not in bars:
+            for b in bars.values():
+                b.close()
+            bars[gen] = tqdm(total=cfg.population, desc=f"generation {gen + 1}/{cfg.generations}", file=sys.stderr)
+        bars[gen].update(1)
+        bars[gen].set_postfix(best_fid=f"{best:.4f}")
+
+    result = evolve(fitness, space, cfg, checkpoint=out / "search_state.json", resume=args.resume, init=init,
+                    progress=progress)
+    for b in bars.values():
+        b.close()
+    sched = scheduler_from_teacher(SearchedScheduler, teacher.scheduler, timesteps=list(result.best.steps),
+                                   solver="dpmpp" if args.sampler == "dpmpp" else "ddim")
+    sched_dir = out / "scheduler"
+    from distill.core.io import atomic_path
+
+    with atomic_path(sched_dir, is_dir=True) as tmp:
+        sched.save_pretrained(tmp)
+    record = provenance(teacher=str(args.teacher), nfe=args.nfe, sampler=args.sampler, num_samples=args.num_samples,
+                        features="mnist", noise_seed=args.seed, skip_blocks=bool(blocks), blocks=list(blocks),
+                        max_skipped=max_skipped, config=vars(cfg), **result.to_json())
+    save_json(record, out / "search.json")
+    _plot(result.best_per_generation, out / "search.png", args.nfe)
+    return record
+
+
+def _plot(best: list[float], path: Path, nfe: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from distill.core.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(range(1, len(best) + 1), best, marker="o")
+    ax.set(xlabel="generation", ylabel="best FID-mnist so far", title=f"AutoDiffusion search, {nfe} NFE")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def cmd_search(args) -> None:
+    from app.cli import UsageError
+
+    t0 = time.time()
+    try:
+        record = run_search(args)
+    except ValueError as e:  # bad --nfe, budgets and teachers are reported by the search and the space
+        raise UsageError(str(e)) from None
+    print(f"best {args.nfe}-NFE schedule {record['best']['steps']} FID-mnist {record['best_fitness']:.4f} "
+          f"({record['evaluations']} candidates, {time.time() - t0:.0f} s); wrote {args.out}/scheduler, "
+          f"{args.out}/search.json")

@@ -1,0 +1,138 @@
+"""AutoDiffusion search: the space's operators, the evolution's guarantees, stage two, and the CLI."""
+import json
+import random
+
+import pytest
+import torch
+
+from app.cli import main
+from search import Candidate, EvolutionConfig, SearchSpace, evolve
+from search.skip import SkippingDenoiser, skippable_blocks, skipping
+
+
+def test_space_operators_keep_lists_sorted_distinct_and_full():
+    space = SearchSpace(1000, 6)
+    rng = random.Random(0)
+    assert space.uniform().steps == (999, 832, 666, 499, 332, 166)
+    for _ in range(200):
+        a, b = space.random(rng), space.mutate(space.uniform(), rng)
+        for c in (a, b, space.crossover(a, b, rng)):
+            assert space.valid(c), c
+
+
+def test_crossover_repairs_duplicates_instead_of_dropping_steps():
+    space = SearchSpace(10, 3)
+    a, b = Candidate((9, 5, 1)), Candidate((5, 3, 1))
+    for seed in range(50):
+        c = space.crossover(a, b, random.Random(seed))
+        assert len(set(c.steps)) == 3 and space.valid(c)
+
+
+def target_distance(target):
+    return lambda c: float(sum(abs(x - y) for x, y in zip(c.steps, target)))
+
+
+def test_evolve_improves_and_never_evaluates_twice():
+    space = SearchSpace(100, 4)
+    seen = []
+
+    def objective(c):
+        seen.append(c.key())
+        return target_distance((80, 41, 20, 3))(c)
+
+    cfg = EvolutionConfig(population=20, generations=6, top_k=5, mutations=8, crossovers=4, seed=1)
+    result = evolve(objective, space, cfg)
+    assert len(seen) == len(set(seen)) == result.evaluations
+    assert result.best_per_generation == sorted(result.best_per_generation, reverse=True)
+    assert result.best_fitness < objective(space.uniform())
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_search_resumes_without_reevaluating(tmp_path):
+    space = SearchSpace(100, 3)
+    cfg = EvolutionConfig(population=10, generations=4, top_k=3, mutations=4, crossovers=2, seed=3)
+    calls, interrupted = [], []
+
+    def flaky(c):
+        if len(calls) == 25 and not interrupted:
+            interrupted.append(True)
+            raise Interrupted
+        calls.append(c.key())
+        return target_distance((70, 30, 5))(c)
+
+    with pytest.raises(Interrupted):
+        evolve(flaky, space, cfg, checkpoint=tmp_path / "state.json")
+    done = json.loads((tmp_path / "state.json").read_text())
+    assert done["generation"] == 2 and len(done["history"]) == 20
+    before = list(calls)
+    resumed = evolve(flaky, space, cfg, checkpoint=tmp_path / "state.json", resume=True)
+    after = calls[len(before):]
+    assert not set(after) & {h_key for h_key in (Candidate.from_json(h["candidate"]).key() for h in done["history"])}
+    assert resumed.evaluations == len(done["history"]) + len(after)
+    uninterrupted = evolve(target_distance((70, 30, 5)), SearchSpace(100, 3), cfg)
+    assert resumed.best_fitness == uninterrupted.best_fitness
+
+
+def test_stage_two_budget_opens_gradually_and_skip_sets_mutate():
+    space = SearchSpace(100, 4, blocks=("a", "b", "c"), max_skipped=5)
+    cfg = EvolutionConfig(population=12, generations=5, top_k=4, mutations=6, crossovers=3, seed=0)
+    result = evolve(lambda c: target_distance((90, 60, 30, 5))(c) - c.n_skipped, space, cfg)
+    per_gen = {}
+    for h in result.history:
+        n = Candidate.from_json(h["candidate"]).n_skipped
+        per_gen[h["generation"]] = max(per_gen.get(h["generation"], 0), n)
+        assert n <= -(-5 * (h["generation"] + 1) // 5)
+    assert per_gen[0] <= 1 and max(per_gen.values()) >= 3
+    assert SearchSpace(100, 4).nfe == 4
+    with pytest.raises(ValueError, match="nfe=0 must be in 1..100"):
+        SearchSpace(100, 0)
+
+
+def test_skipping_is_identity_and_restores(tiny_teacher):
+    from distill.core.teacher import load_teacher
+
+    t = load_teacher(tiny_teacher)
+    names = skippable_blocks(t.unet)
+    assert "mid_block.resnets.0" in names and not any("downsamplers" in n for n in names)
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        full = t.denoiser(x, 3.0, y)
+        with skipping(t.unet, names[:2]):
+            skipped = t.denoiser(x, 3.0, y)
+        again = t.denoiser(x, 3.0, y)
+        per_step = SkippingDenoiser(t.denoiser, t.unet, [names[:2], ()])
+        first, second = per_step(x, 3.0, y), per_step(x, 3.0, y)
+    assert not torch.allclose(full, skipped) and torch.equal(full, again)
+    assert torch.equal(first, skipped) and torch.equal(second, full)
+    with pytest.raises(ValueError, match="'conv_in' is not a skippable block"):
+        with skipping(t.unet, ["conv_in"]):
+            pass
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nfe", "0"], "--nfe 0 must be in 1..1000"),
+    (["--nfe", "1001"], "--nfe 1001 must be in 1..1000"),
+    (["--skip-blocks", "--skip-budget", "0"], "allows no skipped block"),
+])
+def test_search_cli_bad_input(args, message, tiny_teacher, tmp_path, capsys):
+    assert main(["search", "--teacher", str(tiny_teacher), "--out", str(tmp_path / "s"), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_search_cli_writes_a_scheduler_that_plugs_in(tiny_teacher, tmp_path):
+    from distill.core.teacher import load_teacher
+    from samplers import SearchedScheduler
+
+    out = tmp_path / "s"
+    assert main(["search", "--teacher", str(tiny_teacher), "--nfe", "3", "--num-samples", "40", "--population", "4",
+                 "--generations", "2", "--top-k", "2", "--out", str(out)]) == 0
+    record = json.loads((out / "search.json").read_text())
+    assert len(record["history"]) == record["evaluations"] >= 5 and (out / "search.png").is_file()
+    sched = SearchedScheduler.from_pretrained(out / "scheduler")
+    assert sched.config.timesteps == record["best"]["steps"]
+    pipe = load_teacher(tiny_teacher).pipeline
+    pipe.scheduler = sched
+    assert len(pipe(class_labels=[1, 2]).images) == 2
