@@ -15,6 +15,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# Stock diffusers solvers every benchmark compares against: name -> (class, config overrides).
+STOCK_SOLVERS = {
+    "ddim": ("DDIMScheduler", {"timestep_spacing": "trailing"}),
+    "ddim-leading": ("DDIMScheduler", {"timestep_spacing": "leading", "steps_offset": 0}),
+    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                 "timestep_spacing": "trailing"}),
+    "unipc": ("UniPCMultistepScheduler", {"timestep_spacing": "trailing"}),
+    "euler": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+}
 RESULTS = ROOT / "benchmarks" / "results"
 N_PER_CLASS = 200
 NOISE_SEED = 0
@@ -56,6 +65,13 @@ def pipeline_images(pipe, labels: torch.Tensor, noise: torch.Tensor, steps: int 
         chunks.append(out.images * 2 - 1)
         seconds += dt
     return torch.cat(chunks), seconds
+
+
+def stock_scheduler(name: str, base_config):
+    import diffusers
+
+    cls, overrides = STOCK_SOLVERS[name]
+    return getattr(diffusers, cls).from_config(base_config, **overrides)
 
 
 def real_floor(space, ref, resolution: int) -> dict:

@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--skip-blocks", action="store_true", help="stage two: also search per-step skipped UNet blocks")
     se.add_argument("--skip-budget", type=float, default=0.3,
                     help="stage two: the largest fraction of (steps x skippable blocks) that may be skipped")
+    se.add_argument("--ref", default="mnist", help="FID reference: mnist, a .npz statistics file or an image folder")
+    se.add_argument("--features", default="mnist", choices=["inception", "mnist"])
     se.add_argument("--init", default=None, help="a search.json whose best candidate seeds the population")
     se.add_argument("--num-samples", type=_positive_int("--num-samples"), default=500,
                     help="images per FID evaluation (fixed noise)")

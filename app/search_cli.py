@@ -11,22 +11,30 @@ from samplers import append_zero, get_sampler
 
 
 class FIDFitness:
-    """FID of `n` samples from fixed noise and labels for a candidate schedule; the search caches per candidate."""
+    """FID of `n` samples from fixed noise and labels for a candidate schedule; the search caches per candidate.
+
+    The noise comes from seed 1000 + `seed`, never the benchmark protocol's seed 0, so a final re-score on the
+    protocol is on fresh noise. `labels`/`noise` override both (the benchmark re-scores through this class).
+    """
 
     def __init__(self, teacher, sampler: str, n: int, features: str = "mnist", seed: int = 0, guidance: float = 1.0,
-                 batch_size: int = 500):
+                 batch_size: int = 500, labels: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                 ref: str = "mnist"):
         from app.fid import feature_space, reference_stats
 
-        if teacher.kind != "class":
-            raise ValueError(f"FID fitness needs a class-conditional image teacher, got a {teacher.kind} teacher")
+        if teacher.kind == "text":
+            raise ValueError("the FID fitness of `dstudio search` covers pixel-space teachers (class-conditional or "
+                             "unconditional); for a text-to-image teacher pass your own objective to search.evolve")
         self.teacher, self.sample_fn, self.batch_size = teacher, get_sampler(sampler), batch_size
         self.denoiser = teacher.guided(guidance)
         self.space = feature_space(features, "cpu")
-        self.ref = reference_stats("mnist", self.space, teacher.sample_shape[-1])
-        g = torch.Generator().manual_seed(seed)
-        self.labels = torch.arange(n) % teacher.num_classes
-        self.noise = torch.randn((n, *teacher.sample_shape), generator=g)
-        self.noise_seed = seed
+        self.ref = reference_stats(ref, self.space, teacher.sample_shape[-1])
+        g = torch.Generator().manual_seed(1000 + seed)
+        if labels is None:
+            labels = torch.arange(n) % teacher.num_classes if teacher.kind == "class" else torch.zeros(n, dtype=torch.long)
+        self.labels, self.conditional = labels, teacher.kind == "class"
+        self.noise = torch.randn((len(self.labels), *teacher.sample_shape), generator=g) if noise is None else noise
+        self.noise_seed = 1000 + seed
 
     def images(self, candidate) -> torch.Tensor:
         from search.skip import SkippingDenoiser
@@ -34,7 +42,8 @@ class FIDFitness:
         sigmas = append_zero(self.teacher.denoiser.t_to_sigma(torch.tensor(candidate.steps)).float())
         out = []
         for i in range(0, len(self.labels), self.batch_size):
-            z, y = self.noise[i:i + self.batch_size], self.labels[i:i + self.batch_size]
+            z = self.noise[i:i + self.batch_size]
+            y = self.labels[i:i + self.batch_size] if self.conditional else None
             den = SkippingDenoiser(self.denoiser, self.teacher.unet, candidate.skips) if candidate.skips \
                 else self.denoiser
             gen = torch.Generator().manual_seed(self.noise_seed + 1 + i)
@@ -53,7 +62,7 @@ def run_search(args) -> dict:
     from tqdm.auto import tqdm
 
     from distill.core.export import provenance
-    from distill.core.io import check_writable, save_json
+    from distill.core.io import atomic_path, check_writable, save_json
     from distill.core.teacher import load_teacher
     from samplers import SearchedScheduler, scheduler_from_teacher
     from search import EvolutionConfig, SearchSpace, evolve
@@ -73,7 +82,8 @@ def run_search(args) -> dict:
     cfg = EvolutionConfig(population=args.population, generations=args.generations, top_k=args.top_k,
                           mutations=min(25, args.population // 2), crossovers=min(15, args.population // 4),
                           seed=args.seed)
-    fitness = FIDFitness(teacher, args.sampler, args.num_samples, seed=args.seed)
+    fitness = FIDFitness(teacher, args.sampler, args.num_samples, features=args.features, seed=args.seed,
+                         ref=args.ref)
     init = []
     if args.init:
         import json
@@ -98,13 +108,11 @@ def run_search(args) -> dict:
         b.close()
     sched = scheduler_from_teacher(SearchedScheduler, teacher.scheduler, timesteps=list(result.best.steps),
                                    solver="dpmpp" if args.sampler == "dpmpp" else "ddim")
-    sched_dir = out / "scheduler"
-    from distill.core.io import atomic_path
-
-    with atomic_path(sched_dir, is_dir=True) as tmp:
+    with atomic_path(out / "scheduler", is_dir=True) as tmp:
         sched.save_pretrained(tmp)
     record = provenance(teacher=str(args.teacher), nfe=args.nfe, sampler=args.sampler, num_samples=args.num_samples,
-                        features="mnist", noise_seed=args.seed, skip_blocks=bool(blocks), blocks=list(blocks),
+                        features=args.features, reference=fitness.ref.source, noise_seed=fitness.noise_seed,
+                        skip_blocks=bool(blocks), blocks=list(blocks),
                         max_skipped=max_skipped, config=vars(cfg), **result.to_json())
     save_json(record, out / "search.json")
     _plot(result.best_per_generation, out / "search.png", args.nfe)

@@ -10,28 +10,18 @@ import argparse
 import sys
 from pathlib import Path
 
-# This file is named like the `samplers` package: run as a script, keep its folder off the import path.
+# benchmarks/ holds scripts named like the packages (samplers.py, search.py): keep it off the import path.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import diffusers  # noqa: E402
 import torch  # noqa: E402
 
-from app.benchmark import (RESULTS, fid_vs_nfe_plot, pipeline_images, protocol_labels,  # noqa: E402
-                           protocol_noise, real_floor, write_results)
+from app.benchmark import (RESULTS, STOCK_SOLVERS, fid_vs_nfe_plot, pipeline_images,  # noqa: E402
+                           protocol_labels, protocol_noise, real_floor, stock_scheduler, write_results)
 from app.fid import feature_space, fid_of_tensor, mnist_reference  # noqa: E402
 from distill.core.images import save_grid  # noqa: E402
 from distill.core.teacher import DEFAULT_TEACHER, load_pipeline  # noqa: E402
 from samplers import SearchedScheduler, scheduler_from_teacher  # noqa: E402
 
-# name -> (diffusers class, config overrides, NFE per step)
-STOCK = {
-    "ddim": ("DDIMScheduler", {"timestep_spacing": "trailing"}, 1),
-    "ddim-leading": ("DDIMScheduler", {"timestep_spacing": "leading", "steps_offset": 0}, 1),
-    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                 "timestep_spacing": "trailing"}, 1),
-    "unipc": ("UniPCMultistepScheduler", {"timestep_spacing": "trailing"}, 1),
-    "euler": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, 1),
-}
 # Align Your Steps' 10-step list for SD1.5 (diffusers' AysSchedules); optimised for another schedule, shown as is.
 AYS_SD_10 = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
 
@@ -54,16 +44,15 @@ def main(argv=None) -> int:
     floor = real_floor(space, ref, shape[-1])["fid"]
     grids = RESULTS / "samplers"
 
-    runs = [(name, nfe) for nfe in args.nfe for name in STOCK] + [("ays-sd10-ddim", 10)]
+    runs = [(name, nfe) for nfe in args.nfe for name in STOCK_SOLVERS] + [("ays-sd10-ddim", 10)]
     rows = []
     for name, nfe in runs:
         if name == "ays-sd10-ddim":
             pipe.scheduler = scheduler_from_teacher(SearchedScheduler, pipe.scheduler, timesteps=AYS_SD_10)
             steps = None
-        else:
-            cls, overrides, per_step = STOCK[name]
-            pipe.scheduler = getattr(diffusers, cls).from_config(base, **overrides)
-            steps = nfe // per_step
+        else:  # every stock solver here spends one network evaluation per step
+            pipe.scheduler = stock_scheduler(name, base)
+            steps = nfe
         row = {"name": f"{name}-{nfe}", "sampler": name, "nfe": nfe}
         try:
             with torch.no_grad():

@@ -23,7 +23,9 @@ class DDPMConfig:
     attention: bool = False
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
-    prediction_type: str = "epsilon"
+    # Cosine betas capped at 0.999 end at alphabar ~ 2e-9 (sigma ~ 2e4): an eps-model's x0 = x - sigma eps
+    # multiplies its error by 2e4 at the first step, while v-prediction stays well conditioned at every sigma.
+    prediction_type: str = "v_prediction"
     label_dropout: float = 0.1
     lr: float = 1e-3
     weight_decay: float = 0.0

@@ -1,0 +1,27 @@
+"""The shipped teacher: a diffusers folder that loads, and draws readable digits of the class it is asked for."""
+import json
+
+import torch
+
+from app.features import load_feature_net
+from distill.core.teacher import DEFAULT_TEACHER, load_teacher
+
+
+def test_shipped_teacher_is_a_plain_diffusers_folder():
+    index = json.loads((DEFAULT_TEACHER / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_dstudio", "DStudioPipeline"]
+    assert index["unet"] == ["diffusers", "UNet2DModel"] and index["scheduler"] == ["diffusers", "DDPMScheduler"]
+    t = load_teacher()
+    assert (t.kind, t.num_classes, t.sample_shape) == ("class", 10, (1, 16, 16))
+
+
+def test_shipped_teacher_draws_the_asked_class():
+    """20 DDIM steps, 5 images per class; the digit classifier (98% held-out) must read >= 90% of them right."""
+    pipe = load_teacher().pipeline
+    labels = torch.arange(10).repeat_interleave(5)
+    images = pipe(class_labels=labels, num_inference_steps=20, generator=torch.Generator().manual_seed(0),
+                  output_type="pt").images
+    with torch.no_grad():
+        pred = load_feature_net().logits(images * 255).argmax(1)
+    accuracy = (pred == labels).float().mean().item()
+    assert accuracy >= 0.9, accuracy
