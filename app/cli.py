@@ -69,6 +69,13 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
     trainer = Trainer(method, tcfg, out, data=data, resolved_config=resolved)
     pipeline = trainer.fit(resume=args.resume)
     print(f"exported {pipeline}")
+    if cls.is_distiller and teacher.kind == "class" and args.eval_per_class:
+        from app.evaluate import compare, summary
+        from distill.core.io import save_json
+
+        result = compare(teacher_source, pipeline, per_class=args.eval_per_class)
+        save_json(result, out / "eval.json")
+        print(summary(result))
     return pipeline
 
 
@@ -247,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     dp = sub.add_parser("distill", help="distill a teacher into a fast student")
     dp.add_argument("method", help=f"one of: {', '.join(distillers) or '(none yet)'}")
     dp.add_argument("--teacher", default=None, help="pipeline folder or hub id (default: the shipped MNIST teacher)")
+    dp.add_argument("--eval-per-class", type=int, default=100,
+                    help="after training, FID and speed of teacher (50 DDIM steps) vs student on this many images "
+                         "per class (0: skip)")
     _add_train_args(dp, "runs/distill")
     dp.set_defaults(func=cmd_distill)
 

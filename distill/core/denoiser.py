@@ -70,10 +70,14 @@ class DiscreteDenoiser(Denoiser):
         super().__init__(model)
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type '{prediction_type}' is not supported; use one of {PREDICTION_TYPES}")
-        self.prediction_type = prediction_type
+        self.prediction_type, self.alphas_cumprod = prediction_type, alphas_cumprod
         # Zero-terminal-SNR schedules end at alphabar = 0 (sigma = inf): keep the grid finite.
         self.schedule = DiscreteSigmas(alphas_cumprod.double().clamp(min=1e-10))
         self.sigma_min, self.sigma_max = self.schedule.sigma_min, self.schedule.sigma_max
+
+    def like(self, model: nn.Module) -> "DiscreteDenoiser":
+        """The same schedule and parameterisation over another backbone (a student or fake score)."""
+        return DiscreteDenoiser(model, self.alphas_cumprod, self.prediction_type)
 
     def scalings(self, sigma: Tensor):
         alpha = (1 + sigma**2).rsqrt()

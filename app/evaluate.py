@@ -1,0 +1,41 @@
+"""Teacher vs student on the embedded protocol: FID-mnist and images/s measured in one run."""
+from __future__ import annotations
+
+import torch
+
+from app.benchmark import pipeline_images, protocol_labels, protocol_noise
+
+
+def compare(teacher_source, student_dir, per_class: int = 100, teacher_steps: int = 50) -> dict:
+    """Rows for the teacher at `teacher_steps` DDIM steps and the student with its own scheduler."""
+    import diffusers
+
+    from app.fid import feature_space, fid_of_tensor, mnist_reference
+    from distill.core.teacher import load_pipeline
+
+    teacher = load_pipeline(teacher_source)
+    student = load_pipeline(student_dir)
+    shape = (teacher.unet.config.in_channels, teacher.unet.config.sample_size, teacher.unet.config.sample_size)
+    labels = protocol_labels(per_class=per_class)
+    noise = protocol_noise(shape, len(labels))
+    space = feature_space("mnist", "cpu")
+    ref = mnist_reference(space, shape[-1])
+    teacher.scheduler = diffusers.DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing")
+    rows = []
+    for name, pipe, steps in (("teacher", teacher, teacher_steps), ("student", student, None)):
+        with torch.no_grad():
+            images, seconds = pipeline_images(pipe, labels, noise, steps)
+        nfe = steps or getattr(pipe.scheduler, "default_num_inference_steps", None) or 1
+        fid = fid_of_tensor(images, ref, space, name)["fid"]
+        rows.append({"name": name, "nfe": nfe, "fid": fid, "images_per_s": len(images) / seconds})
+    rows[1]["fid_vs_teacher"] = rows[1]["fid"] / rows[0]["fid"]
+    rows[1]["speedup"] = rows[1]["images_per_s"] / rows[0]["images_per_s"]
+    return {"features": "mnist", "n_generated": len(labels), "reference": ref.source, "rows": rows}
+
+
+def summary(result: dict) -> str:
+    t, s = result["rows"]
+    return (f"teacher ({t['nfe']} NFE): FID-mnist {t['fid']:.4f}, {t['images_per_s']:.0f} images/s\n"
+            f"student ({s['nfe']} NFE): FID-mnist {s['fid']:.4f} ({s['fid_vs_teacher']:.2f}x the teacher), "
+            f"{s['images_per_s']:.0f} images/s ({s['speedup']:.1f}x faster)  "
+            f"[{result['n_generated']} images vs {result['reference']}]")

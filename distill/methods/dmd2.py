@@ -1,0 +1,137 @@
+"""DMD2 (Yin et al. 2024): distribution matching with a trainable fake score, TTUR and a GAN head."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill.core.config import require
+from distill.core.denoiser import append_dims
+from distill.core.export import export_image_pipeline
+from distill.core.method import Method, Phase, register
+from distill.core.score import (BottleneckFeatures, DiscriminatorHead, dmd_gradient, dmd_loss, dsm_loss,
+                                sample_timesteps, trainable_copy)
+from samplers import StudentScheduler, append_zero, discrete_timesteps, sample_multistep, scheduler_from_teacher
+
+
+@dataclass
+class DMD2Config:
+    data: str = "mnist"                  # real images for the GAN loss
+    num_steps: int = 1                   # 1: one-step; more: few-step student trained with backward simulation
+    guidance: float = 1.0                # classifier-free guidance on the real score only
+    critic_ratio: int = 5                # fake-score/critic updates per generator update (TTUR)
+    lr_generator: float = 2e-6
+    lr_critic: float = 2e-6
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 10.0
+    gan: bool = True
+    lambda_gan_critic: float = 1e-2      # lambda_D
+    lambda_gan_generator: float = 3e-3   # lambda_G
+    t_min: float = 0.02
+    t_max: float = 0.98
+    head_width: int = 64
+
+    def validate(self) -> None:
+        require(self.num_steps >= 1, f"method.num_steps={self.num_steps} must be >= 1")
+        require(self.critic_ratio >= 1, f"method.critic_ratio={self.critic_ratio} must be >= 1")
+        require(self.lr_generator > 0 and self.lr_critic > 0,
+                f"method.lr_generator={self.lr_generator} and method.lr_critic={self.lr_critic} must be > 0")
+        require(0 <= self.t_min < self.t_max <= 1, f"method.t_min={self.t_min}, t_max={self.t_max} must satisfy "
+                                                   f"0 <= t_min < t_max <= 1")
+        require(self.guidance >= 0, f"method.guidance={self.guidance} must be >= 0")
+
+
+@register("dmd2")
+class DMD2(Method):
+    """Yin et al. 2024 (DMD2), Alg. 1: G <- DMD gradient + lambda_G GAN; fake score <- DSM + lambda_D GAN, R:1."""
+
+    Config = DMD2Config
+
+    def __init__(self, config: DMD2Config, teacher=None, data=None):
+        super().__init__(config)
+        require(teacher is not None, "dmd2 needs a teacher")
+        require(not config.gan or data is not None, "dmd2 with the GAN loss needs real data (method.gan=false: none)")
+        require(config.num_steps <= teacher.num_train_timesteps,
+                f"method.num_steps={config.num_steps} exceeds the teacher's {teacher.num_train_timesteps} steps")
+        self.teacher_scheduler, self.kind = teacher.scheduler, teacher.kind
+        self.num_classes, self.shape = teacher.num_classes, teacher.sample_shape
+        self.T = teacher.num_train_timesteps
+        self.real_score = teacher.guided(config.guidance)
+        self.student = teacher.denoiser.like(trainable_copy(teacher.unet))
+        self.fake_score = teacher.denoiser.like(trainable_copy(teacher.unet))
+        self.bottleneck = BottleneckFeatures(self.fake_score.model)
+        self.head = DiscriminatorHead(teacher.unet.config.block_out_channels[-1], config.head_width)
+        self.timesteps = discrete_timesteps(self.T, config.num_steps, "trailing")
+        self.register_buffer("student_sigmas", append_zero(teacher.denoiser.t_to_sigma(
+            torch.tensor(self.timesteps))).float(), persistent=False)
+
+    def phases(self) -> list[Phase]:
+        c = self.config
+        common = dict(betas=c.betas, weight_decay=c.weight_decay, grad_clip=c.grad_clip)
+        return [Phase("generator", ("student",), lr=c.lr_generator, every=c.critic_ratio, **common),
+                Phase("critic", ("fake_score", "head"), lr=c.lr_critic, **common)]
+
+    # --- the generator --------------------------------------------------------------------------
+    def _noise(self, n: int, generator=None) -> Tensor:
+        return torch.randn((n, *self.shape), generator=generator, device=self.student_sigmas.device)
+
+    def generate(self, labels: Tensor) -> Tensor:
+        """x0 from the student; few-step students start from a backward-simulated state (DMD2 Sec. 4.5)."""
+        s = self.student_sigmas
+        k = int(torch.randint(0, self.config.num_steps, ()))
+        x = self._noise(len(labels)) * (1 + s[0] ** 2).sqrt()
+        if k:  # k student steps without gradient: denoise, re-noise, ... ending at sigma_k
+            with torch.no_grad():
+                x = sample_multistep(self.student, x, s[:k + 1], labels)
+        return self.student(x, s[k], labels)
+
+    def _gan_logits(self, x0: Tensor, sigma: Tensor, labels: Tensor) -> Tensor:
+        self.fake_score(x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * torch.randn_like(x0), sigma, labels)
+        return self.head(self.bottleneck.value)
+
+    def loss(self, phase: str, batch, step: int):
+        real, labels = batch
+        if phase == "generator":
+            x = self.generate(labels)
+            sigma = self.real_score_sigma(len(x), x.device)
+            x_t = (x + append_dims(sigma.to(x.dtype), x.ndim) * torch.randn_like(x)).detach()
+            with torch.no_grad():
+                grad = dmd_gradient(x.detach(), self.real_score(x_t, sigma, labels), self.fake_score(x_t, sigma, labels))
+            loss_dm = dmd_loss(x, grad)
+            logs = {"dm": loss_dm.item()}
+            loss = loss_dm
+            if self.config.gan:
+                loss_gan = F.softplus(-self._gan_logits(x, self.real_score_sigma(len(x), x.device), labels)).mean()
+                loss = loss + self.config.lambda_gan_generator * loss_gan
+                logs["gan_g"] = loss_gan.item()
+            return loss, logs
+        with torch.no_grad():
+            x = self.generate(labels)
+        t = sample_timesteps(len(x), self.T, device=x.device)
+        loss_fake = dsm_loss(self.fake_score, x, self.student.t_to_sigma(t).to(x.device), labels)
+        logs = {"dsm": loss_fake.item()}
+        loss = loss_fake
+        if self.config.gan:
+            sigma = self.real_score_sigma(len(x), x.device)
+            logit_fake, logit_real = self._gan_logits(x, sigma, labels), self._gan_logits(real, sigma, labels)
+            loss_disc = (F.softplus(logit_fake) + F.softplus(-logit_real)).mean()
+            loss = loss + self.config.lambda_gan_critic * loss_disc
+            logs["gan_d"] = loss_disc.item()
+        return loss, logs
+
+    def real_score_sigma(self, n: int, device) -> Tensor:
+        t = sample_timesteps(n, self.T, self.config.t_min, self.config.t_max, device)
+        return self.student.t_to_sigma(t).to(device)
+
+    def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
+        s = self.student_sigmas
+        x = self._noise(len(labels), generator) * (1 + s[0] ** 2).sqrt()
+        return sample_multistep(self.student, x, s, labels, generator=generator).clamp(-1, 1)
+
+    def export(self, path) -> None:
+        sched = scheduler_from_teacher(StudentScheduler, self.teacher_scheduler, timesteps=self.timesteps)
+        export_image_pipeline(self.student.model, sched, path, method=self.name, num_steps=self.config.num_steps,
+                              guidance=self.config.guidance)

@@ -1,0 +1,101 @@
+"""DMD2: the distribution-matching gradient against the analytic KL gradient, phases, resume and export."""
+import pytest
+import torch
+
+from distill.core.score import dmd_gradient, dmd_loss
+from distill.core.trainer import Trainer, TrainerConfig
+from distill.data import digits8
+from distill.methods.dmd2 import DMD2, DMD2Config
+
+
+def gaussian_denoiser(x_t, mu, s, sigma):
+    """E[x0 | x_t] for x0 ~ N(mu, s^2), x_t = x0 + sigma n."""
+    return (s**2 * x_t + sigma**2 * mu) / (s**2 + sigma**2)
+
+
+def test_dmd_gradient_is_the_kl_gradient_on_1d_gaussians():
+    """d/d mu_g KL(q_sigma || p_sigma) = (mu_g - mu_r) / (s_r^2 + sigma^2) for q = N(mu_g, s_g^2), p = N(mu_r, s_r^2)."""
+    torch.manual_seed(0)
+    mu_r, s_r, s_g, sigma, n = 0.5, 1.2, 0.7, 0.8, 400_000
+    mu_g = torch.tensor(-0.3, requires_grad=True)
+    x = (mu_g + s_g * torch.randn(n)).view(n, 1, 1, 1)
+    x_t = (x + sigma * torch.randn_like(x)).detach()
+    x0_real = gaussian_denoiser(x_t, mu_r, s_r, sigma)
+    x0_fake = gaussian_denoiser(x_t, mu_g.detach(), s_g, sigma)
+    g = dmd_gradient(x.detach(), x0_real, x0_fake)
+    # the normaliser: the raw direction p_real - p_fake = D_fake - D_real divided by mean_CHW |p_real|
+    torch.testing.assert_close(g * (x.detach() - x0_real).abs(), x0_fake - x0_real, rtol=1e-5, atol=1e-6)
+    # through the stop-gradient surrogate, the score difference (D_fake - D_real) / sigma^2 moves mu_g by dKL/dmu_g
+    (grad_mu,) = torch.autograd.grad(dmd_loss(x, (x0_fake - x0_real) / sigma**2), mu_g)
+    analytic = (mu_g.item() - mu_r) / (s_r**2 + sigma**2)
+    assert grad_mu.item() == pytest.approx(analytic, rel=0.03)
+
+
+@pytest.fixture
+def dmd2(tiny_teacher):
+    from distill.core.teacher import load_teacher
+
+    torch.manual_seed(0)
+    cfg = DMD2Config(data="digits", num_steps=2, critic_ratio=2, lr_generator=1e-3, lr_critic=1e-3, head_width=8)
+    return DMD2(cfg, teacher=load_teacher(tiny_teacher), data=digits8(8))
+
+
+def _snap(m):
+    return [p.detach().clone() for p in m.parameters()]
+
+
+def _moved(before, m):
+    return any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+def test_phases_touch_only_their_networks(dmd2, tmp_path):
+    trainer = Trainer(dmd2, TrainerConfig(steps=1, batch_size=8), tmp_path, data=digits8(8))
+    batch = trainer.stream.next("cpu")
+    nets = {"student": dmd2.student, "fake_score": dmd2.fake_score, "head": dmd2.head, "teacher": dmd2.real_score}
+    for phase, trained in ((trainer.phases[0], {"student"}), (trainer.phases[1], {"fake_score", "head"})):
+        before = {k: _snap(v) for k, v in nets.items()}
+        trainer._run_phase(phase, batch)
+        for k, v in nets.items():
+            assert _moved(before[k], v) == (k in trained), (phase.name, k)
+
+
+def test_update_ratio_and_resume_bit_for_bit(tiny_teacher, tmp_path):
+    from distill.core.teacher import load_teacher
+
+    def make():
+        torch.manual_seed(0)
+        cfg = DMD2Config(data="digits", num_steps=2, critic_ratio=3, lr_generator=1e-3, lr_critic=1e-3, head_width=8)
+        return DMD2(cfg, teacher=load_teacher(tiny_teacher), data=digits8(8))
+
+    cfg = dict(batch_size=8, checkpoint_every=2, sample_every=100, log_every=1)
+    a = make()
+    Trainer(a, TrainerConfig(steps=4, **cfg), tmp_path / "a", data=digits8(8)).fit(export=False)
+    logs = [eval(line.replace("null", "None")) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [("generator/dm" in r) for r in logs] == [True, False, False, True]
+    b = make()
+    Trainer(b, TrainerConfig(steps=2, **cfg), tmp_path / "b", data=digits8(8)).fit(export=False)
+    c = make()
+    Trainer(c, TrainerConfig(steps=4, **cfg), tmp_path / "b", data=digits8(8)).fit(resume=True, export=False)
+    for name in ("student", "fake_score", "head"):
+        for p, q in zip(getattr(a, name).parameters(), getattr(c, name).parameters()):
+            assert torch.equal(p, q), name
+
+
+def test_export_is_a_few_step_pipeline(dmd2, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    out = Trainer(dmd2, TrainerConfig(steps=1, batch_size=8, sample_every=100), tmp_path, data=digits8(8)).fit()
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    assert type(pipe.scheduler).__name__ == "StudentScheduler"
+    assert pipe.scheduler.config.timesteps == [999, 499]
+    images = pipe(class_labels=[1, 2, 3], generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (3, 8, 8, 1) and pipe.scheduler.num_inference_steps == 2
+
+
+def test_bad_config_is_refused():
+    from distill.core.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="critic_ratio=0 must be >= 1"):
+        from_dict(DMD2Config, {"critic_ratio": 0})
+    with pytest.raises(ConfigError, match="lr_generator=-1.0"):
+        from_dict(DMD2Config, {"lr_generator": -1})
