@@ -49,7 +49,9 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
     if unknown:
         raise UsageError(f"unknown config section(s) {sorted(unknown)}: use trainer: and method:")
     if args.steps is not None:
-        raw["trainer"]["steps"] = args.steps
+        raw.setdefault("trainer", {})["steps"] = args.steps
+    if args.deterministic:
+        raw.setdefault("trainer", {})["deterministic"] = True
     tcfg = from_dict(TrainerConfig, raw.get("trainer"), "trainer.")
     mraw = dict(raw.get("method") or {})
     if args.data is not None and "data" in {f for f in cls.Config.__dataclass_fields__}:
@@ -228,6 +230,8 @@ def _add_train_args(p, default_out: str) -> None:
                    help="override a config value, e.g. --set trainer.batch_size=32 --set method.lr=2e-4")
     p.add_argument("--out", default=default_out, help="run folder: config, checkpoint, sample grids, pipeline/")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels only (torch.use_deterministic_algorithms): same seed, same student")
 
 
 class Parser(argparse.ArgumentParser):

@@ -16,6 +16,7 @@ class ToyConfig:
     every_b: int = 2
     lr: float = 0.1
     nan_at: int = -1
+    nan_grad_at: int = -1
 
 
 @register("toy-two-phase")
@@ -43,6 +44,8 @@ class ToyTwoPhase(Method):
         out = self.critic(self.student(x) - self.teacher(x)).pow(2).mean()
         if step == self.config.nan_at:
             out = out * float("nan")
+        if step == self.config.nan_grad_at:  # a finite loss (0) whose gradient is 0 * inf = nan
+            out = out + (self.critic.weight * 0).abs().sqrt().sum()
         return (out if phase == "critic" else -out), {"v": out.item()}
 
 
@@ -87,6 +90,21 @@ def test_divergence_stops_with_step_phase_and_term(tmp_path):
     with pytest.raises(DivergenceError, match=r"step 3, phase 'critic' \(v=nan\).*--resume"):
         trainer.fit(export=False)
     assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["step"] == 2
+
+
+def test_non_finite_gradient_stops_the_run(tmp_path):
+    method = ToyTwoPhase(ToyConfig(nan_grad_at=1))
+    trainer = Trainer(method, TrainerConfig(steps=4, batch_size=4, checkpoint_every=1), tmp_path, data=digits8(8))
+    with pytest.raises(DivergenceError, match=r"non-finite gradient at step 1, phase 'critic'"):
+        trainer.fit(export=False)
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["step"] == 1
+
+
+def test_stale_temp_files_of_a_killed_write_are_dropped(tmp_path):
+    method, data = _tiny_ddpm()
+    (tmp_path / f".{CHECKPOINT}.tmp-12345").write_bytes(b"half a checkpoint")
+    Trainer(method, TrainerConfig(steps=1, batch_size=4), tmp_path, data=data).fit(export=False)
+    assert not list(tmp_path.glob(".*tmp*")) and (tmp_path / CHECKPOINT).is_file()
 
 
 def _tiny_ddpm(seed=0):

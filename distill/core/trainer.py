@@ -36,6 +36,7 @@ class TrainerConfig:
     checkpoint_every: int = 500
     grid_per_class: int = 8
     cpu: bool = False
+    deterministic: bool = False  # torch.use_deterministic_algorithms: same seed + config -> same student, slower
 
     def validate(self) -> None:
         require(self.steps > 0, f"trainer.steps={self.steps} must be > 0")
@@ -138,6 +139,9 @@ class Trainer:
                  resolved_config: dict | None = None):
         from accelerate import Accelerator, DistributedDataParallelKwargs
 
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=False)
+            torch.backends.cudnn.benchmark = False
         self.config, self.run_dir, self.data = config, Path(run_dir), data
         # Phases train different parameters, so every DDP step leaves some of them unused.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
@@ -210,8 +214,11 @@ class Trainer:
                 f"the last good checkpoint is kept in {self.run_dir}: rerun with --resume and a lower learning rate")
         self.accelerator.backward(loss)
         params = self.method.phase_parameters(phase)
-        if phase.grad_clip:
-            self.accelerator.clip_grad_norm_(params, phase.grad_clip)
+        norm = self.accelerator.clip_grad_norm_(params, phase.grad_clip or float("inf"))
+        if norm is not None and not torch.isfinite(torch.as_tensor(norm)) and self.config.mixed_precision != "fp16":
+            raise DivergenceError(
+                f"non-finite gradient at step {self.step}, phase '{phase.name}' (loss {loss.item():.4g}); the last "
+                f"good checkpoint is kept in {self.run_dir}: rerun with --resume and a lower learning rate")
         opt.step()
         opt.zero_grad(set_to_none=True)
         return {f"{phase.name}/{k}": v for k, v in logs.items()}
@@ -232,6 +239,9 @@ class Trainer:
     def fit(self, resume: bool = False, export: bool = True) -> Path | None:
         cfg = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:  # temp files of a write that was killed half-way are never read; drop them
+            for stale in self.run_dir.glob(f".{CHECKPOINT}.tmp-*"):
+                stale.unlink(missing_ok=True)
         if resume:
             self.load_checkpoint()
         else:
