@@ -136,3 +136,32 @@ def test_search_cli_writes_a_scheduler_that_plugs_in(tiny_teacher, tmp_path):
     pipe = load_teacher(tiny_teacher).pipeline
     pipe.scheduler = sched
     assert len(pipe(class_labels=[1, 2]).images) == 2
+
+
+def test_search_and_skipping_on_a_text_to_image_unet(tmp_path):
+    """UNet2DConditionModel: transformer and resnet blocks skip, and evolve searches with a caller's own objective."""
+    from tiny_sd import tiny_sd_pipeline
+
+    from distill.core.teacher import teacher_from_pipeline
+    from samplers import append_zero, sample_ddim
+
+    t = teacher_from_pipeline(tiny_sd_pipeline(tmp_path))
+    blocks = skippable_blocks(t.unet)
+    assert any("attentions" in b for b in blocks) and any("resnets" in b for b in blocks)
+    cond = t.encode_prompts(["a red cat", "a blue dog"])
+    z = torch.randn(2, *t.sample_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = sample_ddim(t.denoiser, z * 50, append_zero(t.denoiser.t_to_sigma(torch.tensor([999, 600, 300]))),
+                          cond)
+
+    def objective(c):  # distance to a 3-step reference: any caller-defined fitness plugs in the same way
+        sigmas = append_zero(t.denoiser.t_to_sigma(torch.tensor(c.steps)))
+        with torch.no_grad():
+            x = sample_ddim(SkippingDenoiser(t.denoiser, t.unet, c.skips), z * (1 + sigmas[0] ** 2).sqrt(),
+                            sigmas, cond)
+        return float((x - ref).pow(2).mean())
+
+    space = SearchSpace(t.num_train_timesteps, 2, tuple(blocks), max_skipped=2)
+    result = evolve(objective, space, EvolutionConfig(population=4, generations=2, top_k=2, mutations=2,
+                                                      crossovers=1))
+    assert result.evaluations >= 5 and space.valid(result.best)
