@@ -1,0 +1,125 @@
+"""SIM (Luo et al. 2024): data-free score implicit matching, with SiD (Zhou et al. 2024) as an option."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from distill.core.config import require
+from distill.core.denoiser import append_dims
+from distill.core.export import export_image_pipeline
+from distill.core.method import Method, Phase, register
+from distill.core.score import dsm_loss, trainable_copy
+from samplers import StudentScheduler, karras_sigmas, scheduler_from_teacher
+
+
+def sim_generator_loss(x_g: Tensor, y_real: Tensor, y_fake: Tensor, c: float) -> Tensor:
+    """Luo et al. 2024 (SIM), Alg. 1 with the pseudo-Huber distance d(y) = sqrt(|y|^2 + c^2) - c:
+    L = sg[(y_r - y_f) / sqrt(|y_r - y_f|^2 + c^2)] . (y_r - x_g) / sg(mean |x_g - y_r|), per image."""
+    dims = tuple(range(1, x_g.ndim))
+    diff = y_real - y_fake
+    u = (diff / (diff.pow(2).sum(dims, keepdim=True) + c**2).sqrt()).detach()
+    w = (x_g - y_real).abs().mean(dims, keepdim=True).detach().clamp(min=1e-8)
+    return ((u * (y_real - x_g)) / w).sum(dims).mean()
+
+
+def sid_generator_loss(x_g: Tensor, y_real: Tensor, y_fake: Tensor, alpha: float = 1.2) -> Tensor:
+    """Zhou et al. 2024 (SiD), eq. 18: (y_r - y_f) . [(y_r - x_g) - alpha (y_r - y_f)] / sg(mean |x_g - y_r|)."""
+    dims = tuple(range(1, x_g.ndim))
+    w = (x_g - y_real).abs().mean(dims, keepdim=True).detach().clamp(min=1e-8)
+    diff = y_real - y_fake
+    return ((diff * ((y_real - x_g) - alpha * diff)) / w).sum(dims).mean()
+
+
+@dataclass
+class SIMConfig:
+    loss: Literal["sim", "sid"] = "sim"
+    huber_c: float | None = None      # None: 0.00054 * sqrt(C*H*W), RF++'s constant
+    sid_alpha: float = 1.2
+    sigma_init: float = 2.5           # the generator maps sigma_init * z to an image in one step
+    guidance: float = 1.0             # CFG on the teacher score
+    lr_generator: float = 1e-5
+    lr_fake: float = 1e-5
+    betas: tuple[float, float] = (0.0, 0.999)
+    grad_clip: float = 10.0
+    p_mean: float = -1.2              # fake-score noise levels: sigma ~ lognormal(p_mean, p_std)
+    p_std: float = 1.2
+    t_max: float = 0.8                # generator noise levels: the top t_max of a Karras grid (rho = 7)
+
+    def validate(self) -> None:
+        require(self.lr_generator > 0 and self.lr_fake > 0, f"method.lr_generator={self.lr_generator} and "
+                                                            f"method.lr_fake={self.lr_fake} must be > 0")
+        require(self.sigma_init > 0, f"method.sigma_init={self.sigma_init} must be > 0")
+        require(0 < self.t_max <= 1, f"method.t_max={self.t_max} must be in (0, 1]")
+        require(self.huber_c is None or self.huber_c > 0, f"method.huber_c={self.huber_c} must be > 0")
+
+
+@register("sim")
+class SIM(Method):
+    """Luo et al. 2024 (SIM), Alg. 1: fake score by DSM on generator samples, generator through both scores, 1:1."""
+
+    Config = SIMConfig
+    needs_data = False
+
+    def __init__(self, config: SIMConfig, teacher=None, data=None):
+        super().__init__(config)
+        require(teacher is not None, "sim needs a teacher")
+        self.teacher_scheduler, self.kind = teacher.scheduler, teacher.kind
+        self.num_classes, self.shape = teacher.num_classes, teacher.sample_shape
+        self.real_score = teacher.guided(config.guidance)
+        self.student = teacher.denoiser.like(trainable_copy(teacher.unet))
+        self.fake_score = teacher.denoiser.like(trainable_copy(teacher.unet))
+        lo, hi = teacher.denoiser.sigma_min, teacher.denoiser.sigma_max
+        self.sigma_range = (lo, hi)
+        grid = karras_sigmas(1000, max(lo, 2e-3), min(hi, 80.0)).float()
+        self.register_buffer("generator_sigmas", grid[: max(1, int(config.t_max * len(grid)))], persistent=False)
+        self.c = config.huber_c or 0.00054 * math.sqrt(math.prod(self.shape))
+        # The exported pipeline starts from unit noise at an integer step: train exactly that input,
+        # x = z sqrt(1 + sigma_g^2) at sigma_g = sigma(t_g), t_g the step nearest to sigma_init.
+        self.student_t = int(round(float(teacher.denoiser.sigma_to_t(torch.tensor(config.sigma_init)))))
+        self.sigma_g = float(teacher.denoiser.t_to_sigma(torch.tensor(self.student_t)))
+
+    def phases(self) -> list[Phase]:
+        c = self.config
+        return [Phase("fake", ("fake_score",), lr=c.lr_fake, betas=c.betas, grad_clip=c.grad_clip),
+                Phase("generator", ("student",), lr=c.lr_generator, betas=c.betas, grad_clip=c.grad_clip)]
+
+    def _labels(self, n: int, device) -> Tensor | None:
+        return torch.randint(0, self.num_classes, (n,), device=device) if self.kind == "class" else None
+
+    def generate(self, labels, n: int, generator=None) -> Tensor:
+        device = self.generator_sigmas.device
+        z = torch.randn((n, *self.shape), generator=generator, device=device)
+        return self.student(z * math.sqrt(1 + self.sigma_g**2), torch.tensor(self.sigma_g, device=device), labels)
+
+    def loss(self, phase: str, batch, step: int):
+        n = 64 if batch is None else len(batch[0])
+        device = self.generator_sigmas.device
+        labels = self._labels(n, device)
+        if phase == "fake":
+            with torch.no_grad():
+                x_g = self.generate(labels, n)
+            sigma = (torch.randn(n, device=device) * self.config.p_std + self.config.p_mean).exp()
+            loss = dsm_loss(self.fake_score, x_g, sigma.clamp(*self.sigma_range).double(), labels)
+            return loss, {"dsm": loss.item()}
+        x_g = self.generate(labels, n)
+        sigma = self.generator_sigmas[torch.randint(0, len(self.generator_sigmas), (n,), device=device)].double()
+        x_t = x_g + append_dims(sigma.to(x_g.dtype), x_g.ndim) * torch.randn_like(x_g)
+        y_real, y_fake = self.real_score(x_t, sigma, labels), self.fake_score(x_t, sigma, labels)
+        if self.config.loss == "sid":
+            loss = sid_generator_loss(x_g, y_real, y_fake, self.config.sid_alpha)
+        else:
+            loss = sim_generator_loss(x_g, y_real, y_fake, self.c)
+        return loss, {self.config.loss: loss.item()}
+
+    def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
+        return self.generate(labels if self.kind == "class" else None, len(labels), generator).clamp(-1, 1)
+
+    def export(self, path) -> None:
+        # one step from pure noise at the time step whose sigma is sigma_init
+        sched = scheduler_from_teacher(StudentScheduler, self.teacher_scheduler, timesteps=[self.student_t])
+        export_image_pipeline(self.student.model, sched, path, method=self.name, loss=self.config.loss,
+                              sigma_init=self.config.sigma_init)
