@@ -16,7 +16,7 @@ STOCK_SCHEDULERS = {
 
 
 class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
+    """Bad command-line usage: printed as one line, exit code 2 (like every distill.core.errors.UserError)."""
 
 
 def _positive_int(name):
@@ -324,24 +324,23 @@ def build_parser() -> argparse.ArgumentParser:
     ftt.set_defaults(func=cmd_features_train)
 
     sub.add_parser("methods", help="list the registered methods").set_defaults(
-        func=lambda a: print("\n".join(f"{n}\t{(c.__doc__ or '').strip().splitlines()[0]}" for n, c in sorted(METHODS.items()))))
+        func=lambda a: print("\n".join(f"{n}\t{(c.__doc__ or '').strip().splitlines()[0]}"
+                                       for n, c in sorted(METHODS.items()))))
     return parser
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
-    from distill.core.config import ConfigError
-    from distill.core.teacher import TeacherError
-    from app.fid import FIDError
-    from app.report import ReportError
+    from distill.core.errors import UserError
     from distill.core.trainer import DivergenceError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error, already printed as one line (2)
+        return e.code
     try:
         args.func(args)
-    except (UsageError, ConfigError, TeacherError, FIDError, ReportError, FileNotFoundError, PermissionError) as e:
+    except (UsageError, UserError, FileNotFoundError, PermissionError) as e:
         print(f"dstudio: error: {e}", file=sys.stderr)
         return 2
     except DivergenceError as e:

@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distill.core.errors import UserError
+
 FEATURES = ("inception", "mnist")
 EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp", "npy"}
 CACHE = Path(os.environ.get("DSTUDIO_CACHE", Path.home() / ".cache" / "dstudio"))
 
 
-class FIDError(ValueError):
+class FIDError(UserError):
     """An FID input that cannot give a trustworthy number; the message says why and what would."""
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from app.benchmark import ROOT, rows_table
+from distill.core.errors import UserError
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -18,7 +19,7 @@ pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto}figure{display:i
 figcaption{font-size:12px;text-align:center}"""
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     pass
 
 

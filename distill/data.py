@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.core.errors import UserError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 EMBEDDED = ("mnist", "digits")
 
@@ -61,7 +63,7 @@ def _finish(pixels01: np.ndarray, labels: np.ndarray, side: int, resolution: int
     if channels == 3:
         images = images.expand(-1, 3, -1, -1).contiguous()
     elif channels != 1:
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+        raise UserError(f"channels must be 1 or 3, got {channels}")
     labels = torch.from_numpy(labels.astype(np.int64))
     # Both embedded sets come ordered by digit: shuffle once, reproducibly, before anyone splits.
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
@@ -90,13 +92,13 @@ def image_folder(path: str | Path, resolution: int, channels: int = 3) -> Labell
 
     root = Path(path)
     if not root.is_dir():
-        raise ValueError(f"image folder '{path}' does not exist or is not a folder")
+        raise UserError(f"image folder '{path}' does not exist or is not a folder")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir())
     groups = [(p.name, p) for p in subdirs] if subdirs else [("0", root)]
     images, labels = [], []
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+        raise UserError(f"channels must be 1 or 3, got {channels}")
     for label, (_, folder) in enumerate(groups):
         for f in sorted(folder.iterdir()):
             if f.suffix.lower() not in IMAGE_SUFFIXES:
@@ -107,7 +109,7 @@ def image_folder(path: str | Path, resolution: int, channels: int = 3) -> Labell
             images.append(torch.from_numpy(arr).reshape(resolution, resolution, channels).permute(2, 0, 1))
             labels.append(label)
     if not images:
-        raise ValueError(f"image folder '{path}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise UserError(f"image folder '{path}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return LabelledImages(torch.stack(images), torch.tensor(labels), [n for n, _ in groups], root.name)
 
 
@@ -119,4 +121,4 @@ def load_data(name_or_path: str, resolution: int, channels: int = 1, seed: int =
         return digits8(resolution, channels, seed)
     if Path(name_or_path).is_dir():
         return image_folder(name_or_path, resolution, channels)
-    raise ValueError(f"unknown data set '{name_or_path}': use one of {', '.join(EMBEDDED)} or an image folder path")
+    raise UserError(f"unknown data set '{name_or_path}': use one of {', '.join(EMBEDDED)} or an image folder path")

@@ -134,7 +134,7 @@ def test_checkpoint_resume_continues_bit_for_bit(tmp_path):
 def test_resume_without_checkpoint_and_corrupt_checkpoint(tmp_path):
     method, data = _tiny_ddpm()
     trainer = Trainer(method, TrainerConfig(steps=2, batch_size=4), tmp_path, data=data)
-    with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
+    with pytest.raises(ValueError, match="no checkpoint.pt"):
         trainer.fit(resume=True)
     (tmp_path / CHECKPOINT).write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="corrupt"):

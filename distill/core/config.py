@@ -9,10 +9,12 @@ from pathlib import Path
 
 import yaml
 
+from distill.core.errors import UserError
+
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value that cannot be used; the message names the key, the value and what is accepted."""
 
 

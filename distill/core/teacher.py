@@ -9,13 +9,14 @@ import torch
 from torch import Tensor
 
 from distill.core.denoiser import CFGDenoiser, DiscreteDenoiser
+from distill.core.errors import UserError
 
 DEFAULT_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "mnist16-teacher"
 SUPPORTED = ("DDPMPipeline-style: a UNet2DModel (unconditional or class-conditional) + a DDPM-family scheduler",
              "StableDiffusionPipeline-style: UNet2DConditionModel + vae + text_encoder + tokenizer + scheduler")
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError):
     """The given path or id is not a teacher dstudio can use; the message says what would be."""
 
 

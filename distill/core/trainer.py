@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from distill.core.config import require, to_dict
+from distill.core.errors import UserError
 from distill.core.images import save_grid
 from distill.core.io import atomic_path, save_torch
 from distill.core.method import Method, Phase
@@ -186,11 +187,11 @@ class Trainer:
     def load_checkpoint(self) -> None:
         path = self.run_dir / CHECKPOINT
         if not path.is_file():
-            raise FileNotFoundError(f"--resume: no {CHECKPOINT} in '{self.run_dir}'; start without --resume")
+            raise UserError(f"--resume: no {CHECKPOINT} in '{self.run_dir}'; start without --resume")
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # torch raises many types for a damaged zip
-            raise ValueError(f"checkpoint '{path}' is corrupt ({type(e).__name__}); delete it to start over") from None
+            raise UserError(f"checkpoint '{path}' is corrupt ({type(e).__name__}); delete it to start over") from None
         for name, sd in state["modules"].items():
             getattr(self.method, name).load_state_dict(sd)
         for name, sd in state["optimizers"].items():

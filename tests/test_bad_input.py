@@ -1,0 +1,101 @@
+"""Bad input across the CLI: each a one-line `dstudio: error: ...` naming the value, exit code 2, nothing written."""
+import json
+
+import pytest
+
+from app.cli import main
+
+
+def _setup(tmp, tiny):
+    """Fixtures on disk the table refers to by name: {tiny} {empty} {file} {corrupt_index} {bad_sched} ..."""
+    from PIL import Image
+    import numpy as np
+
+    (tmp / "empty").mkdir()
+    (tmp / "file").write_text("not a folder")
+    (tmp / "corrupt_index").mkdir()
+    (tmp / "corrupt_index" / "model_index.json").write_text("{oops")
+    (tmp / "bad_sched").mkdir()
+    (tmp / "bad_sched" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "SearchedScheduler", "timesteps": [100, 900]}))
+    (tmp / "junk_sched").mkdir()
+    (tmp / "junk_sched" / "scheduler_config.json").write_text("[[[")
+    (tmp / "alien_sched").mkdir()
+    (tmp / "alien_sched" / "scheduler_config.json").write_text(json.dumps({"_class_name": "WarpDrive"}))
+    (tmp / "mixed").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp / "mixed" / "a.png")
+    Image.fromarray(np.zeros((9, 9), np.uint8)).save(tmp / "mixed" / "b.png")
+    (tmp / "broken_run").mkdir()
+    (tmp / "broken_run" / "checkpoint.pt").write_bytes(b"half a zip")
+    (tmp / "bad.json").write_text("{")
+    names = ("empty", "file", "corrupt_index", "bad_sched", "junk_sched", "alien_sched", "mixed", "broken_run")
+    return {"tiny": str(tiny), "bad_json": str(tmp / "bad.json"), **{n: str(tmp / n) for n in names}}
+
+
+OUT = "{tmp}/out"
+CASES = [
+    # paths and pipelines
+    ("sample --teacher /no/such/dir", "teacher '/no/such/dir' does not exist"),
+    ("sample --teacher {empty}", "is not a diffusers pipeline folder (no model_index.json)"),
+    ("sample --teacher {corrupt_index}", "has a corrupt model_index.json"),
+    ("sample --teacher {file}", "is not a diffusers pipeline folder"),
+    ("sample --teacher {tiny} --out {file}", "is not a writable folder"),
+    # schedulers
+    ("sample --teacher {tiny} --scheduler warp", "unknown scheduler 'warp': use one of ddim"),
+    ("sample --teacher {tiny} --scheduler-dir {empty}", "has no scheduler_config.json"),
+    ("sample --teacher {tiny} --scheduler-dir {junk_sched}", "has a corrupt scheduler_config.json"),
+    ("sample --teacher {tiny} --scheduler-dir {alien_sched}", "'WarpDrive'"),
+    ("sample --teacher {tiny} --scheduler-dir {bad_sched}", "must be strictly decreasing"),
+    ("sample --teacher {tiny} --scheduler ddim --scheduler-dir {bad_sched}", "not both"),
+    # out-of-range values
+    ("sample --teacher {tiny} --class 10", "class 10 is outside the teacher's labels 0..9"),
+    ("sample --teacher {tiny} --class -1", "class -1 is outside the teacher's labels 0..9"),
+    ("sample --teacher {tiny} --steps -3", "--steps must be >= 1, got -3"),
+    ("sample --teacher {tiny} --steps three", "--steps must be an integer, got 'three'"),
+    ("sample --teacher {tiny} --num-images 0", "--num-images must be >= 1, got 0"),
+    # configs
+    ("teacher train --set trainer.stepz=3", "unknown config key 'trainer.stepz' (did you mean 'trainer.steps'?)"),
+    ("teacher train --set method.lr=-1", "method.lr=-1.0 must be > 0"),
+    ("teacher train --set trainer.batch_size=abc", "trainer.batch_size='abc' must be an integer"),
+    ("teacher train --set trainer.ema_decay=1.5", "trainer.ema_decay=1.5 must be in [0, 1)"),
+    ("teacher train --set lr=1", "must start with trainer. or method."),
+    ("teacher train --preset huge", "unknown preset 'huge'"),
+    ("teacher train --preset {bad_json}.yaml", "does not exist"),
+    ("teacher train --data cifar", "unknown data set 'cifar'"),
+    ("teacher train --data {empty}", "holds no images"),
+    ("distill nope", "unknown method 'nope'"),
+    ("distill dmd2 --teacher {tiny} --set method.critic_ratio=0", "method.critic_ratio=0 must be >= 1"),
+    ("distill dmd2 --teacher {empty}", "no model_index.json"),
+    ("distill sim --teacher {tiny} --set method.loss=kl", "method.loss='kl' is not one of 'sim', 'sid'"),
+    # checkpoints
+    ("teacher train --resume --out {empty}", "no checkpoint.pt"),
+    ("teacher train --resume --out {broken_run} --data digits --set method.resolution=8 "
+     "--set method.channels=[8,16]", "is corrupt"),
+    # FID, reports, search
+    ("fid --images /no/images", "image folder '/no/images' does not exist"),
+    ("fid --images {empty}", "holds no images"),
+    ("fid --images {mixed}", "images of mixed sizes"),
+    ("fid --images {mixed} --ref {tmp}/nope.npz", "mixed sizes"),
+    ("report {tmp}/missing.json", "neither a run folder nor a result .json"),
+    ("report {bad_json}", "is not valid JSON"),
+    ("search --teacher {tiny} --nfe 0", "--nfe 0 must be in 1..1000"),
+    ("search --teacher {tiny} --nfe 5000", "--nfe 5000 must be in 1..1000"),
+    ("search --teacher {tiny} --skip-blocks --skip-budget 0", "allows no skipped block"),
+]
+
+
+@pytest.mark.parametrize("command, message", CASES, ids=[c[0][:60] for c in CASES])
+def test_bad_input(command, message, tiny_teacher, tmp_path, capsys):
+    names = _setup(tmp_path, tiny_teacher)
+    argv = command.format(tmp=tmp_path, **names).split()
+    if "--out" not in argv and argv[0] in ("sample", "teacher", "distill", "search"):
+        argv += ["--out", OUT.format(tmp=tmp_path)]
+    code = main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("dstudio: error:") and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_table_is_broad_enough():
+    assert len(CASES) >= 25
