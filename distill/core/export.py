@@ -11,6 +11,7 @@ from distill.core.io import atomic_path, save_json
 
 PIPELINE_FILE = Path(__file__).with_name("pipeline_dstudio.py")
 CUSTOM_CLASS = ["pipeline_dstudio", "DStudioPipeline"]
+CUSTOM_COMPONENTS = {"RoutedUNet2DModel": Path(__file__).with_name("routed_unet.py")}
 
 
 def versions() -> dict[str, str]:
@@ -40,5 +41,10 @@ def export_image_pipeline(unet, scheduler, path: str | Path, **info) -> Path:
         index["_class_name"] = CUSTOM_CLASS
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         shutil.copy(PIPELINE_FILE, tmp / PIPELINE_FILE.name)
+        custom = CUSTOM_COMPONENTS.get(type(unet).__name__)
+        if custom:  # a component class of our own travels inside its folder (diffusers' custom components)
+            shutil.copy(custom, tmp / "unet" / custom.name)
+            index["unet"] = [custom.stem, type(unet).__name__]
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         save_json(provenance(**info), tmp / "dstudio.json")
     return path

@@ -25,9 +25,13 @@ class Phase:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
+    start: int = 0
+    stop: int | None = None
 
     def active(self, step: int) -> bool:
-        return step % self.every == 0
+        """Runs on steps start, start + every, ... before stop."""
+        inside = self.start <= step and (self.stop is None or step < self.stop)
+        return inside and (step - self.start) % self.every == 0
 
 
 class Method(nn.Module):

@@ -97,7 +97,8 @@ def load_dstudio_pipeline(path: str | Path, dtype=torch.float32):
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
             continue
-        cls = getattr(importlib.import_module(spec[0]), spec[1])
+        module = f"distill.core.{spec[0]}" if (path / name / f"{spec[0]}.py").is_file() else spec[0]
+        cls = getattr(importlib.import_module(module), spec[1])
         kwargs = {"torch_dtype": dtype} if hasattr(cls, "dtype") and dtype != torch.float32 else {}
         parts[name] = cls.from_pretrained(path / name, **kwargs)
     return DStudioPipeline(**parts)
@@ -164,7 +165,9 @@ def teacher_from_pipeline(pipe, source: str = "<pipeline>") -> Teacher:
         teacher = Teacher(pipe, denoiser, "text", 0, shape, source)
         teacher.null_cond = teacher.encode_prompts([""])
         return teacher
-    if not isinstance(unet, UNet2DModel):
+    from distill.core.routed_unet import RoutedUNet2DModel
+
+    if not isinstance(unet, (UNet2DModel, RoutedUNet2DModel)):
         raise TeacherError(f"unsupported backbone {type(unet).__name__} ('{source}'); supported: {'; '.join(SUPPORTED)}")
     n = unet.config.num_class_embeds
     if n:

@@ -58,7 +58,7 @@ class DMD2(Method):
                 f"method.num_steps={config.num_steps} exceeds the teacher's {teacher.num_train_timesteps} steps")
         self.teacher_scheduler, self.kind = teacher.scheduler, teacher.kind
         self.num_classes, self.shape = teacher.num_classes, teacher.sample_shape
-        self.T = teacher.num_train_timesteps
+        self.T, self.schedule = teacher.num_train_timesteps, teacher.denoiser.schedule
         self.real_score = teacher.guided(config.guidance)
         self.student = teacher.denoiser.like(trainable_copy(teacher.unet))
         self.fake_score = teacher.denoiser.like(trainable_copy(teacher.unet))
@@ -79,14 +79,17 @@ class DMD2(Method):
         return torch.randn((n, *self.shape), generator=generator, device=self.student_sigmas.device)
 
     def generate(self, labels: Tensor) -> Tensor:
-        """x0 from the student; few-step students start from a backward-simulated state (DMD2 Sec. 4.5)."""
+        return self.generate_with(self.student, labels)
+
+    def generate_with(self, student, labels: Tensor) -> Tensor:
+        """x0 from a student; few-step students start from a backward-simulated state (DMD2 Sec. 4.5)."""
         s = self.student_sigmas
         k = int(torch.randint(0, self.config.num_steps, ()))
         x = self._noise(len(labels)) * (1 + s[0] ** 2).sqrt()
         if k:  # k student steps without gradient: denoise, re-noise, ... ending at sigma_k
             with torch.no_grad():
-                x = sample_multistep(self.student, x, s[:k + 1], labels)
-        return self.student(x, s[k], labels)
+                x = sample_multistep(student, x, s[:k + 1], labels)
+        return student(x, s[k], labels)
 
     def _gan_logits(self, x0: Tensor, sigma: Tensor, labels: Tensor) -> Tensor:
         self.fake_score(x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * torch.randn_like(x0), sigma, labels)
@@ -111,7 +114,7 @@ class DMD2(Method):
         with torch.no_grad():
             x = self.generate(labels)
         t = sample_timesteps(len(x), self.T, device=x.device)
-        loss_fake = dsm_loss(self.fake_score, x, self.student.t_to_sigma(t).to(x.device), labels)
+        loss_fake = dsm_loss(self.fake_score, x, self.schedule.t_to_sigma(t).to(x.device), labels)
         logs = {"dsm": loss_fake.item()}
         loss = loss_fake
         if self.config.gan:
@@ -124,14 +127,17 @@ class DMD2(Method):
 
     def real_score_sigma(self, n: int, device) -> Tensor:
         t = sample_timesteps(n, self.T, self.config.t_min, self.config.t_max, device)
-        return self.student.t_to_sigma(t).to(device)
+        return self.schedule.t_to_sigma(t).to(device)
 
     def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
         s = self.student_sigmas
         x = self._noise(len(labels), generator) * (1 + s[0] ** 2).sqrt()
         return sample_multistep(self.student, x, s, labels, generator=generator).clamp(-1, 1)
 
+    def exported_unet(self):
+        return self.student.model
+
     def export(self, path) -> None:
         sched = scheduler_from_teacher(StudentScheduler, self.teacher_scheduler, timesteps=self.timesteps)
-        export_image_pipeline(self.student.model, sched, path, method=self.name, num_steps=self.config.num_steps,
+        export_image_pipeline(self.exported_unet(), sched, path, method=self.name, num_steps=self.config.num_steps,
                               guidance=self.config.guidance)

@@ -1,0 +1,38 @@
+"""K class-conditional UNets behind one UNet interface, each label routed to the student that owns it (MSD).
+
+Self-contained (torch and diffusers only): copied into exported folders as `unet/routed_unet.py` and named
+in model_index.json as ["routed_unet", "RoutedUNet2DModel"], so plain diffusers loads it with
+`trust_remote_code=True`. The null label (classifier-free guidance) goes to student 0.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import ModelMixin, UNet2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.unets.unet_2d import UNet2DOutput
+
+
+class RoutedUNet2DModel(ModelMixin, ConfigMixin):
+    @register_to_config
+    def __init__(self, partition: list[list[int]], student_configs: list[dict], sample_size: int = 16,
+                 in_channels: int = 1, num_class_embeds: int | None = None):
+        super().__init__()
+        self.students = torch.nn.ModuleList(UNet2DModel.from_config(c) for c in student_configs)
+        route = torch.zeros(max(num_class_embeds or 0, 1 + max(max(p) for p in partition)), dtype=torch.long)
+        for k, classes in enumerate(partition):
+            route[list(classes)] = k
+        self.register_buffer("route", route, persistent=False)
+
+    def forward(self, sample, timestep, class_labels=None, return_dict: bool = True):
+        if class_labels is None:
+            raise ValueError("RoutedUNet2DModel routes by class label: give class_labels")
+        timestep = torch.as_tensor(timestep, device=sample.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(len(sample))
+        owner = self.route.to(sample.device)[class_labels]
+        out = torch.empty_like(sample)
+        for k, student in enumerate(self.students):
+            mask = owner == k
+            if mask.any():
+                out[mask] = student(sample[mask], timestep[mask], class_labels=class_labels[mask]).sample.to(out.dtype)
+        return UNet2DOutput(sample=out) if return_dict else (out,)

@@ -1,0 +1,140 @@
+"""MSD (Song et al. 2024): several one-step students, each owning a partition of the classes, trained with DMD2."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from distill.core.config import require
+from distill.core.denoiser import append_dims
+from distill.core.method import Phase, register
+from distill.core.score import sample_timesteps, trainable_copy
+from distill.methods.dmd2 import DMD2, DMD2Config
+
+
+@dataclass
+class MSDConfig(DMD2Config):
+    students: int = 4
+    partition: list[list[int]] | None = None  # None: contiguous class ranges of (nearly) equal size
+    student_width: float = 1.0                # channel multiplier; < 1 builds smaller students, TSM-initialised
+    tsm_steps: int = 500                      # teacher score matching steps before distillation (smaller students)
+    lr_tsm: float = 1e-4
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.students >= 1, f"method.students={self.students} must be >= 1")
+        require(0 < self.student_width <= 1, f"method.student_width={self.student_width} must be in (0, 1]")
+        require(self.tsm_steps >= 0, f"method.tsm_steps={self.tsm_steps} must be >= 0")
+
+
+def contiguous_partition(num_classes: int, k: int) -> list[list[int]]:
+    """Classes 0..n-1 split into k contiguous ranges whose sizes differ by at most one."""
+    bounds = [i * num_classes // k for i in range(k + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
+
+
+def check_partition(partition: list[list[int]], num_classes: int) -> None:
+    owned = sorted(c for part in partition for c in part)
+    require(owned == list(range(num_classes)), f"method.partition={partition} must give every class "
+                                               f"0..{num_classes - 1} to exactly one student")
+    require(all(partition), f"method.partition={partition} has a student with no classes")
+
+
+def smaller_unet(teacher_unet, width: float):
+    """The teacher's architecture with every channel count scaled by `width` (kept divisible by its norm groups)."""
+    from diffusers import UNet2DModel
+
+    cfg = dict(teacher_unet.config)
+    groups = max(1, min(cfg.get("norm_num_groups", 32), round(32 * width)))
+    cfg["block_out_channels"] = [max(groups, int(math.ceil(c * width / groups)) * groups)
+                                 for c in cfg["block_out_channels"]]
+    cfg["norm_num_groups"] = groups
+    return UNet2DModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+
+
+@register("msd")
+class MSD(DMD2):
+    """Song et al. 2024 (MSD): K students, each distilled with DMD2 on its classes; smaller ones start from TSM."""
+
+    Config = MSDConfig
+
+    def __init__(self, config: MSDConfig, teacher=None, data=None):
+        require(teacher is not None and teacher.kind == "class", "msd needs a class-conditional teacher")
+        partition = config.partition or contiguous_partition(teacher.num_classes, config.students)
+        require(config.students <= teacher.num_classes,
+                f"method.students={config.students} is more than the teacher's {teacher.num_classes} classes")
+        check_partition(partition, teacher.num_classes)
+        super().__init__(config, teacher, data)
+        self.partition = partition
+        self.teacher_denoiser = teacher.denoiser
+        route = torch.zeros(teacher.num_classes + 1, dtype=torch.long)
+        for k, classes in enumerate(partition):
+            route[classes] = k
+        self.register_buffer("route", route, persistent=False)
+        make = (lambda: smaller_unet(teacher.unet, config.student_width)) if config.student_width < 1 \
+            else (lambda: trainable_copy(teacher.unet))
+        self.student = nn.ModuleList(teacher.denoiser.like(make()) for _ in partition)
+        self.smaller = config.student_width < 1
+
+    def phases(self) -> list[Phase]:
+        c = self.config
+        start = c.tsm_steps if self.smaller else 0
+        common = dict(betas=c.betas, weight_decay=c.weight_decay, grad_clip=c.grad_clip, start=start)
+        phases = [Phase("generator", ("student",), lr=c.lr_generator, every=c.critic_ratio, **common),
+                  Phase("critic", ("fake_score", "head"), lr=c.lr_critic, **common)]
+        if self.smaller and c.tsm_steps:
+            phases.insert(0, Phase("tsm", ("student",), lr=c.lr_tsm, stop=c.tsm_steps, grad_clip=c.grad_clip))
+        return phases
+
+    def _routed(self, fn, labels: Tensor) -> Tensor:
+        """Apply fn(student, idx) per student on the samples whose labels it owns, reassembled in batch order."""
+        owner = self.route[labels]
+        parts, order = [], []
+        for k, student in enumerate(self.student):
+            idx = (owner == k).nonzero().squeeze(1)
+            if len(idx):
+                parts.append(fn(student, idx))
+                order.append(idx)
+        out = torch.cat(parts)
+        return out[torch.argsort(torch.cat(order))]
+
+    def generate(self, labels: Tensor) -> Tensor:
+        return self._routed(lambda student, idx: self.generate_with(student, labels[idx]), labels)
+
+    def loss(self, phase: str, batch, step: int):
+        if phase != "tsm":
+            return super().loss(phase, batch, step)
+        real, labels = batch  # teacher score matching: regress each small student onto the teacher on noised data
+        t = sample_timesteps(len(real), self.T, device=real.device)
+        sigma = self.teacher_denoiser.t_to_sigma(t).to(real.device)
+        x_t = real + append_dims(sigma.to(real.dtype), real.ndim) * torch.randn_like(real)
+        with torch.no_grad():
+            target = self.teacher_denoiser(x_t, sigma, labels)
+        pred = self._routed(lambda student, idx: student(x_t[idx], sigma[idx], labels[idx]), labels)
+        w = append_dims(self.teacher_denoiser.loss_weight(sigma).to(real.dtype), real.ndim)
+        loss = (w * (pred - target) ** 2).mean()
+        return loss, {"tsm": loss.item()}
+
+    def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
+        from samplers import sample_multistep
+
+        s = self.student_sigmas
+        x = self._noise(len(labels), generator) * (1 + s[0] ** 2).sqrt()
+        return self._routed(lambda st, idx: sample_multistep(st, x[idx], s, labels[idx], generator=generator),
+                            labels).clamp(-1, 1)
+
+    def exported_unet(self):
+        from distill.core.routed_unet import RoutedUNet2DModel
+
+        nets = [d.model for d in self.student]
+        first = nets[0].config
+        routed = RoutedUNet2DModel(partition=self.partition,
+                                   student_configs=[{k: v for k, v in dict(n.config).items() if not k.startswith("_")}
+                                                    for n in nets],
+                                   sample_size=first.sample_size, in_channels=first.in_channels,
+                                   num_class_embeds=first.num_class_embeds)
+        for target, net in zip(routed.students, nets):
+            target.load_state_dict(net.state_dict())
+        return routed

@@ -1,0 +1,77 @@
+"""MSD: partitions, routing (every class to exactly one student), TSM window, export as one routed pipeline."""
+import pytest
+import torch
+
+from distill.core.config import ConfigError
+from distill.methods.msd import MSD, MSDConfig, check_partition, contiguous_partition
+
+
+def test_contiguous_partition_gives_every_class_to_exactly_one_student():
+    for k in (1, 2, 3, 4, 10):
+        parts = contiguous_partition(10, k)
+        assert len(parts) == k and sorted(c for p in parts for c in p) == list(range(10))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert contiguous_partition(10, 4) == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
+    with pytest.raises(ConfigError, match="exactly one student"):
+        check_partition([[0, 1], [1, 2]], 3)
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher):
+    from distill.core.teacher import load_teacher
+
+    return load_teacher(tiny_teacher)
+
+
+def _msd(teacher, **kw):
+    from distill.data import digits8
+
+    torch.manual_seed(0)
+    kw = {"students": 3, **kw}
+    cfg = MSDConfig(data="digits", lr_generator=1e-3, lr_critic=1e-3, head_width=8, **kw)
+    return MSD(cfg, teacher=teacher, data=digits8(8))
+
+
+def test_routing_uses_each_classes_own_student(teacher):
+    m = _msd(teacher)
+    labels = torch.arange(10)
+    owner = m.route[labels]
+    assert owner.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
+    seen = []
+
+    def record(student, idx):
+        seen.append(([i for i, s in enumerate(m.student) if s is student][0], idx.tolist()))
+        return labels[idx].float().view(-1, 1)
+
+    out = m._routed(record, labels)
+    assert out.view(-1).tolist() == labels.float().tolist()  # reassembled in batch order
+    assert seen == [(0, [0, 1, 2]), (1, [3, 4, 5]), (2, [6, 7, 8, 9])]
+    with pytest.raises(ConfigError, match="more than the teacher's 10 classes"):
+        _msd(teacher, students=11)
+
+
+def test_smaller_students_start_with_teacher_score_matching(teacher, tmp_path):
+    from distill.core.trainer import Trainer, TrainerConfig
+    from distill.data import digits8
+
+    m = _msd(teacher, student_width=0.5, tsm_steps=2)
+    n_teacher = sum(p.numel() for p in teacher.unet.parameters())
+    n_student = sum(p.numel() for p in m.student[0].parameters())
+    assert n_student < 0.5 * n_teacher
+    active = {ph.name: [s for s in range(5) if ph.active(s)] for ph in m.phases()}
+    assert active == {"tsm": [0, 1], "generator": [2], "critic": [2, 3, 4]}
+    trainer = Trainer(m, TrainerConfig(steps=3, batch_size=12, sample_every=100), tmp_path, data=digits8(8))
+    out = trainer.fit()
+
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    assert type(pipe.unet).__name__ == "RoutedUNet2DModel" and len(pipe.unet.students) == 3
+    images = pipe(class_labels=list(range(10)), generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (10, 1, 8, 8)
+    # the routed pipeline is the students: class c's image comes from the student that owns c
+    with torch.no_grad(), trainer.ema.applied(m.student_net()):  # the export holds the EMA weights
+        x = torch.randn(1, 1, 8, 8)
+        direct = m.student[2].model(x, torch.tensor([999]), class_labels=torch.tensor([7])).sample
+        routed = pipe.unet(x, torch.tensor([999]), class_labels=torch.tensor([7])).sample
+    torch.testing.assert_close(routed, direct)
