@@ -5,6 +5,8 @@ Each adapter below only says what c_skip, c_out, c_in and c_noise are for its ki
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import Tensor, nn
 
@@ -28,7 +30,7 @@ def call_backbone(model: nn.Module, x: Tensor, t: Tensor, cond) -> Tensor:
     return (out.sample if hasattr(out, "sample") else out).to(x.dtype)
 
 
-class Denoiser(nn.Module):
+class Denoiser(nn.Module, abc.ABC):
     """Base adapter: subclasses define `scalings(sigma) -> (c_skip, c_out, c_in)` and `c_noise(sigma)`."""
 
     sigma_min: float
@@ -38,11 +40,13 @@ class Denoiser(nn.Module):
         super().__init__()
         self.model = model
 
+    @abc.abstractmethod
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        raise NotImplementedError
+        """(c_skip, c_out, c_in) at noise level sigma."""
 
+    @abc.abstractmethod
     def c_noise(self, sigma: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The backbone's time input at noise level sigma."""
 
     def forward(self, x: Tensor, sigma: Tensor | float, cond=None) -> Tensor:
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float64)

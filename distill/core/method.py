@@ -5,6 +5,7 @@ so a new method is one new file in distill/methods.
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -34,7 +35,7 @@ class Phase:
         return inside and (step - self.start) % self.every == 0
 
 
-class Method(nn.Module):
+class Method(nn.Module, abc.ABC):
     """Base class. Subclasses set `name`, `Config` (a dataclass) and implement phases/loss/sample/export."""
 
     name: ClassVar[str] = ""
@@ -49,19 +50,21 @@ class Method(nn.Module):
         self.config = config
 
     # --- what subclasses define -----------------------------------------------------------------
+    @abc.abstractmethod
     def phases(self) -> list[Phase]:
-        raise NotImplementedError
+        """The update phases, in the order they run within a step."""
 
-    def loss(self, phase: str, batch: tuple[Tensor, Tensor] | None, step: int) -> tuple[Tensor, dict[str, float]]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def loss(self, phase: str, batch: tuple[Tensor, Tensor] | int, step: int) -> tuple[Tensor, dict[str, float]]:
+        """(images, labels) for methods that need data, the batch size for data-free ones."""
 
+    @abc.abstractmethod
     def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
         """Images in [-1, 1] from the student for the given class labels (for grids and FID)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def export(self, path) -> None:
         """Write the student as a diffusers pipeline folder at `path`."""
-        raise NotImplementedError
 
     # --- shared machinery -------------------------------------------------------------------------
     def forward(self, phase: str, batch, step: int):

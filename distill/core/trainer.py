@@ -258,7 +258,8 @@ class Trainer:
         self.model.train()
         t0 = time.time()
         while self.step < cfg.steps:
-            batch = self.stream.next(self.accelerator.device) if self.stream else None
+            # data-free methods get the per-process batch size instead of a batch
+            batch = self.stream.next(self.accelerator.device) if self.stream else self.config.batch_size
             logs = {}
             for phase in self.phases:
                 if phase.active(self.step):

@@ -96,7 +96,7 @@ class SIM(Method):
         return self.student(z * math.sqrt(1 + self.sigma_g**2), torch.tensor(self.sigma_g, device=device), labels)
 
     def loss(self, phase: str, batch, step: int):
-        n = 64 if batch is None else len(batch[0])
+        n = batch if isinstance(batch, int) else len(batch[0])
         device = self.generator_sigmas.device
         labels = self._labels(n, device)
         if phase == "fake":
