@@ -25,3 +25,14 @@ def test_shipped_teacher_draws_the_asked_class():
         pred = load_feature_net().logits(images * 255).argmax(1)
     accuracy = (pred == labels).float().mean().item()
     assert accuracy >= 0.9, accuracy
+
+
+def test_shipped_teacher_with_a_searched_scheduler(tmp_path):
+    """The README snippet on the shipped teacher: a stored 4-step list is what the pipeline runs."""
+    from samplers import SearchedScheduler, scheduler_from_teacher
+
+    pipe = load_teacher().pipeline
+    scheduler_from_teacher(SearchedScheduler, pipe.scheduler, timesteps=[999, 700, 400, 150]).save_pretrained(tmp_path)
+    pipe.scheduler = SearchedScheduler.from_pretrained(tmp_path)
+    images = pipe(class_labels=[3, 7], generator=torch.Generator().manual_seed(0)).images
+    assert len(images) == 2 and pipe.scheduler.timesteps.tolist() == [999, 700, 400, 150]

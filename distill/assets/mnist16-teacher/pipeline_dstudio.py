@@ -1,0 +1,77 @@
+"""The pipeline class written next to every image-space model dstudio exports.
+
+Self-contained on purpose (torch and diffusers only): the file is copied into each exported folder and
+named in its model_index.json as ["pipeline_dstudio", "DStudioPipeline"], so that plain
+`DiffusionPipeline.from_pretrained(folder)` loads and runs the folder without dstudio installed.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+
+class DStudioPipeline(DiffusionPipeline):
+    """Class-conditional (or unconditional) image sampling with any diffusers scheduler.
+
+    `class_labels` picks the digit/class per image; the UNet's last class embedding is the null label
+    used for classifier-free guidance (`guidance_scale` > 1) and for unconditional sampling.
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @property
+    def num_classes(self) -> int:
+        n = self.unet.config.num_class_embeds
+        return 0 if n is None else n - 1
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, class_labels=None, num_inference_steps: int | None = None,
+                 guidance_scale: float = 1.0, generator=None, latents=None, output_type: str = "pil",
+                 return_dict: bool = True):
+        device, dtype = self._execution_device, self.unet.dtype
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels, device=device).long().reshape(-1)
+            batch_size = len(class_labels)
+            bad = class_labels[(class_labels < 0) | (class_labels >= max(self.num_classes, 1))]
+            if len(bad):
+                raise ValueError(f"class label {int(bad[0])} is outside this model's classes 0..{self.num_classes - 1}")
+        elif self.num_classes:
+            class_labels = torch.full((batch_size,), self.num_classes, device=device)
+        null = None if class_labels is None else torch.full_like(class_labels, self.num_classes)
+        cfg = guidance_scale != 1.0 and class_labels is not None
+
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (batch_size, self.unet.config.in_channels, *size)
+        x = randn_tensor(shape, generator=generator, device=device, dtype=dtype) if latents is None else latents.to(device, dtype)
+        # dstudio's schedulers carry their own step list; stock ones get diffusers' usual 50.
+        num_inference_steps = num_inference_steps or getattr(self.scheduler, "default_num_inference_steps", 50)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        x = x * self.scheduler.init_noise_sigma
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        for t in self.progress_bar(self.scheduler.timesteps):
+            x_in = self.scheduler.scale_model_input(x, t)
+            if cfg:
+                out = self.unet(torch.cat([x_in, x_in]), t, class_labels=torch.cat([class_labels, null])).sample
+                out_c, out_u = out.chunk(2)
+                out = out_u + guidance_scale * (out_c - out_u)
+            else:
+                out = self.unet(x_in, t, class_labels=class_labels).sample
+            x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample
+
+        image = (x / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            images = image
+        else:
+            images = image.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
