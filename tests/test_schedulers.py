@@ -64,7 +64,7 @@ def test_student_scheduler_equals_multistep_sampler(teacher):
     sched.set_timesteps(4)
     assert sched.timesteps.tolist() == [999, 749, 499, 249]
     z, labels = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([1, 2])
-    D = DiscreteDenoiser(teacher.unet, sched.alphas_cumprod, "epsilon")
+    D = DiscreteDenoiser(teacher.unet, sched.alphas_cumprod, teacher.denoiser.prediction_type)
     sigmas = append_zero(D.t_to_sigma(torch.tensor([999, 749, 499, 249])))
     with torch.no_grad():
         a = run_loop(teacher.unet, sched, z, labels, generator=torch.Generator().manual_seed(7), num_inference_steps=4)

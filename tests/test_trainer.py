@@ -48,6 +48,12 @@ class ToyTwoPhase(Method):
             out = out + (self.critic.weight * 0).abs().sqrt().sum()
         return (out if phase == "critic" else -out), {"v": out.item()}
 
+    def sample(self, labels, generator):
+        return torch.tanh(self.student.weight[:, : labels.numel()].T.reshape(-1, 1, 2, 2))
+
+    def export(self, path):
+        torch.save(self.student.state_dict(), path)
+
 
 def _snapshot(module):
     return {k: v.clone() for k, v in module.state_dict().items()}
