@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp"])
     se.add_argument("--skip-blocks", action="store_true", help="stage two: also search per-step skipped UNet blocks")
     se.add_argument("--skip-budget", type=float, default=0.3,
-                    help="stage two: the largest fraction of (steps x skippable blocks) that may be skipped")
+                    help="stage two: the fraction of (steps x skippable blocks) to skip, reached gradually")
     se.add_argument("--ref", default="mnist", help="FID reference: mnist, a .npz statistics file or an image folder")
     se.add_argument("--features", default="mnist", choices=["inception", "mnist"])
     se.add_argument("--init", default=None, help="a search.json whose best candidate seeds the population")

@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--skip-budget", type=float, default=0.5)
     p.add_argument("--no-stage2", action="store_true")
+    p.add_argument("--reuse-stage1", action="store_true",
+                   help="keep the stage-one rows of results/search.json and rerun only stage two")
     args = p.parse_args(argv)
 
     teacher = load_teacher(args.teacher)
@@ -64,8 +66,18 @@ def main(argv=None) -> int:
         return row
 
     protocol = FIDFitness(teacher, "ddim", len(labels), labels=labels, noise=noise)
-    rows = [rescore("teacher-ddim-50", "ddim", 50, stock_scheduler("ddim", base))]
     searches = {}
+    if args.reuse_stage1:
+        import json
+
+        previous = json.loads((RESULTS / "search.json").read_text())
+        rows = [r for r in previous["rows"] if not r["name"].startswith("stage")]
+        best4 = next(r for r in rows if r["name"] == "searched-ddim-4")
+        searches[4] = type("Stage1", (), {"best": Candidate(tuple(json.loads(best4["steps"])))})
+        fitness[4] = FIDFitness(teacher, "ddim", args.num_samples)
+        args.nfe = []
+    else:
+        rows = [rescore("teacher-ddim-50", "ddim", 50, stock_scheduler("ddim", base))]
     for nfe in args.nfe:
         fitness[nfe] = FIDFitness(teacher, "ddim", args.num_samples)
         cfg = EvolutionConfig(population=args.population, generations=args.generations, top_k=10,
@@ -109,12 +121,12 @@ def main(argv=None) -> int:
     for r in rows:
         r["fid_vs_teacher"] = r["fid"] / teacher50["fid"]
         r["speedup"] = r["images_per_s"] / teacher50["images_per_s"]
-    for nfe in args.nfe:
+    for nfe in sorted({int(r["nfe"]) for r in rows if r["name"].startswith("searched-")}):
         trailing = next(r for r in rows if r["name"] == f"ddim-{nfe}")
         searched = next(r for r in rows if r["name"] == f"searched-ddim-{nfe}")
         searched["fid_vs_trailing_ddim"] = searched["fid"] / trailing["fid"]
     write_results("search", {
-        "command": "python benchmarks/search.py" + ("" if argv is None else " " + " ".join(argv)),
+        "command": "python benchmarks/search.py" + " ".join([""] + (sys.argv[1:] if argv is None else argv)),
         "teacher": args.teacher, "floor": real_floor(protocol.space, protocol.ref, teacher.sample_shape[-1])["fid"],
         "rows": rows, "notes": notes,
         "columns": [["name", "row"], ["nfe", "NFE"], ["fid", "FID-mnist"], ["fid_vs_teacher", "x teacher-50"],

@@ -87,12 +87,12 @@ def evolve(objective: Callable[[Candidate], float], space: SearchSpace, config: 
         seen = set(fitness)
         new: list[Candidate] = []
         if not fitness:
-            first = [space.uniform()] + list(init or [])
+            first = [space.fit(c, rng) for c in [space.uniform(), *(init or [])]]
             for c in first:
                 if space.valid(c) and c.key() not in seen:
                     seen.add(c.key())
                     new.append(c)
-            base = new[0] if new else space.uniform()
+            base = new[-1] if init and new else (new[0] if new else space.fit(space.uniform(), rng))
             while len(new) < 1 + cfg.population // 2:
                 c = _unique(lambda: space.mutate(base, rng), seen, space)
                 if c is None:

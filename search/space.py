@@ -36,7 +36,9 @@ class SearchSpace:
     num_train_timesteps: int
     nfe: int
     blocks: tuple[str, ...] = ()
-    max_skipped: int = 0  # the total-compute budget: skipped blocks summed over all steps
+    # The compute budget, as in AutoDiffusion: executed blocks over all steps <= total - max_skipped, i.e. a
+    # candidate skips exactly `budget_now` block-steps; evolve raises budget_now to max_skipped by stages.
+    max_skipped: int = 0
     mutation_p: float = 0.25
     budget_now: int = field(default=0, init=False)
 
@@ -47,6 +49,8 @@ class SearchSpace:
             raise ValueError(f"max_skipped={self.max_skipped} must be >= 0")
         if self.max_skipped and not self.blocks:
             raise ValueError("a skip budget was given but the model has no skippable blocks")
+        if self.max_skipped > self.nfe * len(self.blocks):
+            raise ValueError(f"max_skipped={self.max_skipped} exceeds the {self.nfe} x {len(self.blocks)} block-steps")
         self.budget_now = self.max_skipped
 
     # --- stage one: time steps -------------------------------------------------------------------
@@ -57,10 +61,18 @@ class SearchSpace:
         return self._with_empty_skips(tuple(discrete_timesteps(self.num_train_timesteps, self.nfe, "trailing")))
 
     def random(self, rng: random.Random) -> Candidate:
-        return self._with_empty_skips(tuple(sorted(rng.sample(range(self.num_train_timesteps), self.nfe), reverse=True)))
+        steps = tuple(sorted(rng.sample(range(self.num_train_timesteps), self.nfe), reverse=True))
+        return self.fit(self._with_empty_skips(steps), rng)
 
     def _with_empty_skips(self, steps: tuple[int, ...]) -> Candidate:
         return Candidate(steps, tuple(frozenset() for _ in steps) if self.blocks else ())
+
+    def fit(self, c: Candidate, rng: random.Random) -> Candidate:
+        """The same steps with skip sets brought to exactly the current budget (stage-one results enter so)."""
+        if not self.blocks:
+            return c
+        skips = list(c.skips) if c.skips else [frozenset() for _ in c.steps]
+        return Candidate(c.steps, tuple(self._fit_budget(skips, rng)))
 
     def _repair(self, steps: list[int], rng: random.Random) -> tuple[int, ...]:
         """Replace duplicates by unused steps so the step count never silently shrinks."""
@@ -73,7 +85,8 @@ class SearchSpace:
         return tuple(sorted(out, reverse=True))
 
     def mutate(self, c: Candidate, rng: random.Random) -> Candidate:
-        """Each position replaced with probability p by an unused step; each skip set toggled with probability p."""
+        """Each position replaced with probability p by an unused step; each skip set toggled with probability p,
+        then repaired to the budget (the reference code never mutated skip sets: `==` written for `=`)."""
         used = set(c.steps)
         steps = list(c.steps)
         for i in range(len(steps)):
@@ -98,10 +111,14 @@ class SearchSpace:
         return s - {block} if block in s else s | {block}
 
     def _fit_budget(self, skips: list[frozenset[str]], rng: random.Random) -> list[frozenset[str]]:
+        """Drop or add random skips until exactly `budget_now` block-steps are skipped."""
         skips = list(skips)
         while sum(len(s) for s in skips) > self.budget_now:
             i = rng.choice([i for i, s in enumerate(skips) if s])
             skips[i] = skips[i] - {rng.choice(sorted(skips[i]))}
+        while sum(len(s) for s in skips) < self.budget_now:
+            i = rng.choice([i for i, s in enumerate(skips) if len(s) < len(self.blocks)])
+            skips[i] = skips[i] | {rng.choice([b for b in self.blocks if b not in skips[i]])}
         return skips
 
     def crossover(self, a: Candidate, b: Candidate, rng: random.Random) -> Candidate:
@@ -117,6 +134,6 @@ class SearchSpace:
         ok = len(c.steps) == self.nfe and all(0 <= s < self.num_train_timesteps for s in c.steps)
         ok = ok and all(x > y for x, y in zip(c.steps, c.steps[1:]))
         if self.blocks:
-            ok = ok and len(c.skips) == self.nfe and c.n_skipped <= self.budget_now
+            ok = ok and len(c.skips) == self.nfe and c.n_skipped == self.budget_now
             ok = ok and all(s <= set(self.blocks) for s in c.skips)
         return ok
