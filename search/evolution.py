@@ -129,7 +129,9 @@ def evolve(objective: Callable[[Candidate], float], space: SearchSpace, config: 
             save_json({"generation": gen + 1, "history": history, "best_per_generation": best_per_gen,
                        "seconds": spent + time.time() - t0, "rng": _rng_to_json(rng.getstate())}, ckpt)
 
-    best_key = min(fitness, key=fitness.get)
+    # stage two: only candidates that meet the final (fully opened) budget can be the result
+    final = [k for k in fitness if space.valid(cands[k])] or list(fitness)
+    best_key = min(final, key=fitness.get)
     return SearchResult(cands[best_key], fitness[best_key], history, best_per_gen, spent + time.time() - t0,
                         evaluations=len(history))
 
