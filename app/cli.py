@@ -36,7 +36,7 @@ def _positive_int(name):
 def _train(method_name: str, args, teacher_source: str | None) -> Path:
     import torch
 
-    from distill.core.config import from_dict, load_preset, merge_overrides
+    from distill.core.config import from_dict, load_preset, merge_overrides, to_dict
     from distill.core.io import check_writable
     from distill.core.method import get_method
     from distill.core.teacher import load_teacher
@@ -67,7 +67,7 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
     torch.manual_seed(tcfg.seed)
     method = cls(mcfg, teacher=teacher, data=data)
     resolved = {"method_name": cls.name, "preset": args.preset, "teacher": teacher_source,
-                "trainer": _asdict(tcfg), "method": _asdict(mcfg)}
+                "trainer": to_dict(tcfg), "method": to_dict(mcfg)}
     trainer = Trainer(method, tcfg, out, data=data, resolved_config=resolved)
     pipeline = trainer.fit(resume=args.resume)
     print(f"exported {pipeline}")
@@ -79,12 +79,6 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
         save_json(result, out / "eval.json")
         print(summary(result))
     return pipeline
-
-
-def _asdict(cfg):
-    import dataclasses
-
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
 def cmd_teacher_train(args) -> None:

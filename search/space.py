@@ -1,8 +1,8 @@
 """AutoDiffusion's search space (Li et al. 2023): sorted, distinct time-step lists, plus per-step sets of skipped blocks."""
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
+from random import Random
 
 
 @dataclass(frozen=True)
@@ -60,21 +60,21 @@ class SearchSpace:
 
         return self._with_empty_skips(tuple(discrete_timesteps(self.num_train_timesteps, self.nfe, "trailing")))
 
-    def random(self, rng: random.Random) -> Candidate:
+    def random(self, rng: Random) -> Candidate:
         steps = tuple(sorted(rng.sample(range(self.num_train_timesteps), self.nfe), reverse=True))
         return self.fit(self._with_empty_skips(steps), rng)
 
     def _with_empty_skips(self, steps: tuple[int, ...]) -> Candidate:
         return Candidate(steps, tuple(frozenset() for _ in steps) if self.blocks else ())
 
-    def fit(self, c: Candidate, rng: random.Random) -> Candidate:
+    def fit(self, c: Candidate, rng: Random) -> Candidate:
         """The same steps with skip sets brought to exactly the current budget (stage-one results enter so)."""
         if not self.blocks:
             return c
         skips = list(c.skips) if c.skips else [frozenset() for _ in c.steps]
         return Candidate(c.steps, tuple(self._fit_budget(skips, rng)))
 
-    def _repair(self, steps: list[int], rng: random.Random) -> tuple[int, ...]:
+    def _repair(self, steps: list[int], rng: Random) -> tuple[int, ...]:
         """Replace duplicates by unused steps so the step count never silently shrinks."""
         seen, out = set(), []
         for s in steps:
@@ -84,7 +84,7 @@ class SearchSpace:
             out.append(s)
         return tuple(sorted(out, reverse=True))
 
-    def mutate(self, c: Candidate, rng: random.Random) -> Candidate:
+    def mutate(self, c: Candidate, rng: Random) -> Candidate:
         """Each position replaced with probability p by an unused step; each skip set toggled with probability p,
         then repaired to the budget (the reference code never mutated skip sets: `==` written for `=`)."""
         used = set(c.steps)
@@ -104,13 +104,13 @@ class SearchSpace:
             skips = self._fit_budget(skips, rng)
         return Candidate(tuple(steps[i] for i in order), tuple(skips))
 
-    def _mutate_skips(self, s: frozenset[str], rng: random.Random) -> frozenset[str]:
+    def _mutate_skips(self, s: frozenset[str], rng: Random) -> frozenset[str]:
         if rng.random() >= self.mutation_p:
             return s
         block = rng.choice(self.blocks)
         return s - {block} if block in s else s | {block}
 
-    def _fit_budget(self, skips: list[frozenset[str]], rng: random.Random) -> list[frozenset[str]]:
+    def _fit_budget(self, skips: list[frozenset[str]], rng: Random) -> list[frozenset[str]]:
         """Drop or add random skips until exactly `budget_now` block-steps are skipped."""
         skips = list(skips)
         while sum(len(s) for s in skips) > self.budget_now:
@@ -121,7 +121,7 @@ class SearchSpace:
             skips[i] = skips[i] | {rng.choice([b for b in self.blocks if b not in skips[i]])}
         return skips
 
-    def crossover(self, a: Candidate, b: Candidate, rng: random.Random) -> Candidate:
+    def crossover(self, a: Candidate, b: Candidate, rng: Random) -> Candidate:
         """Uniform crossover position by position, duplicates repaired (the reference code silently dropped them)."""
         pick = [rng.random() < 0.5 for _ in a.steps]
         steps = self._repair([x if p else y for p, x, y in zip(pick, a.steps, b.steps)], rng)

@@ -80,7 +80,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
 
 
 def to_dict(obj) -> dict:
-    return dataclasses.asdict(obj)
+    """A config dataclass as plain YAML-safe data (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
 
 
 def require(ok: bool, message: str) -> None:
