@@ -54,8 +54,16 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
         raw.setdefault("trainer", {})["deterministic"] = True
     tcfg = from_dict(TrainerConfig, raw.get("trainer"), "trainer.")
     mraw = dict(raw.get("method") or {})
-    if args.data is not None and "data" in {f for f in cls.Config.__dataclass_fields__}:
+    fields = set(cls.Config.__dataclass_fields__)
+    if args.data is not None and "data" in fields:
         mraw["data"] = args.data
+    for flag, key in METHOD_FLAGS.items():
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        if key not in fields:
+            raise UsageError(f"--{flag} does not apply to method '{cls.name}' (it has no method.{key})")
+        mraw[key] = value
     mcfg = from_dict(cls.Config, mraw, "method.")
     out = check_writable(args.out)
     teacher = load_teacher(teacher_source) if cls.needs_teacher else None
@@ -216,6 +224,21 @@ def cmd_features_train(args) -> None:
 
 
 # --- parser -----------------------------------------------------------------------------------------
+# method options with their own flag: `--student-width 0.5` is `--set method.student_width=0.5`
+METHOD_FLAGS = {"students": "students", "student-width": "student_width", "init": "init", "target": "target",
+                "pairs": "pairs", "prompts": "prompts"}
+
+
+def _add_method_flags(p) -> None:
+    p.add_argument("--students", type=_positive_int("--students"), default=None, help="msd: number of students K")
+    p.add_argument("--student-width", type=float, default=None,
+                   help="msd, slimflow: channel multiplier of smaller students (0.5: about 1/4 of the parameters)")
+    p.add_argument("--init", default=None, help="rectified_flow, consistency: start from the 'teacher' or 'scratch'")
+    p.add_argument("--target", default=None, help="consistency: 'self' (training, iCT) or 'teacher' (distillation)")
+    p.add_argument("--pairs", default=None, help="flow methods: reflow pair store folder (default: RUN/pairs)")
+    p.add_argument("--prompts", default=None, help="text teachers (InstaFlow): a file with one prompt per line")
+
+
 def _add_train_args(p, default_out: str) -> None:
     p.add_argument("--preset", default="quick", help="a preset name from configs/ (quick, full) or a YAML file")
     p.add_argument("--data", default=None, help="mnist, digits or an image folder (default: the preset's)")
@@ -256,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after training, FID and speed of teacher (50 DDIM steps) vs student on this many images "
                          "per class (0: skip)")
     _add_train_args(dp, "runs/distill")
+    _add_method_flags(dp)
     dp.set_defaults(func=cmd_distill)
 
     sp = sub.add_parser("sample", help="draw images from a teacher or an exported student")

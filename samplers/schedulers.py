@@ -58,6 +58,17 @@ def check_prediction_type(prediction_type: str) -> None:
         raise ValueError(f"prediction_type '{prediction_type}' is not supported; use one of {', '.join(PREDICTION_TYPES)}")
 
 
+def x0_from_output(prediction_type: str, model_output, sample, sigma: float) -> torch.Tensor:
+    """A DDPM model's output at VP state `sample` and noise level sigma -> x0 (DiscreteDenoiser's scalings)."""
+    alpha = (1 + sigma**2) ** -0.5
+    x_ve = sample / alpha
+    if prediction_type == "epsilon":
+        return x_ve - sigma * model_output
+    if prediction_type == "v_prediction":
+        return alpha**2 * x_ve - sigma * alpha * model_output
+    return model_output
+
+
 @dataclass
 class _Step:
     sigma: float
@@ -138,15 +149,7 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
         return _Step(self._sigmas[i], self._sigmas[i + 1])
 
     def _x0(self, model_output, sample, sigma: float) -> torch.Tensor:
-        """Model output at VP state `sample` -> x0, through the sigma of that step (DiscreteDenoiser's scalings)."""
-        alpha = (1 + sigma**2) ** -0.5
-        x_ve = sample / alpha
-        p = self.config.prediction_type
-        if p == "epsilon":
-            return x_ve - sigma * model_output
-        if p == "v_prediction":
-            return alpha**2 * x_ve - sigma * alpha * model_output
-        return model_output
+        return x0_from_output(self.config.prediction_type, model_output, sample, sigma)
 
     def add_noise(self, original_samples, noise, timesteps) -> torch.Tensor:
         a = self.alphas_cumprod.to(original_samples.device)[timesteps.long()].to(original_samples.dtype)
@@ -226,8 +229,12 @@ class StudentScheduler(_DiscreteScheduler):
 class FlowEulerScheduler(SchedulerMixin, ConfigMixin):
     """Euler on a rectified-flow velocity from t = 0 (noise) to t = 1 (data): x_{t'} = x_t + (t' - t) v.
 
-    The model sees `t * num_train_timesteps` (or `(1 - t) * num_train_timesteps` with `noise_at_one`, the mirror
-    convention of diffusers' flow matching and RF++, whose models predict z - x1 = -v).
+    With `prediction_type="flow"` the model is a velocity network that sees `t * num_train_timesteps` (or
+    `(1 - t) * num_train_timesteps` with `noise_at_one`, the mirror convention of diffusers' flow matching and RF++,
+    whose models predict z - x1 = -v). With a DDPM prediction type (epsilon, v_prediction, sample) and the betas of
+    its schedule, the model is a DDPM-parameterised flow student (dstudio's rectified-flow students keep their
+    teacher's parameterisation): at flow time t it sees the VP state at sigma = (1 - t) / t and its DDPM time step,
+    and its x0 estimate x1_hat gives v = (x1_hat - x_t) / (1 - t).
     """
 
     order = 1
@@ -235,14 +242,23 @@ class FlowEulerScheduler(SchedulerMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, timesteps: list[float] | None = None,
-                 num_inference_steps: int = 1, noise_at_one: bool = False):
+                 num_inference_steps: int = 1, noise_at_one: bool = False, prediction_type: str = "flow",
+                 beta_start: float = 0.0001, beta_end: float = 0.02, beta_schedule: str = "linear",
+                 trained_betas: list[float] | None = None):
         if timesteps is not None:
             ts = list(map(float, timesteps))
             if not ts or any(not 0 <= t < 1 for t in ts) or any(a >= b for a, b in zip(ts, ts[1:])):
                 raise ValueError(f"flow timesteps {ts} must be non-empty, strictly increasing and in [0, 1)")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps} must be >= 1")
+        self.schedule = None
+        if prediction_type != "flow":
+            check_prediction_type(prediction_type)
+            betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+            self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+            self.schedule = DiscreteSigmas(self.alphas_cumprod)
         self._ts: list[float] = []
+        self._sigmas: list[float] = []
         self.timesteps = torch.tensor([])
         self._step_index = None
 
@@ -254,39 +270,61 @@ class FlowEulerScheduler(SchedulerMixin, ConfigMixin):
         stored = self.config.timesteps
         return len(stored) if stored is not None else self.config.num_inference_steps
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
+    def _flow_times(self, num_inference_steps, timesteps, sigmas) -> list[float]:
         if timesteps is not None:
+            if self.schedule is not None:  # the model's own (DDPM) time steps
+                return [1 / (1 + float(s)) for s in self.schedule.t_to_sigma(torch.as_tensor(timesteps).double())]
             ts = [float(t) / self.config.num_train_timesteps for t in timesteps]
-            if self.config.noise_at_one:
-                ts = [1 - t for t in ts]
-        elif sigmas is not None:
-            ts = [1 / (1 + float(s)) for s in sigmas if math.isfinite(float(s))]
-        elif self.config.timesteps is not None:
-            ts = list(map(float, self.config.timesteps))
-        else:
-            n = int(num_inference_steps or self.config.num_inference_steps)
-            if n < 1:
-                raise ValueError(f"num_inference_steps={n} must be >= 1")
-            ts = [i / n for i in range(n)]
+            return [1 - t for t in ts] if self.config.noise_at_one else ts
+        if sigmas is not None:
+            return [1 / (1 + float(s)) if math.isfinite(float(s)) else 0.0 for s in sigmas]
+        if self.config.timesteps is not None:
+            return list(map(float, self.config.timesteps))
+        n = int(num_inference_steps or self.config.num_inference_steps)
+        if n < 1:
+            raise ValueError(f"num_inference_steps={n} must be >= 1")
+        return [i / n for i in range(n)]
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
+        ts = self._flow_times(num_inference_steps, timesteps, sigmas)
         if not ts or any(a >= b for a, b in zip(ts, ts[1:])) or any(not 0 <= t < 1 for t in ts):
             raise ValueError(f"flow times {ts} must be non-empty, strictly increasing and in [0, 1)")
         self._ts = ts + [1.0]
-        model_t = torch.tensor([(1 - t if self.config.noise_at_one else t) * self.config.num_train_timesteps for t in ts])
-        self.timesteps = model_t.to(device)
+        if self.schedule is None:
+            model_t = [(1 - t if self.config.noise_at_one else t) * self.config.num_train_timesteps for t in ts]
+        else:
+            lo, hi = self.schedule.sigma_min, self.schedule.sigma_max
+            self._sigmas = [min(max((1 - t) / t, lo), hi) if t > 0 else hi for t in ts]
+            model_t = self.schedule.sigma_to_t(torch.tensor(self._sigmas, dtype=torch.float64)).tolist()
+        self.timesteps = torch.tensor(model_t, dtype=torch.float32).to(device)
         self.num_inference_steps = len(ts)
         self._step_index = None
 
+    def _index(self, timestep) -> int:
+        if self._step_index is None:
+            if not len(self.timesteps):
+                raise ValueError("call set_timesteps before step")
+            hits = (self.timesteps == torch.as_tensor(timestep, device=self.timesteps.device).float()).nonzero()
+            self._step_index = int(hits[0]) if len(hits) else 0
+        return self._step_index
+
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        return sample
+        if self.schedule is None:
+            return sample
+        sigma = self._sigmas[self._index(timestep)]  # flow state x_t = x_VE / (1 + sigma) -> VP state
+        return sample * ((1 + sigma) / math.sqrt(1 + sigma**2))
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kwargs):
         """Liu et al. 2023 (rectified flow), Euler step of dx/dt = v(x, t)."""
-        if self._step_index is None:
-            hits = (self.timesteps == torch.as_tensor(timestep, device=self.timesteps.device).float()).nonzero()
-            self._step_index = int(hits[0]) if len(hits) else 0
-        i = self._step_index
-        v = -model_output if self.config.noise_at_one else model_output
-        prev = sample + (self._ts[i + 1] - self._ts[i]) * v
+        i = self._index(timestep)
+        t, t_next = self._ts[i], self._ts[i + 1]
+        if self.schedule is None:
+            v = -model_output if self.config.noise_at_one else model_output
+        else:
+            sigma = self._sigmas[i]
+            x_vp = sample * ((1 + sigma) / math.sqrt(1 + sigma**2))
+            v = (x0_from_output(self.config.prediction_type, model_output, x_vp, sigma) - sample) / (1 - t)
+        prev = sample + (t_next - t) * v
         self._step_index += 1
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 

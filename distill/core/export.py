@@ -48,3 +48,19 @@ def export_image_pipeline(unet, scheduler, path: str | Path, **info) -> Path:
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         save_json(provenance(**info), tmp / "dstudio.json")
     return path
+
+
+def export_text_pipeline(pipeline, unet, scheduler, path: str | Path, **info) -> Path:
+    """Write a text-to-image student: the teacher pipeline's class and components with the student's unet and
+    scheduler, loadable with `StableDiffusionPipeline.from_pretrained` (dstudio installed for its scheduler)."""
+    import warnings
+
+    path = Path(path)
+    components = {**pipeline.components, "unet": unet, "scheduler": scheduler}
+    with warnings.catch_warnings():  # "no safety checker": a tiny or user-provided pipeline may not have one
+        warnings.simplefilter("ignore")
+        student = type(pipeline)(**components)
+    with atomic_path(path, is_dir=True) as tmp:
+        student.save_pretrained(tmp, safe_serialization=True)
+        save_json(provenance(**info), tmp / "dstudio.json")
+    return path

@@ -66,6 +66,14 @@ class Method(nn.Module, abc.ABC):
     def export(self, path) -> None:
         """Write the student as a diffusers pipeline folder at `path`."""
 
+    # --- optional hooks ---------------------------------------------------------------------------
+    def prepare(self, run_dir, accelerator) -> None:
+        """Called once before training (and on --resume) with the run folder: build what the losses read."""
+
+    def checkpoint_modules(self) -> list[str]:
+        """Submodules whose state a checkpoint keeps: the trained ones, plus any a method adds (a frozen guide)."""
+        return self.trainable_modules()
+
     # --- shared machinery -------------------------------------------------------------------------
     def forward(self, phase: str, batch, step: int):
         return self.loss(phase, batch, step)

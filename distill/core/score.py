@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,18 @@ def trainable_copy(unet: nn.Module) -> nn.Module:
     net.requires_grad_(True)
     net.train()
     return net
+
+
+def smaller_unet(teacher_unet, width: float):
+    """The teacher's architecture with every channel count scaled by `width` (kept divisible by its norm groups)."""
+    from diffusers import UNet2DModel
+
+    cfg = dict(teacher_unet.config)
+    groups = max(1, min(cfg.get("norm_num_groups", 32), round(32 * width)))
+    cfg["block_out_channels"] = [max(groups, max(1, round(c * width / groups)) * groups)
+                                 for c in cfg["block_out_channels"]]
+    cfg["norm_num_groups"] = groups
+    return UNet2DModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
 
 
 def sample_timesteps(n: int, num_train_timesteps: int, lo: float = 0.0, hi: float = 1.0, device="cpu") -> Tensor:

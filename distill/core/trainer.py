@@ -171,7 +171,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "step": self.step,
-            "modules": {n: getattr(self.method, n).state_dict() for n in self.method.trainable_modules()},
+            "modules": {n: getattr(self.method, n).state_dict() for n in self.method.checkpoint_modules()},
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
             "ema": self.ema.state_dict(),
             "stream": self.stream.state_dict() if self.stream else None,
@@ -243,6 +243,7 @@ class Trainer:
         if self.is_main:  # temp files of a write that was killed half-way are never read; drop them
             for stale in self.run_dir.glob(f".{CHECKPOINT}.tmp-*"):
                 stale.unlink(missing_ok=True)
+        self.method.prepare(self.run_dir, self.accelerator)
         if resume:
             self.load_checkpoint()
         else:

@@ -1,7 +1,6 @@
 """MSD (Song et al. 2024): several one-step students, each owning a partition of the classes, trained with DMD2."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +9,7 @@ from torch import Tensor, nn
 from distill.core.config import require
 from distill.core.denoiser import append_dims
 from distill.core.method import Phase, register
-from distill.core.score import sample_timesteps, trainable_copy
+from distill.core.score import sample_timesteps, smaller_unet, trainable_copy
 from distill.methods.dmd2 import DMD2, DMD2Config
 
 
@@ -40,18 +39,6 @@ def check_partition(partition: list[list[int]], num_classes: int) -> None:
     require(owned == list(range(num_classes)), f"method.partition={partition} must give every class "
                                                f"0..{num_classes - 1} to exactly one student")
     require(all(partition), f"method.partition={partition} has a student with no classes")
-
-
-def smaller_unet(teacher_unet, width: float):
-    """The teacher's architecture with every channel count scaled by `width` (kept divisible by its norm groups)."""
-    from diffusers import UNet2DModel
-
-    cfg = dict(teacher_unet.config)
-    groups = max(1, min(cfg.get("norm_num_groups", 32), round(32 * width)))
-    cfg["block_out_channels"] = [max(groups, int(math.ceil(c * width / groups)) * groups)
-                                 for c in cfg["block_out_channels"]]
-    cfg["norm_num_groups"] = groups
-    return UNet2DModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
 
 
 @register("msd")

@@ -1,0 +1,200 @@
+"""The base of the rectified-flow methods (rectified flow / InstaFlow, SlimFlow): pairs, times, premetric, export.
+
+Students keep their teacher's DDPM parameterisation and are read as flows through FlowView, so a student
+initialised from the teacher starts as the teacher's own probability-flow ODE; exports run with
+FlowEulerScheduler in the teacher's prediction type.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from distill.core.config import require
+from distill.core.errors import UserError
+from distill.core.flow import FlowView, sample_u_shaped, sample_uniform
+from distill.core.losses import lpips_distance, load_lpips, rfpp_premetric
+from distill.core.method import Method
+from distill.core.pairs import SOLVERS, PairStore
+from samplers import FlowEulerScheduler, sample_flow_euler, scheduler_from_teacher
+
+
+@dataclass
+class FlowConfig:
+    pairs: str | None = None          # pair store folder (default: RUN/pairs); runs with equal settings can share one
+    num_pairs: int = 5000
+    shard_size: int = 500
+    pair_seed: int = 0
+    solver: Literal["dpmpp", "heun"] = "dpmpp"
+    solver_steps: int = 25
+    guidance: float = 1.0             # CFG in the teacher's ODE (InstaFlow's text pairs use > 1)
+    prompts: str | None = None        # text teachers: a file with one prompt per line
+    reflow_steps: int = 1000          # steps of the reflow phase; the remaining trainer steps distil to one step
+    time_dist: Literal["u_shaped", "uniform"] = "u_shaped"
+    u_shape_a: float = 4.0
+    premetric: Literal["pseudo_huber", "l2"] = "pseudo_huber"
+    lpips: bool = True                # added to the premetric when the lpips package and its weights load
+    lr: float = 2e-5
+    lr_distill: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    export_steps: int = 1             # the exported pipeline's default number of Euler steps
+
+    def validate(self) -> None:
+        require(self.num_pairs > 0 and self.shard_size > 0,
+                f"method.num_pairs={self.num_pairs} and method.shard_size={self.shard_size} must be > 0")
+        require(self.solver_steps > 0, f"method.solver_steps={self.solver_steps} must be > 0")
+        require(self.solver in SOLVERS, f"method.solver={self.solver!r} is not one of {', '.join(SOLVERS)}")
+        require(self.reflow_steps >= 0, f"method.reflow_steps={self.reflow_steps} must be >= 0")
+        require(self.lr > 0 and self.lr_distill > 0,
+                f"method.lr={self.lr} and method.lr_distill={self.lr_distill} must be > 0")
+        require(self.u_shape_a > 0, f"method.u_shape_a={self.u_shape_a} must be > 0")
+        require(self.guidance >= 0, f"method.guidance={self.guidance} must be >= 0")
+        require(self.export_steps >= 1, f"method.export_steps={self.export_steps} must be >= 1")
+
+
+def read_prompts(path: str | None) -> list[str]:
+    if path is None:
+        raise UserError("a text-to-image teacher needs prompts: give --prompts FILE (one prompt per line)")
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"prompts file '{path}' does not exist")
+    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"prompts file '{path}' has no prompts (one prompt per line)")
+    return prompts
+
+
+class FlowMethod(Method):
+    """Shared machinery; subclasses build `self.student` (a Denoiser) and define phases and losses."""
+
+    Config = FlowConfig
+    needs_data = False  # the pairs are the data
+
+    def __init__(self, config: FlowConfig, teacher=None, data=None):
+        super().__init__(config)
+        require(teacher is not None, f"{self.name} needs a teacher")
+        self.kind, self.num_classes, self.shape = teacher.kind, teacher.num_classes, teacher.sample_shape
+        self.source, self.teacher_scheduler = teacher.source, teacher.scheduler
+        self.teacher_denoiser = teacher.denoiser  # a frozen submodule: moves to the device with the method
+        self._teacher = teacher
+        self.prompts = read_prompts(config.prompts) if teacher.kind == "text" else None
+        self.pairs: dict[str, Tensor | None] | None = None
+        self._lpips = None
+
+    # --- pairs ------------------------------------------------------------------------------------
+    def pair_spec(self) -> dict:
+        c = self.config
+        spec = {"teacher": self.source, "solver": c.solver, "solver_steps": c.solver_steps, "guidance": c.guidance,
+                "num_pairs": c.num_pairs, "shard_size": c.shard_size, "seed": c.pair_seed, "shape": list(self.shape)}
+        if self.prompts is not None:
+            spec["prompts_sha1"] = hashlib.sha1("\n".join(self.prompts).encode()).hexdigest()
+        return spec
+
+    def cond_for(self, idx: Tensor):
+        """Pair i's condition: class i mod classes (balanced), or prompt i mod prompts as its embedding."""
+        if self.kind == "class":
+            return idx % self.num_classes
+        if self.kind == "text":
+            unique = self._teacher.encode_prompts(self.prompts).cpu()
+            return unique[idx % len(self.prompts)]
+        return None
+
+    def prepare(self, run_dir, accelerator) -> None:
+        root = Path(self.config.pairs) if self.config.pairs else Path(run_dir) / "pairs"
+        store = PairStore(root, self.pair_spec())
+        if accelerator.is_main_process:
+            store.open()
+        accelerator.wait_for_everyone()
+        store.open().generate(self._teacher, self.cond_for, rank=accelerator.process_index,
+                              world=accelerator.num_processes, progress=accelerator.is_main_process)
+        accelerator.wait_for_everyone()
+        self.pairs = store.load()
+        if self.config.lpips and self._lpips is None:
+            self._lpips = load_lpips(accelerator.device)
+
+    def pair_batch(self, n: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        if self.pairs is None:
+            raise RuntimeError("prepare() has not generated the pairs")
+        device = self.teacher_denoiser.alphas_cumprod.device
+        idx = torch.randint(0, len(self.pairs["z"]), (n,))
+        cond = self.pairs["cond"]
+        return (self.pairs["z"][idx].to(device), self.pairs["x1"][idx].to(device),
+                None if cond is None else cond[idx].to(device))
+
+    # --- losses -----------------------------------------------------------------------------------
+    def sample_t(self, view: FlowView, n: int, device) -> Tensor:
+        c = self.config
+        t = sample_u_shaped(n, c.u_shape_a, device) if c.time_dist == "u_shaped" else sample_uniform(n, device=device)
+        return view.clamp(t)
+
+    def premetric(self, x_hat: Tensor, x: Tensor) -> Tensor:
+        """Per-sample distance between velocities or images: RF++'s pseudo-Huber, or the mean squared error."""
+        if self.config.premetric == "pseudo_huber":
+            return rfpp_premetric(x_hat, x)
+        return (x_hat - x).pow(2).flatten(1).mean(1)
+
+    def perceptual(self, x1_hat: Tensor, x1: Tensor) -> Tensor | None:
+        if self._lpips is None:
+            return None
+        decode = self._teacher.decode
+        return lpips_distance(self._lpips, decode(x1_hat), decode(x1))
+
+    def reflow_loss(self, student, z: Tensor, x1: Tensor, cond) -> tuple[Tensor, dict[str, float]]:
+        """Liu et al. 2023 (rectified flow), eq. 2 on fixed pairs, with RF++'s times and premetric (Lee et al. 2024,
+        sec. 4): d(v_hat(x_t, t), x1 - z), x_t = t x1 + (1 - t) z; with LPIPS, t d + LPIPS(x1_hat, x1)."""
+        view = FlowView(student)
+        t = self.sample_t(view, len(z), z.device)
+        tt = t.to(z.dtype).reshape(-1, *([1] * (z.ndim - 1)))
+        x_t = tt * x1 + (1 - tt) * z
+        x1_hat = view.x1_hat(x_t, t, cond)
+        v_hat = (x1_hat - x_t) / (1 - tt)
+        dist = self.premetric(v_hat, x1 - z)
+        lp = self.perceptual(x1_hat, x1)
+        if lp is None:
+            loss = dist.mean()
+            return loss, {"reflow": loss.item()}
+        loss = (t.to(dist.dtype) * dist + lp).mean()
+        return loss, {"reflow": dist.mean().item(), "lpips": lp.mean().item()}
+
+    def one_step_loss(self, student, z: Tensor, target: Tensor, cond) -> tuple[Tensor, dict[str, float]]:
+        """Liu et al. 2023, sec. 2.3 (distillation, t = eps): d(z + v(z, eps), x1) (+ LPIPS when available)."""
+        x1_hat = FlowView(student).one_step(z, cond)
+        dist = self.premetric(x1_hat, target)
+        lp = self.perceptual(x1_hat, target)
+        loss = dist.mean() if lp is None else (dist + lp).mean()
+        logs = {"distill": dist.mean().item()}
+        if lp is not None:
+            logs["lpips"] = lp.mean().item()
+        return loss, logs
+
+    # --- sampling and export ----------------------------------------------------------------------
+    def grid_cond(self, labels: Tensor):
+        if self.kind == "class":
+            return labels
+        if self.kind == "text":
+            emb = self._teacher.encode_prompts(self.prompts[:1]).to(labels.device)
+            return emb.expand(len(labels), *emb.shape[1:])
+        return None
+
+    @torch.no_grad()
+    def sample(self, labels: Tensor, generator: torch.Generator, steps: int | None = None) -> Tensor:
+        view = FlowView(self.student_net())
+        z = torch.randn((len(labels), *self.shape), generator=generator, device=labels.device)
+        x1 = sample_flow_euler(view, z, view.euler_times(steps or self.config.export_steps), self.grid_cond(labels))
+        return self._teacher.decode(x1).clamp(-1, 1)
+
+    def export(self, path) -> None:
+        from distill.core.export import export_image_pipeline, export_text_pipeline
+
+        sched = scheduler_from_teacher(FlowEulerScheduler, self.teacher_scheduler,
+                                       num_inference_steps=self.config.export_steps)
+        info = {"method": self.name, "teacher": self.source, "pairs": self.pair_spec()}
+        if self.kind == "text":
+            export_text_pipeline(self._teacher.pipeline, self.student_net().model, sched, path, **info)
+        else:
+            export_image_pipeline(self.student_net().model, sched, path, **info)

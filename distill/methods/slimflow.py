@@ -1,0 +1,91 @@
+"""SlimFlow (Zhu et al. 2024): a small one-step student by annealing reflow, then flow-guided distillation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from distill.core.config import require
+from distill.core.flow import ANNEALING, FlowView, anneal_beta, anneal_noise, joint_hflip
+from distill.core.method import Phase, register
+from distill.core.reflow import FlowConfig, FlowMethod
+from distill.core.score import smaller_unet
+
+
+@dataclass
+class SlimFlowConfig(FlowConfig):
+    student_width: float = 0.5               # channel multiplier: 0.5 gives about 1/4 of the teacher's parameters
+    anneal_steps: int | None = None          # K_warm of the beta schedule (default: half the reflow phase)
+    annealing: Literal["linear", "exp", "cos"] = "linear"
+    hflip: bool = True                       # joint horizontal flip of (x1, z'); off for data that is not symmetric
+    guide_t: tuple[float, float] = (0.2, 0.8)
+    time_dist: Literal["u_shaped", "uniform"] = "uniform"
+    premetric: Literal["pseudo_huber", "l2"] = "pseudo_huber"
+    lr: float = 2e-4
+    lr_distill: float = 2e-5
+
+    def validate(self) -> None:
+        super().validate()
+        require(0 < self.student_width <= 1, f"method.student_width={self.student_width} must be in (0, 1]")
+        require(self.anneal_steps is None or self.anneal_steps >= 0,
+                f"method.anneal_steps={self.anneal_steps} must be >= 0")
+        require(self.annealing in ANNEALING, f"method.annealing={self.annealing!r} is not one of {ANNEALING}")
+        lo, hi = self.guide_t
+        require(0 < lo < hi < 1, f"method.guide_t={list(self.guide_t)} must satisfy 0 < lo < hi < 1")
+
+
+@register("slimflow")
+class SlimFlow(FlowMethod):
+    """Annealing reflow of a small student from scratch, then distillation guided by its frozen 2-RF copy."""
+
+    Config = SlimFlowConfig
+
+    def __init__(self, config: SlimFlowConfig, teacher=None, data=None):
+        super().__init__(config, teacher, data)
+        self.student = teacher.denoiser.like(smaller_unet(teacher.unet, config.student_width))
+        self.guide = teacher.denoiser.like(smaller_unet(teacher.unet, config.student_width))
+        self.guide.requires_grad_(False)
+        self.guide.register_buffer("ready", torch.tensor(False))  # set when distillation copies the 2-RF in
+
+    def checkpoint_modules(self) -> list[str]:
+        return [*self.trainable_modules(), "guide"]
+
+    def phases(self) -> list[Phase]:
+        c = self.config
+        return [Phase("reflow", ("student",), lr=c.lr, betas=c.betas, grad_clip=c.grad_clip, stop=c.reflow_steps),
+                Phase("distill", ("student",), lr=c.lr_distill, betas=c.betas, grad_clip=c.grad_clip,
+                      start=c.reflow_steps)]
+
+    def annealing_loss(self, z, x1, cond, step: int):
+        """SlimFlow, annealing reflow: ||v(x_t, t) - (x1 - z')||, z' = sqrt(1 - beta_k^2) z_pair + beta_k eps."""
+        c = self.config
+        k_warm = c.anneal_steps if c.anneal_steps is not None else c.reflow_steps // 2
+        beta = anneal_beta(step, k_warm, c.annealing)
+        z = anneal_noise(z, torch.randn_like(z), beta)
+        if c.hflip:
+            x1, z = joint_hflip(x1, z)
+        loss, logs = self.reflow_loss(self.student, z, x1, cond)
+        return loss, {**logs, "beta": beta}
+
+    def guided_loss(self, z, x1, cond):
+        """SlimFlow, flow-guided distillation: d(z + v(z), x1_pair) + d(z~ + v(z~), x^1), where
+        x_t' = z~ + t' v(z~) and x^1 = x_t' + (1 - t') v_guide(x_t', t'), t' ~ U[0.2, 0.8]."""
+        if not bool(self.guide.ready):
+            self.guide.load_state_dict({**self.student.state_dict(), "ready": torch.tensor(True)})
+        pair_loss, logs = self.one_step_loss(self.student, z, x1, cond)
+        z_new = torch.randn_like(z)
+        lo, hi = self.config.guide_t
+        t = lo + (hi - lo) * torch.rand(len(z), device=z.device, dtype=torch.float64)
+        with torch.no_grad():
+            tt = t.to(z.dtype).reshape(-1, *([1] * (z.ndim - 1)))
+            x_t = (1 - tt) * z_new + tt * FlowView(self.student).one_step(z_new, cond)
+            x1_guide = FlowView(self.guide).x1_hat(x_t, t, cond)
+        guide_loss, _ = self.one_step_loss(self.student, z_new, x1_guide, cond)
+        return pair_loss + guide_loss, {**logs, "guided": guide_loss.item()}
+
+    def loss(self, phase: str, batch, step: int):
+        z, x1, cond = self.pair_batch(batch if isinstance(batch, int) else len(batch[0]))
+        if phase == "reflow":
+            return self.annealing_loss(z, x1, cond, step)
+        return self.guided_loss(z, x1, cond)

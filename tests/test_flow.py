@@ -1,0 +1,228 @@
+"""Rectified flow / RF++ / InstaFlow / SlimFlow: time distributions, annealing, premetric, straightening, pairs,
+phases, resume and export."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from distill.core.flow import FlowView, anneal_beta, anneal_noise, sample_u_shaped, u_shaped_density
+from distill.core.losses import ict_huber_c, pseudo_huber, rfpp_huber_c, rfpp_premetric
+
+SMOKE = {"num_pairs": 24, "shard_size": 10, "solver_steps": 3, "reflow_steps": 2}
+
+
+def test_u_shaped_density_is_a_symmetric_density_and_sampled_correctly():
+    t = torch.linspace(0, 1, 100_001, dtype=torch.float64)
+    p = u_shaped_density(t, 4.0)
+    assert torch.trapezoid(p, t).item() == pytest.approx(1.0, abs=1e-8)
+    torch.testing.assert_close(p, p.flip(0))
+    assert p.argmin() == 50_000 and p[0] > 3.5 * p[50_000]  # mass at both ends, least in the middle (U shape)
+    torch.manual_seed(0)
+    s = sample_u_shaped(200_001, 4.0)
+    assert len(s) == 200_001 and s.min() >= 0 and s.max() <= 1
+    hist = torch.histc(s, bins=10, min=0, max=1) / len(s) * 10
+    centres = (torch.arange(10, dtype=torch.float64) + 0.5) / 10
+    expected = torch.stack([torch.trapezoid(u_shaped_density(torch.linspace(a, a + 0.1, 201, dtype=torch.float64)),
+                                            dx=0.1 / 200) * 10 for a in centres - 0.05])
+    torch.testing.assert_close(hist, expected, rtol=0.03, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "exp", "cos"])
+def test_annealing_beta_schedules(kind):
+    values = [anneal_beta(k, 100, kind) for k in range(0, 151, 10)]
+    assert values[0] == 1.0 and values[10] == 0.0 and values[-1] == 0.0  # 1-RF at k = 0, reflow from K_warm on
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    half = anneal_beta(50, 100, kind)
+    assert half == pytest.approx({"linear": 0.5, "cos": math.cos(math.pi / 4),
+                                  "exp": (math.exp(-2.5) - math.exp(-5)) / (1 - math.exp(-5))}[kind])
+    z, eps = torch.randn(20_000, 4), torch.randn(20_000, 4)
+    mixed = anneal_noise(z, eps, half)
+    assert mixed.var().item() == pytest.approx(1.0, abs=0.03)  # still unit Gaussian noise
+    with pytest.raises(ValueError, match="annealing schedule 'tanh'"):
+        anneal_beta(1, 10, "tanh")
+
+
+def test_pseudo_huber_constants_and_values():
+    assert ict_huber_c((3, 32, 32)) == pytest.approx(0.00054 * math.sqrt(3072))  # 0.0299, iCT's CIFAR value
+    assert rfpp_huber_c((3, 32, 32)) == pytest.approx(0.00054 * 3072)            # 1.66, RF++'s
+    x, y = torch.zeros(2, 1, 2, 2), torch.tensor([3.0, 0, 0, 4, 0, 0, 0, 0]).view(2, 1, 2, 2)
+    torch.testing.assert_close(pseudo_huber(x, y, 1.0), torch.tensor([math.sqrt(26) - 1, 0.0]))
+    c = rfpp_huber_c((1, 2, 2))
+    torch.testing.assert_close(rfpp_premetric(y, x), torch.tensor([(math.sqrt(25 + c**2) - c) / 4, 0.0]))
+
+
+class VelocityMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(), nn.Linear(128, 2))
+
+    def forward(self, x, t):
+        return self.net(torch.cat([x, t.reshape(-1, 1).to(x.dtype)], 1))
+
+
+def _one_rf_velocity(x, t, m):
+    """The exact 1-RF velocity from N(0, I) to the two points +-m: (E[x1 | x_t] - x_t) / (1 - t)."""
+    t = t.reshape(-1, 1)
+    e_x1 = m * torch.tanh((t * (x @ m.T)) / (1 - t) ** 2)
+    return (e_x1 - x) / (1 - t)
+
+
+def _euler(v, z, n):
+    x, traj = z, [z]
+    for i in range(n):
+        t = torch.full((len(z),), i / n)
+        x = x + v(x, t) / n
+        traj.append(x)
+    return x, traj
+
+
+def test_reflow_straightens_paths_on_2d_gaussian_to_two_points():
+    """Liu et al. 2023, Thm. 3.7: 2-RF on 1-RF's pairs has straighter paths (one Euler step reaches the ODE end)."""
+    from distill.core.denoiser import FlowDenoiser
+
+    torch.manual_seed(0)
+    m = torch.tensor([[2.0, 1.0]])
+    z = torch.randn(2000, 2)
+    x1, _ = _euler(lambda x, t: _one_rf_velocity(x, t.clamp(max=0.999), m), z, 200)
+
+    student = FlowDenoiser(VelocityMLP(), time_scale=1.0)
+    view = FlowView(student)
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    for _ in range(1500):
+        i = torch.randint(0, len(z), (256,))
+        t = view.clamp(sample_u_shaped(256, 4.0)).float()
+        x_t = t[:, None] * x1[i] + (1 - t[:, None]) * z[i]
+        loss = rfpp_premetric(view.velocity(x_t, t), x1[i] - z[i]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def straightness(v):  # Liu et al. 2023, eq. 5: E int ||(X1 - X0) - v(X_t, t)||^2 dt along the ODE
+        with torch.no_grad():
+            end, traj = _euler(v, z[:500], 100)
+            return sum(((end - z[:500]) - (b - a) * 100).pow(2).sum(1).mean() for a, b in zip(traj, traj[1:])) / 100
+
+    one_rf = straightness(lambda x, t: _one_rf_velocity(x, t.clamp(max=0.999), m))
+    two_rf = straightness(lambda x, t: view.velocity(x, t.double()))
+    assert two_rf < 0.25 * one_rf, (one_rf, two_rf)
+    with torch.no_grad():  # and one Euler step of 2-RF lands near the pair's end point
+        one_step = view.one_step(z[:500])
+    assert (one_step - x1[:500]).norm(dim=1).mean() < 0.25 * (z[:500] - x1[:500]).norm(dim=1).mean()
+
+
+def test_pair_store_resumes_and_refuses_other_settings(tiny_teacher, tmp_path):
+    from distill.core.pairs import PairStore, PairStoreError
+    from distill.core.teacher import load_teacher
+
+    teacher = load_teacher(tiny_teacher)
+    spec = {"teacher": "t", "solver": "heun", "solver_steps": 2, "guidance": 1.0, "num_pairs": 7, "shard_size": 3,
+            "seed": 0, "shape": list(teacher.sample_shape)}
+    labels = lambda idx: idx % teacher.num_classes  # noqa: E731
+    store = PairStore(tmp_path / "pairs", spec).open()
+    store.generate(teacher, labels, progress=False)
+    full = store.load()
+    assert full["z"].shape[0] == full["x1"].shape[0] == 7 and full["cond"].tolist()[:3] == [0, 1, 2]
+    store.shard_path(1).unlink()  # as if killed before shard 1 was renamed into place
+    (store.root / ".shard-00001.pt.tmp-123").write_bytes(b"half")
+    store = PairStore(tmp_path / "pairs", spec).open()
+    assert store.missing() == [1] and not list(store.root.glob(".shard-*"))
+    store.generate(teacher, labels, progress=False)
+    again = store.load()
+    for k in ("z", "x1", "cond"):
+        torch.testing.assert_close(again[k], full[k])
+    with pytest.raises(PairStoreError, match="was made with solver_steps=2, this run asks for 5"):
+        PairStore(tmp_path / "pairs", {**spec, "solver_steps": 5}).open()
+    store.shard_path(0).write_bytes(b"garbage")
+    with pytest.raises(PairStoreError, match="shard-00000.pt' is corrupt"):
+        store.load()
+
+
+def _train(name, teacher_dir, run, steps=4, resume=False, **method):
+    from distill.core.config import from_dict
+    from distill.core.method import get_method
+    from distill.core.teacher import load_teacher
+    from distill.core.trainer import Trainer, TrainerConfig
+
+    cls = get_method(name)
+    torch.manual_seed(0)
+    m = cls(from_dict(cls.Config, {**SMOKE, "lpips": False, **method}), teacher=load_teacher(teacher_dir))
+    cfg = TrainerConfig(steps=steps, batch_size=6, sample_every=100, checkpoint_every=2, grid_per_class=1, log_every=1)
+    trainer = Trainer(m, cfg, run)
+    return trainer, trainer.fit(resume=resume)
+
+
+@pytest.mark.parametrize("name", ["rectified_flow", "slimflow"])
+def test_phases_resume_and_export(tiny_teacher, tmp_path, name):
+    from diffusers import DiffusionPipeline
+
+    extra = {"student_width": 0.5} if name == "slimflow" else {}
+    trainer, pipeline = _train(name, tiny_teacher, tmp_path / "a", **extra)
+    m = trainer.method
+    logs = [eval(line.replace("NaN", "float('nan')")) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert any(k.startswith("reflow/") for k in logs[0]) and any(k.startswith("distill/") for k in logs[-1])
+    if name == "slimflow":
+        assert bool(m.guide.ready)
+        assert sum(p.numel() for p in m.student.parameters()) < 0.5 * sum(p.numel() for p in m.teacher_denoiser.parameters())
+
+    # resume from the step-2 checkpoint of a second run reaches the same weights as the uninterrupted run
+    _train(name, tiny_teacher, tmp_path / "b", steps=2, **extra)
+    resumed, _ = _train(name, tiny_teacher, tmp_path / "b", steps=4, resume=True, **extra)
+    for a, b in zip(m.student.parameters(), resumed.method.student.parameters()):
+        torch.testing.assert_close(a, b)
+
+    # the exported folder loads with plain diffusers and is the student's flow Euler sampler
+    pipe = DiffusionPipeline.from_pretrained(pipeline, trust_remote_code=True)
+    assert type(pipe.scheduler).__name__ == "FlowEulerScheduler"
+    labels = torch.tensor([0, 1, 2])
+    for steps in (1, 2):
+        noise = torch.randn(3, *m.shape, generator=torch.Generator().manual_seed(steps))
+        out = pipe(class_labels=labels, latents=noise, num_inference_steps=steps, output_type="pt").images * 2 - 1
+        with trainer.ema.applied(m.student_net()):
+            view = FlowView(m.student_net())
+            from samplers import sample_flow_euler
+            ref = sample_flow_euler(view, noise, view.euler_times(steps), labels).clamp(-1, 1)
+        torch.testing.assert_close(out, ref, atol=2e-4, rtol=0)
+
+
+def test_rf_student_initialised_from_teacher_is_the_teachers_ode(tiny_teacher):
+    """RF++'s diffusion initialisation: before training, x1_hat of the flow view is the teacher's x0 estimate."""
+    from distill.core.teacher import load_teacher
+    from distill.methods.rectified_flow import RectifiedFlow, RectifiedFlowConfig
+
+    teacher = load_teacher(tiny_teacher)
+    m = RectifiedFlow(RectifiedFlowConfig(lpips=False), teacher=teacher)
+    x, t = torch.randn(4, *teacher.sample_shape), torch.tensor(0.3, dtype=torch.float64)
+    labels = torch.arange(4)
+    with torch.no_grad():
+        got = FlowView(m.student).x1_hat(x, t, labels)
+        want = teacher.denoiser(x / 0.3, (1 - t) / t, labels)
+    torch.testing.assert_close(got, want)
+
+
+def test_instaflow_on_a_tiny_text_pipeline(tmp_path):
+    """Text-conditioned reflow + distillation on an SD-shaped latent pipeline; the export is a StableDiffusionPipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    from tiny_sd import tiny_sd_pipeline
+
+    tiny_sd_pipeline(tmp_path).save_pretrained(tmp_path / "sd")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red dog\n\n")
+    trainer, pipeline = _train("instaflow", tmp_path / "sd", tmp_path / "run", prompts=str(prompts), guidance=2.0)
+    pairs = trainer.method.pairs
+    assert pairs["cond"].shape[:2] == (24, 8) and pairs["x1"].shape == (24, 4, 8, 8)
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline)
+    assert type(pipe.scheduler).__name__ == "FlowEulerScheduler"
+    images = pipe(["a red cat", "a dog"], num_inference_steps=1, guidance_scale=1.0, output_type="np").images
+    assert images.shape == (2, 16, 16, 3) and images.std() > 0
+
+
+def test_text_teacher_without_prompts_is_refused(tmp_path):
+    from distill.core.errors import UserError
+
+    from tiny_sd import tiny_sd_pipeline
+
+    tiny_sd_pipeline(tmp_path).save_pretrained(tmp_path / "sd")
+    with pytest.raises(UserError, match="needs prompts: give --prompts FILE"):
+        _train("instaflow", tmp_path / "sd", tmp_path / "run")
