@@ -15,7 +15,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 from diffusers.utils import logging
 
-from samplers.schedules import DiscreteSigmas
+from samplers.schedules import DiscreteSigmas, consistency_scalings
 
 logger = logging.get_logger(__name__)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -80,6 +80,7 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
 
     order = 1
     init_noise_sigma = 1.0
+    prefix_steps = False  # whether n < len(stored list) steps may run the list's first n steps
 
     def _setup(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type, timesteps):
         check_prediction_type(prediction_type)
@@ -117,6 +118,8 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
             return torch.tensor(check_timesteps(timesteps, T), dtype=torch.long)
         stored = self.config.timesteps
         if stored is not None:
+            if self.prefix_steps and num_inference_steps is not None and 1 <= num_inference_steps < len(stored):
+                return torch.tensor(stored[:num_inference_steps], dtype=torch.long)
             if num_inference_steps not in (None, len(stored)):
                 logger.warning(f"{type(self).__name__} stores a {len(stored)}-step list; "
                                f"num_inference_steps={num_inference_steps} is ignored")
@@ -206,15 +209,39 @@ class StudentScheduler(_DiscreteScheduler):
     """One- or few-step students (DMD2, consistency): denoise, re-noise to the next step with fresh noise, repeat.
 
     Without stored `timesteps`, n steps use the trailing uniform list: [999] for one step, DMD2's backward-simulation
-    list [999, 749, 499, 249] for four.
+    list [999, 749, 499, 249] for four; with a stored list, n fewer steps run its first n, and `num_inference_steps`
+    sets the default. `prediction_type="consistency"` reads the model as a consistency function
+    with the boundary-respecting scalings of Song et al. 2023 (`sigma_data`, `sigma_min`), like diffusers'
+    LCMScheduler applies its boundary condition inside the scheduler.
     """
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas: list[float] | None = None,
                  prediction_type: str = "epsilon", timesteps: list[int] | None = None,
-                 set_alpha_to_one: bool = True, timestep_spacing: str = "trailing"):
-        self._setup(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type, timesteps)
+                 set_alpha_to_one: bool = True, timestep_spacing: str = "trailing",
+                 sigma_data: float = 0.5, sigma_min: float = 0.002, num_inference_steps: int | None = None):
+        consistency = prediction_type == "consistency"
+        self._setup(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                    "sample" if consistency else prediction_type, timesteps)
+
+    prefix_steps = True  # denoise-and-renoise: the first n steps of a stored list are an n-step sampler
+
+    @property
+    def default_num_inference_steps(self) -> int | None:
+        return self.config.num_inference_steps or super().default_num_inference_steps
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        if self.config.prediction_type != "consistency":
+            return sample
+        sigma = self._current(timestep).sigma  # the VP state -> c_in x_VE = x_VE / sqrt(sigma^2 + sigma_data^2)
+        return sample * math.sqrt((1 + sigma**2) / (sigma**2 + self.config.sigma_data**2))
+
+    def _x0(self, model_output, sample, sigma: float) -> torch.Tensor:
+        if self.config.prediction_type != "consistency":
+            return super()._x0(model_output, sample, sigma)
+        c_skip, c_out, _ = consistency_scalings(sigma, self.config.sigma_data, self.config.sigma_min)
+        return c_skip * sample * math.sqrt(1 + sigma**2) + c_out * model_output
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kwargs):
         """Song et al. 2023 (consistency models), Algorithm 1, one step: x0 = D(x, sigma); x' = x0 + sigma' z."""

@@ -93,3 +93,14 @@ def vp_scale(sigma) -> float | Tensor:
     if isinstance(sigma, Tensor):
         return (1 + sigma**2).rsqrt()
     return 1 / math.sqrt(1 + sigma**2)
+
+
+def consistency_scalings(sigma, sigma_data: float = 0.5, sigma_min: float = 0.002):
+    """Song & Dhariwal 2023 (iCT), sec. 3 / Song et al. 2023, eq. 5 with the boundary at sigma_min:
+    c_skip = sd^2 / ((sigma - smin)^2 + sd^2), c_out = -sd (sigma - smin) / sqrt(sd^2 + sigma^2) (sign: dstudio's
+    consistency backbones keep a v-prediction teacher's sign, F = -F_v), c_in = 1 / sqrt(sigma^2 + sd^2)."""
+    sd = sigma_data
+    c_skip = sd**2 / ((sigma - sigma_min) ** 2 + sd**2)
+    c_out = -sd * (sigma - sigma_min) / (sd**2 + sigma**2) ** 0.5
+    c_in = (sd**2 + sigma**2) ** -0.5
+    return c_skip, c_out, c_in

@@ -60,7 +60,7 @@ def evolve(objective: Callable[[Candidate], float], space: SearchSpace, config: 
            progress: Callable[[int, int, float], None] | None = None) -> SearchResult:
     """Minimise `objective` over `space`. Never evaluates a candidate twice; with `checkpoint` saves every
     generation atomically and `resume=True` continues after the last complete one."""
-    from distill.core.io import save_json
+    from distill.core.io import drop_stale_temps, save_json
 
     cfg = config or EvolutionConfig()
     cfg.validate()
@@ -71,6 +71,8 @@ def evolve(objective: Callable[[Candidate], float], space: SearchSpace, config: 
     best_per_gen: list[float] = []
     start_gen, t0, spent = 0, time.time(), 0.0
     ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt:
+        drop_stale_temps(ckpt)
     if resume and ckpt and ckpt.is_file():
         state = json.loads(ckpt.read_text())
         history, best_per_gen, start_gen, spent = (state["history"], state["best_per_generation"],

@@ -67,6 +67,14 @@ CASES = [
     ("distill dmd2 --teacher {tiny} --set method.critic_ratio=0", "method.critic_ratio=0 must be >= 1"),
     ("distill dmd2 --teacher {empty}", "no model_index.json"),
     ("distill sim --teacher {tiny} --set method.loss=kl", "method.loss='kl' is not one of 'sim', 'sid'"),
+    ("distill dmd2 --teacher {tiny} --student-width 0.5", "--student-width does not apply to method 'dmd2'"),
+    ("distill slimflow --teacher {tiny} --student-width 0", "method.student_width=0.0 must be in (0, 1]"),
+    ("distill slimflow --teacher {tiny} --set method.guide_t=[0.8,0.2]", "must satisfy 0 < lo < hi < 1"),
+    ("distill rf --teacher {tiny} --init random", "method.init='random' is not one of 'teacher', 'scratch'"),
+    ("distill rf --teacher {tiny} --set method.solver=rk4", "method.solver='rk4' is not one of 'dpmpp', 'heun'"),
+    ("distill rf --teacher {tiny} --pairs {file}", "pair store '"),
+    ("distill ict --teacher {tiny} --target bogus", "method.target='bogus' is not one of 'self', 'teacher'"),
+    ("distill ict --teacher {tiny} --set method.s0=0", "method.s0=0 and method.s1=1280 must satisfy"),
     # checkpoints
     ("teacher train --resume --out {empty}", "no checkpoint.pt"),
     ("teacher train --resume --out {broken_run} --data digits --set method.resolution=8 "

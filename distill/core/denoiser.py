@@ -10,7 +10,7 @@ import abc
 import torch
 from torch import Tensor, nn
 
-from samplers.schedules import DiscreteSigmas, flow_sigma_to_t
+from samplers.schedules import DiscreteSigmas, consistency_scalings, flow_sigma_to_t
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -99,6 +99,23 @@ class DiscreteDenoiser(Denoiser):
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
         return self.schedule.t_to_sigma(t)
+
+
+class ConsistencyDenoiser(Denoiser):
+    """A consistency function f(x, sigma) = c_skip x + c_out F(c_in x, t(sigma)) with iCT's boundary scalings
+    (f(x, sigma_min) = x), over a DDPM backbone that keeps its teacher's time input t(sigma)."""
+
+    def __init__(self, model: nn.Module, schedule: DiscreteSigmas, sigma_data: float = 0.5,
+                 sigma_min: float = 0.002, sigma_max: float = 80.0):
+        super().__init__(model)
+        self.schedule, self.sigma_data = schedule, sigma_data
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def scalings(self, sigma: Tensor):
+        return consistency_scalings(sigma, self.sigma_data, self.sigma_min)
+
+    def c_noise(self, sigma: Tensor) -> Tensor:
+        return self.schedule.sigma_to_t(sigma).to(sigma.device)
 
 
 class FlowDenoiser(Denoiser):

@@ -35,6 +35,13 @@ def atomic_path(path: str | Path, is_dir: bool = False):
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
 
 
+def drop_stale_temps(path: str | Path) -> None:
+    """Remove the temp files of writes to `path` that were killed half-way (they are never read)."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
 def save_torch(obj, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)

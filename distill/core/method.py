@@ -67,8 +67,8 @@ class Method(nn.Module, abc.ABC):
         """Write the student as a diffusers pipeline folder at `path`."""
 
     # --- optional hooks ---------------------------------------------------------------------------
-    def prepare(self, run_dir, accelerator) -> None:
-        """Called once before training (and on --resume) with the run folder: build what the losses read."""
+    def prepare(self, run_dir, accelerator, steps: int) -> None:
+        """Called once before training (and on --resume) with the run folder and the total number of steps."""
 
     def checkpoint_modules(self) -> list[str]:
         """Submodules whose state a checkpoint keeps: the trained ones, plus any a method adds (a frozen guide)."""

@@ -16,7 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from distill.core.errors import UserError
-from distill.core.io import atomic_path, save_torch
+from distill.core.io import atomic_path, drop_stale_temps, save_torch
 
 MANIFEST = "manifest.json"
 SOLVERS = ("dpmpp", "heun")
@@ -68,8 +68,8 @@ class PairStore:
             self.root.mkdir(parents=True, exist_ok=True)
             with atomic_path(manifest) as tmp:
                 tmp.write_text(json.dumps(self.spec, indent=2) + "\n")
-        for stale in self.root.glob(".shard-*.tmp-*"):  # a shard write that was killed: never read
-            stale.unlink(missing_ok=True)
+        for i in range(self.num_shards):
+            drop_stale_temps(self.shard_path(i))
         return self
 
     def missing(self) -> list[int]:

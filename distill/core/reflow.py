@@ -19,7 +19,7 @@ from distill.core.errors import UserError
 from distill.core.flow import FlowView, sample_u_shaped, sample_uniform
 from distill.core.losses import lpips_distance, load_lpips, rfpp_premetric
 from distill.core.method import Method
-from distill.core.pairs import SOLVERS, PairStore
+from distill.core.pairs import SOLVERS, PairStore, PairStoreError
 from samplers import FlowEulerScheduler, sample_flow_euler, scheduler_from_teacher
 
 
@@ -83,6 +83,8 @@ class FlowMethod(Method):
         self.teacher_denoiser = teacher.denoiser  # a frozen submodule: moves to the device with the method
         self._teacher = teacher
         self.prompts = read_prompts(config.prompts) if teacher.kind == "text" else None
+        if config.pairs and Path(config.pairs).exists() and not Path(config.pairs).is_dir():
+            raise PairStoreError(f"pair store '{config.pairs}' is a file: give a folder (it is created if missing)")
         self.pairs: dict[str, Tensor | None] | None = None
         self._lpips = None
 
@@ -104,7 +106,7 @@ class FlowMethod(Method):
             return unique[idx % len(self.prompts)]
         return None
 
-    def prepare(self, run_dir, accelerator) -> None:
+    def prepare(self, run_dir, accelerator, steps: int) -> None:
         root = Path(self.config.pairs) if self.config.pairs else Path(run_dir) / "pairs"
         store = PairStore(root, self.pair_spec())
         if accelerator.is_main_process:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from distill.core.config import require, to_dict
 from distill.core.errors import UserError
 from distill.core.images import save_grid
-from distill.core.io import atomic_path, save_torch
+from distill.core.io import atomic_path, drop_stale_temps, save_torch
 from distill.core.method import Method, Phase
 
 CHECKPOINT = "checkpoint.pt"
@@ -240,10 +240,9 @@ class Trainer:
     def fit(self, resume: bool = False, export: bool = True) -> Path | None:
         cfg = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.is_main:  # temp files of a write that was killed half-way are never read; drop them
-            for stale in self.run_dir.glob(f".{CHECKPOINT}.tmp-*"):
-                stale.unlink(missing_ok=True)
-        self.method.prepare(self.run_dir, self.accelerator)
+        if self.is_main:
+            drop_stale_temps(self.run_dir / CHECKPOINT)
+        self.method.prepare(self.run_dir, self.accelerator, self.config.steps)
         if resume:
             self.load_checkpoint()
         else:

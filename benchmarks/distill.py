@@ -1,0 +1,130 @@
+"""Every trainer on the shipped teacher: FID-mnist at 1 (and 2 / 4) NFE, training wall time, parameters and
+images/s against the teacher at 50 DDIM steps, all measured in one run of this script.
+
+    python benchmarks/distill.py [--preset quick|full] [--only NAME ...] [--reuse]
+
+Each row trains `dstudio distill METHOD --preset P` into benchmarks/runs/P/NAME (kept out of git) unless
+--reuse finds a finished run there, then samples the exported pipeline on the protocol's noise.
+Writes benchmarks/results/distill-P.json and its table in benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# benchmarks/ holds scripts named like the packages (samplers.py, search.py): keep it off the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+
+from app.benchmark import RESULTS, pipeline_images, protocol_labels, protocol_noise, real_floor, write_results  # noqa: E402
+from app.fid import feature_space, fid_of_tensor, mnist_reference  # noqa: E402
+from distill.core.images import save_grid  # noqa: E402
+from distill.core.teacher import DEFAULT_TEACHER, load_pipeline  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+# name: (method, extra CLI arguments, NFEs to measure); `{preset}` is --preset
+RUNS = {
+    "dmd2": ("dmd2", ["--preset", "{preset}"], [1]),
+    "dmd2-4step": ("dmd2", ["--preset", "few-step"], [4]),
+    "sim": ("sim", ["--preset", "{preset}"], [1]),
+    "msd-k1": ("msd", ["--preset", "{preset}", "--students", "1"], [1]),
+    "msd-k2": ("msd", ["--preset", "{preset}", "--students", "2"], [1]),
+    "msd-k4": ("msd", ["--preset", "{preset}", "--students", "4"], [1]),
+    "msd-k4-small": ("msd", ["--preset", "small"], [1]),
+    "rectified_flow": ("rectified_flow", ["--preset", "{preset}"], [1, 2]),
+    "slimflow": ("slimflow", ["--preset", "{preset}"], [1, 2]),
+    "consistency": ("consistency", ["--preset", "{preset}"], [1, 2]),
+    "consistency-init-teacher": ("consistency", ["--preset", "{preset}", "--init", "teacher"], [1, 2]),
+}
+
+
+def params(unet) -> int:
+    return sum(p.numel() for p in unet.parameters())
+
+
+def train(name: str, preset: str, reuse: bool) -> tuple[Path, float | None]:
+    method, extra, _ = RUNS[name]
+    run = ROOT / "runs" / preset / name
+    if reuse and (run / "pipeline" / "model_index.json").is_file():
+        return run, json.loads((run / "bench.json").read_text())["train_seconds"] if (run / "bench.json").is_file() else None
+    cmd = [sys.executable, "-m", "app.cli", "distill", method, *[a.format(preset=preset) for a in extra],
+           "--out", str(run), "--eval-per-class", "0"]
+    print(" ".join(cmd), file=sys.stderr)
+    t0 = time.time()
+    run.parent.mkdir(parents=True, exist_ok=True)
+    with open(run.parent / f"{name}.log", "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    seconds = time.time() - t0
+    (run / "bench.json").write_text(json.dumps({"train_seconds": seconds, "command": " ".join(cmd[2:])}))
+    return run, seconds
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--only", nargs="+", choices=list(RUNS), default=list(RUNS))
+    p.add_argument("--reuse", action="store_true", help="evaluate finished runs instead of training them again")
+    p.add_argument("--per-class", type=int, default=200)
+    args = p.parse_args(argv)
+
+    trained = {name: train(name, args.preset, args.reuse) for name in args.only}
+
+    teacher = load_pipeline(DEFAULT_TEACHER)
+    shape = (teacher.unet.config.in_channels, teacher.unet.config.sample_size, teacher.unet.config.sample_size)
+    labels = protocol_labels(per_class=args.per_class)
+    noise = protocol_noise(shape, len(labels))
+    space = feature_space("mnist", "cpu")
+    ref = mnist_reference(space, shape[-1])
+    floor = real_floor(space, ref, shape[-1])["fid"]
+    import diffusers
+
+    teacher.scheduler = diffusers.DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing")
+    grids = RESULTS / "distill"
+    rows = []
+
+    def measure(name, pipe, nfe, **extra):
+        with torch.no_grad():
+            images, seconds = pipeline_images(pipe, labels, noise, nfe)
+        row = {"name": f"{name}-{nfe}", "method": extra.pop("method", name), "nfe": nfe,
+               "fid": fid_of_tensor(images, ref, space, name)["fid"], "images_per_s": len(images) / seconds, **extra}
+        save_grid(images[::args.per_class // 10][:100], grids / f"{row['name']}.png", nrow=10, upscale=2)
+        row["grid"] = str((grids / f"{row['name']}.png").relative_to(RESULTS.parent.parent))
+        rows.append(row)
+        print(f"{row['name']:>32}  FID {row['fid']:.4f}  {row['images_per_s']:.0f} img/s", file=sys.stderr)
+        return row
+
+    t_row = measure("teacher-ddim", teacher, 50, method="teacher", params=params(teacher.unet))
+    for name, (run, seconds) in trained.items():
+        pipe = load_pipeline(run / "pipeline")
+        info = {"method": RUNS[name][0], "params": params(pipe.unet), "train_minutes": seconds and seconds / 60}
+        if hasattr(pipe.unet, "students"):
+            info["params_per_student"] = max(params(s) for s in pipe.unet.students)
+        for nfe in RUNS[name][2]:
+            measure(name, pipe, nfe, **info)
+    for r in rows:
+        r["fid_vs_teacher"] = r["fid"] / t_row["fid"]
+        r["speedup"] = r["images_per_s"] / t_row["images_per_s"]
+        r["params_vs_teacher"] = r["params"] / t_row["params"]
+    write_results(f"distill-{args.preset}", {
+        "command": "python benchmarks/distill.py" + ("" if argv is None else " " + " ".join(argv)),
+        "teacher": str(DEFAULT_TEACHER), "preset": args.preset,
+        "protocol": {"per_class": args.per_class, "noise_seed": 0, "features": "mnist", "reference": ref.source},
+        "floor": floor, "rows": rows,
+        "columns": [["name", "row"], ["nfe", "NFE"], ["fid", "FID-mnist"], ["fid_vs_teacher", "x teacher-50"],
+                    ["images_per_s", "images/s"], ["speedup", "speed vs teacher-50"], ["params", "parameters"],
+                    ["params_vs_teacher", "x teacher params"], ["train_minutes", "training minutes"]],
+        "notes": ["training minutes: wall time of `dstudio distill` (pair generation included) on this machine, "
+                  "while other jobs may have shared its cores; speeds are measured in this one run",
+                  "teacher-ddim-50: the shipped teacher with 50 trailing DDIM steps, the reference of every ratio"],
+    })
+    print(f"wrote {RESULTS / f'distill-{args.preset}.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

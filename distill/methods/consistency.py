@@ -1,0 +1,146 @@
+"""Improved consistency training (Song & Dhariwal 2023, iCT), and consistency distillation as its `target=teacher`."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from distill.core.config import require
+from distill.core.denoiser import ConsistencyDenoiser, append_dims
+from distill.core.export import export_image_pipeline
+from distill.core.losses import ict_huber_c, pseudo_huber
+from distill.core.method import Method, Phase, register
+from distill.core.score import trainable_copy
+from samplers import StudentScheduler, karras_sigmas, sample_multistep, scheduler_from_teacher
+
+
+def discretisation_steps(k: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
+    """iCT, sec. 3.4: N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2 floor(s1 / s0) + 1))."""
+    k_prime = max(1, math.floor(total_steps / (math.log2(math.floor(s1 / s0)) + 1)))
+    return min(s0 * 2 ** (k // k_prime), s1) + 1
+
+
+def index_probabilities(sigmas: Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> Tensor:
+    """iCT, sec. 3.5: P(i) ∝ erf((ln s_{i+1} - Pm) / (sqrt2 Ps)) - erf((ln s_i - Pm) / (sqrt2 Ps)), i = 1..N-1."""
+    cdf = torch.erf((sigmas.double().log() - p_mean) / (math.sqrt(2) * p_std))
+    p = cdf[1:] - cdf[:-1]
+    return p / p.sum()
+
+
+@dataclass
+class ConsistencyConfig:
+    data: str = "mnist"
+    target: Literal["self", "teacher"] = "self"    # iCT's stop-gradient self-target, or one teacher ODE step (CD)
+    init: Literal["scratch", "teacher"] = "scratch"  # "teacher": easy consistency tuning from the teacher's weights
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    sigma_data: float | None = None  # None: 0.5 (iCT), or 1.0 when starting from a v-prediction teacher (its own)
+    s0: int = 10
+    s1: int = 1280
+    p_mean: float = -1.1
+    p_std: float = 2.0
+    huber_c: float | None = None     # None: 0.00054 sqrt(C*H*W)
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    mid_sigma: float = 0.821         # iCT's two-step sampler: re-noise to this sigma (CIFAR-10 value)
+
+    def validate(self) -> None:
+        require(0 < self.sigma_min < self.sigma_max, f"method.sigma_min={self.sigma_min} and method.sigma_max="
+                                                     f"{self.sigma_max} must satisfy 0 < sigma_min < sigma_max")
+        require(1 <= self.s0 <= self.s1, f"method.s0={self.s0} and method.s1={self.s1} must satisfy 1 <= s0 <= s1")
+        require(self.lr > 0, f"method.lr={self.lr} must be > 0")
+        require(self.p_std > 0, f"method.p_std={self.p_std} must be > 0")
+        require(self.sigma_data is None or self.sigma_data > 0, f"method.sigma_data={self.sigma_data} must be > 0")
+        require(self.sigma_min < self.mid_sigma < self.sigma_max,
+                f"method.mid_sigma={self.mid_sigma} must lie between sigma_min and sigma_max")
+
+
+@register("consistency", "ict")
+class Consistency(Method):
+    """iCT: f(x + s_{i+1} eps, s_{i+1}) -> sg f(x + s_i eps, s_i), weighted 1 / (s_{i+1} - s_i), pseudo-Huber."""
+
+    Config = ConsistencyConfig
+
+    def __init__(self, config: ConsistencyConfig, teacher=None, data=None):
+        super().__init__(config)
+        require(teacher is not None, "consistency needs a teacher pipeline for its architecture and time steps")
+        if config.init == "teacher" or config.target == "teacher":
+            require(teacher.denoiser.prediction_type == "v_prediction",
+                    f"--init teacher / --target teacher need a v-prediction teacher (its backbone is EDM-"
+                    f"preconditioned); '{teacher.source}' predicts {teacher.denoiser.prediction_type}")
+        self.kind, self.num_classes, self.shape = teacher.kind, teacher.num_classes, teacher.sample_shape
+        self.teacher_scheduler, self.source = teacher.scheduler, teacher.source
+        net = trainable_copy(teacher.unet)
+        if config.init == "scratch":
+            net = type(net).from_config(net.config)
+        sd = config.sigma_data or (1.0 if config.init == "teacher" else 0.5)
+        self.sigma_data = sd
+        self.student = ConsistencyDenoiser(net, teacher.denoiser.schedule, sd, config.sigma_min, config.sigma_max)
+        self.teacher_denoiser = teacher.denoiser if config.target == "teacher" else None
+        self.c = config.huber_c or ict_huber_c(self.shape)
+        self.total_steps = 1
+
+    def prepare(self, run_dir, accelerator, steps: int) -> None:
+        self.total_steps = steps
+
+    def phases(self) -> list[Phase]:
+        c = self.config
+        return [Phase("consistency", ("student",), lr=c.lr, betas=c.betas, grad_clip=c.grad_clip)]
+
+    def sigmas(self, step: int) -> Tensor:
+        """The Karras grid (rho = 7) of N(k) points, ascending."""
+        c = self.config
+        n = discretisation_steps(step, self.total_steps, c.s0, c.s1)
+        return karras_sigmas(n, c.sigma_min, c.sigma_max, c.rho).flip(0)
+
+    def target_point(self, x_next: Tensor, sigma_next: Tensor, sigma: Tensor, x0: Tensor, noise: Tensor, cond):
+        """CT: x + s_i eps with the same eps (iCT); CD: one Euler step of the teacher's ODE from s_{i+1} to s_i."""
+        if self.teacher_denoiser is None:
+            return x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * noise
+        dims = lambda s: append_dims(s.to(x_next.dtype), x_next.ndim)  # noqa: E731
+        d = (x_next - self.teacher_denoiser(x_next, sigma_next, cond)) / dims(sigma_next)
+        return x_next + dims(sigma - sigma_next) * d
+
+    def loss(self, phase: str, batch, step: int):
+        """iCT, eq. 9: lambda(s_i) d(f(x + s_{i+1} eps, s_{i+1}), sg f(x + s_i eps, s_i)), lambda = 1 / (s_{i+1} - s_i)."""
+        x0, labels = batch
+        cond = labels if self.kind == "class" else None
+        grid = self.sigmas(step).to(x0.device)
+        i = torch.multinomial(index_probabilities(grid, self.config.p_mean, self.config.p_std), len(x0),
+                              replacement=True).to(x0.device)
+        sigma, sigma_next = grid[i], grid[i + 1]
+        noise = torch.randn_like(x0)
+        x_next = x0 + append_dims(sigma_next.to(x0.dtype), x0.ndim) * noise
+        with torch.no_grad():
+            target = self.student(self.target_point(x_next, sigma_next, sigma, x0, noise, cond), sigma, cond)
+        pred = self.student(x_next, sigma_next, cond)
+        weight = (1 / (sigma_next - sigma)).to(x0.dtype)
+        loss = (weight * pseudo_huber(pred, target, self.c)).mean()
+        return loss, {"ict" if self.teacher_denoiser is None else "cd": loss.item(), "N": float(len(grid))}
+
+    def export_timesteps(self, steps: int) -> list[int]:
+        c = self.config
+        wanted = [c.sigma_max, c.mid_sigma][:steps]
+        ts = self.student.schedule.sigma_to_t(torch.tensor(wanted, dtype=torch.float64)).round().long().tolist()
+        return sorted(set(ts), reverse=True)
+
+    def sample(self, labels: Tensor, generator: torch.Generator, steps: int = 1) -> Tensor:
+        """Song et al. 2023, Algorithm 1 at the exported (integer) steps: one step, or two with re-noising."""
+        sched = self.student.schedule
+        sigmas = torch.cat([sched.t_to_sigma(torch.tensor(self.export_timesteps(steps))), torch.zeros(1)])
+        z = torch.randn((len(labels), *self.shape), generator=generator, device=labels.device)
+        x = z * math.sqrt(1 + float(sigmas[0]) ** 2)
+        return sample_multistep(self.student, x, sigmas.to(z.device), labels if self.kind == "class" else None,
+                                generator).clamp(-1, 1)
+
+    def export(self, path) -> None:
+        sched = scheduler_from_teacher(StudentScheduler, self.teacher_scheduler, prediction_type="consistency",
+                                       timesteps=self.export_timesteps(2), num_inference_steps=1,
+                                       sigma_data=self.sigma_data, sigma_min=self.config.sigma_min)
+        export_image_pipeline(self.student.model, sched, path, method=self.name, target=self.config.target,
+                              init=self.config.init)

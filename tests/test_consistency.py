@@ -1,0 +1,137 @@
+"""iCT / consistency distillation: curriculum, index distribution, boundary scalings, loss, resume, export."""
+import math
+
+import pytest
+import torch
+
+from distill.methods.consistency import discretisation_steps, index_probabilities
+from samplers import karras_sigmas
+from samplers.schedules import consistency_scalings
+
+
+@pytest.mark.parametrize("total, k, n", [
+    (800, 0, 11), (800, 99, 11), (800, 100, 21), (800, 250, 41), (800, 699, 641), (800, 700, 1281), (800, 10**6, 1281),
+    (1000, 124, 11), (1000, 125, 21), (1000, 375, 81), (1000, 999, 1281),  # K' = floor(K / 8): 100 and 125
+    (64, 7, 11), (64, 8, 21),
+])
+def test_curriculum_matches_hand_computed_values(total, k, n):
+    assert discretisation_steps(k, total, 10, 1280) == n
+
+
+def test_index_distribution_sums_to_one_and_peaks_near_the_lognormal_mode():
+    sigmas = karras_sigmas(1281, 0.002, 80.0).flip(0)  # ascending
+    p = index_probabilities(sigmas, -1.1, 2.0)
+    assert len(p) == 1280 and p.min() >= 0
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-12)
+    peak = int(p.argmax())
+    assert math.exp(-1.1 - 2.0) < sigmas[peak] < math.exp(-1.1 + 2.0)  # within one std of ln sigma's mean
+    assert (p[:peak].diff() >= -1e-15).all() and (p[peak:].diff() <= 1e-15).all()  # unimodal
+    # the mass of an interval is the lognormal's: P(sigma in [s_a, s_b]) = Phi(...) - Phi(...)
+    a, b = 100, 900
+    ln = lambda s: (math.log(s) + 1.1) / 2.0  # noqa: E731
+    phi = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
+    total = phi(ln(80.0)) - phi(ln(0.002))
+    assert p[a:b].sum().item() == pytest.approx((phi(ln(sigmas[b])) - phi(ln(sigmas[a]))) / total, rel=1e-9)
+
+
+@pytest.mark.parametrize("sd", [0.5, 1.0])
+def test_boundary_condition(sd):
+    c_skip, c_out, _ = consistency_scalings(torch.tensor(0.002, dtype=torch.float64), sd, 0.002)
+    assert c_skip.item() == 1.0 and c_out.item() == 0.0
+    c_skip, c_out, c_in = consistency_scalings(torch.tensor(80.0, dtype=torch.float64), sd, 0.002)
+    assert c_skip.item() < 1e-3 and abs(c_out.item()) == pytest.approx(sd, rel=1e-3)
+
+
+@pytest.fixture()
+def method(tiny_teacher):
+    from distill.core.teacher import load_teacher
+    from distill.methods.consistency import Consistency, ConsistencyConfig
+
+    torch.manual_seed(0)
+    return Consistency(ConsistencyConfig(data="digits"), teacher=load_teacher(tiny_teacher))
+
+
+def test_huber_constant_and_loss_on_fixed_tensors(method):
+    assert method.c == pytest.approx(0.00054 * math.sqrt(1 * 8 * 8))
+    for p in method.student.model.parameters():  # F = 0: f(x, sigma) = c_skip(sigma) x, so the loss is known
+        p.data.zero_()
+    method.total_steps = 80
+    x0, labels = torch.randn(5, 1, 8, 8), torch.arange(5)
+    torch.manual_seed(3)
+    loss, logs = method.loss("consistency", (x0, labels), step=10)  # K' = 10: N = 21
+    assert logs["N"] == 21
+    torch.manual_seed(3)
+    grid = karras_sigmas(21, 0.002, 80.0).flip(0)
+    i = torch.multinomial(index_probabilities(grid), 5, replacement=True)
+    noise = torch.randn_like(x0)
+    s, s_next = grid[i].view(-1, 1, 1, 1), grid[i + 1].view(-1, 1, 1, 1)
+    skip = lambda sig: 0.25 / ((sig - 0.002) ** 2 + 0.25)  # noqa: E731  (sigma_data 0.5)
+    pred, target = skip(s_next) * (x0 + s_next * noise), skip(s) * (x0 + s * noise)
+    d = ((pred - target).pow(2).flatten(1).sum(1) + method.c**2).sqrt() - method.c
+    expected = (d / (grid[i + 1] - grid[i])).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_consistency_distillation_target_is_one_teacher_euler_step(tiny_teacher):
+    from distill.core.teacher import load_teacher
+    from distill.methods.consistency import Consistency, ConsistencyConfig
+
+    teacher = load_teacher(tiny_teacher)
+    m = Consistency(ConsistencyConfig(data="digits", target="teacher"), teacher=teacher)
+    x_next, labels = torch.randn(3, 1, 8, 8), torch.arange(3)
+    s_next, s = torch.full((3,), 2.0, dtype=torch.float64), torch.full((3,), 1.5, dtype=torch.float64)
+    with torch.no_grad():
+        got = m.target_point(x_next, s_next, s, None, None, labels)
+        want = x_next + (1.5 - 2.0) * (x_next - teacher.denoiser(x_next, s_next, labels)) / 2.0
+    torch.testing.assert_close(got, want)
+
+
+def _run(tiny_teacher, run, steps, resume=False, **method):
+    from distill.core.config import from_dict
+    from distill.core.teacher import load_teacher
+    from distill.core.trainer import Trainer, TrainerConfig
+    from distill.data import digits8
+    from distill.methods.consistency import Consistency, ConsistencyConfig
+
+    torch.manual_seed(0)
+    data = digits8(8)
+    m = Consistency(from_dict(ConsistencyConfig, {"data": "digits", **method}), teacher=load_teacher(tiny_teacher))
+    trainer = Trainer(m, TrainerConfig(steps=steps, batch_size=8, sample_every=100, checkpoint_every=2,
+                                       grid_per_class=1), run, data=data)
+    return trainer, trainer.fit(resume=resume)
+
+
+@pytest.mark.parametrize("init", ["scratch", "teacher"])
+def test_resume_and_export(tiny_teacher, tmp_path, init):
+    from diffusers import DiffusionPipeline
+
+    trainer, pipeline = _run(tiny_teacher, tmp_path / "a", 4, init=init)
+    _run(tiny_teacher, tmp_path / "b", 2, init=init)
+    resumed, _ = _run(tiny_teacher, tmp_path / "b", 4, resume=True, init=init)
+    for a, b in zip(trainer.method.student.parameters(), resumed.method.student.parameters()):
+        torch.testing.assert_close(a, b)
+
+    pipe = DiffusionPipeline.from_pretrained(pipeline, trust_remote_code=True)
+    assert pipe.scheduler.config.prediction_type == "consistency"
+    m, labels = trainer.method, torch.arange(4)
+    noise = torch.randn(4, *m.shape, generator=torch.Generator().manual_seed(0))
+    out = pipe(class_labels=labels, latents=noise, output_type="pt").images * 2 - 1  # one step by default
+    with trainer.ema.applied(m.student_net()), torch.no_grad():
+        ref = m.sample(labels, torch.Generator().manual_seed(0), steps=1)
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=0)
+    pipe.set_progress_bar_config(disable=False)
+    two = pipe(class_labels=labels, latents=noise, num_inference_steps=2, output_type="pt",
+               generator=torch.Generator().manual_seed(1)).images
+    assert pipe.scheduler.timesteps.tolist() == m.export_timesteps(2) and two.shape == out.shape
+
+
+def test_init_teacher_starts_as_the_teachers_denoiser(tiny_teacher, tmp_path):
+    """Easy consistency tuning: with sigma_data = 1 a v-prediction teacher's backbone is f up to the sigma_min shift."""
+    from distill.core.teacher import load_teacher
+    from distill.methods.consistency import Consistency, ConsistencyConfig
+
+    teacher = load_teacher(tiny_teacher)
+    m = Consistency(ConsistencyConfig(data="digits", init="teacher"), teacher=teacher)
+    x, labels, sigma = torch.randn(3, 1, 8, 8) * 20, torch.arange(3), torch.tensor(20.0, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(m.student(x, sigma, labels), teacher.denoiser(x, sigma, labels), atol=2e-3, rtol=0)
