@@ -97,6 +97,16 @@ def cmd_distill(args) -> None:
     _train(args.method, args, args.teacher)
 
 
+def cmd_app(args) -> None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UsageError('the app needs Gradio: pip install -e ".[app]"') from None
+    from app.studio import launch
+
+    launch(args.port, args.runs)
+
+
 def load_scheduler(folder: str):
     """A scheduler folder written by save_pretrained: dstudio's own classes or any diffusers scheduler."""
     import json
@@ -334,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("items", nargs="+", metavar="RUN_OR_RESULT", help="run folders and/or result .json files")
     rp.add_argument("--out", default="report.html")
     rp.set_defaults(func=cmd_report)
+
+    ap = sub.add_parser("app", help="the studio in the browser: compare pipelines, FID board, start runs")
+    ap.add_argument("--port", type=_positive_int("--port"), default=7860)
+    ap.add_argument("--runs", default="runs", help="folder searched for exported pipelines, schedules and results")
+    ap.set_defaults(func=cmd_app)
 
     ft = sub.add_parser("features", help="the offline mnist feature net").add_subparsers(
         dest="action", required=True, parser_class=Parser)

@@ -28,7 +28,8 @@ CHECKPOINT = "checkpoint.pt"
 @dataclass
 class TrainerConfig:
     steps: int = 1000
-    batch_size: int = 64
+    batch_size: int = 64             # per process and per micro-batch: global batch = batch_size x processes x grad_accum
+    grad_accum: int = 1              # micro-batches whose gradients are summed before each optimiser step
     seed: int = 0
     ema_decay: float = 0.999
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -42,6 +43,7 @@ class TrainerConfig:
     def validate(self) -> None:
         require(self.steps > 0, f"trainer.steps={self.steps} must be > 0")
         require(self.batch_size > 0, f"trainer.batch_size={self.batch_size} must be > 0")
+        require(self.grad_accum > 0, f"trainer.grad_accum={self.grad_accum} must be > 0")
         require(0 <= self.ema_decay < 1, f"trainer.ema_decay={self.ema_decay} must be in [0, 1)")
         for key in ("log_every", "sample_every", "checkpoint_every", "grid_per_class"):
             require(getattr(self, key) > 0, f"trainer.{key}={getattr(self, key)} must be > 0")
@@ -203,17 +205,26 @@ class Trainer:
         self.step = state["step"]
 
     # --- the loop ---------------------------------------------------------------------------------
-    def _run_phase(self, phase: Phase, batch) -> dict[str, float]:
+    def _run_phase(self, phase: Phase, batches: list) -> dict[str, float]:
         self.method.train_only(phase)
         opt = self.optimizers[phase.name]
-        with self.accelerator.autocast():
-            loss, logs = self.model(phase.name, batch, self.step)
-        if not torch.isfinite(loss):
-            terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
-            raise DivergenceError(
-                f"non-finite loss at step {self.step}, phase '{phase.name}' ({terms or 'loss=' + str(loss.item())}); "
-                f"the last good checkpoint is kept in {self.run_dir}: rerun with --resume and a lower learning rate")
-        self.accelerator.backward(loss)
+        totals: dict[str, float] = {}
+        for k, batch in enumerate(batches):
+            # gradients of all but the last micro-batch stay local: DDP all-reduces once, at the last backward
+            sync = contextlib.nullcontext() if k == len(batches) - 1 else self.accelerator.no_sync(self.model)
+            with sync:
+                with self.accelerator.autocast():
+                    loss, logs = self.model(phase.name, batch, self.step)
+                if not torch.isfinite(loss):
+                    terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
+                    raise DivergenceError(
+                        f"non-finite loss at step {self.step}, phase '{phase.name}' "
+                        f"({terms or 'loss=' + str(loss.item())}); the last good checkpoint is kept in "
+                        f"{self.run_dir}: rerun with --resume and a lower learning rate")
+                self.accelerator.backward(loss / len(batches))
+            for key, v in logs.items():
+                totals[key] = totals.get(key, 0.0) + v / len(batches)
+        logs = totals
         params = self.method.phase_parameters(phase)
         norm = self.accelerator.clip_grad_norm_(params, phase.grad_clip or float("inf"))
         if norm is not None and not torch.isfinite(torch.as_tensor(norm)) and self.config.mixed_precision != "fp16":
@@ -259,11 +270,12 @@ class Trainer:
         t0 = time.time()
         while self.step < cfg.steps:
             # data-free methods get the per-process batch size instead of a batch
-            batch = self.stream.next(self.accelerator.device) if self.stream else self.config.batch_size
+            batches = [self.stream.next(self.accelerator.device) if self.stream else self.config.batch_size
+                       for _ in range(cfg.grad_accum)]
             logs = {}
             for phase in self.phases:
                 if phase.active(self.step):
-                    logs.update(self._run_phase(phase, batch))
+                    logs.update(self._run_phase(phase, batches))
             self.ema.update(self.method.student_net(), self.step)
             self.step += 1
             bar.update(1)
