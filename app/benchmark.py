@@ -84,6 +84,19 @@ def real_floor(space, ref, resolution: int) -> dict:
     return fid_of_tensor(data.images[idx], ref, space, "mnist5k-real-2000")
 
 
+def protocol_for(pipe, per_class: int = N_PER_CLASS) -> dict:
+    """The embedded protocol for a class-conditional pipeline: labels, fixed noise, feature space, reference, floor."""
+    from app.fid import feature_space, mnist_reference
+
+    cfg = pipe.unet.config
+    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    labels = protocol_labels(per_class=per_class)
+    space = feature_space("mnist", "cpu")
+    ref = mnist_reference(space, shape[-1])
+    return {"labels": labels, "noise": protocol_noise(shape, len(labels)), "space": space, "ref": ref,
+            "floor": real_floor(space, ref, shape[-1])["fid"]}
+
+
 def write_results(name: str, payload: dict) -> Path:
     from distill.core.export import versions
     from distill.core.io import save_json

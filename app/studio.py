@@ -128,8 +128,8 @@ def generate(entries: list[Entry], names: list[str], class_label: int | None, pr
 
 def _method(e: Entry) -> str:
     info = e.path / "dstudio.json"
-    if e.kind == "schedule":
-        return "searched schedule"
+    if e.kind != "student":
+        return {"teacher": "teacher", "schedule": "searched schedule"}[e.kind]
     if info.is_file():
         try:
             return json.loads(info.read_text()).get("method") or e.kind
@@ -323,7 +323,7 @@ def build_app(runs: str | Path | None = "runs"):
                 guidance = gr.Slider(1.0, 8.0, value=1.0, step=0.5, label="guidance")
                 num_images = gr.Slider(1, 16, value=4, step=1, label="images per pipeline")
             go = gr.Button("Generate", variant="primary")
-            gallery = gr.Gallery(label="samples", columns=4, elem_id="gallery")
+            gallery = gr.Gallery(label="samples", columns=8, height="auto", elem_id="gallery")
             with gr.Row():
                 left = gr.Dropdown(names, value=names[0] if names else None, label="slider: left")
                 right = gr.Dropdown(names, value=names[1] if len(names) > 1 else None, label="slider: right")

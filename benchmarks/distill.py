@@ -21,8 +21,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import torch  # noqa: E402
 
-from app.benchmark import RESULTS, pipeline_images, protocol_labels, protocol_noise, real_floor, write_results  # noqa: E402
-from app.fid import feature_space, fid_of_tensor, mnist_reference  # noqa: E402
+from app.benchmark import RESULTS, pipeline_images, protocol_for, write_results  # noqa: E402
+from app.fid import fid_of_tensor  # noqa: E402
 from distill.core.images import save_grid  # noqa: E402
 from distill.core.teacher import DEFAULT_TEACHER, load_pipeline  # noqa: E402
 
@@ -75,12 +75,8 @@ def main(argv=None) -> int:
     trained = {name: train(name, args.preset, args.reuse) for name in args.only}
 
     teacher = load_pipeline(DEFAULT_TEACHER)
-    shape = (teacher.unet.config.in_channels, teacher.unet.config.sample_size, teacher.unet.config.sample_size)
-    labels = protocol_labels(per_class=args.per_class)
-    noise = protocol_noise(shape, len(labels))
-    space = feature_space("mnist", "cpu")
-    ref = mnist_reference(space, shape[-1])
-    floor = real_floor(space, ref, shape[-1])["fid"]
+    proto = protocol_for(teacher, args.per_class)
+    labels, noise, space, ref, floor = (proto[k] for k in ("labels", "noise", "space", "ref", "floor"))
     import diffusers
 
     teacher.scheduler = diffusers.DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing")

@@ -15,9 +15,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import torch  # noqa: E402
 
-from app.benchmark import (RESULTS, STOCK_SOLVERS, fid_vs_nfe_plot, pipeline_images,  # noqa: E402
-                           protocol_labels, protocol_noise, real_floor, stock_scheduler, write_results)
-from app.fid import feature_space, fid_of_tensor, mnist_reference  # noqa: E402
+from app.benchmark import (RESULTS, STOCK_SOLVERS, fid_vs_nfe_plot, pipeline_images, protocol_for,  # noqa: E402
+                           stock_scheduler, write_results)
+from app.fid import fid_of_tensor  # noqa: E402
 from distill.core.images import save_grid  # noqa: E402
 from distill.core.teacher import DEFAULT_TEACHER, load_pipeline  # noqa: E402
 from samplers import SearchedScheduler, scheduler_from_teacher  # noqa: E402
@@ -36,12 +36,8 @@ def main(argv=None) -> int:
 
     pipe = load_pipeline(args.teacher)
     base = pipe.scheduler.config
-    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-    labels = protocol_labels(per_class=args.per_class)
-    noise = protocol_noise(shape, len(labels))
-    space = feature_space("mnist", "cpu")
-    ref = mnist_reference(space, shape[-1])
-    floor = real_floor(space, ref, shape[-1])["fid"]
+    proto = protocol_for(pipe, args.per_class)
+    labels, noise, space, ref, floor = (proto[k] for k in ("labels", "noise", "space", "ref", "floor"))
     grids = RESULTS / "samplers"
 
     runs = [(name, nfe) for nfe in args.nfe for name in STOCK_SOLVERS] + [("ays-sd10-ddim", 10)]

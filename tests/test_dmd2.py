@@ -54,7 +54,7 @@ def test_phases_touch_only_their_networks(dmd2, tmp_path):
     nets = {"student": dmd2.student, "fake_score": dmd2.fake_score, "head": dmd2.head, "teacher": dmd2.real_score}
     for phase, trained in ((trainer.phases[0], {"student"}), (trainer.phases[1], {"fake_score", "head"})):
         before = {k: _snap(v) for k, v in nets.items()}
-        trainer._run_phase(phase, batch)
+        trainer._run_phase(phase, [batch])
         for k, v in nets.items():
             assert _moved(before[k], v) == (k in trained), (phase.name, k)
 

@@ -1,5 +1,4 @@
 """Teacher loading: pixel DDPM pipelines, SD-shaped latent text-to-image pipelines, clear refusals."""
-import json
 
 import pytest
 import torch

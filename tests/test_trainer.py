@@ -77,7 +77,7 @@ def test_phases_touch_only_their_parameters(tmp_path):
         assert all(p.grad is None for n in (frozen, "teacher") for p in getattr(method, n).parameters())
         for p in getattr(method, trained).parameters():
             p.grad = None
-        trainer._run_phase(phase, batch)
+        trainer._run_phase(phase, [batch])
         assert _changed(snaps[trained], getattr(method, trained))
         assert not _changed(snaps[frozen], getattr(method, frozen))
         assert not _changed(snaps["teacher"], method.teacher)
