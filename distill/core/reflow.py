@@ -102,9 +102,13 @@ class FlowMethod(Method):
         if self.kind == "class":
             return idx % self.num_classes
         if self.kind == "text":
-            unique = self._teacher.encode_prompts(self.prompts).cpu()
-            return unique[idx % len(self.prompts)]
+            return self.prompt_embeddings()[idx % len(self.prompts)]
         return None
+
+    def prompt_embeddings(self) -> Tensor:
+        if getattr(self, "_prompt_emb", None) is None:
+            self._prompt_emb = self._teacher.encode_prompts(self.prompts).cpu()
+        return self._prompt_emb
 
     def prepare(self, run_dir, accelerator, steps: int) -> None:
         root = Path(self.config.pairs) if self.config.pairs else Path(run_dir) / "pairs"
@@ -179,7 +183,7 @@ class FlowMethod(Method):
         if self.kind == "class":
             return labels
         if self.kind == "text":
-            emb = self._teacher.encode_prompts(self.prompts[:1]).to(labels.device)
+            emb = self.prompt_embeddings()[:1].to(labels.device)
             return emb.expand(len(labels), *emb.shape[1:])
         return None
 

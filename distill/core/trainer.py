@@ -209,9 +209,9 @@ class Trainer:
         self.method.train_only(phase)
         opt = self.optimizers[phase.name]
         totals: dict[str, float] = {}
-        for k, batch in enumerate(batches):
+        for i, batch in enumerate(batches):
             # gradients of all but the last micro-batch stay local: DDP all-reduces once, at the last backward
-            sync = contextlib.nullcontext() if k == len(batches) - 1 else self.accelerator.no_sync(self.model)
+            sync = contextlib.nullcontext() if i == len(batches) - 1 else self.accelerator.no_sync(self.model)
             with sync:
                 with self.accelerator.autocast():
                     loss, logs = self.model(phase.name, batch, self.step)
