@@ -294,7 +294,7 @@ def build_app(runs: str | Path | None = "runs"):
         return f"{r['pipeline']}: FID-mnist {r['fid']:.4f} on {r['images']} images, {r['images_per_s']:.0f} images/s"
 
     def _job(kind, method, preset, nfe):
-        out = Path(runs or "runs") / "app" / f"{kind if kind == 'search' else method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = Path(runs or "runs").resolve() / "app" / f"{kind if kind == 'search' else method}-{time.strftime('%Y%m%d-%H%M%S')}"
         job = Job(job_argv(kind, method, preset, nfe, out), out)
         try:
             while job.proc.poll() is None:
