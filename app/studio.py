@@ -98,7 +98,6 @@ def generate(entries: list[Entry], names: list[str], class_label: int | None, pr
         if text:
             _check(bool(prompt.strip()), f"pipeline '{name}' is text-to-image: give a prompt")
             kwargs["prompt"] = [prompt] * int(num_images)
-            size = unet.config.sample_size
         else:
             n_cls = (unet.config.num_class_embeds or 1) - 1
             if n_cls > 0:
@@ -107,7 +106,7 @@ def generate(entries: list[Entry], names: list[str], class_label: int | None, pr
                 kwargs["class_labels"] = torch.full((int(num_images),), label)
             else:
                 kwargs["batch_size"] = int(num_images)
-            size = unet.config.sample_size
+        size = unet.config.sample_size
         shape = (int(num_images), unet.config.in_channels, size, size)
         kwargs["latents"] = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
         kwargs["generator"] = torch.Generator().manual_seed(int(seed) + 1)
@@ -192,18 +191,12 @@ def compute_fid(entry: Entry, per_class: int, progress=None) -> dict:
     shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
     labels = protocol_labels(per_class=int(per_class))
     noise = protocol_noise(shape, len(labels))
-    chunks, seconds = [], 0.0
-    for i in range(0, len(labels), 100):
-        if progress is not None:
-            progress(i / len(labels), desc=f"sampling {entry.name}")
-        with torch.no_grad():
-            imgs, dt = pipeline_images(pipe, labels[i:i + 100], noise[i:i + 100], None)
-        chunks.append(imgs)
-        seconds += dt
+    step = (lambda f: progress(f, desc=f"sampling {entry.name}")) if progress is not None else None
+    with torch.no_grad():
+        images, seconds = pipeline_images(pipe, labels, noise, None, batch_size=100, progress=step)
     if progress is not None:
         progress(1.0, desc="features and FID")
     space = feature_space("mnist", "cpu")
-    images = torch.cat(chunks)
     result = fid_of_tensor(images, mnist_reference(space, shape[-1]), space, entry.name)
     return {"pipeline": entry.name, "fid": result["fid"], "images": len(images), "images_per_s": len(images) / seconds}
 

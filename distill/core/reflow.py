@@ -113,10 +113,12 @@ class FlowMethod(Method):
     def prepare(self, run_dir, accelerator, steps: int) -> None:
         root = Path(self.config.pairs) if self.config.pairs else Path(run_dir) / "pairs"
         store = PairStore(root, self.pair_spec())
-        if accelerator.is_main_process:
+        if accelerator.is_main_process:  # creates the store; the others then only check it
             store.open()
         accelerator.wait_for_everyone()
-        store.open().generate(self._teacher, self.cond_for, rank=accelerator.process_index,
+        if not accelerator.is_main_process:
+            store.open()
+        store.generate(self._teacher, self.cond_for, rank=accelerator.process_index,
                               world=accelerator.num_processes, progress=accelerator.is_main_process)
         accelerator.wait_for_everyone()
         self.pairs = store.load()
