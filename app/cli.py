@@ -38,7 +38,7 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
 
     from distill.core.config import from_dict, load_preset, merge_overrides, to_dict
     from distill.core.io import check_writable
-    from distill.core.method import get_method
+    from distill.core.method import METHODS, get_method
     from distill.core.teacher import load_teacher
     from distill.core.trainer import Trainer, TrainerConfig
     from distill.data import load_data
@@ -67,11 +67,16 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
     mcfg = from_dict(cls.Config, mraw, "method.")
     out = check_writable(args.out)
     teacher = load_teacher(teacher_source) if cls.needs_teacher else None
+    if teacher and teacher.kind == "text" and not cls.text_teachers:
+        takes = sorted(n for n, c in METHODS.items() if c.text_teachers)
+        raise UsageError(f"method '{cls.name}' takes class-conditional or unconditional teachers; for text-to-image "
+                         f"teacher '{teacher.source}' use one of {', '.join(takes)}")
     data = None
     if cls.needs_data:
-        resolution = teacher.sample_shape[-1] if teacher else mcfg.resolution
-        channels = teacher.sample_shape[0] if teacher else 1
+        channels, resolution = (teacher.pixel_shape[0], teacher.pixel_shape[-1]) if teacher else (1, mcfg.resolution)
         data = load_data(getattr(mcfg, "data", "mnist"), resolution, channels)
+        if teacher:
+            data = teacher.to_model_space(data)
     torch.manual_seed(tcfg.seed)
     method = cls(mcfg, teacher=teacher, data=data)
     resolved = {"method_name": cls.name, "preset": args.preset, "teacher": teacher_source,

@@ -15,19 +15,22 @@ class FIDFitness:
 
     The noise comes from seed 1000 + `seed`, never the benchmark protocol's seed 0, so a final re-score on the
     protocol is on fresh noise. `labels`/`noise` override both (the benchmark re-scores through this class).
+    With `world` > 1 processes each samples its share of the chunks and the features are gathered, so every
+    process gets the same FID (stochastic samplers seed each chunk by its start, so their noise depends on `world`).
     """
 
     def __init__(self, teacher, sampler: str, n: int, features: str = "mnist", seed: int = 0, guidance: float = 1.0,
                  batch_size: int = 500, labels: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                 ref: str = "mnist"):
+                 ref: str = "mnist", device="cpu", rank: int = 0, world: int = 1):
         from app.fid import feature_space, reference_stats
 
         if teacher.kind == "text":
             raise ValueError("the FID fitness of `dstudio search` covers pixel-space teachers (class-conditional or "
                              "unconditional); for a text-to-image teacher pass your own objective to search.evolve")
-        self.teacher, self.sample_fn, self.batch_size = teacher, get_sampler(sampler), batch_size
+        self.teacher, self.sample_fn = teacher, get_sampler(sampler)
         self.denoiser = teacher.guided(guidance)
-        self.space = feature_space(features, "cpu")
+        self.device, self.rank, self.world = torch.device(device), rank, world
+        self.space = feature_space(features, self.device)
         self.ref = reference_stats(ref, self.space, teacher.sample_shape[-1])
         g = torch.Generator().manual_seed(1000 + seed)
         if labels is None:
@@ -35,26 +38,36 @@ class FIDFitness:
         self.labels, self.conditional = labels, teacher.kind == "class"
         self.noise = torch.randn((len(self.labels), *teacher.sample_shape), generator=g) if noise is None else noise
         self.noise_seed = 1000 + seed
+        self.chunk = min(batch_size, -(-len(self.labels) // world))
 
     def images(self, candidate) -> torch.Tensor:
+        """This process's share of the candidate's samples (all of them in a single process)."""
         from search.skip import SkippingDenoiser
 
-        sigmas = append_zero(self.teacher.denoiser.t_to_sigma(torch.tensor(candidate.steps)).float())
+        sigmas = append_zero(self.teacher.denoiser.t_to_sigma(torch.tensor(candidate.steps)).float()).to(self.device)
+        den = SkippingDenoiser(self.denoiser, self.teacher.unet, candidate.skips) if candidate.skips else self.denoiser
         out = []
-        for i in range(0, len(self.labels), self.batch_size):
-            z = self.noise[i:i + self.batch_size]
-            y = self.labels[i:i + self.batch_size] if self.conditional else None
-            den = SkippingDenoiser(self.denoiser, self.teacher.unet, candidate.skips) if candidate.skips \
-                else self.denoiser
-            gen = torch.Generator().manual_seed(self.noise_seed + 1 + i)
+        for k, i in enumerate(range(0, len(self.labels), self.chunk)):
+            if k % self.world != self.rank:
+                continue
+            z = self.noise[i:i + self.chunk].to(self.device)
+            y = self.labels[i:i + self.chunk].to(self.device) if self.conditional else None
+            gen = torch.Generator(self.device).manual_seed(self.noise_seed + 1 + i)
             out.append(self.sample_fn(den, z * (1 + sigmas[0] ** 2).sqrt(), sigmas, y, generator=gen))
-        return torch.cat(out).clamp(-1, 1)
+        return torch.cat(out).clamp(-1, 1) if out else torch.empty(0, *self.teacher.sample_shape)
 
     def __call__(self, candidate) -> float:
+        import numpy as np
+
         from app.fid import Stats, frechet, tensor_features
 
         with torch.no_grad():
-            feats = tensor_features(self.images(candidate), self.space)
+            images = self.images(candidate)
+            feats = tensor_features(images, self.space) if len(images) else None
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            feats = np.concatenate([f for f in gather_object([feats]) if f is not None])
         return frechet(Stats.of(feats, self.space.name, "candidate", keep_feats=False), self.ref)
 
 
@@ -68,8 +81,13 @@ def run_search(args) -> dict:
     from search import EvolutionConfig, SearchSpace, evolve
     from search.skip import skippable_blocks
 
+    from accelerate import PartialState
+
+    from distill.core.trainer import cpu_only
+
+    state = PartialState(cpu=cpu_only())  # under `accelerate launch`, each candidate's samples are split
     out = check_writable(args.out)
-    teacher = load_teacher(args.teacher)
+    teacher = load_teacher(args.teacher, device=state.device)
     T = teacher.num_train_timesteps
     if not 1 <= args.nfe <= T:
         raise ValueError(f"--nfe {args.nfe} must be in 1..{T} (the teacher's training steps)")
@@ -83,7 +101,7 @@ def run_search(args) -> dict:
                           mutations=min(25, args.population // 2), crossovers=min(15, args.population // 4),
                           seed=args.seed)
     fitness = FIDFitness(teacher, args.sampler, args.num_samples, features=args.features, seed=args.seed,
-                         ref=args.ref)
+                         ref=args.ref, device=state.device, rank=state.process_index, world=state.num_processes)
     init = []
     if args.init:
         import json
@@ -91,7 +109,9 @@ def run_search(args) -> dict:
         from search.space import Candidate
 
         init = [Candidate.from_json(json.loads(Path(args.init).read_text())["best"])]
-    out.mkdir(parents=True, exist_ok=True)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
     bars = {}
 
     def progress(gen, i, best):
@@ -103,9 +123,11 @@ def run_search(args) -> dict:
         bars[gen].set_postfix(best_fid=f"{best:.4f}")
 
     result = evolve(fitness, space, cfg, checkpoint=out / "search_state.json", resume=args.resume, init=init,
-                    progress=progress)
+                    progress=progress if state.is_main_process else None, write=state.is_main_process)
     for b in bars.values():
         b.close()
+    if not state.is_main_process:
+        return {"main_process": False}
     sched = scheduler_from_teacher(SearchedScheduler, teacher.scheduler, timesteps=list(result.best.steps),
                                    solver="dpmpp" if args.sampler == "dpmpp" else "ddim")
     with atomic_path(out / "scheduler", is_dir=True) as tmp:
@@ -144,6 +166,8 @@ def cmd_search(args) -> None:
         record = run_search(args)
     except ValueError as e:  # bad --nfe, budgets and teachers are reported by the search and the space
         raise UsageError(str(e)) from None
+    if record.get("main_process") is False:
+        return
     print(f"best {args.nfe}-NFE schedule {record['best']['steps']} FID-mnist {record['best_fitness']:.4f} "
           f"({record['evaluations']} candidates, {time.time() - t0:.0f} s); wrote {args.out}/scheduler, "
           f"{args.out}/search.json")

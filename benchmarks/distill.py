@@ -30,12 +30,12 @@ ROOT = Path(__file__).resolve().parent
 # name: (method, extra CLI arguments, NFEs to measure); `{preset}` is --preset
 RUNS = {
     "dmd2": ("dmd2", ["--preset", "{preset}"], [1]),
-    "dmd2-4step": ("dmd2", ["--preset", "few-step"], [4]),
+    "dmd2-4step": ("dmd2", ["--preset", "{preset}", "--set", "method.num_steps=4"], [4]),
     "sim": ("sim", ["--preset", "{preset}"], [1]),
     "msd-k1": ("msd", ["--preset", "{preset}", "--students", "1"], [1]),
     "msd-k2": ("msd", ["--preset", "{preset}", "--students", "2"], [1]),
     "msd-k4": ("msd", ["--preset", "{preset}", "--students", "4"], [1]),
-    "msd-k4-small": ("msd", ["--preset", "small"], [1]),
+    "msd-k4-small": ("msd", ["--preset", "{preset}", "--students", "4", "--student-width", "0.5"], [1]),
     "rectified_flow": ("rectified_flow", ["--preset", "{preset}"], [1, 2]),
     "slimflow": ("slimflow", ["--preset", "{preset}"], [1, 2]),
     "consistency": ("consistency", ["--preset", "{preset}"], [1, 2]),

@@ -1,7 +1,8 @@
 """Embedded data sets and user image folders, as class-labelled image tensors in [-1, 1]."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +14,21 @@ from distill.core.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 EMBEDDED = ("mnist", "digits")
+CAPTIONS = "metadata.jsonl"
 
 
 @dataclass
 class LabelledImages:
-    """Images (N, C, H, W) in [-1, 1] with integer labels in [0, num_classes)."""
+    """Images (N, C, H, W) in [-1, 1] with integer labels in [0, num_classes).
+
+    A captioned set (text-to-image teachers) has one caption per image, and its labels index `captions`.
+    """
 
     images: Tensor
     labels: Tensor
     class_names: list[str]
     name: str
+    captions: list[str] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -39,10 +45,10 @@ class LabelledImages:
         perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         n_hold = int(round(holdout * len(self)))
         hold, train = perm[:n_hold], perm[n_hold:]
-        return (
-            LabelledImages(self.images[train], self.labels[train], self.class_names, f"{self.name}-train"),
-            LabelledImages(self.images[hold], self.labels[hold], self.class_names, f"{self.name}-holdout"),
-        )
+        return self.subset(train, f"{self.name}-train"), self.subset(hold, f"{self.name}-holdout")
+
+    def subset(self, idx: Tensor, name: str) -> "LabelledImages":
+        return replace(self, images=self.images[idx], labels=self.labels[idx], name=name)
 
 
 def to_resolution(images: Tensor, resolution: int) -> Tensor:
@@ -86,28 +92,56 @@ def digits8(resolution: int = 8, channels: int = 1, seed: int = 0) -> LabelledIm
     return _finish(d.images / 16.0, d.target, 8, resolution, channels, "digits", seed)
 
 
-def image_folder(path: str | Path, resolution: int, channels: int = 3) -> LabelledImages:
-    """A folder of images; one sub-folder per class (ImageFolder layout), or a flat folder = one class."""
-    from PIL import Image
+def _read_image(f: Path, resolution: int, channels: int) -> Tensor:
+    from PIL import Image, UnidentifiedImageError
 
+    try:
+        with Image.open(f) as im:
+            im = im.convert({1: "L", 3: "RGB"}[channels]).resize((resolution, resolution), Image.BICUBIC)
+            arr = np.asarray(im, dtype=np.float32) / 127.5 - 1
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"image '{f}' cannot be read ({type(e).__name__}): remove or replace it") from None
+    return torch.from_numpy(arr).reshape(resolution, resolution, channels).permute(2, 0, 1)
+
+
+def _captions(root: Path) -> list[tuple[str, str]]:
+    """metadata.jsonl as in Hugging Face's imagefolder: one {"file_name": ..., "text": ...} per line."""
+    rows = []
+    for n, line in enumerate((root / CAPTIONS).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rows.append((str(row["file_name"]), str(row["text"])))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{root / CAPTIONS} line {n} is not a JSON object with \"file_name\" and \"text\"") from None
+    return rows
+
+
+def image_folder(path: str | Path, resolution: int, channels: int = 3) -> LabelledImages:
+    """A folder of images; one sub-folder per class (ImageFolder layout), a flat folder = one class, or a flat
+    folder with captions in metadata.jsonl (text-to-image teachers)."""
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"image folder '{path}' does not exist or is not a folder")
+    if channels not in (1, 3):
+        raise UserError(f"channels must be 1 or 3, got {channels}")
+    if (root / CAPTIONS).is_file():
+        rows = _captions(root)
+        missing = [name for name, _ in rows if not (root / name).is_file()]
+        if missing or not rows:
+            raise UserError(f"{root / CAPTIONS} names {len(missing)} missing image(s), e.g. '{missing[0]}'"
+                            if missing else f"{root / CAPTIONS} has no rows")
+        images = torch.stack([_read_image(root / name, resolution, channels) for name, _ in rows])
+        return LabelledImages(images, torch.arange(len(rows)), ["captioned"], root.name, [t for _, t in rows])
     subdirs = sorted(p for p in root.iterdir() if p.is_dir())
     groups = [(p.name, p) for p in subdirs] if subdirs else [("0", root)]
     images, labels = [], []
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise UserError(f"channels must be 1 or 3, got {channels}")
     for label, (_, folder) in enumerate(groups):
         for f in sorted(folder.iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            with Image.open(f) as im:
-                im = im.convert(mode).resize((resolution, resolution), Image.BICUBIC)
-                arr = np.asarray(im, dtype=np.float32) / 127.5 - 1
-            images.append(torch.from_numpy(arr).reshape(resolution, resolution, channels).permute(2, 0, 1))
-            labels.append(label)
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                images.append(_read_image(f, resolution, channels))
+                labels.append(label)
     if not images:
         raise UserError(f"image folder '{path}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return LabelledImages(torch.stack(images), torch.tensor(labels), [n for n, _ in groups], root.name)

@@ -57,9 +57,13 @@ def _unique(make, seen: set[str], space: SearchSpace, tries: int = 100) -> Candi
 
 def evolve(objective: Callable[[Candidate], float], space: SearchSpace, config: EvolutionConfig | None = None,
            checkpoint: str | Path | None = None, resume: bool = False, init: list[Candidate] | None = None,
-           progress: Callable[[int, int, float], None] | None = None) -> SearchResult:
+           progress: Callable[[int, int, float], None] | None = None, write: bool = True) -> SearchResult:
     """Minimise `objective` over `space`. Never evaluates a candidate twice; with `checkpoint` saves every
-    generation atomically and `resume=True` continues after the last complete one."""
+    generation atomically and `resume=True` continues after the last complete one.
+
+    Processes that share one objective (its samples split across them) run this same deterministic loop;
+    all read a checkpoint to resume, only the one with `write=True` saves it.
+    """
     from distill.core.io import drop_stale_temps, save_json
 
     cfg = config or EvolutionConfig()
@@ -71,7 +75,7 @@ def evolve(objective: Callable[[Candidate], float], space: SearchSpace, config: 
     best_per_gen: list[float] = []
     start_gen, t0, spent = 0, time.time(), 0.0
     ckpt = Path(checkpoint) if checkpoint else None
-    if ckpt:
+    if ckpt and write:
         drop_stale_temps(ckpt)
     if resume and ckpt and ckpt.is_file():
         state = json.loads(ckpt.read_text())
@@ -127,7 +131,7 @@ def evolve(objective: Callable[[Candidate], float], space: SearchSpace, config: 
             if progress:
                 progress(gen, i + 1, min(fitness.values()))
         best_per_gen.append(min(fitness.values()))
-        if ckpt:
+        if ckpt and write:
             save_json({"generation": gen + 1, "history": history, "best_per_generation": best_per_gen,
                        "seconds": spent + time.time() - t0, "rng": _rng_to_json(rng.getstate())}, ckpt)
 

@@ -44,3 +44,26 @@ def test_bad_data_names(tmp_path):
         load_data("cifar", 16)
     with pytest.raises(ValueError, match="holds no images"):
         image_folder(tmp_path, 8)
+
+
+def test_captioned_folder(tmp_path):
+    for i, value in enumerate((0, 255)):
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "1.png", "text": "white"}\n\n'
+                                             '{"file_name": "0.png", "text": "black"}\n')
+    d = image_folder(tmp_path, 8)
+    assert d.captions == ["white", "black"] and d.labels.tolist() == [0, 1]
+    assert d.images[0].min() == 1 and d.images[1].max() == -1
+    assert d.split(0.5)[0].captions == d.captions  # labels keep indexing the full caption list
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "2.png", "text": "gone"}\n')
+    with pytest.raises(ValueError, match="names 1 missing image"):
+        image_folder(tmp_path, 8)
+    (tmp_path / "metadata.jsonl").write_text('{"file": "0.png"}\n')
+    with pytest.raises(ValueError, match='line 1 is not a JSON object with "file_name" and "text"'):
+        image_folder(tmp_path, 8)
+
+
+def test_corrupt_image_in_a_folder(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png' cannot be read"):
+        image_folder(tmp_path, 8)

@@ -40,3 +40,27 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
         torch.testing.assert_close(two_w[k], one[k], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(accum[k], one[k], rtol=1e-5, atol=1e-6)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint.pt", "config.yaml", "log.jsonl"]
+
+
+def test_search_splits_its_samples_across_two_processes(tiny_teacher, tmp_path):
+    """`dstudio search` under a 2-process launch: each process samples half of every candidate, the features are
+    gathered, and the search (fitness of every candidate, best schedule) equals the single-process one."""
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["search", "--teacher", str(tiny_teacher), "--nfe", "3", "--num-samples", "40", "--population", "4",
+            "--generations", "2", "--top-k", "2"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(_port()), "-m", "app.cli", *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("best 3-NFE schedule") == 1  # only the main process reports
+    one = subprocess.run([sys.executable, "-m", "app.cli", *args, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = (json.loads((tmp_path / d / "search.json").read_text()) for d in ("one", "two"))
+    assert [h["candidate"] for h in a["history"]] == [h["candidate"] for h in b["history"]]
+    for x, y in zip(a["history"], b["history"]):
+        assert abs(x["fitness"] - y["fitness"]) <= 1e-6 * max(1.0, abs(x["fitness"]))
+    assert a["best"] == b["best"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())

@@ -43,6 +43,7 @@ class Method(nn.Module, abc.ABC):
     needs_teacher: ClassVar[bool] = True
     needs_data: ClassVar[bool] = True
     is_distiller: ClassVar[bool] = True
+    text_teachers: ClassVar[bool] = False  # whether it distils text-to-image (latent) teachers
     student_module: ClassVar[str] = "student"
 
     def __init__(self, config, teacher=None, data=None):

@@ -1,6 +1,7 @@
 """Loading a pretrained diffusers pipeline as a teacher: its denoiser, conditioning and decoder."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,28 @@ class Teacher:
                   return_tensors="pt").input_ids.to(enc.device)
         with torch.no_grad():
             return enc(ids)[0]
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the teacher makes: the VAE's output for latent teachers."""
+        if self.kind != "text":
+            return self.sample_shape
+        vae, (_, h, w) = self.pipeline.vae, self.sample_shape
+        f = 2 ** (len(vae.config.block_out_channels) - 1)
+        return vae.config.out_channels, h * f, w * f
+
+    def to_model_space(self, data):
+        """Real images as teacher samples: for latent teachers the scaled VAE posterior means of a captioned set."""
+        if self.kind != "text":
+            return data
+        if not data.captions:
+            raise TeacherError(f"data '{data.name}' has no captions, which text-to-image teacher '{self.source}' "
+                               f"needs: give an image folder with metadata.jsonl ({{\"file_name\", \"text\"}} per line)")
+        vae = self.pipeline.vae
+        with torch.no_grad():
+            latents = [vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mean.float().cpu()
+                       for chunk in data.images.split(64)]
+        return dataclasses.replace(data, images=torch.cat(latents) * vae.config.scaling_factor)
 
     def decode(self, x: Tensor) -> Tensor:
         """Model space -> images in [-1, 1] (the VAE decoder for latent teachers)."""

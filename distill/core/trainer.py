@@ -120,6 +120,11 @@ class BatchStream:
         self.epoch, self.pos = state["epoch"], state["pos"]
 
 
+def cpu_only() -> bool:
+    """No accelerator here: tell accelerate, so that a multi-process launch on CPUs runs data-parallel (gloo)."""
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available())
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -148,7 +153,8 @@ class Trainer:
         self.config, self.run_dir, self.data = config, Path(run_dir), data
         # Phases train different parameters, so every DDP step leaves some of them unused.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu, kwargs_handlers=[ddp])
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu or cpu_only(),
+                                       kwargs_handlers=[ddp])
         self.method = method.to(self.accelerator.device)
         self.phases = method.phases()
         optimizers = [torch.optim.AdamW(method.phase_parameters(ph), lr=ph.lr, betas=ph.betas,

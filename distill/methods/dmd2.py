@@ -9,7 +9,7 @@ from torch import Tensor
 
 from distill.core.config import require
 from distill.core.denoiser import append_dims
-from distill.core.export import export_image_pipeline
+from distill.core.export import export_image_pipeline, export_text_pipeline
 from distill.core.method import Method, Phase, register
 from distill.core.score import (BottleneckFeatures, DiscriminatorHead, dmd_gradient, dmd_loss, dsm_loss,
                                 sample_timesteps, trainable_copy)
@@ -49,6 +49,7 @@ class DMD2(Method):
     """Yin et al. 2024 (DMD2), Alg. 1: G <- DMD gradient + lambda_G GAN; fake score <- DSM + lambda_D GAN, R:1."""
 
     Config = DMD2Config
+    text_teachers = True
 
     def __init__(self, config: DMD2Config, teacher=None, data=None):
         super().__init__(config)
@@ -56,7 +57,11 @@ class DMD2(Method):
         require(not config.gan or data is not None, "dmd2 with the GAN loss needs real data (method.gan=false: none)")
         require(config.num_steps <= teacher.num_train_timesteps,
                 f"method.num_steps={config.num_steps} exceeds the teacher's {teacher.num_train_timesteps} steps")
-        self.teacher_scheduler, self.kind = teacher.scheduler, teacher.kind
+        self.teacher_scheduler, self.kind, self._teacher = teacher.scheduler, teacher.kind, teacher
+        if teacher.kind == "text":  # the captions of the real images are the prompts (data-free: no GAN, any captions)
+            require(data is not None and data.captions, "dmd2 on a text-to-image teacher needs a captioned image "
+                                                         "folder: --data FOLDER with metadata.jsonl")
+            self.register_buffer("caption_emb", teacher.encode_prompts(data.captions), persistent=False)
         self.num_classes, self.shape = teacher.num_classes, teacher.sample_shape
         self.T, self.schedule = teacher.num_train_timesteps, teacher.denoiser.schedule
         self.real_score = teacher.guided(config.guidance)
@@ -78,48 +83,55 @@ class DMD2(Method):
     def _noise(self, n: int, generator=None) -> Tensor:
         return torch.randn((n, *self.shape), generator=generator, device=self.student_sigmas.device)
 
-    def generate(self, labels: Tensor) -> Tensor:
-        return self.generate_with(self.student, labels)
+    def cond(self, labels: Tensor):
+        """The denoisers' condition for a batch's labels: class labels, or the embeddings of the captions they index."""
+        if self.kind == "text":
+            return self.caption_emb[labels.to(self.caption_emb.device)]
+        return labels if self.kind == "class" else None
 
-    def generate_with(self, student, labels: Tensor) -> Tensor:
+    def generate(self, labels: Tensor) -> Tensor:
+        return self.generate_with(self.student, self.cond(labels), len(labels))
+
+    def generate_with(self, student, cond, n: int) -> Tensor:
         """x0 from a student; few-step students start from a backward-simulated state (DMD2 Sec. 4.5)."""
         s = self.student_sigmas
         k = int(torch.randint(0, self.config.num_steps, ()))
-        x = self._noise(len(labels)) * (1 + s[0] ** 2).sqrt()
+        x = self._noise(n) * (1 + s[0] ** 2).sqrt()
         if k:  # k student steps without gradient: denoise, re-noise, ... ending at sigma_k
             with torch.no_grad():
-                x = sample_multistep(student, x, s[:k + 1], labels)
-        return student(x, s[k], labels)
+                x = sample_multistep(student, x, s[:k + 1], cond)
+        return student(x, s[k], cond)
 
-    def _gan_logits(self, x0: Tensor, sigma: Tensor, labels: Tensor) -> Tensor:
-        self.fake_score(x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * torch.randn_like(x0), sigma, labels)
+    def _gan_logits(self, x0: Tensor, sigma: Tensor, cond) -> Tensor:
+        self.fake_score(x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * torch.randn_like(x0), sigma, cond)
         return self.head(self.bottleneck.value)
 
     def loss(self, phase: str, batch, step: int):
         real, labels = batch
+        cond = self.cond(labels)
         if phase == "generator":
             x = self.generate(labels)
             sigma = self.real_score_sigma(len(x), x.device)
             x_t = (x + append_dims(sigma.to(x.dtype), x.ndim) * torch.randn_like(x)).detach()
             with torch.no_grad():
-                grad = dmd_gradient(x.detach(), self.real_score(x_t, sigma, labels), self.fake_score(x_t, sigma, labels))
+                grad = dmd_gradient(x.detach(), self.real_score(x_t, sigma, cond), self.fake_score(x_t, sigma, cond))
             loss_dm = dmd_loss(x, grad)
             logs = {"dm": loss_dm.item()}
             loss = loss_dm
             if self.config.gan:
-                loss_gan = F.softplus(-self._gan_logits(x, self.real_score_sigma(len(x), x.device), labels)).mean()
+                loss_gan = F.softplus(-self._gan_logits(x, self.real_score_sigma(len(x), x.device), cond)).mean()
                 loss = loss + self.config.lambda_gan_generator * loss_gan
                 logs["gan_g"] = loss_gan.item()
             return loss, logs
         with torch.no_grad():
             x = self.generate(labels)
         t = sample_timesteps(len(x), self.T, device=x.device)
-        loss_fake = dsm_loss(self.fake_score, x, self.schedule.t_to_sigma(t).to(x.device), labels)
+        loss_fake = dsm_loss(self.fake_score, x, self.schedule.t_to_sigma(t).to(x.device), cond)
         logs = {"dsm": loss_fake.item()}
         loss = loss_fake
         if self.config.gan:
             sigma = self.real_score_sigma(len(x), x.device)
-            logit_fake, logit_real = self._gan_logits(x, sigma, labels), self._gan_logits(real, sigma, labels)
+            logit_fake, logit_real = self._gan_logits(x, sigma, cond), self._gan_logits(real, sigma, cond)
             loss_disc = (F.softplus(logit_fake) + F.softplus(-logit_real)).mean()
             loss = loss + self.config.lambda_gan_critic * loss_disc
             logs["gan_d"] = loss_disc.item()
@@ -132,12 +144,17 @@ class DMD2(Method):
     def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
         s = self.student_sigmas
         x = self._noise(len(labels), generator) * (1 + s[0] ** 2).sqrt()
-        return sample_multistep(self.student, x, s, labels, generator=generator).clamp(-1, 1)
+        x0 = sample_multistep(self.student, x, s, self.cond(labels), generator=generator)
+        return self._teacher.decode(x0).clamp(-1, 1)
 
     def exported_unet(self):
         return self.student.model
 
     def export(self, path) -> None:
         sched = scheduler_from_teacher(StudentScheduler, self.teacher_scheduler, timesteps=self.timesteps)
-        export_image_pipeline(self.exported_unet(), sched, path, method=self.name, num_steps=self.config.num_steps,
-                              guidance=self.config.guidance)
+        info = dict(method=self.name, teacher=self._teacher.source, num_steps=self.config.num_steps,
+                    guidance=self.config.guidance)
+        if self.kind == "text":
+            export_text_pipeline(self._teacher.pipeline, self.exported_unet(), sched, path, **info)
+        else:
+            export_image_pipeline(self.exported_unet(), sched, path, **info)

@@ -46,6 +46,7 @@ class MSD(DMD2):
     """Song et al. 2024 (MSD): K students, each distilled with DMD2 on its classes; smaller ones start from TSM."""
 
     Config = MSDConfig
+    text_teachers = False
 
     def __init__(self, config: MSDConfig, teacher=None, data=None):
         require(teacher is not None and teacher.kind == "class", "msd needs a class-conditional teacher")
@@ -88,7 +89,7 @@ class MSD(DMD2):
         return out[torch.argsort(torch.cat(order))]
 
     def generate(self, labels: Tensor) -> Tensor:
-        return self._routed(lambda student, idx: self.generate_with(student, labels[idx]), labels)
+        return self._routed(lambda student, idx: self.generate_with(student, labels[idx], len(idx)), labels)
 
     def loss(self, phase: str, batch, step: int):
         if phase != "tsm":

@@ -24,6 +24,7 @@ class RectifiedFlow(FlowMethod):
     """2-rectified flow on the teacher's ODE pairs, then one-step distillation (InstaFlow on text teachers)."""
 
     Config = RectifiedFlowConfig
+    text_teachers = True
 
     def __init__(self, config: RectifiedFlowConfig, teacher=None, data=None):
         super().__init__(config, teacher, data)

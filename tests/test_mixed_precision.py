@@ -1,0 +1,48 @@
+"""Mixed precision through accelerate: every trainer runs its phases under bf16 autocast (on the CPU here; the same
+code path as GPUs) with finite losses, and exports float32 weights that sample finite images."""
+import json
+
+import pytest
+import torch
+
+from app.cli import main
+
+FAST = {
+    "dmd2": ["--set", "method.head_width=8", "--set", "method.critic_ratio=1"],
+    "sim": [],
+    "msd": ["--students", "2", "--set", "method.head_width=8", "--set", "method.critic_ratio=1"],
+    "rectified_flow": ["--set", "method.num_pairs=8", "--set", "method.shard_size=8", "--set", "method.solver_steps=2",
+                       "--set", "method.reflow_steps=1", "--set", "method.lpips=false"],
+    "consistency": [],
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one state per process (a launch fixes its precision); these runs share a process."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("method", list(FAST))
+def test_bf16_autocast(method, tiny_teacher, tmp_path):
+    from distill.core.teacher import load_pipeline
+
+    run = tmp_path / "run"
+    args = ["distill", method, "--teacher", str(tiny_teacher), "--data", "digits", "--steps", "2", "--out", str(run),
+            "--eval-per-class", "0", "--set", "trainer.mixed_precision=bf16", "--set", "trainer.batch_size=4",
+            "--set", "trainer.sample_every=100", *FAST[method]]
+    assert main(args) == 0
+    from accelerate.state import AcceleratorState
+
+    assert AcceleratorState().mixed_precision == "bf16"
+    logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    losses = [v for row in logs for k, v in row.items() if "/" in k]
+    assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses)
+    pipe = load_pipeline(run / "pipeline")
+    assert all(p.dtype == torch.float32 for p in pipe.unet.parameters())
+    images = pipe(class_labels=[0, 1], output_type="np").images
+    assert images.shape[0] == 2 and torch.isfinite(torch.from_numpy(images)).all()
