@@ -28,7 +28,13 @@ def _setup(tmp, tiny):
     (tmp / "broken_run").mkdir()
     (tmp / "broken_run" / "checkpoint.pt").write_bytes(b"half a zip")
     (tmp / "bad.json").write_text("{")
-    names = ("empty", "file", "corrupt_index", "bad_sched", "junk_sched", "alien_sched", "mixed", "broken_run")
+    (tmp / "corrupt_png").mkdir()
+    (tmp / "corrupt_png" / "a.png").write_bytes(b"not a png")
+    (tmp / "bad_captions").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp / "bad_captions" / "a.png")
+    (tmp / "bad_captions" / "metadata.jsonl").write_text('{"file_name": "b.png", "text": "gone"}\n')
+    names = ("empty", "file", "corrupt_index", "bad_sched", "junk_sched", "alien_sched", "mixed", "broken_run",
+             "corrupt_png", "bad_captions")
     return {"tiny": str(tiny), "bad_json": str(tmp / "bad.json"), **{n: str(tmp / n) for n in names}}
 
 
@@ -63,6 +69,9 @@ CASES = [
     ("teacher train --preset {bad_json}.yaml", "does not exist"),
     ("teacher train --data cifar", "unknown data set 'cifar'"),
     ("teacher train --data {empty}", "holds no images"),
+    ("teacher train --data {corrupt_png}", "a.png' cannot be read"),
+    ("distill dmd2 --teacher {tiny} --data {bad_captions}", "names 1 missing image(s), e.g. 'b.png'"),
+    ("distill dmd2 --teacher {tiny} --set method.lr_generator=fast", "method.lr_generator='fast' must be a number"),
     ("distill nope", "unknown method 'nope'"),
     ("distill dmd2 --teacher {tiny} --set method.critic_ratio=0", "method.critic_ratio=0 must be >= 1"),
     ("distill dmd2 --teacher {empty}", "no model_index.json"),
