@@ -35,7 +35,9 @@ RUNS = {
     "msd-k1": ("msd", ["--preset", "{preset}", "--students", "1"], [1]),
     "msd-k2": ("msd", ["--preset", "{preset}", "--students", "2"], [1]),
     "msd-k4": ("msd", ["--preset", "{preset}", "--students", "4"], [1]),
-    "msd-k4-small": ("msd", ["--preset", "{preset}", "--students", "4", "--student-width", "0.5"], [1]),
+    "msd-k4-small": ("msd", ["--preset", "{preset}-small"], [1]),
+    # each student gets a whole batch per step, as when K students are trained one by one (K times the compute)
+    "msd-k4-b256": ("msd", ["--preset", "{preset}", "--students", "4", "--set", "trainer.batch_size=256"], [1]),
     "rectified_flow": ("rectified_flow", ["--preset", "{preset}"], [1, 2]),
     "slimflow": ("slimflow", ["--preset", "{preset}"], [1, 2]),
     "consistency": ("consistency", ["--preset", "{preset}"], [1, 2]),

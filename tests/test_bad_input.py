@@ -72,6 +72,8 @@ CASES = [
     ("teacher train --data {corrupt_png}", "a.png' cannot be read"),
     ("distill dmd2 --teacher {tiny} --data {bad_captions}", "names 1 missing image(s), e.g. 'b.png'"),
     ("distill dmd2 --teacher {tiny} --set method.lr_generator=fast", "method.lr_generator='fast' must be a number"),
+    ("distill msd --teacher {tiny} --data digits --student-width 0.5 --steps 10",
+     "method.tsm_steps=500 leaves no distillation in trainer.steps=10"),
     ("distill nope", "unknown method 'nope'"),
     ("distill dmd2 --teacher {tiny} --set method.critic_ratio=0", "method.critic_ratio=0 must be >= 1"),
     ("distill dmd2 --teacher {empty}", "no model_index.json"),

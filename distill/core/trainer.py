@@ -256,10 +256,10 @@ class Trainer:
 
     def fit(self, resume: bool = False, export: bool = True) -> Path | None:
         cfg = self.config
+        self.method.prepare(self.run_dir, self.accelerator, self.config.steps)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
             drop_stale_temps(self.run_dir / CHECKPOINT)
-        self.method.prepare(self.run_dir, self.accelerator, self.config.steps)
         if resume:
             self.load_checkpoint()
         else:

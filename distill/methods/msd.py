@@ -76,6 +76,11 @@ class MSD(DMD2):
             phases.insert(0, Phase("tsm", ("student",), lr=c.lr_tsm, stop=c.tsm_steps, grad_clip=c.grad_clip))
         return phases
 
+    def prepare(self, run_dir, accelerator, steps: int) -> None:
+        require(not self.smaller or self.config.tsm_steps < steps,
+                f"method.tsm_steps={self.config.tsm_steps} leaves no distillation in trainer.steps={steps}: "
+                f"use fewer TSM steps or more steps (presets quick-small, full-small)")
+
     def _routed(self, fn, labels: Tensor) -> Tensor:
         """Apply fn(student, idx) per student on the samples whose labels it owns, reassembled in batch order."""
         owner = self.route[labels]
