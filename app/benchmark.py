@@ -58,13 +58,16 @@ def timed(fn, *args, **kwargs):
 def pipeline_images(pipe, labels: torch.Tensor, noise: torch.Tensor, steps: int | None, batch_size: int = 500,
                     guidance_scale: float = 1.0, progress=None, **kwargs) -> tuple[torch.Tensor, float]:
     """Images in [-1, 1] from a class-conditional pipeline on fixed noise, and the wall time in seconds;
-    `progress(fraction)` is called before each batch."""
+    `progress(fraction)` is called before each batch. Samplers that re-noise (few-step students) draw from a
+    generator seeded per batch, so every figure is reproducible."""
     chunks, seconds = [], 0.0
     for i in range(0, len(labels), batch_size):
         if progress is not None:
             progress(i / len(labels))
+        gen = torch.Generator(noise.device).manual_seed(NOISE_SEED + 1 + i)
         out, dt = timed(pipe, class_labels=labels[i:i + batch_size], latents=noise[i:i + batch_size],
-                        num_inference_steps=steps, guidance_scale=guidance_scale, output_type="pt", **kwargs)
+                        num_inference_steps=steps, guidance_scale=guidance_scale, output_type="pt", generator=gen,
+                        **kwargs)
         chunks.append(out.images * 2 - 1)
         seconds += dt
     return torch.cat(chunks), seconds
