@@ -71,19 +71,18 @@ class FIDFitness:
         return frechet(Stats.of(feats, self.space.name, "candidate", keep_feats=False), self.ref)
 
 
-def run_search(args) -> dict:
+def run_search(args) -> dict | None:
     from tqdm.auto import tqdm
 
     from distill.core.export import provenance
     from distill.core.io import atomic_path, check_writable, save_json
     from distill.core.teacher import load_teacher
     from samplers import SearchedScheduler, scheduler_from_teacher
-    from search import EvolutionConfig, SearchSpace, evolve
-    from search.skip import skippable_blocks
-
     from accelerate import PartialState
 
     from distill.core.trainer import cpu_only
+    from search import EvolutionConfig, SearchSpace, evolve
+    from search.skip import skippable_blocks
 
     state = PartialState(cpu=cpu_only())  # under `accelerate launch`, each candidate's samples are split
     out = check_writable(args.out)
@@ -127,7 +126,7 @@ def run_search(args) -> dict:
     for b in bars.values():
         b.close()
     if not state.is_main_process:
-        return {"main_process": False}
+        return None
     sched = scheduler_from_teacher(SearchedScheduler, teacher.scheduler, timesteps=list(result.best.steps),
                                    solver="dpmpp" if args.sampler == "dpmpp" else "ddim")
     with atomic_path(out / "scheduler", is_dir=True) as tmp:
@@ -166,7 +165,7 @@ def cmd_search(args) -> None:
         record = run_search(args)
     except ValueError as e:  # bad --nfe, budgets and teachers are reported by the search and the space
         raise UsageError(str(e)) from None
-    if record.get("main_process") is False:
+    if record is None:  # not the main process of a launch
         return
     print(f"best {args.nfe}-NFE schedule {record['best']['steps']} FID-mnist {record['best_fitness']:.4f} "
           f"({record['evaluations']} candidates, {time.time() - t0:.0f} s); wrote {args.out}/scheduler, "

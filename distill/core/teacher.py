@@ -70,9 +70,8 @@ class Teacher:
         """(C, H, W) of the images the teacher makes: the VAE's output for latent teachers."""
         if self.kind != "text":
             return self.sample_shape
-        vae, (_, h, w) = self.pipeline.vae, self.sample_shape
-        f = 2 ** (len(vae.config.block_out_channels) - 1)
-        return vae.config.out_channels, h * f, w * f
+        (_, h, w), f = self.sample_shape, self.pipeline.vae_scale_factor
+        return self.pipeline.vae.config.out_channels, h * f, w * f
 
     def to_model_space(self, data):
         """Real images as teacher samples: for latent teachers the scaled VAE posterior means of a captioned set."""
