@@ -128,10 +128,11 @@ def image_folder(path: str | Path, resolution: int, channels: int = 3) -> Labell
         raise UserError(f"channels must be 1 or 3, got {channels}")
     if (root / CAPTIONS).is_file():
         rows = _captions(root)
+        if not rows:
+            raise UserError(f"{root / CAPTIONS} has no rows")
         missing = [name for name, _ in rows if not (root / name).is_file()]
-        if missing or not rows:
-            raise UserError(f"{root / CAPTIONS} names {len(missing)} missing image(s), e.g. '{missing[0]}'"
-                            if missing else f"{root / CAPTIONS} has no rows")
+        if missing:
+            raise UserError(f"{root / CAPTIONS} names {len(missing)} missing image(s), e.g. '{missing[0]}'")
         images = torch.stack([_read_image(root / name, resolution, channels) for name, _ in rows])
         return LabelledImages(images, torch.arange(len(rows)), ["captioned"], root.name, [t for _, t in rows])
     subdirs = sorted(p for p in root.iterdir() if p.is_dir())

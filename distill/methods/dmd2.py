@@ -58,7 +58,7 @@ class DMD2(Method):
         require(config.num_steps <= teacher.num_train_timesteps,
                 f"method.num_steps={config.num_steps} exceeds the teacher's {teacher.num_train_timesteps} steps")
         self.teacher_scheduler, self.kind, self._teacher = teacher.scheduler, teacher.kind, teacher
-        if teacher.kind == "text":  # the captions of the real images are the prompts (data-free: no GAN, any captions)
+        if teacher.kind == "text":  # the captions of the real images are the prompts
             require(data is not None and data.captions, "dmd2 on a text-to-image teacher needs a captioned image "
                                                          "folder: --data FOLDER with metadata.jsonl")
             self.register_buffer("caption_emb", teacher.encode_prompts(data.captions), persistent=False)
