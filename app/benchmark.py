@@ -82,8 +82,8 @@ def stock_scheduler(name: str, base_config):
 
 def real_floor(space, ref, resolution: int) -> dict:
     """Real-vs-real FID at the protocol's sizes: 200 real images per class (seeded) against all of MNIST-5k."""
-    from app.fid import fid_of_tensor
-    from distill.data import mnist5k
+    from dstudio.app.fid import fid_of_tensor
+    from dstudio.distill.data import mnist5k
 
     data = mnist5k(resolution, seed=1)
     idx = torch.cat([(data.labels == c).nonzero()[:N_PER_CLASS, 0] for c in range(10)])
@@ -92,7 +92,7 @@ def real_floor(space, ref, resolution: int) -> dict:
 
 def protocol_for(pipe, per_class: int = N_PER_CLASS) -> dict:
     """The embedded protocol for a class-conditional pipeline: labels, fixed noise, feature space, reference, floor."""
-    from app.fid import feature_space, mnist_reference
+    from dstudio.app.fid import feature_space, mnist_reference
 
     cfg = pipe.unet.config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
@@ -104,8 +104,8 @@ def protocol_for(pipe, per_class: int = N_PER_CLASS) -> dict:
 
 
 def write_results(name: str, payload: dict) -> Path:
-    from distill.core.export import versions
-    from distill.core.io import save_json
+    from dstudio.distill.core.export import versions
+    from dstudio.distill.core.io import save_json
 
     payload = {"benchmark": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "machine": machine(), "versions": versions(), **payload}
@@ -135,7 +135,7 @@ DEFAULT_COLUMNS = [("name", "row"), ("nfe", "NFE"), ("fid", "FID-mnist"), ("fid_
 
 def refresh_results_md() -> Path:
     """Rebuild benchmarks/RESULTS.md from every results/*.json (each names its command and columns)."""
-    from distill.core.io import atomic_path
+    from dstudio.distill.core.io import atomic_path
 
     parts = ["# Benchmark results", "",
              "Made by the scripts in `benchmarks/` (protocol in `benchmarks/README.md`); each section names the "
@@ -166,7 +166,7 @@ def fid_vs_nfe_plot(rows: list[dict], path: Path, title: str, floor: float | Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from distill.core.io import atomic_path
+    from dstudio.distill.core.io import atomic_path
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for sampler in dict.fromkeys(r["sampler"] for r in rows if r.get("fid") is not None):

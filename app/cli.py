@@ -36,12 +36,12 @@ def _positive_int(name):
 def _train(method_name: str, args, teacher_source: str | None) -> Path:
     import torch
 
-    from distill.core.config import from_dict, load_preset, merge_overrides, to_dict
-    from distill.core.io import check_writable
-    from distill.core.method import METHODS, get_method
-    from distill.core.teacher import load_teacher
-    from distill.core.trainer import Trainer, TrainerConfig
-    from distill.data import load_data
+    from dstudio.distill.core.config import from_dict, load_preset, merge_overrides, to_dict
+    from dstudio.distill.core.io import check_writable
+    from dstudio.distill.core.method import METHODS, get_method
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.distill.core.trainer import Trainer, TrainerConfig
+    from dstudio.distill.data import load_data
 
     cls = get_method(method_name)
     raw = merge_overrides(load_preset(cls.name, args.preset, args.data or "mnist"), args.set or [])
@@ -85,8 +85,8 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
     pipeline = trainer.fit(resume=args.resume)
     print(f"exported {pipeline}")
     if cls.is_distiller and teacher.kind == "class" and args.eval_per_class:
-        from app.evaluate import compare, summary
-        from distill.core.io import save_json
+        from dstudio.app.evaluate import compare, summary
+        from dstudio.distill.core.io import save_json
 
         result = compare(teacher_source, pipeline, per_class=args.eval_per_class)
         save_json(result, out / "eval.json")
@@ -107,7 +107,7 @@ def cmd_app(args) -> None:
         import gradio  # noqa: F401
     except ImportError:
         raise UsageError('the app needs Gradio: pip install -e ".[app]"') from None
-    from app.studio import launch
+    from dstudio.app.studio import launch
 
     launch(args.port, args.runs)
 
@@ -118,7 +118,7 @@ def load_scheduler(folder: str):
 
     import diffusers
 
-    import samplers
+    from dstudio import samplers
 
     path = Path(folder)
     config = path / "scheduler_config.json"
@@ -142,10 +142,10 @@ def cmd_sample(args) -> None:
     import diffusers
     import torch
 
-    from distill.core.export import provenance
-    from distill.core.images import save_grid, save_pngs
-    from distill.core.io import check_writable, save_json
-    from distill.core.teacher import load_pipeline, teacher_from_pipeline
+    from dstudio.distill.core.export import provenance
+    from dstudio.distill.core.images import save_grid, save_pngs
+    from dstudio.distill.core.io import check_writable, save_json
+    from dstudio.distill.core.teacher import load_pipeline, teacher_from_pipeline
 
     out = check_writable(args.out)
     if args.grid:
@@ -200,8 +200,8 @@ def cmd_sample(args) -> None:
 
 # --- fid ----------------------------------------------------------------------------------------------
 def cmd_fid(args) -> None:
-    from app.fid import fid_of_folder
-    from distill.core.io import check_writable, save_json
+    from dstudio.app.fid import fid_of_folder
+    from dstudio.distill.core.io import check_writable, save_json
 
     for out in (args.json, args.save_ref_stats):
         if out:
@@ -223,15 +223,15 @@ def cmd_fid(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from app.report import build_report
-    from distill.core.io import check_writable
+    from dstudio.app.report import build_report
+    from dstudio.distill.core.io import check_writable
 
     check_writable(Path(args.out).parent)
     print(f"wrote {build_report(args.items, args.out)}")
 
 
 def cmd_features_train(args) -> None:
-    from app.features import train_feature_net
+    from dstudio.app.features import train_feature_net
 
     card = train_feature_net(epochs=args.epochs)
     print(f"mnist feature net: held-out accuracy {card['heldout_accuracy']:.4f} on {card['n_heldout']} images "
@@ -274,7 +274,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from distill.core.method import METHODS, get_method
+    from dstudio.distill.core.method import METHODS, get_method
 
     get_method("ddpm")  # imports and registers every method
     parser = Parser(prog="dstudio", description=__doc__)
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--seed", type=int, default=0)
     se.add_argument("--out", default="runs/search")
     se.add_argument("--resume", action="store_true", help="continue after the last complete generation")
-    se.set_defaults(func=lambda a: __import__("app.search_cli", fromlist=["cmd_search"]).cmd_search(a))
+    se.set_defaults(func=lambda a: __import__("dstudio.app.search_cli", fromlist=["cmd_search"]).cmd_search(a))
 
     rp = sub.add_parser("report", help="one self-contained HTML page from runs and result JSONs")
     rp.add_argument("items", nargs="+", metavar="RUN_OR_RESULT", help="run folders and/or result .json files")
@@ -368,8 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.core.errors import UserError
-    from distill.core.trainer import DivergenceError
+    from dstudio.distill.core.errors import UserError
+    from dstudio.distill.core.trainer import DivergenceError
 
     parser = build_parser()
     try:

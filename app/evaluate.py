@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from app.benchmark import pipeline_images, protocol_labels, protocol_noise
+from dstudio.app.benchmark import pipeline_images, protocol_labels, protocol_noise
 
 
 def compare(teacher_source, student_dir, per_class: int = 100, teacher_steps: int = 50) -> dict:
     """Rows for the teacher at `teacher_steps` DDIM steps and the student with its own scheduler."""
     import diffusers
 
-    from app.fid import feature_space, fid_of_tensor, mnist_reference
-    from distill.core.teacher import load_pipeline
+    from dstudio.app.fid import feature_space, fid_of_tensor, mnist_reference
+    from dstudio.distill.core.teacher import load_pipeline
 
     teacher = load_pipeline(teacher_source)
     student = load_pipeline(student_dir)

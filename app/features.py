@@ -74,9 +74,9 @@ def train_feature_net(epochs: int = 12, seed: int = 0, holdout: float = 0.2, out
     """Train on MNIST-5k minus a seeded held-out split; report accuracy on the split it never saw."""
     from tqdm.auto import tqdm
 
-    from distill.core.export import provenance
-    from distill.core.io import save_json, save_torch
-    from distill.data import mnist5k
+    from dstudio.distill.core.export import provenance
+    from dstudio.distill.core.io import save_json, save_torch
+    from dstudio.distill.data import mnist5k
 
     train, test = mnist5k(28).split(holdout, seed=1234)
     g = torch.Generator().manual_seed(seed)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.core.errors import UserError
+from dstudio.distill.core.errors import UserError
 
 FEATURES = ("inception", "mnist")
 EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp", "npy"}
@@ -38,7 +38,7 @@ def feature_space(name: str, device: str | torch.device | None = None) -> Featur
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if name == "mnist":
-        from app.features import FEATURE_DIM, load_feature_net
+        from dstudio.app.features import FEATURE_DIM, load_feature_net
 
         return FeatureSpace(name, load_feature_net(device), make_resizer("PIL", False, "bicubic", (28, 28)),
                             FEATURE_DIM, device)
@@ -129,7 +129,7 @@ class Stats:
                    len(feats), features, source)
 
     def save(self, path: str | Path) -> None:
-        from distill.core.io import atomic_path
+        from dstudio.distill.core.io import atomic_path
 
         with atomic_path(Path(path)) as tmp:
             with open(tmp, "wb") as f:
@@ -148,7 +148,7 @@ class Stats:
 
 def mnist_reference(space: FeatureSpace, resolution: int) -> Stats:
     """Statistics of all of MNIST-5k at the generated images' resolution, cached under ~/.cache/dstudio."""
-    from distill.data import mnist5k
+    from dstudio.distill.data import mnist5k
 
     path = CACHE / f"mnist5k-{space.name}-{resolution}px.npz"
     if path.is_file():
@@ -208,7 +208,7 @@ def bias_warning(n: int, dim: int) -> str | None:
 
 
 def result(gen: Stats, ref: Stats, space: FeatureSpace, skipped: list[str] | None = None, **extra) -> dict:
-    from distill.core.export import versions
+    from dstudio.distill.core.export import versions
 
     out = {
         "fid": frechet(gen, ref),
@@ -227,7 +227,7 @@ def result(gen: Stats, ref: Stats, space: FeatureSpace, skipped: list[str] | Non
     if warning:
         out["warning"] = warning
     if space.name == "mnist":
-        from app.features import feature_card
+        from dstudio.app.features import feature_card
 
         out["feature_net_heldout_accuracy"] = feature_card().get("heldout_accuracy")
     return out

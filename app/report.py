@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from app.benchmark import ROOT, rows_table
-from distill.core.errors import UserError
+from dstudio.app.benchmark import ROOT, rows_table
+from dstudio.distill.core.errors import UserError
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -92,7 +92,7 @@ def _load(item: str) -> dict:
 
 
 def build_report(items: list[str], out: str | Path) -> Path:
-    from distill.core.io import atomic_path
+    from dstudio.distill.core.io import atomic_path
 
     if not items:
         raise ReportError("give at least one run folder or result JSON")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from samplers import append_zero, get_sampler
+from dstudio.samplers import append_zero, get_sampler
 
 
 class FIDFitness:
@@ -22,7 +22,7 @@ class FIDFitness:
     def __init__(self, teacher, sampler: str, n: int, features: str = "mnist", seed: int = 0, guidance: float = 1.0,
                  batch_size: int = 500, labels: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                  ref: str = "mnist", device="cpu", rank: int = 0, world: int = 1):
-        from app.fid import feature_space, reference_stats
+        from dstudio.app.fid import feature_space, reference_stats
 
         if teacher.kind == "text":
             raise ValueError("the FID fitness of `dstudio search` covers pixel-space teachers (class-conditional or "
@@ -42,7 +42,7 @@ class FIDFitness:
 
     def images(self, candidate) -> torch.Tensor:
         """This process's share of the candidate's samples (all of them in a single process)."""
-        from search.skip import SkippingDenoiser
+        from dstudio.search.skip import SkippingDenoiser
 
         sigmas = append_zero(self.teacher.denoiser.t_to_sigma(torch.tensor(candidate.steps)).float()).to(self.device)
         den = SkippingDenoiser(self.denoiser, self.teacher.unet, candidate.skips) if candidate.skips else self.denoiser
@@ -59,7 +59,7 @@ class FIDFitness:
     def __call__(self, candidate) -> float:
         import numpy as np
 
-        from app.fid import Stats, frechet, tensor_features
+        from dstudio.app.fid import Stats, frechet, tensor_features
 
         with torch.no_grad():
             images = self.images(candidate)
@@ -74,15 +74,15 @@ class FIDFitness:
 def run_search(args) -> dict | None:
     from tqdm.auto import tqdm
 
-    from distill.core.export import provenance
-    from distill.core.io import atomic_path, check_writable, save_json
-    from distill.core.teacher import load_teacher
-    from samplers import SearchedScheduler, scheduler_from_teacher
+    from dstudio.distill.core.export import provenance
+    from dstudio.distill.core.io import atomic_path, check_writable, save_json
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.samplers import SearchedScheduler, scheduler_from_teacher
     from accelerate import PartialState
 
-    from distill.core.trainer import cpu_only
-    from search import EvolutionConfig, SearchSpace, evolve
-    from search.skip import skippable_blocks
+    from dstudio.distill.core.trainer import cpu_only
+    from dstudio.search import EvolutionConfig, SearchSpace, evolve
+    from dstudio.search.skip import skippable_blocks
 
     state = PartialState(cpu=cpu_only())  # under `accelerate launch`, each candidate's samples are split
     out = check_writable(args.out)
@@ -105,7 +105,7 @@ def run_search(args) -> dict | None:
     if args.init:
         import json
 
-        from search.space import Candidate
+        from dstudio.search.space import Candidate
 
         init = [Candidate.from_json(json.loads(Path(args.init).read_text())["best"])]
     if state.is_main_process:
@@ -146,7 +146,7 @@ def _plot(best: list[float], path: Path, nfe: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from distill.core.io import atomic_path
+    from dstudio.distill.core.io import atomic_path
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(range(1, len(best) + 1), best, marker="o")
@@ -158,7 +158,7 @@ def _plot(best: list[float], path: Path, nfe: int) -> None:
 
 
 def cmd_search(args) -> None:
-    from app.cli import UsageError
+    from dstudio.app.cli import UsageError
 
     t0 = time.time()
     try:

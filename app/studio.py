@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from app.benchmark import ROOT
+from dstudio.app.benchmark import ROOT
 
 MAX_STEPS = 1000
 
@@ -36,11 +36,11 @@ class Entry:
 
     def pipeline(self):
         if self._pipe is None:
-            from distill.core.teacher import load_pipeline
+            from dstudio.distill.core.teacher import load_pipeline
 
             pipe = load_pipeline(self.path)
             if self.scheduler_dir is not None:
-                from app.cli import load_scheduler
+                from dstudio.app.cli import load_scheduler
 
                 pipe.scheduler = load_scheduler(str(self.scheduler_dir))
             self._pipe = pipe
@@ -50,7 +50,7 @@ class Entry:
 def discover(runs: str | Path | None) -> list[Entry]:
     """The shipped teacher, then every pipeline folder and saved schedule under `runs` (unloadable ones included,
     with the reason they cannot be used)."""
-    from distill.core.teacher import DEFAULT_TEACHER
+    from dstudio.distill.core.teacher import DEFAULT_TEACHER
 
     entries = [Entry("teacher", DEFAULT_TEACHER, "teacher")]
     if runs is None or not Path(runs).is_dir():
@@ -138,7 +138,7 @@ def _method(e: Entry) -> str:
 
 def fid_rows(runs: str | Path | None) -> list[dict]:
     """Every FID row of the result JSONs under --runs and benchmarks/results."""
-    from app.report import _load
+    from dstudio.app.report import _load
 
     files = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
     if runs is not None and Path(runs).is_dir():
@@ -181,8 +181,8 @@ def fid_plot(rows: list[dict]):
 
 def compute_fid(entry: Entry, per_class: int, progress=None) -> dict:
     """FID-mnist of a class-conditional pipeline on the protocol's noise (per_class images per class)."""
-    from app.benchmark import pipeline_images, protocol_labels, protocol_noise
-    from app.fid import feature_space, fid_of_tensor, mnist_reference
+    from dstudio.app.benchmark import pipeline_images, protocol_labels, protocol_noise
+    from dstudio.app.fid import feature_space, fid_of_tensor, mnist_reference
 
     _check(entry.available, f"pipeline '{entry.name}' is unavailable: {entry.error}")
     _check(1 <= int(per_class) <= 500, f"images per class {per_class} is outside 1..500")
@@ -208,7 +208,7 @@ class Job:
         self.argv, self.run_dir = argv, run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(run_dir / "app-job.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", *argv], stdout=self.log,
+        self.proc = subprocess.Popen([sys.executable, "-m", "dstudio.app.cli", *argv], stdout=self.log,
                                      stderr=subprocess.STDOUT, cwd=ROOT)
 
     def status(self) -> tuple[str, str | None]:
@@ -253,7 +253,7 @@ def build_app(runs: str | Path | None = "runs"):
     """The Blocks app; each event has an api_name so gradio_client (and scripts) can call it."""
     import gradio as gr
 
-    from distill.core.method import METHODS, get_method
+    from dstudio.distill.core.method import METHODS, get_method
 
     get_method("ddpm")  # registers every method
     entries = discover(runs)

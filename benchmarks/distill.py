@@ -16,15 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-# benchmarks/ holds scripts named like the packages (samplers.py, search.py): keep it off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-import torch  # noqa: E402
-
-from app.benchmark import RESULTS, pipeline_images, protocol_for, write_results  # noqa: E402
-from app.fid import fid_of_tensor  # noqa: E402
-from distill.core.images import save_grid  # noqa: E402
-from distill.core.teacher import DEFAULT_TEACHER, load_pipeline  # noqa: E402
+from dstudio.app.benchmark import RESULTS, pipeline_images, protocol_for, write_results
+from dstudio.app.fid import fid_of_tensor
+from dstudio.distill.core.images import save_grid
+from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_pipeline
 
 ROOT = Path(__file__).resolve().parent
 # name: (method, extra CLI arguments, NFEs to measure); `{preset}` is --preset
@@ -54,7 +51,7 @@ def train(name: str, preset: str, reuse: bool) -> tuple[Path, float | None]:
     run = ROOT / "runs" / preset / name
     if reuse and (run / "pipeline" / "model_index.json").is_file():
         return run, json.loads((run / "bench.json").read_text())["train_seconds"] if (run / "bench.json").is_file() else None
-    cmd = [sys.executable, "-m", "app.cli", "distill", method, *[a.format(preset=preset) for a in extra],
+    cmd = [sys.executable, "-m", "dstudio.app.cli", "distill", method, *[a.format(preset=preset) for a in extra],
            "--out", str(run), "--eval-per-class", "0"]
     print(" ".join(cmd), file=sys.stderr)
     t0 = time.time()

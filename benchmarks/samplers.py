@@ -10,17 +10,14 @@ import argparse
 import sys
 from pathlib import Path
 
-# benchmarks/ holds scripts named like the packages (samplers.py, search.py): keep it off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-import torch  # noqa: E402
-
-from app.benchmark import (RESULTS, STOCK_SOLVERS, fid_vs_nfe_plot, pipeline_images, protocol_for,  # noqa: E402
+from dstudio.app.benchmark import (RESULTS, STOCK_SOLVERS, fid_vs_nfe_plot, pipeline_images, protocol_for,
                            stock_scheduler, write_results)
-from app.fid import fid_of_tensor  # noqa: E402
-from distill.core.images import save_grid  # noqa: E402
-from distill.core.teacher import DEFAULT_TEACHER, load_pipeline  # noqa: E402
-from samplers import SearchedScheduler, scheduler_from_teacher  # noqa: E402
+from dstudio.app.fid import fid_of_tensor
+from dstudio.distill.core.images import save_grid
+from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_pipeline
+from dstudio.samplers import SearchedScheduler, scheduler_from_teacher
 
 # Align Your Steps' 10-step list for SD1.5 (diffusers' AysSchedules); optimised for another schedule, shown as is.
 AYS_SD_10 = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]

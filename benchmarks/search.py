@@ -13,19 +13,16 @@ import sys
 import time
 from pathlib import Path
 
-# benchmarks/ holds scripts named like the packages (samplers.py, search.py): keep it off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-import torch  # noqa: E402
-
-from app.benchmark import (RESULTS, pipeline_images, protocol_labels, protocol_noise,  # noqa: E402
+from dstudio.app.benchmark import (RESULTS, pipeline_images, protocol_labels, protocol_noise,
                            real_floor, stock_scheduler, timed, write_results)
-from app.fid import fid_of_tensor  # noqa: E402
-from app.search_cli import FIDFitness  # noqa: E402
-from distill.core.teacher import DEFAULT_TEACHER, load_teacher  # noqa: E402
-from samplers import SearchedScheduler, scheduler_from_teacher  # noqa: E402
-from search import Candidate, EvolutionConfig, SearchSpace, evolve  # noqa: E402
-from search.skip import skippable_blocks  # noqa: E402
+from dstudio.app.fid import fid_of_tensor
+from dstudio.app.search_cli import FIDFitness
+from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_teacher
+from dstudio.samplers import SearchedScheduler, scheduler_from_teacher
+from dstudio.search import Candidate, EvolutionConfig, SearchSpace, evolve
+from dstudio.search.skip import skippable_blocks
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,7 @@ def main(argv=None) -> int:
         return 2
     from playwright.sync_api import sync_playwright
 
-    from app.studio import launch
+    from dstudio.app.studio import launch
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

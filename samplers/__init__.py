@@ -1,5 +1,5 @@
 """Pure sampling functions over a Denoiser and diffusers-compatible scheduler classes."""
-from samplers.samplers import (
+from dstudio.samplers.samplers import (
     SAMPLERS,
     discrete_timesteps,
     get_sampler,
@@ -10,8 +10,8 @@ from samplers.samplers import (
     sample_heun,
     sample_multistep,
 )
-from samplers.schedulers import FlowEulerScheduler, SearchedScheduler, StudentScheduler, scheduler_from_teacher
-from samplers.schedules import (
+from dstudio.samplers.schedulers import FlowEulerScheduler, SearchedScheduler, StudentScheduler, scheduler_from_teacher
+from dstudio.samplers.schedules import (
     DiscreteSigmas,
     append_zero,
     flow_sigma_to_t,

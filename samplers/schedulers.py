@@ -15,7 +15,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 from diffusers.utils import logging
 
-from samplers.schedules import DiscreteSigmas, consistency_scalings
+from dstudio.samplers.schedules import DiscreteSigmas, consistency_scalings
 
 logger = logging.get_logger(__name__)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -103,7 +103,7 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
         return len(stored) if stored is not None else None
 
     def _resolve(self, num_inference_steps, timesteps, sigmas) -> torch.Tensor:
-        from samplers.samplers import discrete_timesteps
+        from dstudio.samplers.samplers import discrete_timesteps
 
         T = self.config.num_train_timesteps
         if timesteps is not None and sigmas is not None:

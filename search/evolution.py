@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from search.space import Candidate, SearchSpace
+from dstudio.search.space import Candidate, SearchSpace
 
 
 @dataclass
@@ -64,7 +64,7 @@ def evolve(objective: Callable[[Candidate], float], space: SearchSpace, config: 
     Processes that share one objective (its samples split across them) run this same deterministic loop;
     all read a checkpoint to resume, only the one with `write=True` saves it.
     """
-    from distill.core.io import drop_stale_temps, save_json
+    from dstudio.distill.core.io import drop_stale_temps, save_json
 
     cfg = config or EvolutionConfig()
     cfg.validate()

@@ -56,7 +56,7 @@ class SearchSpace:
     # --- stage one: time steps -------------------------------------------------------------------
     def uniform(self) -> Candidate:
         """The trailing uniform list, first step at T-1 ([999, 749, 499, 249] for 4 of 1000)."""
-        from samplers import discrete_timesteps
+        from dstudio.samplers import discrete_timesteps
 
         return self._with_empty_skips(tuple(discrete_timesteps(self.num_train_timesteps, self.nfe, "trailing")))
 

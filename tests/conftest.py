@@ -9,9 +9,9 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory):
     """A tiny class-conditional DDPM teacher on sklearn's 8x8 digits, trained for a few steps by the Trainer."""
-    from distill.core.trainer import Trainer, TrainerConfig
-    from distill.data import digits8
-    from distill.methods.ddpm import DDPM, DDPMConfig
+    from dstudio.distill.core.trainer import Trainer, TrainerConfig
+    from dstudio.distill.data import digits8
+    from dstudio.distill.methods.ddpm import DDPM, DDPMConfig
 
     torch.manual_seed(0)
     data = digits8(8)

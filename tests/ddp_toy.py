@@ -5,9 +5,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from distill.core.method import Method, Phase
-from distill.core.trainer import Trainer, TrainerConfig
-from distill.data import LabelledImages
+from dstudio.distill.core.method import Method, Phase
+from dstudio.distill.core.trainer import Trainer, TrainerConfig
+from dstudio.distill.data import LabelledImages
 
 
 @dataclass

@@ -16,7 +16,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def studio(tiny_teacher, tmp_path_factory):
-    from app.studio import launch
+    from dstudio.app.studio import launch
 
     runs = tmp_path_factory.mktemp("runs")
     shutil.copytree(tiny_teacher, runs / "tiny")
@@ -36,7 +36,7 @@ def client(studio):
 
 
 def test_discover_lists_unloadable_pipelines_with_their_reason(studio):
-    from app.studio import discover
+    from dstudio.app.studio import discover
 
     entries = {e.name: e for e in discover(studio[1])}
     assert entries["teacher"].available and entries["tiny"].available

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from app.cli import main
+from dstudio.app.cli import main
 
 
 def _setup(tmp, tiny):

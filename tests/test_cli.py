@@ -7,9 +7,9 @@ import sys
 import pytest
 from PIL import Image
 
-from app.cli import main
+from dstudio.app.cli import main
 
-DSTUDIO = [sys.executable, "-m", "app.cli"]
+DSTUDIO = [sys.executable, "-m", "dstudio.app.cli"]
 
 
 def test_sample_writes_pngs(tiny_teacher, tmp_path, capsys):

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from distill.methods.consistency import discretisation_steps, index_probabilities
-from samplers import karras_sigmas
-from samplers.schedules import consistency_scalings
+from dstudio.distill.methods.consistency import discretisation_steps, index_probabilities
+from dstudio.samplers import karras_sigmas
+from dstudio.samplers.schedules import consistency_scalings
 
 
 @pytest.mark.parametrize("total, k, n", [
@@ -44,8 +44,8 @@ def test_boundary_condition(sd):
 
 @pytest.fixture()
 def method(tiny_teacher):
-    from distill.core.teacher import load_teacher
-    from distill.methods.consistency import Consistency, ConsistencyConfig
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.distill.methods.consistency import Consistency, ConsistencyConfig
 
     torch.manual_seed(0)
     return Consistency(ConsistencyConfig(data="digits"), teacher=load_teacher(tiny_teacher))
@@ -73,8 +73,8 @@ def test_huber_constant_and_loss_on_fixed_tensors(method):
 
 
 def test_consistency_distillation_target_is_one_teacher_euler_step(tiny_teacher):
-    from distill.core.teacher import load_teacher
-    from distill.methods.consistency import Consistency, ConsistencyConfig
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.distill.methods.consistency import Consistency, ConsistencyConfig
 
     teacher = load_teacher(tiny_teacher)
     m = Consistency(ConsistencyConfig(data="digits", target="teacher"), teacher=teacher)
@@ -87,11 +87,11 @@ def test_consistency_distillation_target_is_one_teacher_euler_step(tiny_teacher)
 
 
 def _run(tiny_teacher, run, steps, resume=False, **method):
-    from distill.core.config import from_dict
-    from distill.core.teacher import load_teacher
-    from distill.core.trainer import Trainer, TrainerConfig
-    from distill.data import digits8
-    from distill.methods.consistency import Consistency, ConsistencyConfig
+    from dstudio.distill.core.config import from_dict
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.distill.core.trainer import Trainer, TrainerConfig
+    from dstudio.distill.data import digits8
+    from dstudio.distill.methods.consistency import Consistency, ConsistencyConfig
 
     torch.manual_seed(0)
     data = digits8(8)
@@ -127,8 +127,8 @@ def test_resume_and_export(tiny_teacher, tmp_path, init):
 
 def test_init_teacher_starts_as_the_teachers_denoiser(tiny_teacher, tmp_path):
     """Easy consistency tuning: with sigma_data = 1 a v-prediction teacher's backbone is f up to the sigma_min shift."""
-    from distill.core.teacher import load_teacher
-    from distill.methods.consistency import Consistency, ConsistencyConfig
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.distill.methods.consistency import Consistency, ConsistencyConfig
 
     teacher = load_teacher(tiny_teacher)
     m = Consistency(ConsistencyConfig(data="digits", init="teacher"), teacher=teacher)

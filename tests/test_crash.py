@@ -30,10 +30,10 @@ def run_killed(body: str, target: str, nth: int, cwd) -> None:
 
 TRAIN = """
     import sys, torch
-    from distill.core.config import from_dict
-    from distill.core.teacher import load_teacher
-    from distill.core.trainer import Trainer, TrainerConfig
-    from distill.methods.rectified_flow import RectifiedFlow, RectifiedFlowConfig
+    from dstudio.distill.core.config import from_dict
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.distill.core.trainer import Trainer, TrainerConfig
+    from dstudio.distill.methods.rectified_flow import RectifiedFlow, RectifiedFlowConfig
     torch.manual_seed(0)
     m = RectifiedFlow(from_dict(RectifiedFlowConfig, {{"num_pairs": 24, "shard_size": 8, "solver_steps": 2,
                       "reflow_steps": 3, "lpips": False, "pairs": {pairs!r}}}), teacher=load_teacher({teacher!r}))
@@ -68,8 +68,8 @@ def test_kill_during_checkpoint_write_then_resume(tiny_teacher, tmp_path):
 
 
 PAIRS = """
-    from distill.core.pairs import PairStore
-    from distill.core.teacher import load_teacher
+    from dstudio.distill.core.pairs import PairStore
+    from dstudio.distill.core.teacher import load_teacher
     teacher = load_teacher({teacher!r})
     spec = {{"teacher": "t", "solver": "dpmpp", "solver_steps": 2, "guidance": 1.0, "num_pairs": 20,
              "shard_size": 5, "seed": 0, "shape": list(teacher.sample_shape)}}
@@ -78,7 +78,7 @@ PAIRS = """
 
 
 def test_kill_during_pair_shard_write_then_resume(tiny_teacher, tmp_path):
-    from distill.core.pairs import PairStore
+    from dstudio.distill.core.pairs import PairStore
 
     root = tmp_path / "pairs"
     run_killed(PAIRS.format(teacher=str(tiny_teacher), root=str(root)), "shard-", nth=3, cwd=tmp_path)
@@ -99,7 +99,7 @@ def test_kill_during_pair_shard_write_then_resume(tiny_teacher, tmp_path):
 
 SEARCH = """
     import json
-    from search import EvolutionConfig, SearchSpace, evolve
+    from dstudio.search import EvolutionConfig, SearchSpace, evolve
     def fitness(c):
         return sum((a - b) ** 2 for a, b in zip(c.steps, (70, 30, 5)))
     cfg = EvolutionConfig(population=10, generations=4, top_k=3, mutations=4, crossovers=2, seed=3)

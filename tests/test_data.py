@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.data import digits8, image_folder, load_data, mnist5k
+from dstudio.distill.data import digits8, image_folder, load_data, mnist5k
 
 
 def test_mnist_is_shuffled_labelled_and_in_range():

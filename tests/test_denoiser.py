@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from distill.core.denoiser import CFGDenoiser, DiscreteDenoiser, FlowDenoiser
-from samplers import DiscreteSigmas, discrete_timesteps, karras_sigmas
+from dstudio.distill.core.denoiser import CFGDenoiser, DiscreteDenoiser, FlowDenoiser
+from dstudio.samplers import DiscreteSigmas, discrete_timesteps, karras_sigmas
 
 MU, S = 0.3, 0.7  # data x0 ~ N(MU, S^2 I)
 

@@ -51,11 +51,11 @@ def test_search_splits_its_samples_across_two_processes(tiny_teacher, tmp_path):
     args = ["search", "--teacher", str(tiny_teacher), "--nfe", "3", "--num-samples", "40", "--population", "4",
             "--generations", "2", "--top-k", "2"]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(_port()), "-m", "app.cli", *args, "--out", str(tmp_path / "two")],
+                          str(_port()), "-m", "dstudio.app.cli", *args, "--out", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("best 3-NFE schedule") == 1  # only the main process reports
-    one = subprocess.run([sys.executable, "-m", "app.cli", *args, "--out", str(tmp_path / "one")],
+    one = subprocess.run([sys.executable, "-m", "dstudio.app.cli", *args, "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = (json.loads((tmp_path / d / "search.json").read_text()) for d in ("one", "two"))

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from distill.core.score import dmd_gradient, dmd_loss
-from distill.core.trainer import Trainer, TrainerConfig
-from distill.data import digits8
-from distill.methods.dmd2 import DMD2, DMD2Config
+from dstudio.distill.core.score import dmd_gradient, dmd_loss
+from dstudio.distill.core.trainer import Trainer, TrainerConfig
+from dstudio.distill.data import digits8
+from dstudio.distill.methods.dmd2 import DMD2, DMD2Config
 
 
 def gaussian_denoiser(x_t, mu, s, sigma):
@@ -33,7 +33,7 @@ def test_dmd_gradient_is_the_kl_gradient_on_1d_gaussians():
 
 @pytest.fixture
 def dmd2(tiny_teacher):
-    from distill.core.teacher import load_teacher
+    from dstudio.distill.core.teacher import load_teacher
 
     torch.manual_seed(0)
     cfg = DMD2Config(data="digits", num_steps=2, critic_ratio=2, lr_generator=1e-3, lr_critic=1e-3, head_width=8)
@@ -60,7 +60,7 @@ def test_phases_touch_only_their_networks(dmd2, tmp_path):
 
 
 def test_update_ratio_and_resume_bit_for_bit(tiny_teacher, tmp_path):
-    from distill.core.teacher import load_teacher
+    from dstudio.distill.core.teacher import load_teacher
 
     def make():
         torch.manual_seed(0)
@@ -93,7 +93,7 @@ def test_export_is_a_few_step_pipeline(dmd2, tmp_path):
 
 
 def test_bad_config_is_refused():
-    from distill.core.config import ConfigError, from_dict
+    from dstudio.distill.core.config import ConfigError, from_dict
 
     with pytest.raises(ConfigError, match="critic_ratio=0 must be >= 1"):
         from_dict(DMD2Config, {"critic_ratio": 0})
@@ -127,7 +127,7 @@ def test_dmd2_on_a_tiny_text_pipeline(tmp_path):
     export is a StableDiffusionPipeline running the one-step scheduler."""
     from diffusers import StableDiffusionPipeline
 
-    from app.cli import main
+    from dstudio.app.cli import main
     from tiny_sd import tiny_sd_pipeline
 
     tiny_sd_pipeline(tmp_path).save_pretrained(tmp_path / "sd")
@@ -145,7 +145,7 @@ def test_dmd2_on_a_tiny_text_pipeline(tmp_path):
 
 
 def test_text_teachers_need_captions_and_a_method_that_takes_them(tmp_path, capsys):
-    from app.cli import main
+    from dstudio.app.cli import main
     from tiny_sd import tiny_sd_pipeline
 
     tiny_sd_pipeline(tmp_path).save_pretrained(tmp_path / "sd")

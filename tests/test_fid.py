@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from app.cli import main
-from app.features import CARD, FEATURE_DIM, load_feature_net
-from app.fid import FIDError, Stats, feature_space, frechet, scan_folder, tensor_features
+from dstudio.app.cli import main
+from dstudio.app.features import CARD, FEATURE_DIM, load_feature_net
+from dstudio.app.fid import FIDError, Stats, feature_space, frechet, scan_folder, tensor_features
 
 
 def test_frechet_distance_matches_the_gaussian_closed_form():
@@ -26,7 +26,7 @@ def test_frechet_distance_matches_the_gaussian_closed_form():
 
 
 def test_fid_of_a_set_with_itself_is_zero_and_noise_is_worse():
-    from distill.data import digits8
+    from dstudio.distill.data import digits8
 
     space = feature_space("mnist", "cpu")
     x = digits8(8).images[:400]
@@ -38,7 +38,7 @@ def test_fid_of_a_set_with_itself_is_zero_and_noise_is_worse():
 
 def test_feature_net_input_contract():
     """clean-fid hands [0, 255] floats of (B, 3, 299, 299); native 28x28 gives the same features."""
-    from distill.data import mnist5k
+    from dstudio.distill.data import mnist5k
 
     net = load_feature_net()
     x28 = (mnist5k(28).images[:16] + 1) * 127.5

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from distill.core.flow import FlowView, anneal_beta, anneal_noise, sample_u_shaped, u_shaped_density
-from distill.core.losses import ict_huber_c, pseudo_huber, rfpp_huber_c, rfpp_premetric
+from dstudio.distill.core.flow import FlowView, anneal_beta, anneal_noise, sample_u_shaped, u_shaped_density
+from dstudio.distill.core.losses import ict_huber_c, pseudo_huber, rfpp_huber_c, rfpp_premetric
 
 SMOKE = {"num_pairs": 24, "shard_size": 10, "solver_steps": 3, "reflow_steps": 2}
 
@@ -79,7 +79,7 @@ def _euler(v, z, n):
 
 def test_reflow_straightens_paths_on_2d_gaussian_to_two_points():
     """Liu et al. 2023, Thm. 3.7: 2-RF on 1-RF's pairs has straighter paths (one Euler step reaches the ODE end)."""
-    from distill.core.denoiser import FlowDenoiser
+    from dstudio.distill.core.denoiser import FlowDenoiser
 
     torch.manual_seed(0)
     m = torch.tensor([[2.0, 1.0]])
@@ -112,8 +112,8 @@ def test_reflow_straightens_paths_on_2d_gaussian_to_two_points():
 
 
 def test_pair_store_resumes_and_refuses_other_settings(tiny_teacher, tmp_path):
-    from distill.core.pairs import PairStore, PairStoreError
-    from distill.core.teacher import load_teacher
+    from dstudio.distill.core.pairs import PairStore, PairStoreError
+    from dstudio.distill.core.teacher import load_teacher
 
     teacher = load_teacher(tiny_teacher)
     spec = {"teacher": "t", "solver": "heun", "solver_steps": 2, "guidance": 1.0, "num_pairs": 7, "shard_size": 3,
@@ -139,10 +139,10 @@ def test_pair_store_resumes_and_refuses_other_settings(tiny_teacher, tmp_path):
 
 
 def _train(name, teacher_dir, run, steps=4, resume=False, **method):
-    from distill.core.config import from_dict
-    from distill.core.method import get_method
-    from distill.core.teacher import load_teacher
-    from distill.core.trainer import Trainer, TrainerConfig
+    from dstudio.distill.core.config import from_dict
+    from dstudio.distill.core.method import get_method
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.distill.core.trainer import Trainer, TrainerConfig
 
     cls = get_method(name)
     torch.manual_seed(0)
@@ -180,15 +180,15 @@ def test_phases_resume_and_export(tiny_teacher, tmp_path, name):
         out = pipe(class_labels=labels, latents=noise, num_inference_steps=steps, output_type="pt").images * 2 - 1
         with trainer.ema.applied(m.student_net()):
             view = FlowView(m.student_net())
-            from samplers import sample_flow_euler
+            from dstudio.samplers import sample_flow_euler
             ref = sample_flow_euler(view, noise, view.euler_times(steps), labels).clamp(-1, 1)
         torch.testing.assert_close(out, ref, atol=2e-4, rtol=0)
 
 
 def test_rf_student_initialised_from_teacher_is_the_teachers_ode(tiny_teacher):
     """RF++'s diffusion initialisation: before training, x1_hat of the flow view is the teacher's x0 estimate."""
-    from distill.core.teacher import load_teacher
-    from distill.methods.rectified_flow import RectifiedFlow, RectifiedFlowConfig
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.distill.methods.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 
     teacher = load_teacher(tiny_teacher)
     m = RectifiedFlow(RectifiedFlowConfig(lpips=False), teacher=teacher)
@@ -219,7 +219,7 @@ def test_instaflow_on_a_tiny_text_pipeline(tmp_path):
 
 
 def test_text_teacher_without_prompts_is_refused(tmp_path):
-    from distill.core.errors import UserError
+    from dstudio.distill.core.errors import UserError
 
     from tiny_sd import tiny_sd_pipeline
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from app.cli import main
+from dstudio.app.cli import main
 
 FAST = {
     "dmd2": ["--set", "method.head_width=8", "--set", "method.critic_ratio=1"],
@@ -29,7 +29,7 @@ def fresh_accelerator_state():
 
 @pytest.mark.parametrize("method", list(FAST))
 def test_bf16_autocast(method, tiny_teacher, tmp_path):
-    from distill.core.teacher import load_pipeline
+    from dstudio.distill.core.teacher import load_pipeline
 
     run = tmp_path / "run"
     args = ["distill", method, "--teacher", str(tiny_teacher), "--data", "digits", "--steps", "2", "--out", str(run),

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from distill.core.config import ConfigError
-from distill.methods.msd import MSD, MSDConfig, check_partition, contiguous_partition
+from dstudio.distill.core.config import ConfigError
+from dstudio.distill.methods.msd import MSD, MSDConfig, check_partition, contiguous_partition
 
 
 def test_contiguous_partition_gives_every_class_to_exactly_one_student():
@@ -18,13 +18,13 @@ def test_contiguous_partition_gives_every_class_to_exactly_one_student():
 
 @pytest.fixture(scope="module")
 def teacher(tiny_teacher):
-    from distill.core.teacher import load_teacher
+    from dstudio.distill.core.teacher import load_teacher
 
     return load_teacher(tiny_teacher)
 
 
 def _msd(teacher, **kw):
-    from distill.data import digits8
+    from dstudio.distill.data import digits8
 
     torch.manual_seed(0)
     kw = {"students": 3, **kw}
@@ -51,8 +51,8 @@ def test_routing_uses_each_classes_own_student(teacher):
 
 
 def test_smaller_students_start_with_teacher_score_matching(teacher, tmp_path):
-    from distill.core.trainer import Trainer, TrainerConfig
-    from distill.data import digits8
+    from dstudio.distill.core.trainer import Trainer, TrainerConfig
+    from dstudio.distill.data import digits8
 
     m = _msd(teacher, student_width=0.5, tsm_steps=2)
     n_teacher = sum(p.numel() for p in teacher.unet.parameters())

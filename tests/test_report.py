@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from app.cli import main
+from dstudio.app.cli import main
 
 
 def test_report_on_a_tiny_run(tiny_teacher, tmp_path, capsys):

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from distill.core.denoiser import DiscreteDenoiser, FlowDenoiser
-from distill.core.teacher import load_teacher
-from samplers import (
+from dstudio.distill.core.denoiser import DiscreteDenoiser, FlowDenoiser
+from dstudio.distill.core.teacher import load_teacher
+from dstudio.samplers import (
     FlowEulerScheduler,
     SearchedScheduler,
     StudentScheduler,
@@ -118,7 +118,7 @@ def test_pipelines_use_the_schedulers(teacher, tmp_path):
     """The teacher's own pipeline, a stock DDPMPipeline and an export that records the scheduler."""
     from diffusers import DDPMPipeline, DiffusionPipeline, UNet2DModel
 
-    from distill.core.export import export_image_pipeline
+    from dstudio.distill.core.export import export_image_pipeline
 
     sched = scheduler_from_teacher(SearchedScheduler, teacher.scheduler, timesteps=[999, 500, 100])
     pipe = teacher.pipeline
@@ -161,7 +161,7 @@ def test_text_pipeline_with_each_scheduler(tmp_path):
 
 def test_readme_snippet_and_scheduler_dir(teacher, tiny_teacher, tmp_path):
     """README: `pipe.scheduler = SearchedScheduler.from_pretrained(dir)`, and `dstudio sample --scheduler-dir`."""
-    from app.cli import main
+    from dstudio.app.cli import main
 
     scheduler_from_teacher(SearchedScheduler, teacher.scheduler, timesteps=[999, 400]).save_pretrained(tmp_path / "s")
     pipe = teacher.pipeline

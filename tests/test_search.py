@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-from app.cli import main
-from search import Candidate, EvolutionConfig, SearchSpace, evolve
-from search.skip import SkippingDenoiser, skippable_blocks, skipping
+from dstudio.app.cli import main
+from dstudio.search import Candidate, EvolutionConfig, SearchSpace, evolve
+from dstudio.search.skip import SkippingDenoiser, skippable_blocks, skipping
 
 
 def test_space_operators_keep_lists_sorted_distinct_and_full():
@@ -96,7 +96,7 @@ def test_stage_two_budget_opens_gradually_and_skip_sets_mutate():
 
 
 def test_skipping_is_identity_and_restores(tiny_teacher):
-    from distill.core.teacher import load_teacher
+    from dstudio.distill.core.teacher import load_teacher
 
     t = load_teacher(tiny_teacher)
     names = skippable_blocks(t.unet)
@@ -127,8 +127,8 @@ def test_search_cli_bad_input(args, message, tiny_teacher, tmp_path, capsys):
 
 
 def test_search_cli_writes_a_scheduler_that_plugs_in(tiny_teacher, tmp_path):
-    from distill.core.teacher import load_teacher
-    from samplers import SearchedScheduler
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.samplers import SearchedScheduler
 
     out = tmp_path / "s"
     assert main(["search", "--teacher", str(tiny_teacher), "--nfe", "3", "--num-samples", "40", "--population", "4",
@@ -146,8 +146,8 @@ def test_search_and_skipping_on_a_text_to_image_unet(tmp_path):
     """UNet2DConditionModel: transformer and resnet blocks skip, and evolve searches with a caller's own objective."""
     from tiny_sd import tiny_sd_pipeline
 
-    from distill.core.teacher import teacher_from_pipeline
-    from samplers import append_zero, sample_ddim
+    from dstudio.distill.core.teacher import teacher_from_pipeline
+    from dstudio.samplers import append_zero, sample_ddim
 
     t = teacher_from_pipeline(tiny_sd_pipeline(tmp_path))
     blocks = skippable_blocks(t.unet)

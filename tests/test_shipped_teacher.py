@@ -3,8 +3,8 @@ import json
 
 import torch
 
-from app.features import load_feature_net
-from distill.core.teacher import DEFAULT_TEACHER, load_teacher
+from dstudio.app.features import load_feature_net
+from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_teacher
 
 
 def test_shipped_teacher_is_a_plain_diffusers_folder():
@@ -29,7 +29,7 @@ def test_shipped_teacher_draws_the_asked_class():
 
 def test_shipped_teacher_with_a_searched_scheduler(tmp_path):
     """The README snippet on the shipped teacher: a stored 4-step list is what the pipeline runs."""
-    from samplers import SearchedScheduler, scheduler_from_teacher
+    from dstudio.samplers import SearchedScheduler, scheduler_from_teacher
 
     pipe = load_teacher().pipeline
     scheduler_from_teacher(SearchedScheduler, pipe.scheduler, timesteps=[999, 700, 400, 150]).save_pretrained(tmp_path)

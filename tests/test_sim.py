@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from distill.methods.sim import SIM, SIMConfig, sid_generator_loss, sim_generator_loss
+from dstudio.distill.methods.sim import SIM, SIMConfig, sid_generator_loss, sim_generator_loss
 
 
 def test_sim_loss_gradient_matches_finite_differences():
@@ -57,8 +57,8 @@ def test_generator_loss_pulls_the_generator_mean_towards_the_data(loss):
 def test_sim_phases_and_export(tiny_teacher, tmp_path):
     from diffusers import DiffusionPipeline
 
-    from distill.core.teacher import load_teacher
-    from distill.core.trainer import Trainer, TrainerConfig
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.distill.core.trainer import Trainer, TrainerConfig
 
     torch.manual_seed(0)
     m = SIM(SIMConfig(lr_generator=1e-3, lr_fake=1e-3), teacher=load_teacher(tiny_teacher))

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from app.cli import main
-from distill.core.teacher import TeacherError, load_teacher, teacher_from_pipeline
+from dstudio.app.cli import main
+from dstudio.distill.core.teacher import TeacherError, load_teacher, teacher_from_pipeline
 from tiny_sd import tiny_sd_pipeline
 
 

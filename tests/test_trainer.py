@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from distill.core.method import Method, Phase, get_method, register
-from distill.core.trainer import CHECKPOINT, DivergenceError, Trainer, TrainerConfig
-from distill.data import digits8
-from distill.methods.ddpm import DDPM, DDPMConfig
+from dstudio.distill.core.method import Method, Phase, get_method, register
+from dstudio.distill.core.trainer import CHECKPOINT, DivergenceError, Trainer, TrainerConfig
+from dstudio.distill.data import digits8
+from dstudio.distill.methods.ddpm import DDPM, DDPMConfig
 
 
 @dataclass

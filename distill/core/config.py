@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from distill.core.errors import UserError
+from dstudio.distill.core.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 

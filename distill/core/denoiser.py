@@ -10,7 +10,7 @@ import abc
 import torch
 from torch import Tensor, nn
 
-from samplers.schedules import DiscreteSigmas, consistency_scalings, flow_sigma_to_t
+from dstudio.samplers.schedules import DiscreteSigmas, consistency_scalings, flow_sigma_to_t
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 

@@ -7,7 +7,7 @@ import platform
 import shutil
 from pathlib import Path
 
-from distill.core.io import atomic_path, save_json
+from dstudio.distill.core.io import atomic_path, save_json
 
 PIPELINE_FILE = Path(__file__).with_name("pipeline_dstudio.py")
 CUSTOM_CLASS = ["pipeline_dstudio", "DStudioPipeline"]
@@ -32,7 +32,7 @@ def provenance(**extra) -> dict:
 
 def export_image_pipeline(unet, scheduler, path: str | Path, **info) -> Path:
     """Write `unet` + `scheduler` as a folder that plain `DiffusionPipeline.from_pretrained` loads and runs."""
-    from distill.core.pipeline_dstudio import DStudioPipeline
+    from dstudio.distill.core.pipeline_dstudio import DStudioPipeline
 
     path = Path(path)
     with atomic_path(path, is_dir=True) as tmp:

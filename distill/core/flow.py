@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from distill.core.denoiser import append_dims
+from dstudio.distill.core.denoiser import append_dims
 
 ANNEALING = ("linear", "exp", "cos")
 

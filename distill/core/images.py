@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from distill.core.io import save_image
+from dstudio.distill.core.io import save_image
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:

@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from distill.core.config import ConfigError
+from dstudio.distill.core.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def register(name: str, *aliases: str):
 
 
 def get_method(name: str) -> type[Method]:
-    import distill.methods  # noqa: F401  (methods register themselves on import)
+    import dstudio.distill.methods  # noqa: F401  (methods register themselves on import)
 
     name = ALIASES.get(name, name)
     if name not in METHODS:

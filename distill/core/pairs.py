@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from distill.core.errors import UserError
-from distill.core.io import atomic_path, drop_stale_temps, save_torch
+from dstudio.distill.core.errors import UserError
+from dstudio.distill.core.io import atomic_path, drop_stale_temps, save_torch
 
 MANIFEST = "manifest.json"
 SOLVERS = ("dpmpp", "heun")
@@ -29,7 +29,7 @@ class PairStoreError(UserError):
 def solve_teacher_ode(teacher, z: Tensor, cond, solver: str = "dpmpp", steps: int = 25,
                       guidance: float = 1.0) -> Tensor:
     """The teacher's probability-flow ODE from unit noise z at its noisiest step to x1 (DPM-Solver++ 2M or Heun)."""
-    from samplers import append_zero, discrete_timesteps, get_sampler
+    from dstudio.samplers import append_zero, discrete_timesteps, get_sampler
 
     d = teacher.denoiser
     sigmas = append_zero(d.schedule.timesteps_to_sigmas(discrete_timesteps(teacher.num_train_timesteps, steps)))

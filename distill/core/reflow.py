@@ -14,13 +14,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from distill.core.config import require
-from distill.core.errors import UserError
-from distill.core.flow import FlowView, sample_u_shaped, sample_uniform
-from distill.core.losses import lpips_distance, load_lpips, rfpp_premetric
-from distill.core.method import Method
-from distill.core.pairs import SOLVERS, PairStore, PairStoreError
-from samplers import FlowEulerScheduler, sample_flow_euler, scheduler_from_teacher
+from dstudio.distill.core.config import require
+from dstudio.distill.core.errors import UserError
+from dstudio.distill.core.flow import FlowView, sample_u_shaped, sample_uniform
+from dstudio.distill.core.losses import lpips_distance, load_lpips, rfpp_premetric
+from dstudio.distill.core.method import Method
+from dstudio.distill.core.pairs import SOLVERS, PairStore, PairStoreError
+from dstudio.samplers import FlowEulerScheduler, sample_flow_euler, scheduler_from_teacher
 
 
 @dataclass
@@ -197,7 +197,7 @@ class FlowMethod(Method):
         return self._teacher.decode(x1).clamp(-1, 1)
 
     def export(self, path) -> None:
-        from distill.core.export import export_image_pipeline, export_text_pipeline
+        from dstudio.distill.core.export import export_image_pipeline, export_text_pipeline
 
         sched = scheduler_from_teacher(FlowEulerScheduler, self.teacher_scheduler,
                                        num_inference_steps=self.config.export_steps)

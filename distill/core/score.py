@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.core.denoiser import DiscreteDenoiser, append_dims
+from dstudio.distill.core.denoiser import DiscreteDenoiser, append_dims
 
 
 def trainable_copy(unet: nn.Module) -> nn.Module:

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from distill.core.denoiser import CFGDenoiser, DiscreteDenoiser
-from distill.core.errors import UserError
+from dstudio.distill.core.denoiser import CFGDenoiser, DiscreteDenoiser
+from dstudio.distill.core.errors import UserError
 
 DEFAULT_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "mnist16-teacher"
 SUPPORTED = ("DDPMPipeline-style: a UNet2DModel (unconditional or class-conditional) + a DDPM-family scheduler",
@@ -99,7 +99,7 @@ def _is_local(source: str) -> bool:
 
 
 def _is_dstudio_folder(path: Path) -> bool:
-    from distill.core.export import CUSTOM_CLASS
+    from dstudio.distill.core.export import CUSTOM_CLASS
 
     return json.loads((path / "model_index.json").read_text()).get("_class_name") == CUSTOM_CLASS
 
@@ -111,7 +111,7 @@ def load_dstudio_pipeline(path: str | Path, dtype=torch.float32):
     """
     import importlib
 
-    from distill.core.pipeline_dstudio import DStudioPipeline
+    from dstudio.distill.core.pipeline_dstudio import DStudioPipeline
 
     path = Path(path)
     index = json.loads((path / "model_index.json").read_text())
@@ -119,7 +119,7 @@ def load_dstudio_pipeline(path: str | Path, dtype=torch.float32):
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
             continue
-        module = f"distill.core.{spec[0]}" if (path / name / f"{spec[0]}.py").is_file() else spec[0]
+        module = f"dstudio.distill.core.{spec[0]}" if (path / name / f"{spec[0]}.py").is_file() else spec[0]
         cls = getattr(importlib.import_module(module), spec[1])
         kwargs = {"torch_dtype": dtype} if hasattr(cls, "dtype") and dtype != torch.float32 else {}
         parts[name] = cls.from_pretrained(path / name, **kwargs)
@@ -187,7 +187,7 @@ def teacher_from_pipeline(pipe, source: str = "<pipeline>") -> Teacher:
         teacher = Teacher(pipe, denoiser, "text", 0, shape, source)
         teacher.null_cond = teacher.encode_prompts([""])
         return teacher
-    from distill.core.routed_unet import RoutedUNet2DModel
+    from dstudio.distill.core.routed_unet import RoutedUNet2DModel
 
     if not isinstance(unet, (UNet2DModel, RoutedUNet2DModel)):
         raise TeacherError(f"unsupported backbone {type(unet).__name__} ('{source}'); supported: {'; '.join(SUPPORTED)}")

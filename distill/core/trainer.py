@@ -16,11 +16,11 @@ import yaml
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from distill.core.config import require, to_dict
-from distill.core.errors import UserError
-from distill.core.images import save_grid
-from distill.core.io import atomic_path, drop_stale_temps, save_torch
-from distill.core.method import Method, Phase
+from dstudio.distill.core.config import require, to_dict
+from dstudio.distill.core.errors import UserError
+from dstudio.distill.core.images import save_grid
+from dstudio.distill.core.io import atomic_path, drop_stale_temps, save_torch
+from dstudio.distill.core.method import Method, Phase
 
 CHECKPOINT = "checkpoint.pt"
 

@@ -8,13 +8,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from distill.core.config import require
-from distill.core.denoiser import ConsistencyDenoiser, append_dims
-from distill.core.export import export_image_pipeline
-from distill.core.losses import ict_huber_c, pseudo_huber
-from distill.core.method import Method, Phase, register
-from distill.core.score import trainable_copy
-from samplers import StudentScheduler, karras_sigmas, sample_multistep, scheduler_from_teacher
+from dstudio.distill.core.config import require
+from dstudio.distill.core.denoiser import ConsistencyDenoiser, append_dims
+from dstudio.distill.core.export import export_image_pipeline
+from dstudio.distill.core.losses import ict_huber_c, pseudo_huber
+from dstudio.distill.core.method import Method, Phase, register
+from dstudio.distill.core.score import trainable_copy
+from dstudio.samplers import StudentScheduler, karras_sigmas, sample_multistep, scheduler_from_teacher
 
 
 def discretisation_steps(k: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from distill.core.config import require
-from distill.core.denoiser import DiscreteDenoiser
-from distill.core.export import export_image_pipeline
-from distill.core.method import Method, Phase, register
-from samplers import append_zero, discrete_timesteps, sample_ddim
+from dstudio.distill.core.config import require
+from dstudio.distill.core.denoiser import DiscreteDenoiser
+from dstudio.distill.core.export import export_image_pipeline
+from dstudio.distill.core.method import Method, Phase, register
+from dstudio.samplers import append_zero, discrete_timesteps, sample_ddim
 
 
 @dataclass

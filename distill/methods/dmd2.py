@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.core.config import require
-from distill.core.denoiser import append_dims
-from distill.core.export import export_image_pipeline, export_text_pipeline
-from distill.core.method import Method, Phase, register
-from distill.core.score import (BottleneckFeatures, DiscriminatorHead, dmd_gradient, dmd_loss, dsm_loss,
+from dstudio.distill.core.config import require
+from dstudio.distill.core.denoiser import append_dims
+from dstudio.distill.core.export import export_image_pipeline, export_text_pipeline
+from dstudio.distill.core.method import Method, Phase, register
+from dstudio.distill.core.score import (BottleneckFeatures, DiscriminatorHead, dmd_gradient, dmd_loss, dsm_loss,
                                 sample_timesteps, trainable_copy)
-from samplers import StudentScheduler, append_zero, discrete_timesteps, sample_multistep, scheduler_from_teacher
+from dstudio.samplers import StudentScheduler, append_zero, discrete_timesteps, sample_multistep, scheduler_from_teacher
 
 
 @dataclass

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from distill.core.config import require
-from distill.core.denoiser import append_dims
-from distill.core.method import Phase, register
-from distill.core.score import sample_timesteps, smaller_unet, trainable_copy
-from distill.methods.dmd2 import DMD2, DMD2Config
+from dstudio.distill.core.config import require
+from dstudio.distill.core.denoiser import append_dims
+from dstudio.distill.core.method import Phase, register
+from dstudio.distill.core.score import sample_timesteps, smaller_unet, trainable_copy
+from dstudio.distill.methods.dmd2 import DMD2, DMD2Config
 
 
 @dataclass
@@ -111,7 +111,7 @@ class MSD(DMD2):
         return loss, {"tsm": loss.item()}
 
     def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
-        from samplers import sample_multistep
+        from dstudio.samplers import sample_multistep
 
         s = self.student_sigmas
         x = self._noise(len(labels), generator) * (1 + s[0] ** 2).sqrt()
@@ -119,7 +119,7 @@ class MSD(DMD2):
                             labels).clamp(-1, 1)
 
     def exported_unet(self):
-        from distill.core.routed_unet import RoutedUNet2DModel
+        from dstudio.distill.core.routed_unet import RoutedUNet2DModel
 
         nets = [d.model for d in self.student]
         first = nets[0].config

@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from distill.core.config import require
-from distill.core.method import Phase, register
-from distill.core.reflow import FlowConfig, FlowMethod
-from distill.core.score import trainable_copy
+from dstudio.distill.core.config import require
+from dstudio.distill.core.method import Phase, register
+from dstudio.distill.core.reflow import FlowConfig, FlowMethod
+from dstudio.distill.core.score import trainable_copy
 
 
 @dataclass

@@ -8,12 +8,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from distill.core.config import require
-from distill.core.denoiser import append_dims
-from distill.core.export import export_image_pipeline
-from distill.core.method import Method, Phase, register
-from distill.core.score import dsm_loss, trainable_copy
-from samplers import StudentScheduler, karras_sigmas, scheduler_from_teacher
+from dstudio.distill.core.config import require
+from dstudio.distill.core.denoiser import append_dims
+from dstudio.distill.core.export import export_image_pipeline
+from dstudio.distill.core.method import Method, Phase, register
+from dstudio.distill.core.score import dsm_loss, trainable_copy
+from dstudio.samplers import StudentScheduler, karras_sigmas, scheduler_from_teacher
 
 
 def sim_generator_loss(x_g: Tensor, y_real: Tensor, y_fake: Tensor, c: float) -> Tensor:

@@ -6,11 +6,11 @@ from typing import Literal
 
 import torch
 
-from distill.core.config import require
-from distill.core.flow import ANNEALING, FlowView, anneal_beta, anneal_noise, joint_hflip
-from distill.core.method import Phase, register
-from distill.core.reflow import FlowConfig, FlowMethod
-from distill.core.score import smaller_unet
+from dstudio.distill.core.config import require
+from dstudio.distill.core.flow import ANNEALING, FlowView, anneal_beta, anneal_noise, joint_hflip
+from dstudio.distill.core.method import Phase, register
+from dstudio.distill.core.reflow import FlowConfig, FlowMethod
+from dstudio.distill.core.score import smaller_unet
 
 
 @dataclass
