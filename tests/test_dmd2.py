@@ -1,4 +1,6 @@
 """DMD2: the distribution-matching gradient against the analytic KL gradient, phases, resume and export."""
+import json
+
 import pytest
 import torch
 
@@ -70,7 +72,7 @@ def test_update_ratio_and_resume_bit_for_bit(tiny_teacher, tmp_path):
     cfg = dict(batch_size=8, checkpoint_every=2, sample_every=100, log_every=1)
     a = make()
     Trainer(a, TrainerConfig(steps=4, **cfg), tmp_path / "a", data=digits8(8)).fit(export=False)
-    logs = [eval(line.replace("null", "None")) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    logs = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [("generator/dm" in r) for r in logs] == [True, False, False, True]
     b = make()
     Trainer(b, TrainerConfig(steps=2, **cfg), tmp_path / "b", data=digits8(8)).fit(export=False)

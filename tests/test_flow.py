@@ -1,5 +1,6 @@
 """Rectified flow / RF++ / InstaFlow / SlimFlow: time distributions, annealing, premetric, straightening, pairs,
 phases, resume and export."""
+import json
 import math
 
 import pytest
@@ -159,7 +160,7 @@ def test_phases_resume_and_export(tiny_teacher, tmp_path, name):
     extra = {"student_width": 0.5} if name == "slimflow" else {}
     trainer, pipeline = _train(name, tiny_teacher, tmp_path / "a", **extra)
     m = trainer.method
-    logs = [eval(line.replace("NaN", "float('nan')")) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    logs = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert any(k.startswith("reflow/") for k in logs[0]) and any(k.startswith("distill/") for k in logs[-1])
     if name == "slimflow":
         assert bool(m.guide.ready)

@@ -18,7 +18,8 @@ def test_report_on_a_tiny_run(tiny_teacher, tmp_path, capsys):
     assert main(["report", str(run), str(fid_json), str(bench), "--out", str(out)]) == 0
     page = out.read_text()
     assert page.count("<img") >= 2  # the plot and the run's sample grid, inlined
-    assert "ddim-4" in page and "9" in page and "real-vs-real floor: 0.02" in page
+    assert "<td>ddim-1</td><td>1</td><td>9</td>" in page and "<td>ddim-4</td><td>4</td><td>2</td>" in page
+    assert "real-vs-real floor: 0.02" in page
     assert "x slowest row" in page and ">8<" in page  # 400 / 50 images/s
     assert "label_dropout" in page and "src=\"http" not in page
 

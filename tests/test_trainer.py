@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from dstudio.distill.core.method import Method, Phase, get_method, register
+from dstudio.distill.core.method import Method, Phase, get_method
 from dstudio.distill.core.trainer import CHECKPOINT, DivergenceError, Trainer, TrainerConfig
 from dstudio.distill.data import digits8
 from dstudio.distill.methods.ddpm import DDPM, DDPMConfig
@@ -19,10 +19,10 @@ class ToyConfig:
     nan_grad_at: int = -1
 
 
-@register("toy-two-phase")
 class ToyTwoPhase(Method):
-    """Two phases whose losses both depend on both networks, plus a frozen 'teacher'."""
+    """Two phases whose losses both depend on both networks, plus a frozen 'teacher' (not registered)."""
 
+    name = "toy-two-phase"
     Config = ToyConfig
     needs_teacher = False
     is_distiller = False
