@@ -74,8 +74,8 @@ class FIDFitness:
 def run_search(args) -> dict | None:
     from tqdm.auto import tqdm
 
-    from dstudio.distill.core.export import provenance
-    from dstudio.distill.core.io import atomic_path, check_writable, save_json
+    from dstudio.distill.core.export import provenance, save_scheduler
+    from dstudio.distill.core.io import check_writable, save_json
     from dstudio.distill.core.teacher import load_teacher
     from dstudio.samplers import SearchedScheduler, scheduler_from_teacher
     from accelerate import PartialState
@@ -129,8 +129,7 @@ def run_search(args) -> dict | None:
         return None
     sched = scheduler_from_teacher(SearchedScheduler, teacher.scheduler, timesteps=list(result.best.steps),
                                    solver="dpmpp" if args.sampler == "dpmpp" else "ddim")
-    with atomic_path(out / "scheduler", is_dir=True) as tmp:
-        sched.save_pretrained(tmp)
+    save_scheduler(sched, out / "scheduler")  # its class travels in the folder: loads without dstudio
     record = provenance(teacher=str(args.teacher), nfe=args.nfe, sampler=args.sampler, num_samples=args.num_samples,
                         features=args.features, reference=fitness.ref.source, noise_seed=fitness.noise_seed,
                         skip_blocks=bool(blocks), blocks=list(blocks),

@@ -4,6 +4,10 @@
 applies the stored list (stock DDIMScheduler assumes uniform spacing and DDPMPipeline passes no
 `timesteps=`), and `timesteps=` / `sigmas=` are accepted for `retrieve_timesteps` in Stable Diffusion.
 Each `step` is the matching pure sampler of samplers.samplers, written in diffusers' (VP) variables.
+
+Self-contained on purpose: torch, numpy and diffusers, plus relative imports of its sibling modules (which
+follow the same rule), so that exports ship this file and its siblings next to a scheduler's config and plain
+diffusers loads them as a custom component (dstudio.distill.core.export.ship_class).
 """
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 from diffusers.utils import logging
 
-from dstudio.samplers.schedules import DiscreteSigmas, consistency_scalings
+from .samplers import discrete_timesteps
+from .schedules import DiscreteSigmas, consistency_scalings
 
 logger = logging.get_logger(__name__)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -103,8 +108,6 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
         return len(stored) if stored is not None else None
 
     def _resolve(self, num_inference_steps, timesteps, sigmas) -> torch.Tensor:
-        from dstudio.samplers.samplers import discrete_timesteps
-
         T = self.config.num_train_timesteps
         if timesteps is not None and sigmas is not None:
             raise ValueError("give timesteps= or sigmas=, not both")

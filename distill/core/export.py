@@ -1,17 +1,27 @@
-"""Export of students and teachers as diffusers pipeline folders, with a provenance file."""
+"""Export of students, teachers and schedules as diffusers folders, with a provenance file.
+
+Every dstudio class inside an exported folder (the pipeline, a routed UNet, a scheduler) travels as its own
+source file: `ship_class` copies the module that defines it, and the sibling modules it imports relatively,
+next to the component's config and names it in model_index.json, so plain diffusers loads the folder with
+`trust_remote_code=True` in a process that cannot import dstudio. The copies are the package's own files,
+written at export time; a shipped module may import only torch, numpy, diffusers and its relative siblings.
+"""
 from __future__ import annotations
 
+import ast
 import datetime
+import importlib
+import importlib.util
 import json
 import platform
 import shutil
+import sys
 from pathlib import Path
 
 from dstudio.distill.core.io import atomic_path, save_json
 
-PIPELINE_FILE = Path(__file__).with_name("pipeline_dstudio.py")
 CUSTOM_CLASS = ["pipeline_dstudio", "DStudioPipeline"]
-CUSTOM_COMPONENTS = {"RoutedUNet2DModel": Path(__file__).with_name("routed_unet.py")}
+SHIPPING_PACKAGES = ("dstudio.distill.core", "dstudio.samplers", "dstudio.search")  # where shipped modules live
 
 
 def versions() -> dict[str, str]:
@@ -30,37 +40,89 @@ def provenance(**extra) -> dict:
             "versions": versions(), "machine": platform.machine(), **extra}
 
 
-def export_image_pipeline(unet, scheduler, path: str | Path, **info) -> Path:
-    """Write `unet` + `scheduler` as a folder that plain `DiffusionPipeline.from_pretrained` loads and runs."""
-    from dstudio.distill.core.pipeline_dstudio import DStudioPipeline
+def is_dstudio_class(cls: type) -> bool:
+    return cls.__module__.split(".")[0] == "dstudio"
 
+
+def module_files(module_name: str) -> list[Path]:
+    """The source file of `module_name` and, recursively, of the sibling modules it imports relatively."""
+    files, todo = [], [Path(sys.modules[module_name].__file__ if module_name in sys.modules
+                            else importlib.util.find_spec(module_name).origin)]
+    while todo:
+        path = todo.pop()
+        if path in files:
+            continue
+        files.append(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                todo.append(path.with_name(node.module.split(".")[0] + ".py"))
+    return files
+
+
+def ship_class(cls: type, folder: str | Path) -> list[str]:
+    """Copy the module defining `cls` (and its relative imports) into `folder`; return its model_index.json entry."""
+    files = module_files(cls.__module__)
+    for path in files:
+        shutil.copyfile(path, Path(folder) / path.name)
+    return [files[0].stem, cls.__name__]
+
+
+def shipped_module(folder: str | Path, stem: str) -> str | None:
+    """The dstudio module a file `stem`.py shipped in `folder` came from (None if the folder ships no such file)."""
+    if not (Path(folder) / f"{stem}.py").is_file():
+        return None
+    for package in SHIPPING_PACKAGES:
+        if importlib.util.find_spec(f"{package}.{stem}") is not None:
+            return f"{package}.{stem}"
+    return None
+
+
+def ship_classes(pipeline, folder: Path) -> None:
+    """Make a saved pipeline folder self-contained: every dstudio class in it travels as its source file."""
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    if is_dstudio_class(type(pipeline)):  # a custom pipeline class lives at the folder's root
+        index["_class_name"] = ship_class(type(pipeline), folder)
+    for name, component in pipeline.components.items():
+        if component is not None and is_dstudio_class(type(component)):  # diffusers' custom components
+            index[name] = ship_class(type(component), folder / name)
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
+
+
+def export_pipeline(pipeline, path: str | Path, **info) -> Path:
+    """Write `pipeline` as a folder that plain `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` loads."""
     path = Path(path)
     with atomic_path(path, is_dir=True) as tmp:
-        DStudioPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
-        index = json.loads((tmp / "model_index.json").read_text())
-        index["_class_name"] = CUSTOM_CLASS
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        shutil.copy(PIPELINE_FILE, tmp / PIPELINE_FILE.name)
-        custom = CUSTOM_COMPONENTS.get(type(unet).__name__)
-        if custom:  # a component class of our own travels inside its folder (diffusers' custom components)
-            shutil.copy(custom, tmp / "unet" / custom.name)
-            index["unet"] = [custom.stem, type(unet).__name__]
-            (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        ship_classes(pipeline, tmp)
         save_json(provenance(**info), tmp / "dstudio.json")
     return path
 
 
+def export_image_pipeline(unet, scheduler, path: str | Path, **info) -> Path:
+    """Write `unet` + `scheduler` as a class-conditional (or unconditional) DStudioPipeline folder."""
+    from dstudio.distill.core.pipeline_dstudio import DStudioPipeline
+
+    return export_pipeline(DStudioPipeline(unet=unet, scheduler=scheduler), path, **info)
+
+
 def export_text_pipeline(pipeline, unet, scheduler, path: str | Path, **info) -> Path:
     """Write a text-to-image student: the teacher pipeline's class and components with the student's unet and
-    scheduler, loadable with `StableDiffusionPipeline.from_pretrained` (dstudio installed for its scheduler)."""
+    scheduler (also how a teacher travels with a searched schedule: pass its own unet)."""
     import warnings
 
-    path = Path(path)
     components = {**pipeline.components, "unet": unet, "scheduler": scheduler}
     with warnings.catch_warnings():  # "no safety checker": a tiny or user-provided pipeline may not have one
         warnings.simplefilter("ignore")
         student = type(pipeline)(**components)
+    return export_pipeline(student, path, **info)
+
+
+def save_scheduler(scheduler, path: str | Path) -> Path:
+    """Write a scheduler folder; a dstudio scheduler's class travels with it as its source file."""
+    path = Path(path)
     with atomic_path(path, is_dir=True) as tmp:
-        student.save_pretrained(tmp, safe_serialization=True)
-        save_json(provenance(**info), tmp / "dstudio.json")
+        scheduler.save_pretrained(tmp)
+        if is_dstudio_class(type(scheduler)):
+            ship_class(type(scheduler), tmp)
     return path

@@ -1,8 +1,8 @@
 """The pipeline class written next to every image-space model dstudio exports.
 
-Self-contained on purpose (torch and diffusers only): the file is copied into each exported folder and
-named in its model_index.json as ["pipeline_dstudio", "DStudioPipeline"], so that plain
-`DiffusionPipeline.from_pretrained(folder)` loads and runs the folder without dstudio installed.
+Self-contained on purpose (torch and diffusers only): export.ship_class copies the file into each exported folder
+and names it in model_index.json as ["pipeline_dstudio", "DStudioPipeline"], so that plain
+`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads and runs the folder without dstudio.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """K class-conditional UNets behind one UNet interface, each label routed to the student that owns it (MSD).
 
-Self-contained (torch and diffusers only): copied into exported folders as `unet/routed_unet.py` and named
-in model_index.json as ["routed_unet", "RoutedUNet2DModel"], so plain diffusers loads it with
-`trust_remote_code=True`. The null label (classifier-free guidance) goes to student 0.
+Self-contained (torch and diffusers only): export.ship_class copies it into exported folders as
+`unet/routed_unet.py`, named in model_index.json as ["routed_unet", "RoutedUNet2DModel"], so plain diffusers
+loads it with `trust_remote_code=True`. The null label (classifier-free guidance) goes to student 0.
 """
 from __future__ import annotations
 

@@ -99,31 +99,43 @@ def _is_local(source: str) -> bool:
 
 
 def _is_dstudio_folder(path: Path) -> bool:
-    from dstudio.distill.core.export import CUSTOM_CLASS
+    """A folder dstudio exported with its own classes inside (they load without running the folder's code)."""
+    from dstudio.distill.core.export import CUSTOM_CLASS, shipped_module
 
-    return json.loads((path / "model_index.json").read_text()).get("_class_name") == CUSTOM_CLASS
+    index = json.loads((path / "model_index.json").read_text())
+    return index.get("_class_name") == CUSTOM_CLASS or any(
+        isinstance(spec, list) and spec[0] and shipped_module(path / name, spec[0])
+        for name, spec in index.items() if not name.startswith("_"))
 
 
 def load_dstudio_pipeline(path: str | Path, dtype=torch.float32):
-    """Assemble a folder dstudio exported from its components, without executing the folder's own code.
-
-    Plain diffusers loads the same folder with `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`.
-    """
+    """Assemble a folder dstudio exported from its components, with dstudio's own classes for the files it
+    shipped, so the folder's code never runs. Plain diffusers loads the same folder with
+    `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`."""
     import importlib
 
+    import diffusers
+
+    from dstudio.distill.core.export import CUSTOM_CLASS, shipped_module
     from dstudio.distill.core.pipeline_dstudio import DStudioPipeline
 
     path = Path(path)
     index = json.loads((path / "model_index.json").read_text())
+    pipeline_cls = DStudioPipeline if index["_class_name"] == CUSTOM_CLASS else getattr(diffusers, index["_class_name"])
     parts = {}
     for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+        if name.startswith("_"):
             continue
-        module = f"dstudio.distill.core.{spec[0]}" if (path / name / f"{spec[0]}.py").is_file() else spec[0]
+        if not isinstance(spec, list) or spec[0] is None:  # a plain setting, or an absent optional component
+            parts[name] = spec if not isinstance(spec, list) else None
+            continue
+        module = shipped_module(path / name, spec[0]) or spec[0]
+        if module.split(".")[0] not in ("dstudio", "diffusers", "transformers"):
+            raise ValueError(f"component {name} names library '{spec[0]}', which is not diffusers or transformers")
         cls = getattr(importlib.import_module(module), spec[1])
         kwargs = {"torch_dtype": dtype} if hasattr(cls, "dtype") and dtype != torch.float32 else {}
         parts[name] = cls.from_pretrained(path / name, **kwargs)
-    return DStudioPipeline(**parts)
+    return pipeline_cls(**parts)
 
 
 def load_pipeline(source: str | Path | None, device: str | torch.device = "cpu", dtype=torch.float32):
