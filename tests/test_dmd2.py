@@ -140,7 +140,7 @@ def test_dmd2_on_a_tiny_text_pipeline(tmp_path):
     assert main(args) == 0
     log = (tmp_path / "run" / "log.jsonl").read_text()
     assert "generator/gan_g" in log and "critic/gan_d" in log
-    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline", trust_remote_code=True)
     assert type(pipe.scheduler).__name__ == "StudentScheduler"
     images = pipe(["a red cat", "a dog"], guidance_scale=1.0, output_type="np").images
     assert images.shape == (2, 16, 16, 3) and images.std() > 0 and pipe.scheduler.num_inference_steps == 1

@@ -213,7 +213,7 @@ def test_instaflow_on_a_tiny_text_pipeline(tmp_path):
     trainer, pipeline = _train("instaflow", tmp_path / "sd", tmp_path / "run", prompts=str(prompts), guidance=2.0)
     pairs = trainer.method.pairs
     assert pairs["cond"].shape[:2] == (24, 8) and pairs["x1"].shape == (24, 4, 8, 8)
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline)
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline, trust_remote_code=True)
     assert type(pipe.scheduler).__name__ == "FlowEulerScheduler"
     images = pipe(["a red cat", "a dog"], num_inference_steps=1, guidance_scale=1.0, output_type="np").images
     assert images.shape == (2, 16, 16, 3) and images.std() > 0

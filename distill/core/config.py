@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from pathlib import Path
@@ -11,7 +12,17 @@ import yaml
 
 from dstudio.distill.core.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _config_dir() -> Path:
+    """The presets: the repository's configs/, installed as the package data `dstudio.configs`."""
+    spec = importlib.util.find_spec("dstudio.configs")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parents[2] / "configs"  # an editable install made before configs was mapped
+
+
+CONFIG_DIR = _config_dir()
 
 
 class ConfigError(UserError):

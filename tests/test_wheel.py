@@ -1,0 +1,55 @@
+"""A non-editable install: build the wheel, install it into a fresh virtual environment (no download: the
+dependencies come from the system site-packages), and run the CLI from another folder, so that presets, the
+shipped teacher and the feature net must come from the installed package, not from this checkout."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ("pyproject.toml", "README.md", "distill", "samplers", "search", "app", "configs")
+
+
+def _run(args, cwd, env):
+    r = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{' '.join(map(str, args))}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+@pytest.mark.timeout(900)
+def test_wheel_installs_one_package_and_runs_from_elsewhere(tmp_path):
+    src = tmp_path / "src"  # a copy, so the build leaves no build/ or egg-info in the checkout
+    src.mkdir()
+    for name in SOURCES:
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    venv = tmp_path / "venv"
+    # --without-pip: the system's pip and setuptools (seen through --system-site-packages) build and install
+    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], tmp_path, env)
+    python, dstudio = venv / "bin" / "python", venv / "bin" / "dstudio"
+    _run([python, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist", src],
+         tmp_path, env)
+    (wheel,) = (tmp_path / "dist").glob("dstudio-*.whl")
+    _run([python, "-m", "pip", "install", "--no-deps", "-q", wheel], tmp_path, env)
+
+    files = _run([python, "-m", "pip", "show", "-f", "dstudio"], tmp_path, env).split("Files:")[1].split()
+    top = {f.split("/")[0] for f in files if not f.startswith("..") and ".dist-info" not in f}
+    assert top == {"dstudio"}, top
+    assert any(f.startswith("dstudio/configs/") and f.endswith(".yaml") for f in files)
+    assert "dstudio/distill/core/pipeline_dstudio.py" in files and "dstudio/samplers/schedulers.py" in files
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = _run([python, "-c", "import dstudio.distill.core.config as c; print(c.__file__); print(c.CONFIG_DIR)"],
+                 elsewhere, env).split()
+    assert all(Path(p).is_relative_to(venv) for p in where), where
+    out = _run([dstudio, "distill", "dmd2", "--preset", "quick", "--steps", "2", "--set", "trainer.batch_size=8",
+                "--eval-per-class", "0", "--out", "run"], elsewhere, env)
+    assert "exported run/pipeline" in out and (elsewhere / "run" / "pipeline" / "scheduler" / "schedulers.py").is_file()
+    _run([dstudio, "sample", "--pipeline", "run/pipeline", "--num-images", "4", "--out", "samples"], elsewhere, env)
+    assert len(list((elsewhere / "samples").glob("*.png"))) == 4
