@@ -27,6 +27,11 @@ PLAIN = textwrap.dedent('''
                 raise ImportError(f"import of {name} blocked: this process runs without dstudio")
 
     sys.meta_path.insert(0, BlockDstudio())
+    try:
+        import dstudio
+        raise SystemExit("the block failed: dstudio imported")
+    except ImportError:
+        pass
     import json
     import torch
     from diffusers import DiffusionPipeline
@@ -39,19 +44,21 @@ PLAIN = textwrap.dedent('''
         cls = get_class_from_dynamic_module(spec["scheduler"], spec["module"], class_name=config["_class_name"],
                                             trust_remote_code=True)
         pipe.scheduler = cls.from_pretrained(spec["scheduler"])
-    images = pipe(**spec["call"], generator=torch.Generator().manual_seed(spec["seed"]), output_type="pt").images
+    images = [pipe(**call, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+              for seed, call in spec["calls"]]
     assert not [m for m in sys.modules if m.split(".")[0] == "dstudio"]
     classes = {k: type(v).__module__ + "." + type(v).__name__ for k, v in pipe.components.items() if v is not None}
     torch.save({"images": images, "classes": classes, "pipeline": type(pipe).__name__}, spec["out"])
 ''')
 
 
-def plain_diffusers(tmp_path, pipeline, call, seed=0, **extra) -> dict:
-    """Load `pipeline` in a subprocess where dstudio cannot be imported, run it, return its images and classes."""
+def plain_diffusers(tmp_path, pipeline, *calls, **extra) -> dict:
+    """Load `pipeline` in a subprocess where dstudio cannot be imported, run each (seed, pipeline kwargs) call on
+    it, return the images of each call and the classes that loaded."""
     run_dir = tmp_path / "elsewhere"
     run_dir.mkdir(exist_ok=True)
     out = run_dir / "out.pt"
-    spec = {"pipeline": str(pipeline), "call": call, "seed": seed, "out": str(out), **extra}
+    spec = {"pipeline": str(pipeline), "calls": calls, "out": str(out), **extra}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(tmp_path / "hf-modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", PLAIN, json.dumps(spec)], cwd=run_dir, env=env, capture_output=True,
@@ -90,9 +97,9 @@ def test_dmd2_one_step_student(teacher, tmp_path):
     torch.manual_seed(0)
     m = DMD2(DMD2Config(data="digits", num_steps=1, critic_ratio=1, head_width=8), teacher=teacher, data=digits8(8))
     trainer, folder = _fit(m, tmp_path / "run")
-    got = plain_diffusers(tmp_path, folder, {"class_labels": LABELS})
+    got = plain_diffusers(tmp_path, folder, (0, {"class_labels": LABELS}))
     assert got["pipeline"] == "DStudioPipeline" and got["classes"]["scheduler"].endswith("schedulers.StudentScheduler")
-    assert_same_images(got["images"], _reference(trainer))
+    assert_same_images(got["images"][0], _reference(trainer))
 
 
 def test_consistency_few_step_student(teacher, tmp_path):
@@ -101,9 +108,11 @@ def test_consistency_few_step_student(teacher, tmp_path):
     torch.manual_seed(0)
     m = Consistency(ConsistencyConfig(data="digits"), teacher=teacher)
     trainer, folder = _fit(m, tmp_path / "run", grid_per_class=1)
-    for steps in (1, 2):  # one step by default; two re-noise with the generator's next draw, as sample_multistep does
-        got = plain_diffusers(tmp_path, folder, {"class_labels": LABELS, "num_inference_steps": steps}, seed=steps)
-        assert_same_images(got["images"], _reference(trainer, seed=steps, steps=steps))
+    # one step by default; two re-noise with the generator's next draw, as sample_multistep does
+    got = plain_diffusers(tmp_path, folder, (1, {"class_labels": LABELS}),
+                          (2, {"class_labels": LABELS, "num_inference_steps": 2}))
+    for steps in (1, 2):
+        assert_same_images(got["images"][steps - 1], _reference(trainer, seed=steps, steps=steps))
 
 
 def test_rectified_flow_student(teacher, tmp_path):
@@ -114,10 +123,10 @@ def test_rectified_flow_student(teacher, tmp_path):
     cfg = {"num_pairs": 16, "shard_size": 8, "solver_steps": 2, "reflow_steps": 1, "lpips": False}
     m = RectifiedFlow(from_dict(RectifiedFlow.Config, cfg), teacher=teacher)
     trainer, folder = _fit(m, tmp_path / "run", steps=2, grid_per_class=1)
+    got = plain_diffusers(tmp_path, folder, *[(n, {"class_labels": LABELS, "num_inference_steps": n}) for n in (1, 2)])
+    assert got["classes"]["scheduler"].endswith("schedulers.FlowEulerScheduler")
     for steps in (1, 2):
-        got = plain_diffusers(tmp_path, folder, {"class_labels": LABELS, "num_inference_steps": steps}, seed=steps)
-        assert got["classes"]["scheduler"].endswith("schedulers.FlowEulerScheduler")
-        assert_same_images(got["images"], _reference(trainer, seed=steps, steps=steps))
+        assert_same_images(got["images"][steps - 1], _reference(trainer, seed=steps, steps=steps))
 
 
 def test_msd_routed_students(teacher, tmp_path):
@@ -126,9 +135,9 @@ def test_msd_routed_students(teacher, tmp_path):
     torch.manual_seed(0)
     m = MSD(MSDConfig(data="digits", students=3, head_width=8, tsm_steps=0), teacher=teacher, data=digits8(8))
     trainer, folder = _fit(m, tmp_path / "run")
-    got = plain_diffusers(tmp_path, folder, {"class_labels": LABELS})
+    got = plain_diffusers(tmp_path, folder, (0, {"class_labels": LABELS}))
     assert got["classes"]["unet"].endswith("routed_unet.RoutedUNet2DModel")
-    assert_same_images(got["images"], _reference(trainer))
+    assert_same_images(got["images"][0], _reference(trainer))
 
 
 def test_searched_schedule(tiny_teacher, teacher, tmp_path):
@@ -141,13 +150,13 @@ def test_searched_schedule(tiny_teacher, teacher, tmp_path):
     assert main(["search", "--teacher", str(tiny_teacher), "--nfe", "3", "--num-samples", "20", "--population", "4",
                  "--generations", "1", "--top-k", "2", "--sampler", "dpmpp", "--out", str(out)]) == 0
     steps = json.loads((out / "search.json").read_text())["best"]["steps"]
-    got = plain_diffusers(tmp_path, tiny_teacher, {"class_labels": LABELS}, seed=3,
-                          scheduler=str(out / "scheduler"), module="schedulers.py")
+    got = plain_diffusers(tmp_path, tiny_teacher, (3, {"class_labels": LABELS}), scheduler=str(out / "scheduler"),
+                          module="schedulers.py")
     sigmas = append_zero(teacher.denoiser.t_to_sigma(torch.tensor(steps)))
     z = torch.randn(len(LABELS), *teacher.sample_shape, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = sample_dpmpp_2m(teacher.denoiser, z * (1 + sigmas[0] ** 2).sqrt(), sigmas, torch.tensor(LABELS))
-    assert_same_images(got["images"], ref.clamp(-1, 1))
+    assert_same_images(got["images"][0], ref.clamp(-1, 1))
 
 
 def test_text_to_image_student(tmp_path):
@@ -168,10 +177,10 @@ def test_text_to_image_student(tmp_path):
     trainer = Trainer(m, TrainerConfig(steps=1, batch_size=4, sample_every=100), tmp_path / "run", data=data)
     folder = trainer.fit()
     labels = [0, 2]
-    got = plain_diffusers(tmp_path, folder, {"prompt": [data.captions[i] for i in labels], "guidance_scale": 1.0})
+    got = plain_diffusers(tmp_path, folder, (0, {"prompt": [data.captions[i] for i in labels], "guidance_scale": 1.0}))
     assert got["pipeline"] == "StableDiffusionPipeline"
     assert got["classes"]["scheduler"].endswith("schedulers.StudentScheduler")
-    assert_same_images(got["images"], _reference(trainer, labels=labels))
+    assert_same_images(got["images"][0], _reference(trainer, labels=labels))
 
 
 def test_shipped_files_are_the_package_modules(teacher, tmp_path):

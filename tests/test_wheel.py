@@ -3,6 +3,7 @@ dependencies come from the system site-packages), and run the CLI from another f
 shipped teacher and the feature net must come from the installed package, not from this checkout."""
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "README.md", "distill", "samplers", "search", "app", "configs")
+BASE = Path(getattr(sys, "_base_executable", sys.executable))  # the interpreter this environment was made from
+CAN_BUILD = "import importlib.util as u, sys; sys.exit(not (u.find_spec('setuptools.command.bdist_wheel') or u.find_spec('wheel')))"
+
+
+def wheel_builder():
+    """An interpreter here whose setuptools builds wheels without a download (>= 70.1, or with `wheel`)."""
+    for python in dict.fromkeys((sys.executable, str(BASE))):
+        if subprocess.run([python, "-c", CAN_BUILD], capture_output=True).returncode == 0:
+            return python
+    pytest.skip("no setuptools >= 70.1 (or wheel) here to build a wheel offline")
 
 
 def _run(args, cwd, env):
@@ -28,16 +39,21 @@ def test_wheel_installs_one_package_and_runs_from_elsewhere(tmp_path):
         copy(ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    _run([wheel_builder(), "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist",
+          src], tmp_path, env)
     venv = tmp_path / "venv"
-    # --without-pip: the system's pip and setuptools (seen through --system-site-packages) build and install
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], tmp_path, env)
+    _run([BASE, "-m", "venv", "--system-site-packages", "--without-pip", venv], tmp_path, env)
     python, dstudio = venv / "bin" / "python", venv / "bin" / "dstudio"
-    _run([python, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist", src],
-         tmp_path, env)
+    if sys.prefix != sys.base_prefix:  # dependencies installed in this virtual environment: list its folders (a
+        # .pth line only extends sys.path; the .pth files there, such as an editable install's finder, do not run)
+        (purelib,) = {p for p in Path(venv / "lib").glob("python*/site-packages")}
+        (purelib / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     (wheel,) = (tmp_path / "dist").glob("dstudio-*.whl")
     _run([python, "-m", "pip", "install", "--no-deps", "-q", wheel], tmp_path, env)
 
-    files = _run([python, "-m", "pip", "show", "-f", "dstudio"], tmp_path, env).split("Files:")[1].split()
+    shown = _run([python, "-m", "pip", "show", "-f", "dstudio"], tmp_path, env)
+    assert f"Location: {next(venv.glob('lib/python*/site-packages'))}" in shown
+    files = shown.split("Files:")[1].split()
     top = {f.split("/")[0] for f in files if not f.startswith("..") and ".dist-info" not in f}
     assert top == {"dstudio"}, top
     assert any(f.startswith("dstudio/configs/") and f.endswith(".yaml") for f in files)
