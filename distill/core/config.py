@@ -13,7 +13,6 @@ import yaml
 from dstudio.distill.core.errors import UserError
 
 
-
 def _config_dir() -> Path:
     """The presets: the repository's configs/, installed as the package data `dstudio.configs`."""
     spec = importlib.util.find_spec("dstudio.configs")
