@@ -50,7 +50,7 @@ def test_kill_during_checkpoint_write_then_resume(tiny_teacher, tmp_path):
     pairs = str(tmp_path / "pairs")
     run_killed(TRAIN.format(pairs=pairs, teacher=str(tiny_teacher), run=str(tmp_path / "a"), resume=False),
                "checkpoint.pt", nth=2, cwd=tmp_path)  # dies while writing the step-4 checkpoint
-    state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2  # the last complete checkpoint, intact
     assert _no_half_files(tmp_path / "a")  # the killed write's temp file is there, never under the real name
     subprocess.run([sys.executable, "-c", textwrap.dedent(TRAIN.format(
@@ -59,8 +59,8 @@ def test_kill_during_checkpoint_write_then_resume(tiny_teacher, tmp_path):
     subprocess.run([sys.executable, "-c", textwrap.dedent(TRAIN.format(
         pairs=pairs, teacher=str(tiny_teacher), run=str(tmp_path / "b"), resume=False))], check=True, cwd=tmp_path,
         capture_output=True)
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 6
     for k, v in b["modules"]["student"].items():
         torch.testing.assert_close(a["modules"]["student"][k], v)

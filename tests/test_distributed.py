@@ -18,7 +18,7 @@ def _port() -> int:
 
 
 def _weights(run: Path) -> dict:
-    return torch.load(run / "checkpoint.pt", weights_only=False)["modules"]["student"]
+    return torch.load(run / "checkpoint.pt", weights_only=True)["modules"]["student"]
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
