@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from dstudio.distill.core.errors import UserError
 from dstudio.distill.core.io import atomic_path, drop_stale_temps, save_torch
+from dstudio.distill.core.signals import Stopped, received
 
 MANIFEST = "manifest.json"
 SOLVERS = ("dpmpp", "heun")
@@ -97,6 +98,10 @@ class PairStore:
                                             spec["solver_steps"], spec["guidance"]).float().cpu())
                 bar.update(len(z[j:j + batch_size]))
             save_torch({"z": z, "x1": torch.cat(x1), "cond": cond}, self.shard_path(i))
+            if received():  # a stop signal: the shards written so far are kept, a rerun makes the rest
+                bar.close()
+                raise Stopped(f"stopped while generating reflow pairs ({self.num_shards - len(self.missing())} of "
+                              f"{self.num_shards} shards kept in '{self.root}'); rerun the same command", received())
         bar.close()
 
     def load(self) -> dict[str, Tensor | None]:
