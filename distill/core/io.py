@@ -97,6 +97,7 @@ def run_folder_lock(folder: str | Path):
     the holder exits, however it exits. `dstudio app` jobs and command-line runs take the same lock.
     """
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -106,6 +107,10 @@ def run_folder_lock(folder: str | Path):
             raise RunLockedError(f"run folder '{folder}' is being written by another dstudio process; wait for it "
                                  f"to finish or use another --out") from None
         yield folder
+    except BaseException:
+        if created and not any(folder.iterdir()):  # a run that failed before writing anything leaves no folder
+            folder.rmdir()
+        raise
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 
