@@ -239,7 +239,7 @@ def check_resume(state: dict, method_name: str, config: dict, run_dir: Path) -> 
     if made_by != method_name:
         raise UserError(f"run '{run_dir}' was made by method '{made_by}', not '{method_name}': resume it with "
                         f"{made_by}, or use another --out (--overwrite starts over)")
-    diff = config_changes(json.loads(state["config"]), config)
+    diff = config_changes(json.loads(state["config"]), json.loads(json.dumps(config)))  # tuples as lists
     refused = [k for k in diff if not resumable_key(*k.split(".", 1))]
     if refused:
         detail = ", ".join(f"{k} ({diff[k][0]!r} -> {diff[k][1]!r})" for k in refused)
@@ -410,33 +410,32 @@ class Trainer:
                    dynamic_ncols=True)
         self.model.train()
         t0 = time.time()
-        while self.step < cfg.steps:
-            # data-free methods get the per-process batch size instead of a batch
-            batches = [self.stream.next(self.accelerator.device) if self.stream else self.config.batch_size
-                       for _ in range(cfg.grad_accum)]
-            logs = {}
-            for phase in self.phases:
-                if phase.active(self.step):
-                    logs.update(self._run_phase(phase, batches))
-            self.ema.update(self.method.student_net(), self.step)
-            self.step += 1
-            bar.update(1)
-            if self.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in logs.items() if math.isfinite(v)})
-                with open(log_file, "a") as f:
-                    f.write(json.dumps({"step": self.step, "time": round(time.time() - t0, 2), **logs}) + "\n")
-            if self.step % cfg.sample_every == 0 and self.is_main:
-                self.sample_grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
-            saved = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
-            if saved:
-                self.save_checkpoint()
-            signum = stop_requested()
-            if signum:
-                if not saved:
+        with bar:  # closed (its line ended) before an error or the stop message is printed
+            while self.step < cfg.steps:
+                # data-free methods get the per-process batch size instead of a batch
+                batches = [self.stream.next(self.accelerator.device) if self.stream else self.config.batch_size
+                           for _ in range(cfg.grad_accum)]
+                logs = {}
+                for phase in self.phases:
+                    if phase.active(self.step):
+                        logs.update(self._run_phase(phase, batches))
+                self.ema.update(self.method.student_net(), self.step)
+                self.step += 1
+                bar.update(1)
+                if self.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                    bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in logs.items() if math.isfinite(v)})
+                    with open(log_file, "a") as f:
+                        f.write(json.dumps({"step": self.step, "time": round(time.time() - t0, 2), **logs}) + "\n")
+                if self.step % cfg.sample_every == 0 and self.is_main:
+                    self.sample_grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
+                saved = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
+                if saved:
                     self.save_checkpoint()
-                bar.close()
-                raise Stopped(f"stopped at step {self.step}; rerun with --resume", signum)
-        bar.close()
+                signum = stop_requested()
+                if signum:
+                    if not saved:
+                        self.save_checkpoint()
+                    raise Stopped(f"stopped at step {self.step}; rerun with --resume", signum)
         if not export:
             return
         if self.is_main:
@@ -450,6 +449,7 @@ def _trim_log(log_file: Path, step: int) -> None:
     """Keep only the log lines of steps <= `step` (all of them gone for a fresh start)."""
     if not log_file.is_file():
         return
+
     def logged_step(line: str) -> float:
         try:
             return json.loads(line).get("step", 0)
