@@ -48,12 +48,27 @@ def atomic_path(path: str | Path, is_dir: bool = False):
     except OSError as e:
         if e.errno not in FULL_DISK:
             raise
-        kept = "the previous one is kept" if path.exists() else "nothing was written"
-        raise DiskFullError(f"no space left on the device of '{path.parent}' while writing {path.name} ({kept}); "
-                            f"free some space and rerun") from None
+        raise _disk_full(path, "the previous one is kept" if path.exists() else "nothing was written") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink()
+
+
+def _disk_full(path: Path, kept: str) -> DiskFullError:
+    return DiskFullError(f"no space left on the device of '{path.parent}' while writing {path.name} ({kept}); "
+                         f"free some space and rerun")
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line to a log; a full disk is a one-line error (the lines before it are whole)."""
+    path = Path(path)
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        if e.errno not in FULL_DISK:
+            raise
+        raise _disk_full(path, "the lines before are kept") from None
 
 
 def drop_stale_temps(path: str | Path) -> None:

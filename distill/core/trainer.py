@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from dstudio.distill.core.config import require, to_dict
 from dstudio.distill.core.errors import UserError
 from dstudio.distill.core.images import save_grid
-from dstudio.distill.core.io import atomic_path, drop_stale_temps, run_folder_lock, save_torch
+from dstudio.distill.core.io import append_line, atomic_path, drop_stale_temps, run_folder_lock, save_torch
 from dstudio.distill.core.method import Method, Phase
 from dstudio.distill.core.signals import Stopped, stop_requested, stop_signals
 
@@ -424,8 +424,7 @@ class Trainer:
                 bar.update(1)
                 if self.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in logs.items() if math.isfinite(v)})
-                    with open(log_file, "a") as f:
-                        f.write(json.dumps({"step": self.step, "time": round(time.time() - t0, 2), **logs}) + "\n")
+                    append_line(log_file, json.dumps({"step": self.step, "time": round(time.time() - t0, 2), **logs}))
                 if self.step % cfg.sample_every == 0 and self.is_main:
                     self.sample_grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
                 saved = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
