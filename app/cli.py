@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,17 +20,25 @@ class UsageError(Exception):
     """Bad command-line usage: printed as one line, exit code 2 (like every distill.core.errors.UserError)."""
 
 
-def _positive_int(name):
+def _int_at_least(name, low):
     def parse(text):
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got '{text}'") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {value}")
         return value
 
     return parse
+
+
+def _positive_int(name):
+    return _int_at_least(name, 1)
+
+
+def _non_negative_int(name):
+    return _int_at_least(name, 0)
 
 
 # --- teacher train / distill ------------------------------------------------------------------------
@@ -40,10 +49,14 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
     from dstudio.distill.core.io import check_writable
     from dstudio.distill.core.method import METHODS, get_method
     from dstudio.distill.core.teacher import load_teacher
-    from dstudio.distill.core.trainer import Trainer, TrainerConfig
+    from dstudio.distill.core.trainer import (CHECKPOINT, Trainer, TrainerConfig, check_resume, check_run_folder,
+                                              read_checkpoint)
     from dstudio.distill.data import load_data
 
     cls = get_method(method_name)
+    if args.data is not None and not cls.needs_data:
+        trains_on = cls.trains_on or "its own samples scored by the teacher (data-free)"
+        raise UsageError(f"--data does not apply to method '{cls.name}': it trains on {trains_on}, not on images")
     raw = merge_overrides(load_preset(cls.name, args.preset, args.data or "mnist"), args.set or [])
     unknown = set(raw) - {"trainer", "method"}
     if unknown:
@@ -66,6 +79,12 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
         mraw[key] = value
     mcfg = from_dict(cls.Config, mraw, "method.")
     out = check_writable(args.out)
+    resolved = {"method_name": cls.name, "preset": args.preset, "teacher": teacher_source,
+                "trainer": to_dict(tcfg), "method": to_dict(mcfg)}
+    # run-folder and resume checks come before anything heavy is loaded (the Trainer repeats them)
+    check_run_folder(out, args.resume, args.overwrite)
+    if args.resume:
+        check_resume(read_checkpoint(out / CHECKPOINT), cls.name, resolved, out)
     teacher = load_teacher(teacher_source) if cls.needs_teacher else None
     if teacher and teacher.kind == "text" and not cls.text_teachers:
         takes = sorted(n for n, c in METHODS.items() if c.text_teachers)
@@ -79,10 +98,8 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
             data = teacher.to_model_space(data)
     torch.manual_seed(tcfg.seed)
     method = cls(mcfg, teacher=teacher, data=data)
-    resolved = {"method_name": cls.name, "preset": args.preset, "teacher": teacher_source,
-                "trainer": to_dict(tcfg), "method": to_dict(mcfg)}
     trainer = Trainer(method, tcfg, out, data=data, resolved_config=resolved)
-    pipeline = trainer.fit(resume=args.resume)
+    pipeline = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     print(f"exported {pipeline}")
     if cls.is_distiller and teacher.kind == "class" and args.eval_per_class:
         from dstudio.app.evaluate import compare, summary
@@ -262,6 +279,8 @@ def _add_train_args(p, default_out: str) -> None:
                    help="override a config value, e.g. --set trainer.batch_size=32 --set method.lr=2e-4")
     p.add_argument("--out", default=default_out, help="run folder: config, checkpoint, sample grids, pipeline/")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run folder that holds a run (its checkpoint, pipeline, log, samples go)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels only (torch.use_deterministic_algorithms): same seed, same student")
 
@@ -290,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp = sub.add_parser("distill", help="distill a teacher into a fast student")
     dp.add_argument("method", help=f"one of: {', '.join(distillers) or '(none yet)'}")
     dp.add_argument("--teacher", default=None, help="pipeline folder or hub id (default: the shipped MNIST teacher)")
-    dp.add_argument("--eval-per-class", type=int, default=100,
+    dp.add_argument("--eval-per-class", type=_non_negative_int("--eval-per-class"), default=100,
                     help="after training, FID and speed of teacher (50 DDIM steps) vs student on this many images "
                          "per class (0: skip)")
     _add_train_args(dp, "runs/distill")
@@ -343,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--seed", type=int, default=0)
     se.add_argument("--out", default="runs/search")
     se.add_argument("--resume", action="store_true", help="continue after the last complete generation")
+    se.add_argument("--overwrite", action="store_true", help="start over in a folder that holds a search")
     se.set_defaults(func=lambda a: __import__("dstudio.app.search_cli", fromlist=["cmd_search"]).cmd_search(a))
 
     rp = sub.add_parser("report", help="one self-contained HTML page from runs and result JSONs")
@@ -369,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from dstudio.distill.core.errors import UserError
+    from dstudio.distill.core.signals import Stopped
     from dstudio.distill.core.trainer import DivergenceError
 
     parser = build_parser()
@@ -381,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, UserError, FileNotFoundError, PermissionError) as e:
         print(f"dstudio: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # a signal: the state is saved
+        if os.environ.get("RANK", "0") == "0":
+            print(f"dstudio: {e}", file=sys.stderr)
+        return e.code
     except DivergenceError as e:
         print(f"dstudio: diverged: {e}", file=sys.stderr)
         return 1

@@ -17,6 +17,7 @@ from dstudio.distill.core.errors import UserError
 
 FEATURES = ("inception", "mnist")
 EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp", "npy"}
+MIN_IMAGES = 2  # a covariance needs two samples (2,000+ for FID values worth comparing)
 CACHE = Path(os.environ.get("DSTUDIO_CACHE", Path.home() / ".cache" / "dstudio"))
 
 
@@ -82,6 +83,12 @@ def scan_folder(folder: str | Path) -> tuple[list[str], list[str]]:
     return good, bad
 
 
+def check_count(n: int, source: str) -> None:
+    if n < MIN_IMAGES:
+        raise FIDError(f"'{source}' gives {n} image(s): FID needs at least {MIN_IMAGES} for a covariance "
+                       f"(2,000+ for stable values)")
+
+
 def folder_features(folder: str | Path, space: FeatureSpace, batch_size: int = 256, verbose: bool = False):
     """Features of every readable image in `folder`; corrupt files are skipped and returned by name."""
     from cleanfid.fid import get_files_features
@@ -125,6 +132,7 @@ class Stats:
 
     @classmethod
     def of(cls, feats: np.ndarray, features: str, source: str, keep_feats: bool = True) -> "Stats":
+        check_count(len(feats), source)
         return cls(np.mean(feats, axis=0), np.cov(feats, rowvar=False), feats if keep_feats else None,
                    len(feats), features, source)
 
@@ -237,8 +245,9 @@ def fid_of_folder(images: str | Path, ref: str, features: str = "mnist", device=
                   save_ref_stats: str | Path | None = None) -> dict:
     from PIL import Image
 
-    space = feature_space(features, device)
     good, bad = scan_folder(images)
+    check_count(len(good), str(images))
+    space = feature_space(features, device)
     with Image.open(good[0]) as im:
         resolution = im.size[0]
     feats, skipped = folder_features(images, space)

@@ -1,6 +1,7 @@
 """`dstudio search`: the CLI side of AutoDiffusion, handing `search.evolve` an FID fitness."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -8,6 +9,9 @@ from pathlib import Path
 import torch
 
 from dstudio.samplers import append_zero, get_sampler
+
+SEARCH_STATE = "search_state.json"
+SEARCH_MARKERS = (SEARCH_STATE, "search.json", "scheduler")  # what makes a folder hold a search
 
 
 class FIDFitness:
@@ -84,8 +88,15 @@ def run_search(args) -> dict | None:
     from dstudio.search import EvolutionConfig, SearchSpace, evolve
     from dstudio.search.skip import skippable_blocks
 
+    from dstudio.distill.core.io import run_folder_lock
+    from dstudio.distill.core.signals import stop_signals
+    from dstudio.distill.core.trainer import check_run_folder, clear_run
+
     state = PartialState(cpu=cpu_only())  # under `accelerate launch`, each candidate's samples are split
     out = check_writable(args.out)
+    check_run_folder(out, args.resume, getattr(args, "overwrite", False), markers=SEARCH_MARKERS)
+    if args.resume and not (out / SEARCH_STATE).is_file():
+        raise ValueError(f"--resume: no {SEARCH_STATE} in '{out}'; start without --resume")
     teacher = load_teacher(args.teacher, device=state.device)
     T = teacher.num_train_timesteps
     if not 1 <= args.nfe <= T:
@@ -121,8 +132,11 @@ def run_search(args) -> dict | None:
         bars[gen].update(1)
         bars[gen].set_postfix(best_fid=f"{best:.4f}")
 
-    result = evolve(fitness, space, cfg, checkpoint=out / "search_state.json", resume=args.resume, init=init,
-                    progress=progress if state.is_main_process else None, write=state.is_main_process)
+    with run_folder_lock(out) if state.is_main_process else contextlib.nullcontext(), stop_signals():
+        if getattr(args, "overwrite", False) and state.is_main_process:
+            clear_run(out, SEARCH_MARKERS + ("search.png",))
+        result = evolve(fitness, space, cfg, checkpoint=out / SEARCH_STATE, resume=args.resume, init=init,
+                        progress=progress if state.is_main_process else None, write=state.is_main_process)
     for b in bars.values():
         b.close()
     if not state.is_main_process:

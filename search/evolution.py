@@ -65,6 +65,7 @@ def evolve(objective: Callable[[Candidate], float], space: SearchSpace, config: 
     all read a checkpoint to resume, only the one with `write=True` saves it.
     """
     from dstudio.distill.core.io import drop_stale_temps, save_json
+    from dstudio.distill.core.signals import Stopped, stop_requested
 
     cfg = config or EvolutionConfig()
     cfg.validate()
@@ -134,6 +135,8 @@ def evolve(objective: Callable[[Candidate], float], space: SearchSpace, config: 
         if ckpt and write:
             save_json({"generation": gen + 1, "history": history, "best_per_generation": best_per_gen,
                        "seconds": spent + time.time() - t0, "rng": _rng_to_json(rng.getstate())}, ckpt)
+        if ckpt and (signum := stop_requested()):  # SIGTERM/SIGINT/SIGUSR1: stop with this generation saved
+            raise Stopped(f"stopped after generation {gen + 1}; rerun with --resume", signum)
 
     # stage two: only candidates that meet the final (fully opened) budget can be the result
     final = [k for k in fitness if space.valid(cands[k])] or list(fitness)

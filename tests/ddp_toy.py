@@ -1,4 +1,6 @@
 """A deterministic toy method for the multi-process test: run as `python -m torch.distributed.run ... ddp_toy.py`."""
+import os
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -22,8 +24,9 @@ class Toy(Method):
     Config = ToyConfig
     needs_teacher = False
 
-    def __init__(self, config):
+    def __init__(self, config, stop_at: int = -1):
         super().__init__(config)
+        self.stop_at = stop_at
         torch.manual_seed(0)
         self.student = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 1))
 
@@ -31,6 +34,8 @@ class Toy(Method):
         return [Phase("fit", ("student",), lr=self.config.lr, grad_clip=None)]
 
     def loss(self, phase, batch, step):
+        if step == self.stop_at and int(os.environ.get("RANK", "0")) == 1:  # preemption reaching one rank only
+            os.kill(os.getpid(), signal.SIGTERM)
         x, y = batch
         loss = (self.student(x).squeeze(1) - y.float()).pow(2).mean()
         return loss, {"mse": loss.item()}
@@ -43,10 +48,17 @@ class Toy(Method):
 
 
 if __name__ == "__main__":
+    from dstudio.distill.core.signals import Stopped
+
     run, batch, accum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    stop_at = int(sys.argv[4]) if len(sys.argv) > 4 else -1
     g = torch.Generator().manual_seed(1)
     data = LabelledImages(torch.randn(64, 1, 4, 4, generator=g), torch.randint(0, 3, (64,), generator=g),
                           ["a", "b", "c"], "toy")
     cfg = TrainerConfig(steps=5, batch_size=batch, grad_accum=accum, cpu=True, sample_every=1000,
                         checkpoint_every=5, ema_decay=0.5)
-    Trainer(Toy(ToyConfig()), cfg, run, data=data).fit(export=False)
+    try:
+        Trainer(Toy(ToyConfig(), stop_at), cfg, run, data=data).fit(export=False)
+    except Stopped as e:
+        print(f"rank {os.environ.get('RANK', '0')}: {e}", file=sys.stderr)
+        sys.exit(e.code)

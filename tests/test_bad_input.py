@@ -1,9 +1,52 @@
-"""Bad input across the CLI: each a one-line `dstudio: error: ...` naming the value, exit code 2, nothing written."""
+"""Bad input across the CLI: each a one-line `dstudio: error: ...` naming the value, exit code 2, and nothing on
+disk changed (every byte of the case's folder, run folders included, is compared before and after)."""
+import hashlib
 import json
+import os
+import shutil
 
 import pytest
+import torch
 
 from dstudio.app.cli import main
+
+MARKER = "code-ran"  # a file the crafted checkpoint's unpickling would create
+
+
+class _RunsCode:
+    """Unpickling this calls open(path, "w"): a stand-in for any code a crafted pickle can run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _damaged_teachers(tmp, tiny):
+    """Copies of the tiny teacher without its weights, with truncated weights, without its scheduler folder."""
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    for name in ("no_weights", "truncated", "no_scheduler"):
+        shutil.copytree(tiny, tmp / name)
+    (tmp / "no_weights" / weights).unlink()
+    size = (tmp / "truncated" / weights).stat().st_size
+    os.truncate(tmp / "truncated" / weights, size // 2)
+    shutil.rmtree(tmp / "no_scheduler" / "scheduler")
+
+
+def _runs(tmp, tiny):
+    """A finished ddpm run (the tiny teacher's own run folder), one with a crafted and one with an old-format
+    checkpoint, and a folder that holds a search."""
+    shutil.copytree(tiny.parent, tmp / "run")
+    (tmp / "evil_run").mkdir()
+    torch.save({"format": 2, "step": _RunsCode(str(tmp / MARKER))}, tmp / "evil_run" / "checkpoint.pt")
+    (tmp / "old_run").mkdir()
+    import numpy as np
+
+    torch.save({"step": 3, "rng": {"numpy": np.random.get_state()}}, tmp / "old_run" / "checkpoint.pt")
+    (tmp / "search_run").mkdir()
+    (tmp / "search_run" / "search_state.json").write_text('{"generation": 1}')
+    (tmp / "one_image").mkdir()
 
 
 def _setup(tmp, tiny):
@@ -33,8 +76,12 @@ def _setup(tmp, tiny):
     (tmp / "bad_captions").mkdir()
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp / "bad_captions" / "a.png")
     (tmp / "bad_captions" / "metadata.jsonl").write_text('{"file_name": "b.png", "text": "gone"}\n')
+    _damaged_teachers(tmp, tiny)
+    _runs(tmp, tiny)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp / "one_image" / "a.png")
     names = ("empty", "file", "corrupt_index", "bad_sched", "junk_sched", "alien_sched", "mixed", "broken_run",
-             "corrupt_png", "bad_captions")
+             "corrupt_png", "bad_captions", "no_weights", "truncated", "no_scheduler", "run", "evil_run", "old_run",
+             "search_run", "one_image")
     return {"tiny": str(tiny), "bad_json": str(tmp / "bad.json"), **{n: str(tmp / n) for n in names}}
 
 
@@ -86,15 +133,61 @@ CASES = [
     ("distill rf --teacher {tiny} --pairs {file}", "pair store '"),
     ("distill ict --teacher {tiny} --target bogus", "method.target='bogus' is not one of 'self', 'teacher'"),
     ("distill ict --teacher {tiny} --set method.s0=0", "method.s0=0 and method.s1=1280 must satisfy"),
-    # checkpoints
+    # damaged teachers
+    ("sample --teacher {no_weights}", "no file named diffusion_pytorch_model.safetensors"),
+    ("sample --teacher {truncated}", "could not load pipeline"),
+    ("sample --teacher {no_scheduler}", "lacks the component folder(s) scheduler"),
+    ("distill dmd2 --teacher {truncated}", "could not load pipeline"),
+    ("distill rf --teacher {no_weights}", "no file named diffusion_pytorch_model.safetensors"),
+    ("search --teacher {no_scheduler}", "lacks the component folder(s) scheduler"),
+    # wrong types, zero and negative sizes, NFE out of range
+    ("teacher train --set trainer.steps=1.5", "trainer.steps=1.5 must be an integer"),
+    ("teacher train --set trainer.cpu=maybe", "trainer.cpu='maybe' must be true or false"),
+    ("teacher train --set method.channels=16", "method.channels=16 must be a list"),
+    ("teacher train --set trainer.batch_size=0", "trainer.batch_size=0 must be > 0"),
+    ("teacher train --set trainer.grad_accum=-2", "trainer.grad_accum=-2 must be > 0"),
+    ("teacher train --set method.resolution=-8", "method.resolution=-8 must be >= 4"),
+    ("teacher train --steps 0", "--steps must be >= 1, got 0"),
+    ("distill msd --teacher {tiny} --students 0", "--students must be >= 1, got 0"),
+    ("distill slimflow --teacher {tiny} --student-width -0.5", "method.student_width=-0.5 must be in (0, 1]"),
+    ("distill dmd2 --teacher {tiny} --eval-per-class -1", "--eval-per-class must be >= 0, got -1"),
+    ("sample --teacher {tiny} --batch-size 0", "--batch-size must be >= 1, got 0"),
+    ("sample --teacher {tiny} --steps 0", "--steps must be >= 1, got 0"),
+    ("search --teacher {tiny} --nfe -1", "--nfe -1 must be in 1..1000"),
+    ("search --teacher {tiny} --population 0", "--population must be >= 1, got 0"),
+    ("search --teacher {tiny} --top-k -3", "--top-k must be >= 1, got -3"),
+    ("app --port 0", "--port must be >= 1, got 0"),
+    # flags the method does not use
+    ("distill rf --teacher {tiny} --data digits", "--data does not apply to method 'rectified_flow': it trains on "
+                                                 "pairs (noise, sample) from its teacher's ODE"),
+    ("distill slimflow --teacher {tiny} --data {empty}", "--data does not apply to method 'slimflow'"),
+    ("distill sim --teacher {tiny} --data digits", "--data does not apply to method 'sim': it trains on its own "
+                                                   "samples scored by the teacher (data-free)"),
+    ("distill consistency --teacher {tiny} --prompts {file}", "--prompts does not apply to method 'consistency'"),
+    # checkpoints, run folders, resume mismatches
     ("teacher train --resume --out {empty}", "no checkpoint.pt"),
     ("teacher train --resume --out {broken_run} --data digits --set method.resolution=8 "
      "--set method.channels=[8,16]", "is corrupt"),
+    ("teacher train --resume --out {evil_run}", "holds objects other than tensors and plain data"),
+    ("teacher train --resume --out {old_run}", "refused without unpickling it"),
+    ("teacher train --out {run}", "{run} holds a run: --resume to continue, --overwrite to start over"),
+    ("distill dmd2 --teacher {tiny} --out {run}", "holds a run: --resume to continue, --overwrite to start over"),
+    ("teacher train --resume --overwrite --out {run}", "give --resume (continue the run) or --overwrite"),
+    ("distill dmd2 --teacher {tiny} --resume --out {run}", "was made by method 'ddpm', not 'dmd2'"),
+    ("distill rf --teacher {tiny} --resume --out {run}", "was made by method 'ddpm', not 'rectified_flow'"),
+    ("teacher train --resume --out {run} --data digits --set method.channels=[16,32]",
+     "method.channels ([8, 16] -> [16, 32])"),
+    ("teacher train --resume --out {run} --data digits --set method.channels=[8,16] --set trainer.seed=3",
+     "trainer.seed (0 -> 3)"),
+    ("search --teacher {tiny} --out {search_run}", "holds a run: --resume to continue, --overwrite to start over"),
+    ("search --teacher {tiny} --resume --out {empty}", "no search_state.json"),
     # FID, reports, search
     ("fid --images /no/images", "image folder '/no/images' does not exist"),
     ("fid --images {empty}", "holds no images"),
     ("fid --images {mixed}", "images of mixed sizes"),
     ("fid --images {mixed} --ref {tmp}/nope.npz", "mixed sizes"),
+    ("fid --images {one_image}", "gives 1 image(s): FID needs at least 2 for a covariance"),
+    ("fid --images {mixed} --ref {one_image}", "mixed sizes"),
     ("report {tmp}/missing.json", "neither a run folder nor a result .json"),
     ("report {bad_json}", "is not valid JSON"),
     ("search --teacher {tiny} --nfe 0", "--nfe 0 must be in 1..1000"),
@@ -103,18 +196,45 @@ CASES = [
 ]
 
 
+def _tree(root) -> dict[str, str]:
+    """Every file and folder under `root` with its bytes' digest."""
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
 @pytest.mark.parametrize("command, message", CASES, ids=[c[0][:60] for c in CASES])
 def test_bad_input(command, message, tiny_teacher, tmp_path, capsys):
     names = _setup(tmp_path, tiny_teacher)
     argv = command.format(tmp=tmp_path, **names).split()
     if "--out" not in argv and argv[0] in ("sample", "teacher", "distill", "search"):
         argv += ["--out", OUT.format(tmp=tmp_path)]
+    before = _tree(tmp_path)
     code = main(argv)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("dstudio: error:") and message in err[0], err
-    assert not (tmp_path / "out").exists()
+    assert len(err) == 1 and err[0].startswith("dstudio: error:") and message.format(**names) in err[0], err
+    assert "Traceback" not in err[0]
+    assert _tree(tmp_path) == before  # nothing written, no run folder touched
+    assert not (tmp_path / MARKER).exists()
+
+
+def test_crafted_checkpoint_would_run_code_and_is_refused(tiny_teacher, tmp_path, capsys):
+    """The crafted checkpoint does run code when unpickled (so the refusal test can fail); dstudio never does."""
+    import pickle
+    import zipfile
+
+    _runs(tmp_path, tiny_teacher)
+    with zipfile.ZipFile(tmp_path / "evil_run" / "checkpoint.pt") as z:
+        payload = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    assert not (tmp_path / MARKER).exists()
+    pickle.loads(payload)  # what torch.load(weights_only=False) did
+    assert (tmp_path / MARKER).exists()
+    (tmp_path / MARKER).unlink()
+    code = main(["distill", "rectified_flow", "--resume", "--out", str(tmp_path / "evil_run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "refused without unpickling it" in err[0], err
+    assert not (tmp_path / MARKER).exists()
 
 
 def test_table_is_broad_enough():
-    assert len(CASES) >= 25
+    assert len(CASES) >= 40

@@ -18,7 +18,7 @@ def _port() -> int:
 
 
 def _weights(run: Path) -> dict:
-    return torch.load(run / "checkpoint.pt", weights_only=False)["modules"]["student"]
+    return torch.load(run / "checkpoint.pt", weights_only=True)["modules"]["student"]
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
@@ -40,6 +40,19 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
         torch.testing.assert_close(two_w[k], one[k], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(accum[k], one[k], rtol=1e-5, atol=1e-6)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint.pt", "config.yaml", "log.jsonl"]
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """SIGTERM reaches rank 1 alone during step 2: the flag is all-reduced, so both ranks finish step 2, the main
+    process checkpoints it, and both stop there (without the all-reduce rank 0 would wait for rank 1 forever)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(_port()), TOY, str(tmp_path / "two"), "4", "1", "1"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "rank 0: stopped at step 2; rerun with --resume" in run.stderr, run.stderr[-3000:]
+    assert "rank 1: stopped at step 2; rerun with --resume" in run.stderr, run.stderr[-3000:]
+    assert torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
 def test_search_splits_its_samples_across_two_processes(tiny_teacher, tmp_path):

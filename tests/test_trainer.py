@@ -95,7 +95,7 @@ def test_divergence_stops_with_step_phase_and_term(tmp_path):
     trainer = Trainer(method, TrainerConfig(steps=6, batch_size=4, checkpoint_every=2), tmp_path, data=digits8(8))
     with pytest.raises(DivergenceError, match=r"step 3, phase 'critic' \(v=nan\).*--resume"):
         trainer.fit(export=False)
-    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == 2
 
 
 def test_non_finite_gradient_stops_the_run(tmp_path):
@@ -103,7 +103,7 @@ def test_non_finite_gradient_stops_the_run(tmp_path):
     trainer = Trainer(method, TrainerConfig(steps=4, batch_size=4, checkpoint_every=1), tmp_path, data=digits8(8))
     with pytest.raises(DivergenceError, match=r"non-finite gradient at step 1, phase 'critic'"):
         trainer.fit(export=False)
-    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["step"] == 1
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == 1
 
 
 def test_stale_temp_files_of_a_killed_write_are_dropped(tmp_path):

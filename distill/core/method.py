@@ -45,6 +45,7 @@ class Method(nn.Module, abc.ABC):
     is_distiller: ClassVar[bool] = True
     text_teachers: ClassVar[bool] = False  # whether it distils text-to-image (latent) teachers
     student_module: ClassVar[str] = "student"
+    trains_on: ClassVar[str] = ""  # what it learns from, when not images (said when --data is given)
 
     def __init__(self, config, teacher=None, data=None):
         super().__init__()

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from dstudio.distill.core.errors import UserError
 from dstudio.distill.core.io import atomic_path, drop_stale_temps, save_torch
+from dstudio.distill.core.signals import Stopped, received
 
 MANIFEST = "manifest.json"
 SOLVERS = ("dpmpp", "heun")
@@ -84,20 +85,24 @@ class PairStore:
         sizes = [min(self.shard_size, self.num_pairs - i * self.shard_size) for i in todo]
         bar = tqdm(total=sum(sizes), desc="reflow pairs", disable=not progress or not todo,
                    unit="pair", dynamic_ncols=True)
-        for i in todo:
-            start = i * self.shard_size
-            idx = torch.arange(start, min(start + self.shard_size, self.num_pairs))
-            g = torch.Generator().manual_seed(int(spec["seed"]) * 1_000_003 + i)
-            z = torch.randn((len(idx), *teacher.sample_shape), generator=g)
-            cond = cond_for(idx)
-            x1 = []
-            for j in range(0, len(idx), batch_size):
-                c = None if cond is None else cond[j:j + batch_size].to(device)
-                x1.append(solve_teacher_ode(teacher, z[j:j + batch_size].to(device), c, spec["solver"],
-                                            spec["solver_steps"], spec["guidance"]).float().cpu())
-                bar.update(len(z[j:j + batch_size]))
-            save_torch({"z": z, "x1": torch.cat(x1), "cond": cond}, self.shard_path(i))
-        bar.close()
+        with bar:  # closed (its line ended) before an error is printed
+            for i in todo:
+                start = i * self.shard_size
+                idx = torch.arange(start, min(start + self.shard_size, self.num_pairs))
+                g = torch.Generator().manual_seed(int(spec["seed"]) * 1_000_003 + i)
+                z = torch.randn((len(idx), *teacher.sample_shape), generator=g)
+                cond = cond_for(idx)
+                x1 = []
+                for j in range(0, len(idx), batch_size):
+                    c = None if cond is None else cond[j:j + batch_size].to(device)
+                    x1.append(solve_teacher_ode(teacher, z[j:j + batch_size].to(device), c, spec["solver"],
+                                                spec["solver_steps"], spec["guidance"]).float().cpu())
+                    bar.update(len(z[j:j + batch_size]))
+                save_torch({"z": z, "x1": torch.cat(x1), "cond": cond}, self.shard_path(i))
+                if received():  # a stop signal: the shards written so far are kept, a rerun makes the rest
+                    kept = self.num_shards - len(self.missing())
+                    raise Stopped(f"stopped while generating reflow pairs ({kept} of {self.num_shards} shards kept in "
+                                  f"'{self.root}'); rerun the same command", received())
 
     def load(self) -> dict[str, Tensor | None]:
         missing = self.missing()

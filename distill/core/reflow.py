@@ -74,6 +74,7 @@ class FlowMethod(Method):
 
     Config = FlowConfig
     needs_data = False  # the pairs are the data
+    trains_on = "pairs (noise, sample) from its teacher's ODE (--pairs folder)"
 
     def __init__(self, config: FlowConfig, teacher=None, data=None):
         super().__init__(config)

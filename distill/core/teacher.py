@@ -134,6 +134,8 @@ def load_dstudio_pipeline(path: str | Path, dtype=torch.float32):
             raise ValueError(f"component {name} names library '{spec[0]}', which is not diffusers or transformers")
         cls = getattr(importlib.import_module(module), spec[1])
         kwargs = {"torch_dtype": dtype} if hasattr(cls, "dtype") and dtype != torch.float32 else {}
+        if hasattr(cls, "dtype"):  # a model: dstudio writes safetensors only, so never fall back to a pickle
+            kwargs["use_safetensors"] = True
         parts[name] = cls.from_pretrained(path / name, **kwargs)
     return pipeline_cls(**parts)
 
@@ -150,18 +152,31 @@ def load_pipeline(source: str | Path | None, device: str | torch.device = "cpu",
         if not (path / "model_index.json").is_file():
             raise TeacherError(f"teacher '{source}' is not a diffusers pipeline folder (no model_index.json)")
         try:
-            json.loads((path / "model_index.json").read_text())
+            index = json.loads((path / "model_index.json").read_text())
         except json.JSONDecodeError as e:
             raise TeacherError(f"teacher '{source}' has a corrupt model_index.json ({e.msg})") from None
+        missing = [n for n, spec in index.items() if not n.startswith("_") and isinstance(spec, list)
+                   and spec[0] is not None and not (path / n).is_dir()]
+        if missing:  # checked here: diffusers would look for it on the hub
+            raise TeacherError(f"teacher '{source}' lacks the component folder(s) {', '.join(missing)} named in its "
+                               f"model_index.json")
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(50)  # CRITICAL: a failure is reported as one line below, not by diffusers
     try:
         if _is_local(source) and _is_dstudio_folder(path):
             pipe = load_dstudio_pipeline(path, dtype)
         else:
             kwargs = {"torch_dtype": dtype} if dtype != torch.float32 else {}
+            if _is_local(source):
+                kwargs["local_files_only"] = True
             pipe = DiffusionPipeline.from_pretrained(str(path) if _is_local(source) else source, **kwargs)
     except (OSError, ValueError, RuntimeError, AttributeError, KeyError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TeacherError(f"could not load pipeline '{source}': {first}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -5,7 +5,11 @@ import contextlib
 import json
 import math
 import random
+import shutil
+import sys
 import time
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,10 +23,48 @@ from tqdm.auto import tqdm
 from dstudio.distill.core.config import require, to_dict
 from dstudio.distill.core.errors import UserError
 from dstudio.distill.core.images import save_grid
-from dstudio.distill.core.io import atomic_path, drop_stale_temps, save_torch
+from dstudio.distill.core.io import append_line, atomic_path, drop_stale_temps, run_folder_lock, save_torch
 from dstudio.distill.core.method import Method, Phase
+from dstudio.distill.core.signals import Stopped, stop_requested, stop_signals
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 2  # tensors and plain data only, loaded with weights_only=True
+RUN_MARKERS = (CHECKPOINT, "pipeline")  # what makes a folder hold a run
+RUN_OUTPUTS = (CHECKPOINT, "pipeline", "log.jsonl", "samples", "config.yaml", "eval.json")  # what --overwrite clears
+# Config keys a --resume may change: run length, logging, learning rates. Any other difference changes the
+# networks or what they learn, and is refused.
+RESUMABLE_TRAINER_KEYS = {"steps", "batch_size", "grad_accum", "ema_decay", "log_every", "sample_every",
+                          "checkpoint_every", "grid_per_class", "mixed_precision", "cpu", "deterministic"}
+RESUMABLE_METHOD_KEYS = {"pairs"}
+
+
+def resumable_key(section: str, key: str) -> bool:
+    if section == "trainer":
+        return key in RESUMABLE_TRAINER_KEYS
+    return key in RESUMABLE_METHOD_KEYS or key == "lr" or key.startswith("lr_")
+
+
+class RunExistsError(UserError):
+    """A fresh run into a folder that holds a run."""
+
+
+def check_run_folder(run_dir: str | Path, resume: bool, overwrite: bool, markers=RUN_MARKERS) -> None:
+    """Refuse to silently reuse a run folder: a fresh run needs an empty one or --overwrite."""
+    run_dir = Path(run_dir)
+    if resume and overwrite:
+        raise UserError("give --resume (continue the run) or --overwrite (start over), not both")
+    if not resume and not overwrite and any((run_dir / m).exists() for m in markers):
+        raise RunExistsError(f"{run_dir} holds a run: --resume to continue, --overwrite to start over")
+
+
+def clear_run(run_dir: Path, names=RUN_OUTPUTS) -> None:
+    """--overwrite: remove a previous run's outputs (a pair store, a cache of teacher samples, is kept)."""
+    for name in names:
+        p = run_dir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
 
 
 @dataclass
@@ -126,7 +168,12 @@ def cpu_only() -> bool:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator's state as tensors and lists (nothing that needs unpickling code)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+             "python": [version, list(internal), py_gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -134,10 +181,71 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, py_gauss = state["python"]
+    random.setstate((version, tuple(internal), py_gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def dstudio_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dstudio")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's state, loaded with weights_only=True: a file holding anything but tensors and plain data
+    (a crafted pickle, an old-format checkpoint) is refused without running any of it."""
+    if not path.is_file():
+        raise UserError(f"--resume: no {CHECKPOINT} in '{path.parent}'; start without --resume")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"checkpoint '{path}' is corrupt (not a torch zip file); --overwrite starts over")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged zip
+        if "Weights only load failed" in str(e):
+            raise UserError(f"checkpoint '{path}' holds objects other than tensors and plain data (an older "
+                            f"dstudio's checkpoint, or a crafted file): refused without unpickling it; "
+                            f"--overwrite starts over") from None
+        raise UserError(f"checkpoint '{path}' is corrupt ({type(e).__name__}); --overwrite starts over") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"checkpoint '{path}' is not a dstudio checkpoint of format {CHECKPOINT_FORMAT} (an older "
+                        f"dstudio's?); --overwrite starts over")
+    return state
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple]:
+    """{section.key: (old, new)} for every trainer/method value that differs between two resolved configs."""
+    diff = {}
+    for section in ("trainer", "method"):
+        a, b = old.get(section) or {}, new.get(section) or {}
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                diff[f"{section}.{key}"] = (a.get(key), b.get(key))
+    return diff
+
+
+def check_resume(state: dict, method_name: str, config: dict, run_dir: Path) -> dict[str, tuple]:
+    """Refuse a resume by another method or with a config that changes what is trained; return the allowed
+    changes (run length, logging, learning rates)."""
+    made_by = state.get("method")
+    if made_by != method_name:
+        raise UserError(f"run '{run_dir}' was made by method '{made_by}', not '{method_name}': resume it with "
+                        f"{made_by}, or use another --out (--overwrite starts over)")
+    diff = config_changes(json.loads(state["config"]), json.loads(json.dumps(config)))  # tuples as lists
+    refused = [k for k in diff if not resumable_key(*k.split(".", 1))]
+    if refused:
+        detail = ", ".join(f"{k} ({diff[k][0]!r} -> {diff[k][1]!r})" for k in refused)
+        raise UserError(f"--resume with a config that changes what run '{run_dir}' trains: {detail}; resume with "
+                        f"its config.yaml values, or --overwrite to start over")
+    return diff
 
 
 class Trainer:
@@ -178,13 +286,16 @@ class Trainer:
     # --- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
+            "format": CHECKPOINT_FORMAT,
+            "method": self.method.name,
+            "dstudio": dstudio_version(),
             "step": self.step,
             "modules": {n: getattr(self.method, n).state_dict() for n in self.method.checkpoint_modules()},
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
             "ema": self.ema.state_dict(),
             "stream": self.stream.state_dict() if self.stream else None,
             "rng": _rng_state(),
-            "config": self.resolved_config,
+            "config": json.dumps(self.resolved_config),
         }
 
     def save_checkpoint(self) -> None:
@@ -193,17 +304,30 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self) -> None:
-        path = self.run_dir / CHECKPOINT
-        if not path.is_file():
-            raise UserError(f"--resume: no {CHECKPOINT} in '{self.run_dir}'; start without --resume")
+        """Check the run folder's checkpoint against this run, then restore it."""
+        self._restore(self._read_checked_checkpoint())
+
+    def _read_checked_checkpoint(self) -> dict:
+        state = read_checkpoint(self.run_dir / CHECKPOINT)
+        changes = check_resume(state, self.method.name, self.resolved_config, self.run_dir)
+        if changes and self.is_main:
+            print("dstudio: resuming with " + ", ".join(f"{k}={new!r} (was {old!r})"
+                                                        for k, (old, new) in changes.items()), file=sys.stderr)
+        return state
+
+    def _restore(self, state: dict) -> None:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # torch raises many types for a damaged zip
-            raise UserError(f"checkpoint '{path}' is corrupt ({type(e).__name__}); delete it to start over") from None
-        for name, sd in state["modules"].items():
-            getattr(self.method, name).load_state_dict(sd)
-        for name, sd in state["optimizers"].items():
-            self.optimizers[name].load_state_dict(sd)
+            for name, sd in state["modules"].items():
+                getattr(self.method, name).load_state_dict(sd)
+            for name, sd in state["optimizers"].items():
+                self.optimizers[name].load_state_dict(sd)
+        except (RuntimeError, KeyError, AttributeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"checkpoint '{self.run_dir / CHECKPOINT}' does not fit this run's networks ({first}); "
+                            f"was the teacher changed? --overwrite starts over") from None
+        for phase in self.phases:  # a resume may change learning rates: the phase's own settings win
+            for group in self.optimizers[phase.name].param_groups:
+                group.update(lr=phase.lr, betas=phase.betas, weight_decay=phase.weight_decay)
         self.ema.load_state_dict(state["ema"])
         if self.stream and state["stream"]:
             self.stream.load_state_dict(state["stream"])
@@ -254,52 +378,83 @@ class Trainer:
         torch.set_rng_state(rng)
         save_grid(images, path, nrow=self.config.grid_per_class)
 
-    def fit(self, resume: bool = False, export: bool = True) -> Path | None:
+    def fit(self, resume: bool = False, export: bool = True, overwrite: bool = False) -> Path | None:
+        """Train (a fresh run needs a folder without a run, or `overwrite`), checkpoint, export. A SIGTERM, SIGINT
+        or SIGUSR1 stops after the current step with a checkpoint and raises signals.Stopped."""
+        check_run_folder(self.run_dir, resume, overwrite)
+        lock = run_folder_lock(self.run_dir) if self.is_main else contextlib.nullcontext()
+        with lock, stop_signals():
+            state = self._read_checked_checkpoint() if resume else None
+            if overwrite and self.is_main:
+                clear_run(self.run_dir)
+            self._fit(state, export)
+        return self.run_dir / "pipeline" if export else None
+
+    def _fit(self, state: dict | None, export: bool) -> None:
         cfg = self.config
         self.method.prepare(self.run_dir, self.accelerator, self.config.steps)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.is_main:
-            drop_stale_temps(self.run_dir / CHECKPOINT)
-        if resume:
-            self.load_checkpoint()
+        log_file = self.run_dir / "log.jsonl"
+        if state is not None:
+            self._restore(state)
         else:
             torch.manual_seed(cfg.seed + self.accelerator.process_index)
             np.random.seed(cfg.seed)
             random.seed(cfg.seed)
         if self.is_main:
+            drop_stale_temps(self.run_dir / CHECKPOINT)
+            _trim_log(log_file, self.step)  # one run, one log: no lines from a fresh start or past the checkpoint
             with atomic_path(self.run_dir / "config.yaml") as tmp:
                 tmp.write_text(yaml.safe_dump(self.resolved_config, sort_keys=False))
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.method.name}", disable=not self.is_main,
                    dynamic_ncols=True)
-        log_file = self.run_dir / "log.jsonl"
         self.model.train()
         t0 = time.time()
-        while self.step < cfg.steps:
-            # data-free methods get the per-process batch size instead of a batch
-            batches = [self.stream.next(self.accelerator.device) if self.stream else self.config.batch_size
-                       for _ in range(cfg.grad_accum)]
-            logs = {}
-            for phase in self.phases:
-                if phase.active(self.step):
-                    logs.update(self._run_phase(phase, batches))
-            self.ema.update(self.method.student_net(), self.step)
-            self.step += 1
-            bar.update(1)
-            if self.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in logs.items() if math.isfinite(v)})
-                with open(log_file, "a") as f:
-                    f.write(json.dumps({"step": self.step, "time": round(time.time() - t0, 2), **logs}) + "\n")
-            if self.step % cfg.sample_every == 0 and self.is_main:
-                self.sample_grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                self.save_checkpoint()
-        bar.close()
+        with bar:  # closed (its line ended) before an error or the stop message is printed
+            while self.step < cfg.steps:
+                # data-free methods get the per-process batch size instead of a batch
+                batches = [self.stream.next(self.accelerator.device) if self.stream else self.config.batch_size
+                           for _ in range(cfg.grad_accum)]
+                logs = {}
+                for phase in self.phases:
+                    if phase.active(self.step):
+                        logs.update(self._run_phase(phase, batches))
+                self.ema.update(self.method.student_net(), self.step)
+                self.step += 1
+                bar.update(1)
+                if self.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                    bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in logs.items() if math.isfinite(v)})
+                    append_line(log_file, json.dumps({"step": self.step, "time": round(time.time() - t0, 2), **logs}))
+                if self.step % cfg.sample_every == 0 and self.is_main:
+                    self.sample_grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
+                saved = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
+                if saved:
+                    self.save_checkpoint()
+                signum = stop_requested()
+                if signum:
+                    if not saved:
+                        self.save_checkpoint()
+                    raise Stopped(f"stopped at step {self.step}; rerun with --resume", signum)
         if not export:
-            return None
-        out = self.run_dir / "pipeline"
+            return
         if self.is_main:
             with self.ema.applied(self.method.student_net()):
-                self.method.export(out)
+                self.method.export(self.run_dir / "pipeline")
             self.sample_grid(self.run_dir / "samples" / "final.png")
         self.accelerator.wait_for_everyone()
-        return out
+
+
+def _trim_log(log_file: Path, step: int) -> None:
+    """Keep only the log lines of steps <= `step` (all of them gone for a fresh start)."""
+    if not log_file.is_file():
+        return
+
+    def logged_step(line: str) -> float:
+        try:
+            return json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):  # a line cut short by a kill
+            return math.inf
+
+    keep = [line for line in log_file.read_text().splitlines() if step and logged_step(line) <= step]
+    with atomic_path(log_file) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))
