@@ -80,6 +80,19 @@ def solver_orders(n: int, order: int, rule: str = "dpmpp") -> list[int]:
     return [1 if i == n - 1 else min(order, i + 1) for i in range(n)]
 
 
+def distinct_solvers(names, n: int) -> list[str]:
+    """`names` less those that run the same update at every one of n steps as an earlier one (at 4 steps the
+    lowered orders make DPM-Solver++ 3M run 2M's orders 1, 2, 2, 1, and UniPC-3 UniPC-2's)."""
+    seen, out = set(), []
+    for name in names:
+        rule, order = parse_solver(name)
+        key = (rule, tuple(solver_orders(n, order, rule)))
+        if key not in seen:
+            seen.add(key)
+            out.append(name)
+    return out
+
+
 def dpmpp_update(x: Tensor, sigma: float, sigma_next: float, x0: Tensor, history, order: int) -> Tensor:
     """Lu et al. 2022 (DPM-Solver++), multistep data-prediction update of order 1-3 (Alg. 2 for 2M; the third
     order with the reference code's D1, D2 differences) on the VE scale, lambda = -log(sigma).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
 
 
@@ -70,16 +71,29 @@ def skipping(unet: nn.Module, names):
             del m.forward  # back to the class's forward
 
 
-class SkippingDenoiser(nn.Module):
-    """A denoiser whose i-th call (i-th sampling step) runs with `skips[i]` replaced by identity."""
+def skip_at(sigma, sigmas, skips, rtol: float = 1e-4) -> frozenset[str]:
+    """The skip set of the step whose noise level is `sigma` (relative match, so float32 round trips still match);
+    no match, e.g. a sampler's extra evaluation at another level, skips nothing."""
+    s = float(torch.as_tensor(sigma).reshape(-1)[0])
+    for level, names in zip(sigmas, skips):
+        if abs(s - float(level)) <= rtol * abs(float(level)):
+            return frozenset(names)
+    return frozenset()
 
-    def __init__(self, denoiser, unet: nn.Module, skips):
+
+class SkippingDenoiser(nn.Module):
+    """A denoiser that, called at the i-th noise level `sigmas[i]`, runs with `skips[i]` replaced by identity.
+
+    The skip set is a function of sigma, not of how often it was called, so one instance serves any number of
+    batches and any sampler."""
+
+    def __init__(self, denoiser, unet: nn.Module, sigmas, skips):
         super().__init__()
-        self.denoiser, self.unet, self.skips = denoiser, unet, list(skips)
-        self.calls = 0
+        if len(skips) != len(sigmas):
+            raise ValueError(f"{len(skips)} skip sets for {len(sigmas)} noise levels")
+        self.denoiser, self.unet = denoiser, unet
+        self.sigmas, self.skips = [float(s) for s in sigmas], [frozenset(s) for s in skips]
 
     def forward(self, x, sigma, cond=None):
-        names = self.skips[self.calls] if self.calls < len(self.skips) else ()
-        self.calls += 1
-        with skipping(self.unet, names):
+        with skipping(self.unet, skip_at(sigma, self.sigmas, self.skips)):
             return self.denoiser(x, sigma, cond)
