@@ -166,6 +166,8 @@ def run_search(args) -> dict | None:
     sched = scheduler_from_teacher(SearchedScheduler, teacher.scheduler, timesteps=list(best.steps), solver=best.solver)
     with atomic_path(out / "scheduler", is_dir=True) as tmp:
         sched.save_pretrained(tmp)
+    if any(best.skips):
+        export_skip_pipeline(teacher, best, sched, out / "pipeline", source=str(args.teacher))
     record = provenance(teacher=str(args.teacher), nfe=args.nfe, solvers=list(solvers), num_samples=args.num_samples,
                         screen_samples=args.screen_samples, promote=args.promote,
                         features=args.features, reference=fitness.ref.source, noise_seed=fitness.noise_seed,
@@ -175,6 +177,21 @@ def run_search(args) -> dict | None:
     save_json(record, out / "search.json")
     _plot(result.best_per_generation, out / "search.png", args.nfe)
     return record
+
+
+def skips_by_timestep(candidate) -> dict[str, list[str]]:
+    """A stage-two candidate's skip sets keyed by time step, as the exported pipeline reads them."""
+    return {str(t): sorted(s) for t, s in zip(candidate.steps, candidate.skips) if s}
+
+
+def export_skip_pipeline(teacher, candidate, scheduler, path: Path, **info) -> Path:
+    """The teacher's UNet with the searched scheduler and per-step skipped blocks, as a pipeline folder that applies
+    the skips when run (`DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`)."""
+    from dstudio.distill.core.export import export_image_pipeline
+
+    return export_image_pipeline(teacher.unet, scheduler, path, skips=skips_by_timestep(candidate),
+                                 kind="searched schedule with skipped blocks (AutoDiffusion stage two)",
+                                 candidate=candidate.to_json(), **info)
 
 
 def stock_recipe(solver: str, steps: list[int]) -> dict | None:

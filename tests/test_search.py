@@ -229,3 +229,29 @@ def test_fid_fitness_skips_every_chunk_and_caching_changes_nothing(tiny_teacher)
     assert not torch.allclose(chunked.images(c)[4:], one.images(plain)[4:])
     torch.testing.assert_close(chunked.images(c), one.images(c))  # second pass from the cache
     assert chunked.cache.hits > 0
+
+
+def test_stage_two_pipeline_folder_applies_the_skips(tiny_teacher, tmp_path):
+    """Issue 17.2: the exported folder skips the searched blocks at their steps, drawing what the search sampled."""
+    from diffusers import DiffusionPipeline
+
+    from dstudio.app.search_cli import export_skip_pipeline
+    from dstudio.distill.core.teacher import load_teacher, load_pipeline
+    from dstudio.samplers import SearchedScheduler, append_zero, get_sampler, scheduler_from_teacher
+
+    t = load_teacher(tiny_teacher)
+    names = skippable_blocks(t.unet)
+    c = Candidate((999, 600, 300), (frozenset(names[:2]), frozenset(), frozenset(names[2:3])), "unipc-2")
+    sched = scheduler_from_teacher(SearchedScheduler, t.scheduler, timesteps=list(c.steps), solver=c.solver)
+    export_skip_pipeline(t, c, sched, tmp_path / "pipeline")
+    z, labels = torch.randn(3, *t.sample_shape, generator=torch.Generator().manual_seed(5)), torch.tensor([0, 4, 7])
+    sigmas = append_zero(t.denoiser.t_to_sigma(torch.tensor(c.steps)).float())
+    with torch.no_grad():
+        searched = get_sampler(c.solver)(SkippingDenoiser(t.denoiser, t.unet, sigmas[:-1], c.skips),
+                                         z * (1 + sigmas[0] ** 2).sqrt(), sigmas, labels).clamp(-1, 1)
+        unskipped = get_sampler(c.solver)(t.denoiser, z * (1 + sigmas[0] ** 2).sqrt(), sigmas, labels).clamp(-1, 1)
+    for pipe in (DiffusionPipeline.from_pretrained(tmp_path / "pipeline", trust_remote_code=True),
+                 load_pipeline(tmp_path / "pipeline")):
+        out = pipe(class_labels=labels, latents=z, output_type="pt").images * 2 - 1
+        torch.testing.assert_close(out, searched, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out, unskipped, atol=1e-3)

@@ -30,13 +30,14 @@ def provenance(**extra) -> dict:
             "versions": versions(), "machine": platform.machine(), **extra}
 
 
-def export_image_pipeline(unet, scheduler, path: str | Path, **info) -> Path:
-    """Write `unet` + `scheduler` as a folder that plain `DiffusionPipeline.from_pretrained` loads and runs."""
+def export_image_pipeline(unet, scheduler, path: str | Path, skips: dict | None = None, **info) -> Path:
+    """Write `unet` + `scheduler` as a folder that plain `DiffusionPipeline.from_pretrained` loads and runs;
+    `skips` ({"<timestep>": [block names]}, stage two of a search) are stored for the pipeline to apply."""
     from dstudio.distill.core.pipeline_dstudio import DStudioPipeline
 
     path = Path(path)
     with atomic_path(path, is_dir=True) as tmp:
-        DStudioPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+        DStudioPipeline(unet=unet, scheduler=scheduler, skips=skips).save_pretrained(tmp, safe_serialization=True)
         index = json.loads((tmp / "model_index.json").read_text())
         index["_class_name"] = CUSTOM_CLASS
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -123,7 +123,8 @@ def load_dstudio_pipeline(path: str | Path, dtype=torch.float32):
         cls = getattr(importlib.import_module(module), spec[1])
         kwargs = {"torch_dtype": dtype} if hasattr(cls, "dtype") and dtype != torch.float32 else {}
         parts[name] = cls.from_pretrained(path / name, **kwargs)
-    return DStudioPipeline(**parts)
+    options = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}  # e.g. skips
+    return DStudioPipeline(**parts, **options)
 
 
 def load_pipeline(source: str | Path | None, device: str | torch.device = "cpu", dtype=torch.float32):
