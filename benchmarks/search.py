@@ -105,29 +105,27 @@ def main(argv=None) -> int:
         check = rescore(f"unipc-{nfe} (re-measured)", "unipc", nfe, stock_scheduler("unipc", base))
         rows.append(check)
     solvers = distinct_solvers(SOLVERS, nfe)
-    for name, (cls, overrides) in EXTRA_STOCK.items():
-        import diffusers
-
-        if name in solvers:  # else it runs the same orders as a stock row above at this NFE
-            rows.append(rescore(f"{name}-{nfe}", name, nfe, getattr(diffusers, cls).from_config(base, **overrides)))
 
     # the search, as `dstudio search --nfe N` runs it
     fitness = FIDFitness(teacher, args.num_samples, rungs=[args.screen_samples], promote=3)
     space = SearchSpace(T, nfe, solvers=tuple(solvers))
     cfg = EvolutionConfig(population=args.population, generations=args.generations, top_k=10,
                           mutations=min(25, args.population // 2), crossovers=min(15, args.population // 4), seed=0)
+    state = RESULTS.parent / "runs" / f"search-{nfe}" / "search_state.json"
+    state.parent.mkdir(parents=True, exist_ok=True)
+
+    def progress(gen, i, best):
+        print(f"generation {gen + 1}/{cfg.generations}, candidate {i}: best {best:.4f}", file=sys.stderr, flush=True)
+
     cpu0, t0 = time.process_time(), time.time()
-    result = evolve(fitness, space, cfg)
+    result = evolve(fitness, space, cfg, checkpoint=state, resume=True, progress=progress)  # CPU: this process only
     cpu_s, wall_s = time.process_time() - cpu0, time.time() - t0
     print(f"search: {result.evaluations} candidates, {cpu_s / 60:.1f} CPU-min, {wall_s / 60:.1f} min", file=sys.stderr)
-    for solver, (c, rung, f) in sorted(best_per_solver(result.history).items()):
-        sched = scheduler_from_teacher(SearchedScheduler, teacher.scheduler, timesteps=list(c.steps), solver=solver)
-        rows.append(rescore(f"searched-{solver}-{nfe}", f"searched {solver}", nfe, sched, steps=str(list(c.steps)),
-                            search_fid=f, search_rung_images=fitness.rungs[rung],
-                            best_overall=c.key() == result.best.key()))
-    search_row = next(r for r in rows if r.get("best_overall"))
-    search_row.update(search_cpu_min=cpu_s / 60, search_wall_min=wall_s / 60, evaluations=result.evaluations,
-                      scorings=len(result.history), cache_hit_rate=fitness.cache.hits / max(1, fitness.cache.calls))
+    per_solver = best_per_solver(result.history)
+    searched = [(result.best.solver, per_solver[result.best.solver])]  # the search's pick first
+    searched += [(s, v) for s, v in sorted(per_solver.items()) if s != result.best.solver]
+    stats = dict(search_cpu_min=cpu_s / 60, search_wall_min=wall_s / 60, evaluations=result.evaluations,
+                 scorings=len(result.history), cache_hit_rate=fitness.cache.hits / max(1, fitness.cache.calls))
     notes = [f"search: population {args.population}, {args.generations} generations, solvers {', '.join(solvers)} "
              f"(part of the candidate), every candidate screened on {args.screen_samples} images (noise seed 1000), "
              f"the 3 best per generation re-scored on {args.num_samples}; one row per solver: its best candidate of "
@@ -135,8 +133,35 @@ def main(argv=None) -> int:
              f"SearchedScheduler in the pipeline",
              f"search cost: {cpu_s / 60:.1f} CPU-minutes ({wall_s / 60:.1f} wall minutes on a shared machine), "
              f"{result.evaluations} candidates, {len(result.history)} scorings, denoiser-cache hit rate "
-             f"{search_row['cache_hit_rate']:.0%}"]
+             f"{stats['cache_hit_rate']:.0%}"]
 
+    def write():
+        by = {r["name"]: r for r in rows}
+        teacher50, unipc, ddim = by["teacher-ddim-50"], by[f"unipc-{nfe}"], by[f"ddim-{nfe}"]
+        for r in rows:
+            r["fid_vs_teacher"] = r["fid"] / teacher50["fid"]
+            if r["sampler"].startswith("searched"):
+                r["fid_vs_unipc"] = r["fid"] / unipc["fid"]
+                r["fid_vs_trailing_ddim"] = r["fid"] / ddim["fid"]
+        write_results(f"search-{nfe}", {
+            "command": command, "teacher": args.teacher, "floor": floor, "best": result.best.to_json(),
+            "rows": rows, "notes": notes, "columns": COLUMNS,
+        })
+
+    floor = real_floor(protocol.space, protocol.ref, teacher.sample_shape[-1])["fid"]
+    for solver, (c, rung, f) in searched:
+        sched = scheduler_from_teacher(SearchedScheduler, teacher.scheduler, timesteps=list(c.steps), solver=solver)
+        best = c.key() == result.best.key()
+        rows.append(rescore(f"searched-{solver}-{nfe}", f"searched {solver}", nfe, sched, steps=str(list(c.steps)),
+                            search_fid=f, search_rung_images=fitness.rungs[rung], best_overall=best,
+                            **(stats if best else {})))
+        write()
+    for name, (cls, overrides) in EXTRA_STOCK.items():
+        import diffusers
+
+        if name in solvers:  # else it runs the same orders as a stock row above at this NFE
+            rows.append(rescore(f"{name}-{nfe}", name, nfe, getattr(diffusers, cls).from_config(base, **overrides)))
+            write()
     if args.baseline_candidates:  # candidates per CPU-minute, the old way: DDIM only, 500 images, no halving or cache
         old = FIDFitness(teacher, 500, cache_mb=0)
         sample = [Candidate.from_json(h["candidate"]) for h in result.history[:args.baseline_candidates]]
@@ -150,7 +175,7 @@ def main(argv=None) -> int:
                      f"{args.num_samples}, cached evaluations and features), {new_rate / old_rate:.1f}x")
 
     by = {r["name"]: r for r in rows}
-    teacher50, unipc, ddim = by["teacher-ddim-50"], by.get(f"unipc-{nfe}"), by.get(f"ddim-{nfe}")
+    unipc = by[f"unipc-{nfe}"]
     if len(solvers) < len(SOLVERS):
         notes.append(f"at {nfe} NFE {', '.join(s for s in SOLVERS if s not in solvers)} run the same per-step orders "
                      f"as {', '.join(solvers)} (diffusers lowers the order of the first and last steps), so neither "
@@ -159,16 +184,7 @@ def main(argv=None) -> int:
         same = abs(check["fid"] - unipc["fid"]) <= 1e-6 * max(1.0, unipc["fid"])
         notes.append(f"re-measured unipc-{nfe}: FID {check['fid']:.6f} against the reused {unipc['fid']:.6f} "
                      f"({'reproduced' if same else 'DIFFERENT'})")
-    for r in rows:
-        r["fid_vs_teacher"] = r["fid"] / teacher50["fid"]
-        if r["sampler"].startswith("searched"):
-            r["fid_vs_unipc"] = r["fid"] / unipc["fid"]
-            r["fid_vs_trailing_ddim"] = r["fid"] / ddim["fid"]
-    write_results(f"search-{nfe}", {
-        "command": command, "teacher": args.teacher,
-        "floor": real_floor(protocol.space, protocol.ref, teacher.sample_shape[-1])["fid"],
-        "best": result.best.to_json(), "rows": rows, "notes": notes, "columns": COLUMNS,
-    })
+    write()
     print(f"wrote {RESULTS / f'search-{nfe}.json'}", file=sys.stderr)
     return 0
 
