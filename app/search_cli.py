@@ -140,8 +140,6 @@ def run_search(args) -> dict | None:
     cfg = EvolutionConfig(population=args.population, generations=args.generations, top_k=args.top_k,
                           mutations=min(25, args.population // 2), crossovers=min(15, args.population // 4),
                           seed=args.seed)
-    if args.screen_samples > args.num_samples:
-        raise ValueError(f"--screen-samples {args.screen_samples} exceeds --num-samples {args.num_samples}")
     fitness = FIDFitness(teacher, args.num_samples, features=args.features, seed=args.seed, ref=args.ref,
                          device=state.device, rank=state.process_index, world=state.num_processes,
                          rungs=[args.screen_samples], promote=args.promote)
