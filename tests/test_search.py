@@ -255,3 +255,22 @@ def test_stage_two_pipeline_folder_applies_the_skips(tiny_teacher, tmp_path):
         out = pipe(class_labels=labels, latents=z, output_type="pt").images * 2 - 1
         torch.testing.assert_close(out, searched, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(out, unskipped, atol=1e-3)
+
+
+def test_eval_cache_returns_the_stored_output_and_evicts_least_recent():
+    from dstudio.search.memo import EvalCache, memoised
+
+    calls = []
+
+    def den(x, sigma, cond=None):
+        calls.append(float(sigma))
+        return x * float(sigma)
+
+    cache = EvalCache(max_bytes=2 * 4 * 4)  # two outputs of 4 float32
+    D = memoised(den, cache, tag=lambda sigma: "skip-a" if sigma > 1 else "")
+    x = torch.ones(4)
+    assert torch.equal(D(x, 2.0), D(x, 2.0)) and calls == [2.0] and cache.hits == 1
+    D(x, 3.0), D(x, 0.5)  # evicts sigma 2
+    D(x, 2.0)
+    assert calls == [2.0, 3.0, 0.5, 2.0] and cache.bytes <= cache.max_bytes
+    assert torch.equal(memoised(den, cache, tag=lambda sigma: "skip-b")(x, 2.0), x * 2) and len(calls) == 5

@@ -100,3 +100,13 @@ def test_convergence_orders_on_a_gaussian():
     assert 1.7 < order("dpmpp-2m") < 2.3
     for better in ("dpmpp-3m", "unipc-2", "unipc-3"):
         assert gaussian_error(better, 64) < gaussian_error("dpmpp-2m", 64) / 2
+
+
+def test_solvers_with_the_same_orders_at_n_steps_are_searched_once():
+    """diffusers lowers the first and last orders: at 4 steps 3M runs 2M's orders 1, 2, 2, 1 and UniPC-3 UniPC-2's."""
+    from dstudio.samplers.samplers import distinct_solvers, solver_orders
+
+    names = ["unipc-2", "unipc-3", "dpmpp-2m", "dpmpp-3m"]
+    assert solver_orders(4, 3) == solver_orders(4, 2) == [1, 2, 2, 1]
+    assert distinct_solvers(names, 4) == ["unipc-2", "dpmpp-2m"]
+    assert distinct_solvers(names, 8) == names
