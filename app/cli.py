@@ -345,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="images every candidate is first scored on (successive halving)")
     se.add_argument("--promote", type=_positive_int("--promote"), default=3,
                     help="per generation, the best this many screened candidates are re-scored on --num-samples")
+    se.add_argument("--speed-images", type=_positive_int("--speed-images"), default=250,
+                    help="stage two: images the exported pipeline/ is timed on, with and without its skips")
     se.add_argument("--population", type=_positive_int("--population"), default=20)
     se.add_argument("--generations", type=_positive_int("--generations"), default=6)
     se.add_argument("--top-k", type=_positive_int("--top-k"), default=10)

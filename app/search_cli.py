@@ -164,14 +164,17 @@ def run_search(args) -> dict | None:
     sched = scheduler_from_teacher(SearchedScheduler, teacher.scheduler, timesteps=list(best.steps), solver=best.solver)
     with atomic_path(out / "scheduler", is_dir=True) as tmp:
         sched.save_pretrained(tmp)
+    speed = None
     if any(best.skips):
         export_skip_pipeline(teacher, best, sched, out / "pipeline", source=str(args.teacher))
+        speed = pipeline_speedup(out / "pipeline", fitness.labels[:args.speed_images],
+                                 fitness.noise[:args.speed_images], state.device)
     record = provenance(teacher=str(args.teacher), nfe=args.nfe, solvers=list(solvers), num_samples=args.num_samples,
                         screen_samples=args.screen_samples, promote=args.promote,
                         features=args.features, reference=fitness.ref.source, noise_seed=fitness.noise_seed,
                         skip_blocks=bool(blocks), blocks=list(blocks), max_skipped=max_skipped, config=vars(cfg),
                         cpu_seconds=time.process_time() - cpu0, cache_hit_rate=fitness.cache.hits / max(1, fitness.cache.calls),
-                        stock=stock_recipe(best.solver, list(best.steps)), **result.to_json())
+                        stock=stock_recipe(best.solver, list(best.steps)), pipeline_speed=speed, **result.to_json())
     save_json(record, out / "search.json")
     _plot(result.best_per_generation, out / "search.png", args.nfe)
     return record
@@ -190,6 +193,27 @@ def export_skip_pipeline(teacher, candidate, scheduler, path: Path, **info) -> P
     return export_image_pipeline(teacher.unet, scheduler, path, skips=skips_by_timestep(candidate),
                                  kind="searched schedule with skipped blocks (AutoDiffusion stage two)",
                                  candidate=candidate.to_json(), **info)
+
+
+def pipeline_speedup(folder: Path, labels: torch.Tensor, noise: torch.Tensor, device, repeats: int = 3) -> dict:
+    """Images/s of the exported stage-two folder, loaded as plain diffusers loads it, with its skips and with them
+    switched off (the same steps and solver), alternated `repeats` times, best of each (timing noise is one-sided)."""
+    from diffusers import DiffusionPipeline
+
+    from dstudio.app.benchmark import timed
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    skips = dict(pipe.config.skips)
+    seconds = {"skipped": [], "unskipped": []}
+    for _ in range(repeats):
+        for name, value in (("skipped", skips), ("unskipped", None)):
+            pipe.register_to_config(skips=value)
+            _, dt = timed(pipe, class_labels=labels.to(device), latents=noise.to(device), output_type="pt")
+            seconds[name].append(dt)
+    rate = {k: len(labels) / min(v) for k, v in seconds.items()}
+    return {"images": len(labels), "images_per_s": rate["skipped"], "unskipped_images_per_s": rate["unskipped"],
+            "speedup": rate["skipped"] / rate["unskipped"]}
 
 
 def stock_recipe(solver: str, steps: list[int]) -> dict | None:

@@ -274,3 +274,16 @@ def test_eval_cache_returns_the_stored_output_and_evicts_least_recent():
     D(x, 2.0)
     assert calls == [2.0, 3.0, 0.5, 2.0] and cache.bytes <= cache.max_bytes
     assert torch.equal(memoised(den, cache, tag=lambda sigma: "skip-b")(x, 2.0), x * 2) and len(calls) == 5
+
+
+def test_stage_two_cli_exports_the_skipping_pipeline_and_times_it(tiny_teacher, tmp_path):
+    out = tmp_path / "s2"
+    assert main(["search", "--teacher", str(tiny_teacher), "--nfe", "2", "--skip-blocks", "--skip-budget", "0.5",
+                 "--num-samples", "20", "--population", "3", "--generations", "1", "--top-k", "2",
+                 "--speed-images", "4", "--out", str(out)]) == 0
+    record = json.loads((out / "search.json").read_text())
+    index = json.loads((out / "pipeline" / "model_index.json").read_text())
+    best = Candidate.from_json(record["best"])
+    assert index["skips"] == {str(t): sorted(s) for t, s in zip(best.steps, best.skips) if s} and best.n_skipped > 0
+    speed = record["pipeline_speed"]
+    assert speed["images"] == 4 and speed["speedup"] == speed["images_per_s"] / speed["unskipped_images_per_s"] > 0
