@@ -344,20 +344,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="save the reference statistics (mu, sigma, features) for later --ref FILE.npz")
     fp.set_defaults(func=cmd_fid)
 
+    from dstudio.samplers.samplers import SOLVERS
+
     se = sub.add_parser("search", help="AutoDiffusion: evolutionary search of time steps (and skipped blocks)")
     se.add_argument("--teacher", default=None, help="pipeline folder or hub id (default: the shipped MNIST teacher)")
     se.add_argument("--nfe", type=int, default=4, help="number of steps (network evaluations) to search for")
-    se.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp"])
+    se.add_argument("--solver", nargs="+", default=["unipc-2", "unipc-3", "dpmpp-2m", "dpmpp-3m"],
+                    choices=list(SOLVERS),
+                    help="solvers the search may pick (part of each candidate); default: the best stock ones")
     se.add_argument("--skip-blocks", action="store_true", help="stage two: also search per-step skipped UNet blocks")
     se.add_argument("--skip-budget", type=float, default=0.3,
                     help="stage two: the fraction of (steps x skippable blocks) to skip, reached gradually")
     se.add_argument("--ref", default="mnist", help="FID reference: mnist, a .npz statistics file or an image folder")
     se.add_argument("--features", default="mnist", choices=["inception", "mnist"])
     se.add_argument("--init", default=None, help="a search.json whose best candidate seeds the population")
-    se.add_argument("--num-samples", type=_positive_int("--num-samples"), default=500,
-                    help="images per FID evaluation (fixed noise)")
-    se.add_argument("--population", type=_positive_int("--population"), default=50)
-    se.add_argument("--generations", type=_positive_int("--generations"), default=10)
+    se.add_argument("--num-samples", type=_positive_int("--num-samples"), default=1000,
+                    help="images the leaders are re-scored on (fixed noise)")
+    se.add_argument("--screen-samples", type=_positive_int("--screen-samples"), default=250,
+                    help="images every candidate is first scored on (successive halving)")
+    se.add_argument("--promote", type=_positive_int("--promote"), default=3,
+                    help="per generation, the best this many screened candidates are re-scored on --num-samples")
+    se.add_argument("--speed-images", type=_positive_int("--speed-images"), default=250,
+                    help="stage two: images the exported pipeline/ is timed on, with and without its skips")
+    se.add_argument("--population", type=_positive_int("--population"), default=20)
+    se.add_argument("--generations", type=_positive_int("--generations"), default=6)
     se.add_argument("--top-k", type=_positive_int("--top-k"), default=10)
     se.add_argument("--seed", type=int, default=0)
     se.add_argument("--out", default="runs/search")

@@ -8,30 +8,35 @@ from pathlib import Path
 
 import torch
 
-from dstudio.samplers import append_zero, get_sampler
+from dstudio.samplers import append_zero
 
 SEARCH_STATE = "search_state.json"
 SEARCH_MARKERS = (SEARCH_STATE, "search.json", "scheduler")  # what makes a folder hold a search
 
 
 class FIDFitness:
-    """FID of `n` samples from fixed noise and labels for a candidate schedule; the search caches per candidate.
+    """FID of a candidate's samples (its steps, solver and skips) from fixed noise and labels.
 
     The noise comes from seed 1000 + `seed`, never the benchmark protocol's seed 0, so a final re-score on the
     protocol is on fresh noise. `labels`/`noise` override both (the benchmark re-scores through this class).
+    Successive halving: `rungs` are nested image counts (rung r scores the first rungs[r] images, `evolve` promotes
+    the `promote` best of each rung), the features of every chunk a candidate was sampled on are kept, and the
+    denoiser's evaluations are memoised on their input, so candidates that share their first steps share them.
     With `world` > 1 processes each samples its share of the chunks and the features are gathered, so every
     process gets the same FID (stochastic samplers seed each chunk by its start, so their noise depends on `world`).
     """
 
-    def __init__(self, teacher, sampler: str, n: int, features: str = "mnist", seed: int = 0, guidance: float = 1.0,
+    def __init__(self, teacher, n: int, features: str = "mnist", seed: int = 0, guidance: float = 1.0,
                  batch_size: int = 500, labels: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                 ref: str = "mnist", device="cpu", rank: int = 0, world: int = 1):
+                 ref: str = "mnist", device="cpu", rank: int = 0, world: int = 1, rungs: list[int] | None = None,
+                 promote: int = 3, cache_mb: int = 256):
         from dstudio.app.fid import feature_space, reference_stats
+        from dstudio.search.memo import EvalCache
 
         if teacher.kind == "text":
             raise ValueError("the FID fitness of `dstudio search` covers pixel-space teachers (class-conditional or "
                              "unconditional); for a text-to-image teacher pass your own objective to search.evolve")
-        self.teacher, self.sample_fn = teacher, get_sampler(sampler)
+        self.teacher = teacher
         self.denoiser = teacher.guided(guidance)
         self.device, self.rank, self.world = torch.device(device), rank, world
         self.space = feature_space(features, self.device)
@@ -42,32 +47,58 @@ class FIDFitness:
         self.labels, self.conditional = labels, teacher.kind == "class"
         self.noise = torch.randn((len(self.labels), *teacher.sample_shape), generator=g) if noise is None else noise
         self.noise_seed = 1000 + seed
-        self.chunk = min(batch_size, -(-len(self.labels) // world))
+        n = len(self.labels)
+        self.rungs = sorted({min(int(r), n) for r in (rungs or [])} | {n})
+        if self.rungs[0] < 2:
+            raise ValueError(f"the smallest image count {self.rungs[0]} leaves no covariance: use at least 2 images")
+        self.promote = promote
+        self.chunk = min(batch_size, self.rungs[0], -(-n // world))
+        self.cache = EvalCache(cache_mb * 2**20)
+        self._features: dict[tuple[str, int, int], object] = {}
 
-    def images(self, candidate) -> torch.Tensor:
-        """This process's share of the candidate's samples (all of them in a single process)."""
-        from dstudio.search.skip import SkippingDenoiser
+    def _chunks(self, count: int) -> list[int]:
+        """Starts of this process's chunks among the first `count` images."""
+        return [i for k, i in enumerate(range(0, count, self.chunk)) if k % self.world == self.rank]
+
+    def _sample(self, candidate, i: int, count: int) -> torch.Tensor:
+        from dstudio.samplers import get_sampler
+        from dstudio.search.memo import memoised
+        from dstudio.search.skip import SkippingDenoiser, skip_at
 
         sigmas = append_zero(self.teacher.denoiser.t_to_sigma(torch.tensor(candidate.steps)).float()).to(self.device)
-        den = SkippingDenoiser(self.denoiser, self.teacher.unet, candidate.skips) if candidate.skips else self.denoiser
-        out = []
-        for k, i in enumerate(range(0, len(self.labels), self.chunk)):
-            if k % self.world != self.rank:
-                continue
-            z = self.noise[i:i + self.chunk].to(self.device)
-            y = self.labels[i:i + self.chunk].to(self.device) if self.conditional else None
-            gen = torch.Generator(self.device).manual_seed(self.noise_seed + 1 + i)
-            out.append(self.sample_fn(den, z * (1 + sigmas[0] ** 2).sqrt(), sigmas, y, generator=gen))
-        return torch.cat(out).clamp(-1, 1) if out else torch.empty(0, *self.teacher.sample_shape)
+        den, tag = self.denoiser, (lambda sigma: "")
+        if any(candidate.skips):
+            skipper = den = SkippingDenoiser(self.denoiser, self.teacher.unet, sigmas[:-1], candidate.skips)
+            tag = lambda sigma: sorted(skip_at(sigma, skipper.sigmas, skipper.skips))  # noqa: E731
+        den = memoised(den, self.cache, tag)
+        end = min(i + self.chunk, count)
+        z = self.noise[i:end].to(self.device)
+        y = self.labels[i:end].to(self.device) if self.conditional else None
+        gen = torch.Generator(self.device).manual_seed(self.noise_seed + 1 + i)
+        x = get_sampler(candidate.solver)(den, z * (1 + sigmas[0] ** 2).sqrt(), sigmas, y, generator=gen)
+        return x.clamp(-1, 1)
 
-    def __call__(self, candidate) -> float:
+    def images(self, candidate, count: int | None = None) -> torch.Tensor:
+        """This process's share of the candidate's first `count` samples (all of them in a single process)."""
+        count = len(self.labels) if count is None else count
+        with torch.no_grad():
+            out = [self._sample(candidate, i, count) for i in self._chunks(count)]
+        return torch.cat(out) if out else torch.empty(0, *self.teacher.sample_shape)
+
+    def __call__(self, candidate, rung: int | None = None) -> float:
         import numpy as np
 
         from dstudio.app.fid import Stats, frechet, tensor_features
 
-        with torch.no_grad():
-            images = self.images(candidate)
-            feats = tensor_features(images, self.space) if len(images) else None
+        count = self.rungs[-1 if rung is None else rung]
+        feats = []
+        for i in self._chunks(count):
+            key = (candidate.key(), i, min(i + self.chunk, count))
+            if key not in self._features:
+                with torch.no_grad():
+                    self._features[key] = tensor_features(self._sample(candidate, i, count), self.space)
+            feats.append(self._features[key])
+        feats = np.concatenate(feats) if feats else None
         if self.world > 1:
             from accelerate.utils import gather_object
 
@@ -106,12 +137,6 @@ def run_search(args) -> dict | None:
     if args.skip_blocks and max_skipped < 1:
         raise ValueError(f"--skip-budget {args.skip_budget} allows no skipped block over {args.nfe} steps x "
                          f"{len(blocks)} blocks; use a value in (0, 1]")
-    space = SearchSpace(T, args.nfe, blocks, max_skipped)
-    cfg = EvolutionConfig(population=args.population, generations=args.generations, top_k=args.top_k,
-                          mutations=min(25, args.population // 2), crossovers=min(15, args.population // 4),
-                          seed=args.seed)
-    fitness = FIDFitness(teacher, args.sampler, args.num_samples, features=args.features, seed=args.seed,
-                         ref=args.ref, device=state.device, rank=state.process_index, world=state.num_processes)
     init = []
     if args.init:
         import json
@@ -119,38 +144,102 @@ def run_search(args) -> dict | None:
         from dstudio.search.space import Candidate
 
         init = [Candidate.from_json(json.loads(Path(args.init).read_text())["best"])]
+    from dstudio.samplers.samplers import distinct_solvers
+
+    solvers = tuple(distinct_solvers(dict.fromkeys([*(c.solver for c in init), *args.solver]), args.nfe))
+    space = SearchSpace(T, args.nfe, blocks, max_skipped, solvers=solvers)
+    cfg = EvolutionConfig(population=args.population, generations=args.generations, top_k=args.top_k,
+                          mutations=min(25, args.population // 2), crossovers=min(15, args.population // 4),
+                          seed=args.seed)
+    fitness = FIDFitness(teacher, args.num_samples, features=args.features, seed=args.seed, ref=args.ref,
+                         device=state.device, rank=state.process_index, world=state.num_processes,
+                         rungs=[args.screen_samples], promote=args.promote)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
-    bars = {}
+    # one bar over the generations' screened candidates; tqdm's ETA includes the re-scoring of leaders
+    bar = tqdm(total=cfg.population * cfg.generations, desc="search", unit="cand", file=sys.stderr,
+               disable=not state.is_main_process)
 
     def progress(gen, i, best):
-        if gen not in bars:
-            for b in bars.values():
-                b.close()
-            bars[gen] = tqdm(total=cfg.population, desc=f"generation {gen + 1}/{cfg.generations}", file=sys.stderr)
-        bars[gen].update(1)
-        bars[gen].set_postfix(best_fid=f"{best:.4f}")
+        bar.update(gen * cfg.population + i - bar.n)
+        bar.set_postfix(gen=f"{gen + 1}/{cfg.generations}", best_fid=f"{best:.4f}")
 
-    with run_folder_lock(out) if state.is_main_process else contextlib.nullcontext(), stop_signals():
+    cpu0 = time.process_time()
+    with bar, run_folder_lock(out) if state.is_main_process else contextlib.nullcontext(), stop_signals():
         if getattr(args, "overwrite", False) and state.is_main_process:
-            clear_run(out, SEARCH_MARKERS + ("search.png",))
+            clear_run(out, SEARCH_MARKERS + ("search.png", "pipeline"))
         result = evolve(fitness, space, cfg, checkpoint=out / SEARCH_STATE, resume=args.resume, init=init,
                         progress=progress if state.is_main_process else None, write=state.is_main_process)
-    for b in bars.values():
-        b.close()
     if not state.is_main_process:
         return None
-    sched = scheduler_from_teacher(SearchedScheduler, teacher.scheduler, timesteps=list(result.best.steps),
-                                   solver="dpmpp" if args.sampler == "dpmpp" else "ddim")
+    best = result.best
+    sched = scheduler_from_teacher(SearchedScheduler, teacher.scheduler, timesteps=list(best.steps), solver=best.solver)
     save_scheduler(sched, out / "scheduler")  # its class travels in the folder: loads without dstudio
-    record = provenance(teacher=str(args.teacher), nfe=args.nfe, sampler=args.sampler, num_samples=args.num_samples,
+    speed = None
+    if any(best.skips):
+        export_skip_pipeline(teacher, best, sched, out / "pipeline", source=str(args.teacher))
+        speed = pipeline_speedup(out / "pipeline", fitness.labels[:args.speed_images],
+                                 fitness.noise[:args.speed_images], state.device)
+    record = provenance(teacher=str(args.teacher), nfe=args.nfe, solvers=list(solvers), num_samples=args.num_samples,
+                        screen_samples=args.screen_samples, promote=args.promote,
                         features=args.features, reference=fitness.ref.source, noise_seed=fitness.noise_seed,
-                        skip_blocks=bool(blocks), blocks=list(blocks),
-                        max_skipped=max_skipped, config=vars(cfg), **result.to_json())
+                        skip_blocks=bool(blocks), blocks=list(blocks), max_skipped=max_skipped, config=vars(cfg),
+                        cpu_seconds=time.process_time() - cpu0, cache_hit_rate=fitness.cache.hits / max(1, fitness.cache.calls),
+                        stock=stock_recipe(best.solver, list(best.steps)), pipeline_speed=speed, **result.to_json())
     save_json(record, out / "search.json")
     _plot(result.best_per_generation, out / "search.png", args.nfe)
     return record
+
+
+def skips_by_timestep(candidate) -> dict[str, list[str]]:
+    """A stage-two candidate's skip sets keyed by time step, as the exported pipeline reads them."""
+    return {str(t): sorted(s) for t, s in zip(candidate.steps, candidate.skips) if s}
+
+
+def export_skip_pipeline(teacher, candidate, scheduler, path: Path, **info) -> Path:
+    """The teacher's UNet with the searched scheduler and per-step skipped blocks, as a pipeline folder that applies
+    the skips when run (`DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`)."""
+    from dstudio.distill.core.export import export_image_pipeline
+
+    return export_image_pipeline(teacher.unet, scheduler, path, skips=skips_by_timestep(candidate),
+                                 kind="searched schedule with skipped blocks (AutoDiffusion stage two)",
+                                 candidate=candidate.to_json(), **info)
+
+
+def pipeline_speedup(folder: Path, labels: torch.Tensor, noise: torch.Tensor, device, repeats: int = 3) -> dict:
+    """Images/s of the exported stage-two folder, loaded as plain diffusers loads it, with its skips and with them
+    switched off (the same steps and solver), alternated `repeats` times, best of each (timing noise is one-sided)."""
+    from diffusers import DiffusionPipeline
+
+    from dstudio.app.benchmark import timed
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    skips = dict(pipe.config.skips)
+    seconds = {"skipped": [], "unskipped": []}
+    for _ in range(repeats):
+        for name, value in (("skipped", skips), ("unskipped", None)):
+            pipe.register_to_config(skips=value)
+            _, dt = timed(pipe, class_labels=labels.to(device), latents=noise.to(device), output_type="pt")
+            seconds[name].append(dt)
+    rate = {k: len(labels) / min(v) for k, v in seconds.items()}
+    return {"images": len(labels), "images_per_s": rate["skipped"], "unskipped_images_per_s": rate["unskipped"],
+            "speedup": rate["skipped"] / rate["unskipped"]}
+
+
+def stock_recipe(solver: str, steps: list[int]) -> dict | None:
+    """How a stock diffusers scheduler runs a searched list, where one can: DPM-Solver++ takes `timesteps=` in
+    set_timesteps (a pipeline that passes them through, e.g. Stable Diffusion's); DDIM and UniPC (DDPM models) take no
+    custom list in diffusers, so those run through the exported SearchedScheduler."""
+    from dstudio.samplers.samplers import parse_solver
+
+    rule, order = parse_solver(solver)
+    if rule != "dpmpp" or order == 1:
+        return None
+    return {"class": "DPMSolverMultistepScheduler", "config": {"algorithm_type": "dpmsolver++", "solver_order": order,
+                                                                "final_sigmas_type": "zero"},
+            "set_timesteps": {"timesteps": steps}}
 
 
 def _plot(best: list[float], path: Path, nfe: int) -> None:
@@ -180,6 +269,7 @@ def cmd_search(args) -> None:
         raise UsageError(str(e)) from None
     if record is None:  # not the main process of a launch
         return
-    print(f"best {args.nfe}-NFE schedule {record['best']['steps']} FID-mnist {record['best_fitness']:.4f} "
-          f"({record['evaluations']} candidates, {time.time() - t0:.0f} s); wrote {args.out}/scheduler, "
+    print(f"best {args.nfe}-NFE schedule {record['best']['steps']} with {record['best']['solver']}: FID-mnist "
+          f"{record['best_fitness']:.4f} on {args.num_samples} images ({record['evaluations']} candidates, "
+          f"{time.time() - t0:.0f} s, {record['cpu_seconds'] / 60:.1f} CPU-min); wrote {args.out}/scheduler, "
           f"{args.out}/search.json")

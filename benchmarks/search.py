@@ -1,137 +1,191 @@
-"""AutoDiffusion on the shipped teacher: searched time steps vs uniform solvers at the same NFE.
+"""AutoDiffusion on the shipped teacher: searched time steps and solver against every stock solver at the same NFE.
 
-    python benchmarks/search.py [--nfe 4 8] [--num-samples 500] [--population 30] [--generations 8] [--no-stage2]
+    python benchmarks/search.py --nfe 4            # writes results/search-4.json
+    python benchmarks/search.py --nfe 8            # writes results/search-8.json
+    python benchmarks/search.py --nfe 4 --stage2 --skip-budget 0.15   # writes results/search-stage2.json
 
-The search scores candidates on its own noise (seed 1000); every row here is re-scored on the protocol's
-2,000 images from fresh noise (seed 0). Stage two (4 NFE) adds per-step skipped blocks and reports the
-measured sampling speed-up over the stage-one schedule through the same sampler.
+The search runs with `dstudio search`'s defaults (solver part of the candidate; every candidate screened on 250
+images from noise seed 1000, the leaders re-scored on 1,000) and scores its candidates on its own noise; every
+row here is re-scored on the protocol's 2,000 images from fresh noise (seed 0). Stock rows already measured by
+benchmarks/samplers.py (same teacher, noise and code path: FIDs are deterministic) are reused for their FID, and
+one of them (UniPC) is re-measured here to check that. `--teacher` takes any class-conditional teacher (the hook
+for the zoo's teachers; FIDs are then against MNIST-5k only if the teacher draws MNIST).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from dstudio.app.benchmark import (RESULTS, pipeline_images, protocol_labels, protocol_noise,
-                           real_floor, stock_scheduler, timed, write_results)
+from dstudio.app.benchmark import (RESULTS, pipeline_images, protocol_labels, protocol_noise, real_floor,
+                                   stock_scheduler, write_results)
 from dstudio.app.fid import fid_of_tensor
 from dstudio.app.search_cli import FIDFitness
 from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_teacher
 from dstudio.samplers import SearchedScheduler, scheduler_from_teacher
+from dstudio.samplers.samplers import distinct_solvers
 from dstudio.search import Candidate, EvolutionConfig, SearchSpace, evolve
-from dstudio.search.skip import skippable_blocks
+
+SOLVERS = ["unipc-2", "unipc-3", "dpmpp-2m", "dpmpp-3m"]
+# stock solvers not in benchmarks/samplers.py: name -> (class, overrides)
+EXTRA_STOCK = {"dpmpp-3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3,
+                                                             "timestep_spacing": "trailing"}),
+               "unipc-3": ("UniPCMultistepScheduler", {"solver_order": 3, "timestep_spacing": "trailing"})}
+COLUMNS = [["name", "row"], ["nfe", "NFE"], ["fid", "FID-mnist"], ["fid_vs_teacher", "x teacher-50"],
+           ["fid_vs_unipc", "x stock UniPC"], ["fid_vs_trailing_ddim", "x trailing DDIM"], ["images_per_s", "images/s"],
+           ["search_fid", "search FID"], ["search_cpu_min", "search CPU-min"], ["evaluations", "candidates"],
+           ["steps", "steps"]]
+
+
+def best_per_solver(history: list[dict]) -> dict[str, tuple[Candidate, int, float]]:
+    """Per solver, the candidate ranked first by the search (highest rung reached, then its score there)."""
+    scores: dict[str, list[float]] = {}
+    cands: dict[str, Candidate] = {}
+    for h in history:
+        c = Candidate.from_json(h["candidate"])
+        cands[c.key()] = c
+        scores.setdefault(c.key(), []).append(h["fitness"])
+    best = {}
+    for k in sorted(scores, key=lambda k: (-len(scores[k]), scores[k][-1])):
+        best.setdefault(cands[k].solver, (cands[k], len(scores[k]) - 1, scores[k][-1]))
+    return best
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default=str(DEFAULT_TEACHER))
-    p.add_argument("--nfe", type=int, nargs="+", default=[4, 8])
-    p.add_argument("--num-samples", type=int, default=500)
-    p.add_argument("--population", type=int, default=30)
-    p.add_argument("--generations", type=int, default=8)
-    p.add_argument("--skip-budget", type=float, default=0.5)
-    p.add_argument("--no-stage2", action="store_true")
-    p.add_argument("--reuse-stage1", action="store_true",
-                   help="keep the stage-one rows of results/search.json and rerun only stage two")
+    p.add_argument("--nfe", type=int, default=4)
+    p.add_argument("--population", type=int, default=20)
+    p.add_argument("--generations", type=int, default=6)
+    p.add_argument("--screen-samples", type=int, default=250)
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--check-reuse", action="store_true", help="re-measure stock UniPC to check the reused FIDs")
+    p.add_argument("--baseline-candidates", type=int, default=6,
+                   help="candidates scored the old way (DDIM, 500 images each, no halving or cache) for candidates/min")
     args = p.parse_args(argv)
+    command = "python benchmarks/search.py" + " ".join([""] + (sys.argv[1:] if argv is None else argv))
 
     teacher = load_teacher(args.teacher)
-    pipe, T = teacher.pipeline, teacher.num_train_timesteps
+    pipe, T, nfe = teacher.pipeline, teacher.num_train_timesteps, args.nfe
     base = pipe.scheduler.config
     labels = protocol_labels()
     noise = protocol_noise(teacher.sample_shape, len(labels))
-    fitness = {}
-    protocol = None
+    protocol = FIDFitness(teacher, len(labels), labels=labels, noise=noise, cache_mb=0)
 
-    def rescore(name, sampler, nfe, scheduler=None, candidate=None, **extra):
-        """Protocol FID and images/s: stock and searched schedules through the pipeline, skips through the sampler."""
-        if candidate is not None:
-            with torch.no_grad():
-                images, seconds = timed(protocol.images, candidate)
-        else:
-            pipe.scheduler = scheduler
-            with torch.no_grad():
-                images, seconds = pipeline_images(pipe, labels, noise, None if isinstance(scheduler, SearchedScheduler)
-                                                  else nfe)
+    def rescore(name, sampler, steps_n, scheduler, **extra):
+        pipe.scheduler = scheduler
+        with torch.no_grad():
+            images, seconds = pipeline_images(pipe, labels, noise, None if isinstance(scheduler, SearchedScheduler)
+                                              else steps_n)
         r = fid_of_tensor(images, protocol.ref, protocol.space, name)
-        row = {"name": name, "sampler": sampler, "nfe": nfe, "fid": r["fid"], "images_per_s": len(images) / seconds,
-               **extra}
-        print(f"{name:>28}  FID {row['fid']:.4f}  {row['images_per_s']:.0f} img/s", file=sys.stderr)
+        row = {"name": name, "sampler": sampler, "nfe": steps_n, "fid": r["fid"],
+               "images_per_s": len(images) / seconds, **extra}
+        print(f"{name:>28}  FID {row['fid']:.4f}  {row['images_per_s']:.0f} img/s", file=sys.stderr, flush=True)
         return row
 
-    protocol = FIDFitness(teacher, "ddim", len(labels), labels=labels, noise=noise)
-    searches = {}
-    if args.reuse_stage1:
-        import json
+    reused = {}
+    if args.teacher == str(DEFAULT_TEACHER):
+        previous = json.loads((RESULTS / "samplers.json").read_text())
+        reused = {r["name"]: r for r in previous["rows"]}
+    rows = []
+    for name in ("ddim-50", f"ddim-{nfe}", f"ddim-leading-{nfe}", f"dpmpp-2m-{nfe}", f"unipc-{nfe}", f"euler-{nfe}"):
+        if name in reused:
+            r = reused[name]
+            rows.append({"name": "teacher-ddim-50" if name == "ddim-50" else name, "sampler": r["sampler"],
+                         "nfe": r["nfe"], "fid": r["fid"], "reused": "benchmarks/samplers.py " + previous["date"]})
+        else:
+            solver = name.rsplit("-", 1)[0]
+            rows.append(rescore(name if name != "ddim-50" else "teacher-ddim-50", solver, int(name.rsplit("-", 1)[1]),
+                                stock_scheduler(solver, base)))
+    check = None
+    if args.check_reuse:
+        check = rescore(f"unipc-{nfe} (re-measured)", "unipc", nfe, stock_scheduler("unipc", base))
+        rows.append(check)
+    solvers = distinct_solvers(SOLVERS, nfe)
 
-        previous = json.loads((RESULTS / "search.json").read_text())
-        rows = [r for r in previous["rows"] if not r["name"].startswith("stage")]
-        best4 = next(r for r in rows if r["name"] == "searched-ddim-4")
-        searches[4] = type("Stage1", (), {"best": Candidate(tuple(json.loads(best4["steps"])))})
-        fitness[4] = FIDFitness(teacher, "ddim", args.num_samples)
-        args.nfe = []
-    else:
-        rows = [rescore("teacher-ddim-50", "ddim", 50, stock_scheduler("ddim", base))]
-    for nfe in args.nfe:
-        fitness[nfe] = FIDFitness(teacher, "ddim", args.num_samples)
-        cfg = EvolutionConfig(population=args.population, generations=args.generations, top_k=10,
-                              mutations=args.population // 2, crossovers=args.population // 4, seed=0)
-        t0 = time.time()
-        result = evolve(fitness[nfe], SearchSpace(T, nfe), cfg)
-        search_s = time.time() - t0
-        searches[nfe] = result
-        sched = scheduler_from_teacher(SearchedScheduler, teacher.scheduler, timesteps=list(result.best.steps))
-        rows.append(rescore(f"searched-ddim-{nfe}", "searched", nfe, sched, search_seconds=search_s,
-                            steps=str(list(result.best.steps)), evaluations=result.evaluations,
-                            search_fid=result.best_fitness))
-        for name in ("ddim", "ddim-leading", "dpmpp-2m", "unipc"):
-            rows.append(rescore(f"{name}-{nfe}", name, nfe, stock_scheduler(name, base)))
+    # the search, as `dstudio search --nfe N` runs it
+    fitness = FIDFitness(teacher, args.num_samples, rungs=[args.screen_samples], promote=3)
+    space = SearchSpace(T, nfe, solvers=tuple(solvers))
+    cfg = EvolutionConfig(population=args.population, generations=args.generations, top_k=10,
+                          mutations=min(25, args.population // 2), crossovers=min(15, args.population // 4), seed=0)
+    state = RESULTS.parent / "runs" / f"search-{nfe}" / "search_state.json"
+    state.parent.mkdir(parents=True, exist_ok=True)
 
-    notes = [f"search: population {args.population}, {args.generations} generations, top-k 10, "
-             f"{args.num_samples} images per candidate (noise seed 1000), DDIM rule; rows re-scored on the "
-             f"2,000-image protocol (noise seed 0)"]
-    if not args.no_stage2 and 4 in searches:
-        blocks = tuple(skippable_blocks(teacher.unet))
-        stage1 = Candidate(searches[4].best.steps, tuple(frozenset() for _ in searches[4].best.steps))
-        space = SearchSpace(T, 4, blocks, int(args.skip_budget * len(blocks) * 4))
-        # stage two keeps the searched steps fixed in its first member and searches steps and skips jointly
-        cfg = EvolutionConfig(population=args.population, generations=args.generations + 4, top_k=10,
-                              mutations=args.population // 2, crossovers=args.population // 4, seed=0)
-        t0 = time.time()
-        result = evolve(fitness[4], space, cfg, init=[stage1])
-        search_s = time.time() - t0
-        one = rescore("stage1-ddim-4 (sampler)", "searched", 4, candidate=stage1)
-        two = rescore("stage2-skip-ddim-4", "searched+skip", 4, candidate=result.best, search_seconds=search_s,
-                      steps=str(list(result.best.steps)), skipped_blocks=result.best.n_skipped,
-                      evaluations=result.evaluations, search_fid=result.best_fitness)
-        two["speedup_vs_stage1"] = two["images_per_s"] / one["images_per_s"]
-        two["fid_vs_stage1"] = two["fid"] / one["fid"]
-        rows += [one, two]
-        notes.append(f"stage two: {len(blocks)} skippable blocks, budget {space.max_skipped} skipped block-steps "
-                     f"opened by max/5 per generation; speed-up and FID ratio measured against stage one through the "
-                     f"same pure DDIM sampler")
+    def progress(gen, i, best):
+        print(f"generation {gen + 1}/{cfg.generations}, candidate {i}: best {best:.4f}", file=sys.stderr, flush=True)
 
-    teacher50 = rows[0]
-    for r in rows:
-        r["fid_vs_teacher"] = r["fid"] / teacher50["fid"]
-        r["speedup"] = r["images_per_s"] / teacher50["images_per_s"]
-    for nfe in sorted({int(r["nfe"]) for r in rows if r["name"].startswith("searched-")}):
-        trailing = next(r for r in rows if r["name"] == f"ddim-{nfe}")
-        searched = next(r for r in rows if r["name"] == f"searched-ddim-{nfe}")
-        searched["fid_vs_trailing_ddim"] = searched["fid"] / trailing["fid"]
-    write_results("search", {
-        "command": "python benchmarks/search.py" + " ".join([""] + (sys.argv[1:] if argv is None else argv)),
-        "teacher": args.teacher, "floor": real_floor(protocol.space, protocol.ref, teacher.sample_shape[-1])["fid"],
-        "rows": rows, "notes": notes,
-        "columns": [["name", "row"], ["nfe", "NFE"], ["fid", "FID-mnist"], ["fid_vs_teacher", "x teacher-50"],
-                    ["fid_vs_trailing_ddim", "x trailing DDIM"], ["images_per_s", "images/s"],
-                    ["speedup_vs_stage1", "speed-up vs stage 1"], ["fid_vs_stage1", "FID x stage 1"],
-                    ["search_seconds", "search s"], ["evaluations", "candidates"], ["steps", "steps"]],
-    })
-    print(f"wrote {RESULTS / 'search.json'}", file=sys.stderr)
+    cpu0, t0 = time.process_time(), time.time()
+    result = evolve(fitness, space, cfg, checkpoint=state, resume=True, progress=progress)  # CPU: this process only
+    cpu_s, wall_s = time.process_time() - cpu0, time.time() - t0
+    print(f"search: {result.evaluations} candidates, {cpu_s / 60:.1f} CPU-min, {wall_s / 60:.1f} min", file=sys.stderr)
+    per_solver = best_per_solver(result.history)
+    searched = [(result.best.solver, per_solver[result.best.solver])]  # the search's pick first
+    searched += [(s, v) for s, v in sorted(per_solver.items()) if s != result.best.solver]
+    stats = dict(search_cpu_min=cpu_s / 60, search_wall_min=wall_s / 60, evaluations=result.evaluations,
+                 scorings=len(result.history), cache_hit_rate=fitness.cache.hits / max(1, fitness.cache.calls))
+    notes = [f"search: population {args.population}, {args.generations} generations, solvers {', '.join(solvers)} "
+             f"(part of the candidate), every candidate screened on {args.screen_samples} images (noise seed 1000), "
+             f"the 3 best per generation re-scored on {args.num_samples}; one row per solver: its best candidate of "
+             f"the one joint search, re-scored on the 2,000-image protocol (noise seed 0) through the exported "
+             f"SearchedScheduler in the pipeline",
+             f"search cost: {cpu_s / 60:.1f} CPU-minutes ({wall_s / 60:.1f} wall minutes on a shared machine), "
+             f"{result.evaluations} candidates, {len(result.history)} scorings, denoiser-cache hit rate "
+             f"{stats['cache_hit_rate']:.0%}"]
+
+    def write():
+        by = {r["name"]: r for r in rows}
+        teacher50, unipc, ddim = by["teacher-ddim-50"], by[f"unipc-{nfe}"], by[f"ddim-{nfe}"]
+        for r in rows:
+            r["fid_vs_teacher"] = r["fid"] / teacher50["fid"]
+            if r["sampler"].startswith("searched"):
+                r["fid_vs_unipc"] = r["fid"] / unipc["fid"]
+                r["fid_vs_trailing_ddim"] = r["fid"] / ddim["fid"]
+        write_results(f"search-{nfe}", {
+            "command": command, "teacher": args.teacher, "floor": floor, "best": result.best.to_json(),
+            "rows": rows, "notes": notes, "columns": COLUMNS,
+        })
+
+    floor = real_floor(protocol.space, protocol.ref, teacher.sample_shape[-1])["fid"]
+    for solver, (c, rung, f) in searched:
+        sched = scheduler_from_teacher(SearchedScheduler, teacher.scheduler, timesteps=list(c.steps), solver=solver)
+        best = c.key() == result.best.key()
+        rows.append(rescore(f"searched-{solver}-{nfe}", f"searched {solver}", nfe, sched, steps=str(list(c.steps)),
+                            search_fid=f, search_rung_images=fitness.rungs[rung], best_overall=best,
+                            **(stats if best else {})))
+        write()
+    for name, (cls, overrides) in EXTRA_STOCK.items():
+        import diffusers
+
+        if name in solvers:  # else it runs the same orders as a stock row above at this NFE
+            rows.append(rescore(f"{name}-{nfe}", name, nfe, getattr(diffusers, cls).from_config(base, **overrides)))
+            write()
+    if args.baseline_candidates:  # candidates per CPU-minute, the old way: DDIM only, 500 images, no halving or cache
+        old = FIDFitness(teacher, 500, cache_mb=0)
+        sample = [Candidate.from_json(h["candidate"]) for h in result.history[:args.baseline_candidates]]
+        c0 = time.process_time()
+        for c in sample:
+            old(Candidate(c.steps))
+        old_rate = len(sample) / ((time.process_time() - c0) / 60)
+        new_rate = result.evaluations / (cpu_s / 60)
+        notes.append(f"throughput: {old_rate:.1f} candidates per CPU-minute before (500 images each, no cache; "
+                     f"{len(sample)} candidates timed), {new_rate:.1f} after (successive halving 250 -> "
+                     f"{args.num_samples}, cached evaluations and features), {new_rate / old_rate:.1f}x")
+
+    by = {r["name"]: r for r in rows}
+    unipc = by[f"unipc-{nfe}"]
+    if len(solvers) < len(SOLVERS):
+        notes.append(f"at {nfe} NFE {', '.join(s for s in SOLVERS if s not in solvers)} run the same per-step orders "
+                     f"as {', '.join(solvers)} (diffusers lowers the order of the first and last steps), so neither "
+                     f"the search nor the stock rows repeat them")
+    if check is not None:
+        same = abs(check["fid"] - unipc["fid"]) <= 1e-6 * max(1.0, unipc["fid"])
+        notes.append(f"re-measured unipc-{nfe}: FID {check['fid']:.6f} against the reused {unipc['fid']:.6f} "
+                     f"({'reproduced' if same else 'DIFFERENT'})")
+    write()
+    print(f"wrote {RESULTS / f'search-{nfe}.json'}", file=sys.stderr)
     return 0
 
 

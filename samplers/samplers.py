@@ -6,6 +6,9 @@ are sampled in their own time t (0 = noise, 1 = data) by `sample_flow_euler`.
 """
 from __future__ import annotations
 
+import math
+from functools import partial
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -56,24 +59,138 @@ def sample_heun(denoiser, x: Tensor, sigmas: Tensor, cond=None, generator=None) 
     return x
 
 
+# Multistep solvers: name -> (update rule, order). "dpmpp" and "unipc" keep their stock (order 2) meaning.
+SOLVERS = {"ddim": ("dpmpp", 1), "dpmpp": ("dpmpp", 2), "dpmpp-2m": ("dpmpp", 2), "dpmpp-3m": ("dpmpp", 3),
+           "unipc": ("unipc", 2), "unipc-1": ("unipc", 1), "unipc-2": ("unipc", 2), "unipc-3": ("unipc", 3)}
+
+
+def parse_solver(name: str) -> tuple[str, int]:
+    """A solver name -> (update rule, order); ValueError naming the choices otherwise."""
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver '{name}': use one of {', '.join(SOLVERS)}")
+    return SOLVERS[name]
+
+
+def solver_orders(n: int, order: int, rule: str = "dpmpp") -> list[int]:
+    """Per-step orders as diffusers' multistep schedulers use them: warm-up (step i has at most i + 1 outputs),
+    first order into sigma = 0, and lowered final steps (min(order, n - i)) for UniPC always and for DPM-Solver++
+    below 15 steps (`lower_order_final`)."""
+    if rule == "unipc" or n < 15:
+        return [min(order, i + 1, n - i) for i in range(n)]
+    return [1 if i == n - 1 else min(order, i + 1) for i in range(n)]
+
+
+def distinct_solvers(names, n: int) -> list[str]:
+    """`names` less those that run the same update at every one of n steps as an earlier one (at 4 steps the
+    lowered orders make DPM-Solver++ 3M run 2M's orders 1, 2, 2, 1, and UniPC-3 UniPC-2's)."""
+    seen, out = set(), []
+    for name in names:
+        rule, order = parse_solver(name)
+        key = (rule, tuple(solver_orders(n, order, rule)))
+        if key not in seen:
+            seen.add(key)
+            out.append(name)
+    return out
+
+
+def dpmpp_update(x: Tensor, sigma: float, sigma_next: float, x0: Tensor, history, order: int) -> Tensor:
+    """Lu et al. 2022 (DPM-Solver++), multistep data-prediction update of order 1-3 (Alg. 2 for 2M; the third
+    order with the reference code's D1, D2 differences) on the VE scale, lambda = -log(sigma).
+
+    `history`: the earlier (sigma_k, x0_k), most recent last; order p uses its last p - 1 entries."""
+    if sigma_next == 0:
+        return x0
+    h = math.log(sigma / sigma_next)
+    e = math.expm1(-h)  # e^{-h} - 1
+    if order == 1:
+        return (sigma_next / sigma) * x - e * x0
+    s1, m1 = history[-1]
+    r0 = math.log(s1 / sigma) / h
+    d1_0 = (x0 - m1) / r0
+    if order == 2:
+        return (sigma_next / sigma) * x - e * (x0 + 0.5 * d1_0)
+    s2, m2 = history[-2]
+    r1 = math.log(s2 / s1) / h
+    d1_1 = (m1 - m2) / r1
+    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    return (sigma_next / sigma) * x - e * x0 + (e / h + 1) * d1 - ((e + h) / h**2 - 0.5) * d2
+
+
+def _unipc_b(h: float, p: int) -> list[float]:
+    """UniPC's right-hand side (Zhao et al. 2023, Thm 3.1): b_i = i! phi_{i+1}(-h) / B(h), B(h) = e^{-h} - 1 (bh2),
+    with h phi_1 = e^{-h} - 1 and phi_{k+1} = phi_k / (-h) - 1 / k!."""
+    hh, out, fact = -h, [], 1
+    phi = B = math.expm1(hh)
+    for i in range(1, p + 1):
+        fact *= i
+        phi = phi / hh - 1 / fact
+        out.append(phi * fact / B)
+    return out
+
+
+def _solve(rks: list[float], b: list[float]) -> list[float]:
+    """rho from sum_k rho_k r_k^(i-1) = b_i, i = 1..len(rks) (UniPC's Vandermonde system)."""
+    R = torch.tensor([[r**i for r in rks] for i in range(len(rks))], dtype=torch.float64)
+    return torch.linalg.solve(R, torch.tensor(b, dtype=torch.float64)).tolist()
+
+
+def unipc_update(x: Tensor, sigma: float, sigma_next: float, x0: Tensor, history, order: int,
+                 x0_next: Tensor | None = None) -> Tensor:
+    """Zhao et al. 2023 (UniPC), one UniP-p predictor step (Alg. 2) or, given the model's `x0_next` at sigma_next,
+    the UniC-p corrector (Alg. 3) of the step from sigma to sigma_next; data prediction, B(h) = e^h - 1 (bh2), on
+    the VE scale. `history`: the earlier (sigma_k, x0_k), most recent last; order p uses its last p - 1 entries."""
+    if sigma_next == 0 and x0_next is None:
+        return x0
+    h = math.log(sigma / sigma_next)
+    past = history[len(history) - (order - 1):][::-1] if order > 1 else []
+    rks = [math.log(sigma / s) / h for s, _ in past]  # (lambda_k - lambda_s0) / h, negative for earlier steps
+    ds = [(m - x0) / r for r, (_, m) in zip(rks, past)]
+    b = _unipc_b(h, order)
+    if x0_next is None:
+        rho = [0.5] if order == 2 else _solve(rks, b[:order - 1]) if order > 2 else []
+    else:
+        rks, ds = rks + [1.0], ds + [x0_next - x0]
+        rho = [0.5] if order == 1 else _solve(rks, b)
+    res = x0
+    for r, d in zip(rho, ds):
+        res = res + r * d
+    return (sigma_next / sigma) * x - math.expm1(-h) * res
+
+
 @torch.no_grad()
+def sample_solver(denoiser, x: Tensor, sigmas: Tensor, cond=None, generator=None, solver: str = "unipc") -> Tensor:
+    """Any multistep solver of `SOLVERS` (DDIM, DPM-Solver++ 2M/3M, UniPC-p) over an arbitrary decreasing sigma list,
+    step orders as diffusers' stock schedulers (`solver_orders`); UniPC's corrector reuses the next evaluation."""
+    rule, order = parse_solver(solver)
+    update = unipc_update if rule == "unipc" else dpmpp_update
+    n = len(sigmas) - 1
+    orders = solver_orders(n, order, rule)
+    s = [float(v) for v in sigmas]
+    history, x_prev = [], None
+    for i in range(n):
+        x0 = denoiser(x, sigmas[i], cond)
+        if rule == "unipc" and i > 0:
+            x = unipc_update(x_prev, s[i - 1], s[i], history[-1][1], history[:-1], orders[i - 1], x0_next=x0)
+        x_prev = x
+        x = update(x, s[i], s[i + 1], x0, history, orders[i])
+        history = [*history[-2:], (s[i], x0)]
+    return x
+
+
 def sample_dpmpp_2m(denoiser, x: Tensor, sigmas: Tensor, cond=None, generator=None) -> Tensor:
     """Lu et al. 2022 (DPM-Solver++), Algorithm 2 (2M) in lambda = -log(sigma); first order on the first and last step."""
-    x0_prev = None
-    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        x0_hat = denoiser(x, sigma, cond)
-        if sigma_next == 0:
-            x = x0_hat
-        else:
-            h = (sigma / sigma_next).log()
-            if x0_prev is not None:
-                r = (sigmas[i - 1] / sigma).log() / h
-                x0_hat_d = (1 + 1 / (2 * r)) * x0_hat - (1 / (2 * r)) * x0_prev
-            else:
-                x0_hat_d = x0_hat
-            x = _sigma(sigma_next / sigma, x) * x - _sigma(torch.expm1(-h), x) * x0_hat_d
-        x0_prev = x0_hat
-    return x
+    return sample_solver(denoiser, x, sigmas, cond, solver="dpmpp-2m")
+
+
+def sample_dpmpp_3m(denoiser, x: Tensor, sigmas: Tensor, cond=None, generator=None) -> Tensor:
+    """Lu et al. 2022 (DPM-Solver++), third-order multistep, orders lowered at both ends as diffusers does."""
+    return sample_solver(denoiser, x, sigmas, cond, solver="dpmpp-3m")
+
+
+def sample_unipc(denoiser, x: Tensor, sigmas: Tensor, cond=None, generator=None, order: int = 2) -> Tensor:
+    """Zhao et al. 2023 (UniPC), UniP-p + UniC-p with B(h) = e^h - 1 (bh2), data prediction; order 2 is diffusers' default."""
+    return sample_solver(denoiser, x, sigmas, cond, solver=f"unipc-{order}")
 
 
 @torch.no_grad()
@@ -95,8 +212,8 @@ def sample_flow_euler(denoiser, z: Tensor, ts: Tensor, cond=None, generator=None
     return x
 
 
-SAMPLERS = {"ddim": sample_ddim, "euler": sample_euler, "heun": sample_heun, "dpmpp": sample_dpmpp_2m,
-            "multistep": sample_multistep}
+SAMPLERS = {"ddim": sample_ddim, "euler": sample_euler, "heun": sample_heun, "multistep": sample_multistep,
+            **{name: partial(sample_solver, solver=name) for name in SOLVERS if name != "ddim"}}
 
 
 def get_sampler(name: str):

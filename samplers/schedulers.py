@@ -19,12 +19,11 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 from diffusers.utils import logging
 
-from .samplers import discrete_timesteps
+from .samplers import SOLVERS, discrete_timesteps, dpmpp_update, parse_solver, solver_orders, unipc_update
 from .schedules import DiscreteSigmas, consistency_scalings
 
 logger = logging.get_logger(__name__)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-SOLVERS = ("ddim", "dpmpp")
 
 
 def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
@@ -169,7 +168,8 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
 
 
 class SearchedScheduler(_DiscreteScheduler):
-    """A DDPM-family schedule run at an arbitrary, stored list of time steps with the DDIM or DPM-Solver++ (2M) rule.
+    """A DDPM-family schedule run at an arbitrary, stored list of time steps with any solver of
+    `samplers.SOLVERS`: DDIM, DPM-Solver++ 2M/3M ("dpmpp" is 2M) or UniPC-1/2/3 (bh2; "unipc" is order 2).
 
     `timesteps` (strictly decreasing, in [0, num_train_timesteps)) is what `set_timesteps()` applies; without it the
     scheduler falls back to a uniform list with `timestep_spacing`.
@@ -183,28 +183,31 @@ class SearchedScheduler(_DiscreteScheduler):
         if solver not in SOLVERS:
             raise ValueError(f"solver '{solver}' is not one of {', '.join(SOLVERS)}")
         self._setup(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type, timesteps)
-        self._x0_prev = None
+        self._reset()
+
+    def _reset(self):
+        self._history: list[tuple[float, torch.Tensor]] = []  # (sigma, x0) of the steps taken
+        self._last = None  # UniPC: the VE state the previous step started from, for its corrector
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
         super().set_timesteps(num_inference_steps, device, timesteps, sigmas)
-        self._x0_prev = None
+        self._reset()
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kwargs):
-        """One DDIM (Song et al. 2021, eq. 12, eta = 0) or DPM-Solver++ 2M (Lu et al. 2022, Alg. 2) step."""
+        """One step of the pure multistep solvers (samplers.dpmpp_update / unipc_update) in diffusers' VP variables."""
         cur = self._current(timestep)
         i, sigma, sigma_next = self._step_index, cur.sigma, cur.sigma_next
+        rule, order = parse_solver(self.config.solver)
+        orders = solver_orders(self.num_inference_steps, order, rule)
         x_ve = sample * (1 + sigma**2) ** 0.5
         x0 = self._x0(model_output, sample, sigma)
-        if sigma_next == 0:
-            prev = x0
-        elif self.config.solver == "ddim" or self._x0_prev is None:
-            prev = x0 + (sigma_next / sigma) * (x_ve - x0)
-        else:
-            h = math.log(sigma / sigma_next)
-            r = math.log(self._sigmas[i - 1] / sigma) / h
-            x0_d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * self._x0_prev
-            prev = (sigma_next / sigma) * x_ve - math.expm1(-h) * x0_d
-        self._x0_prev = x0
+        if rule == "unipc" and self._last is not None:
+            x_ve = unipc_update(self._last, self._sigmas[i - 1], sigma, self._history[-1][1], self._history[:-1],
+                                orders[i - 1], x0_next=x0)
+        self._last = x_ve
+        update = unipc_update if rule == "unipc" else dpmpp_update
+        prev = update(x_ve, sigma, sigma_next, x0, self._history, orders[i])
+        self._history = [*self._history[-2:], (sigma, x0)]
         return self._finish(prev, sigma_next, x0, return_dict)
 
 

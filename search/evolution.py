@@ -55,11 +55,21 @@ def _unique(make, seen: set[str], space: SearchSpace, tries: int = 100) -> Candi
     return None
 
 
+def _rungs(objective) -> int:
+    """Fidelity levels of a successive-halving objective (`objective.rungs`, called as objective(c, rung=r)); 1 else."""
+    return len(getattr(objective, "rungs", None) or [None])
+
+
 def evolve(objective: Callable[[Candidate], float], space: SearchSpace, config: EvolutionConfig | None = None,
            checkpoint: str | Path | None = None, resume: bool = False, init: list[Candidate] | None = None,
            progress: Callable[[int, int, float], None] | None = None, write: bool = True) -> SearchResult:
-    """Minimise `objective` over `space`. Never evaluates a candidate twice; with `checkpoint` saves every
-    generation atomically and `resume=True` continues after the last complete one.
+    """Minimise `objective` over `space`. Never evaluates a candidate twice at one fidelity; with `checkpoint` saves
+    every generation atomically and `resume=True` continues after the last complete one.
+
+    Successive halving (Li et al. 2018, Hyperband's inner loop) when the objective has `rungs` (e.g. image counts,
+    cheapest first): every new candidate is scored at rung 0, and after each generation the `promote` best at each
+    rung (over the whole history) are re-scored at the next. Candidates rank by the highest rung they reached, then
+    by their score there, so parents and the result come from the most reliable scores.
 
     Processes that share one objective (its samples split across them) run this same deterministic loop;
     all read a checkpoint to resume, only the one with `write=True` saves it.
@@ -70,7 +80,8 @@ def evolve(objective: Callable[[Candidate], float], space: SearchSpace, config: 
     cfg = config or EvolutionConfig()
     cfg.validate()
     rng = random.Random(cfg.seed)
-    fitness: dict[str, float] = {}
+    n_rungs, promote = _rungs(objective), max(1, int(getattr(objective, "promote", 3)))
+    scores: dict[str, list[float]] = {}  # key -> score at rung 0, 1, ...
     cands: dict[str, Candidate] = {}
     history: list[dict] = []
     best_per_gen: list[float] = []
@@ -84,17 +95,31 @@ def evolve(objective: Callable[[Candidate], float], space: SearchSpace, config: 
                                                    state["generation"], state["seconds"])
         for h in history:
             c = Candidate.from_json(h["candidate"])
-            cands[c.key()], fitness[c.key()] = c, h["fitness"]
+            cands[c.key()] = c
+            scores.setdefault(c.key(), []).append(h["fitness"])
         rng.setstate(_rng_from_json(state["rng"]))
     max_skipped = space.max_skipped
+
+    def rank(k: str) -> tuple[int, float]:
+        return -len(scores[k]), scores[k][-1]
+
+    def score(gen: int, c: Candidate, rung: int, done: int) -> None:
+        t = time.time()
+        f = float(objective(c, rung=rung) if n_rungs > 1 else objective(c))
+        cands[c.key()] = c
+        scores.setdefault(c.key(), []).append(f)
+        history.append({"generation": gen, "candidate": c.to_json(), "fitness": f, "rung": rung,
+                        "seconds": round(time.time() - t, 3)})
+        if progress:
+            progress(gen, done, scores[min(scores, key=rank)][-1])
 
     for gen in range(start_gen, cfg.generations):
         if space.blocks:  # stage two: the skip budget opens gradually
             space.budget_now = min(max_skipped, -(-max_skipped * (gen + 1) // cfg.budget_steps))
-        seen = set(fitness)
+        seen = set(scores)
         new: list[Candidate] = []
-        if not fitness:
-            first = [space.fit(c, rng) for c in [space.uniform(), *(init or [])]]
+        if not scores:
+            first = [space.fit(c, rng) for c in [*space.uniforms(), *(init or [])]]
             for c in first:
                 if space.valid(c) and c.key() not in seen:
                     seen.add(c.key())
@@ -106,7 +131,7 @@ def evolve(objective: Callable[[Candidate], float], space: SearchSpace, config: 
                     break
                 new.append(c)
         else:
-            ranked = sorted(fitness, key=fitness.get)
+            ranked = sorted(scores, key=rank)
             parents = [cands[k] for k in ranked[:cfg.top_k]]
             for _ in range(cfg.mutations):
                 c = _unique(lambda: space.mutate(rng.choice(parents), rng), seen, space)
@@ -124,14 +149,14 @@ def evolve(objective: Callable[[Candidate], float], space: SearchSpace, config: 
             new.append(c)
 
         for i, c in enumerate(new):
-            t = time.time()
-            f = float(objective(c))
-            fitness[c.key()], cands[c.key()] = f, c
-            history.append({"generation": gen, "candidate": c.to_json(), "fitness": f,
-                            "seconds": round(time.time() - t, 3)})
-            if progress:
-                progress(gen, i + 1, min(fitness.values()))
-        best_per_gen.append(min(fitness.values()))
+            score(gen, c, 0, i + 1)
+        for rung in range(1, n_rungs):  # successive halving: the best `promote` of the rung below move up
+            below = sorted((k for k in scores if len(scores[k]) >= rung and space.valid(cands[k])),
+                           key=lambda k: scores[k][rung - 1])
+            for k in below[:promote]:
+                if len(scores[k]) == rung:
+                    score(gen, cands[k], rung, len(new))
+        best_per_gen.append(scores[min(scores, key=rank)][-1])
         if ckpt and write:
             save_json({"generation": gen + 1, "history": history, "best_per_generation": best_per_gen,
                        "seconds": spent + time.time() - t0, "rng": _rng_to_json(rng.getstate())}, ckpt)
@@ -139,10 +164,11 @@ def evolve(objective: Callable[[Candidate], float], space: SearchSpace, config: 
             raise Stopped(f"stopped after generation {gen + 1}; rerun with --resume", signum)
 
     # stage two: only candidates that meet the final (fully opened) budget can be the result
-    final = [k for k in fitness if space.valid(cands[k])] or list(fitness)
-    best_key = min(final, key=fitness.get)
-    return SearchResult(cands[best_key], fitness[best_key], history, best_per_gen, spent + time.time() - t0,
-                        evaluations=len(history))
+    final = [k for k in scores if space.valid(cands[k])] or list(scores)
+    best_key = min(final, key=rank)
+    return SearchResult(cands[best_key], scores[best_key][-1], history, best_per_gen, spent + time.time() - t0,
+                        evaluations=len(scores), extra={"best_rung": len(scores[best_key]) - 1,
+                                                        "scorings": len(history)})
 
 
 def _rng_to_json(state) -> list:

@@ -5,81 +5,56 @@ attention returns its input; resnets that up- or down-sample are never skippable
 """
 from __future__ import annotations
 
-import contextlib
-
+import torch
 from torch import nn
 
-
-def _kind(module: nn.Module) -> str | None:
-    from diffusers.models.attention_processor import Attention
-    from diffusers.models.resnet import ResnetBlock2D
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
-
-    if isinstance(module, ResnetBlock2D):
-        return None if (module.up or module.down) else "resnet"
-    if isinstance(module, Transformer2DModel):
-        return "transformer"
-    if isinstance(module, Attention) and getattr(module, "residual_connection", False):
-        return "attention"
-    return None
+# the primitives live in the pipeline file every exported folder ships, so an exported stage-two pipeline skips
+# exactly as the search did
+from dstudio.distill.core.pipeline_dstudio import skip_kind, skipping_blocks
 
 
 def skippable_blocks(unet: nn.Module) -> list[str]:
     """Names (as in `named_modules`) of the blocks that can be replaced by identity, in forward order."""
     names = []
     for name, m in unet.named_modules():
-        kind = _kind(m)
-        if kind and not any(name.startswith(p + ".") for p in names):
+        if skip_kind(m) and not any(name.startswith(p + ".") for p in names):
             names.append(name)
     return names
 
 
-def _identity_forward(module: nn.Module, kind: str):
-    if kind == "resnet":
-        def forward(input_tensor, *args, **kwargs):
-            x = module.conv_shortcut(input_tensor) if module.conv_shortcut is not None else input_tensor
-            return x / module.output_scale_factor
-    elif kind == "transformer":
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-        def forward(hidden_states, *args, return_dict: bool = True, **kwargs):
-            return Transformer2DModelOutput(sample=hidden_states) if return_dict else (hidden_states,)
-    else:
-        def forward(hidden_states, *args, **kwargs):
-            return hidden_states
-    return forward
-
-
-@contextlib.contextmanager
 def skipping(unet: nn.Module, names):
     """Within the block, the named blocks of `unet` compute nothing and pass their input on."""
     modules = dict(unet.named_modules())
-    unknown = [n for n in names if n not in modules or _kind(modules[n]) is None]
+    unknown = [n for n in names if n not in modules or skip_kind(modules[n]) is None]
     if unknown:
         raise ValueError(f"block '{unknown[0]}' is not a skippable block of this UNet; "
                          f"skippable: {', '.join(skippable_blocks(unet))}")
-    patched = []
-    try:
-        for n in names:
-            m = modules[n]
-            m.forward = _identity_forward(m, _kind(m))
-            patched.append(m)
-        yield unet
-    finally:
-        for m in patched:
-            del m.forward  # back to the class's forward
+    return skipping_blocks(unet, names)
+
+
+def skip_at(sigma, sigmas, skips, rtol: float = 1e-4) -> frozenset[str]:
+    """The skip set of the step whose noise level is `sigma` (relative match, so float32 round trips still match);
+    no match, e.g. a sampler's extra evaluation at another level, skips nothing."""
+    s = float(torch.as_tensor(sigma).reshape(-1)[0])
+    for level, names in zip(sigmas, skips):
+        if abs(s - float(level)) <= rtol * abs(float(level)):
+            return frozenset(names)
+    return frozenset()
 
 
 class SkippingDenoiser(nn.Module):
-    """A denoiser whose i-th call (i-th sampling step) runs with `skips[i]` replaced by identity."""
+    """A denoiser that, called at the i-th noise level `sigmas[i]`, runs with `skips[i]` replaced by identity.
 
-    def __init__(self, denoiser, unet: nn.Module, skips):
+    The skip set is a function of sigma, not of how often it was called, so one instance serves any number of
+    batches and any sampler."""
+
+    def __init__(self, denoiser, unet: nn.Module, sigmas, skips):
         super().__init__()
-        self.denoiser, self.unet, self.skips = denoiser, unet, list(skips)
-        self.calls = 0
+        if len(skips) != len(sigmas):
+            raise ValueError(f"{len(skips)} skip sets for {len(sigmas)} noise levels")
+        self.denoiser, self.unet = denoiser, unet
+        self.sigmas, self.skips = [float(s) for s in sigmas], [frozenset(s) for s in skips]
 
     def forward(self, x, sigma, cond=None):
-        names = self.skips[self.calls] if self.calls < len(self.skips) else ()
-        self.calls += 1
-        with skipping(self.unet, names):
+        with skipping(self.unet, skip_at(sigma, self.sigmas, self.skips)):
             return self.denoiser(x, sigma, cond)

@@ -107,10 +107,12 @@ def test_skipping_is_identity_and_restores(tiny_teacher):
         with skipping(t.unet, names[:2]):
             skipped = t.denoiser(x, 3.0, y)
         again = t.denoiser(x, 3.0, y)
-        per_step = SkippingDenoiser(t.denoiser, t.unet, [names[:2], ()])
-        first, second = per_step(x, 3.0, y), per_step(x, 3.0, y)
+        per_step = SkippingDenoiser(t.denoiser, t.unet, [3.0, 1.0], [names[:2], ()])
+        first, second, first_again = per_step(x, 3.0, y), per_step(x, 1.0, y), per_step(x, 3.0, y)
+        full_at_1 = t.denoiser(x, 1.0, y)
     assert not torch.allclose(full, skipped) and torch.equal(full, again)
-    assert torch.equal(first, skipped) and torch.equal(second, full)
+    # the skip set follows the noise level, not the number of calls (issue 16.2: a counter skipped one chunk only)
+    assert torch.equal(first, skipped) and torch.equal(second, full_at_1) and torch.equal(first_again, skipped)
     with pytest.raises(ValueError, match="'conv_in' is not a skippable block"):
         with skipping(t.unet, ["conv_in"]):
             pass
@@ -131,12 +133,12 @@ def test_search_cli_writes_a_scheduler_that_plugs_in(tiny_teacher, tmp_path):
     from dstudio.samplers import SearchedScheduler
 
     out = tmp_path / "s"
-    assert main(["search", "--teacher", str(tiny_teacher), "--nfe", "3", "--num-samples", "40", "--population", "4",
-                 "--generations", "2", "--top-k", "2", "--out", str(out)]) == 0
+    assert main(["search", "--teacher", str(tiny_teacher), "--nfe", "3", "--num-samples", "40", "--screen-samples",
+                 "20", "--population", "4", "--generations", "2", "--top-k", "2", "--out", str(out)]) == 0
     record = json.loads((out / "search.json").read_text())
-    assert len(record["history"]) == record["evaluations"] >= 5 and (out / "search.png").is_file()
+    assert len(record["history"]) >= record["evaluations"] >= 5 and (out / "search.png").is_file()
     sched = SearchedScheduler.from_pretrained(out / "scheduler")
-    assert sched.config.timesteps == record["best"]["steps"]
+    assert sched.config.timesteps == record["best"]["steps"] and sched.config.solver == record["best"]["solver"]
     pipe = load_teacher(tiny_teacher).pipeline
     pipe.scheduler = sched
     assert len(pipe(class_labels=[1, 2]).images) == 2
@@ -161,11 +163,127 @@ def test_search_and_skipping_on_a_text_to_image_unet(tmp_path):
     def objective(c):  # distance to a 3-step reference: any caller-defined fitness plugs in the same way
         sigmas = append_zero(t.denoiser.t_to_sigma(torch.tensor(c.steps)))
         with torch.no_grad():
-            x = sample_ddim(SkippingDenoiser(t.denoiser, t.unet, c.skips), z * (1 + sigmas[0] ** 2).sqrt(),
-                            sigmas, cond)
+            x = sample_ddim(SkippingDenoiser(t.denoiser, t.unet, sigmas[:-1], c.skips),
+                            z * (1 + sigmas[0] ** 2).sqrt(), sigmas, cond)
         return float((x - ref).pow(2).mean())
 
     space = SearchSpace(t.num_train_timesteps, 2, tuple(blocks), max_skipped=2)
     result = evolve(objective, space, EvolutionConfig(population=4, generations=2, top_k=2, mutations=2,
                                                       crossovers=1))
     assert result.evaluations >= 5 and space.valid(result.best)
+
+
+def test_solver_is_part_of_the_candidate():
+    space = SearchSpace(1000, 4, solvers=("unipc-2", "dpmpp-3m"))
+    rng = random.Random(0)
+    assert [c.solver for c in space.uniforms()] == ["unipc-2", "dpmpp-3m"]
+    seen = {space.mutate(space.uniform("unipc-2"), rng).solver for _ in range(50)}
+    assert seen == {"unipc-2", "dpmpp-3m"}
+    a, b = space.uniform("unipc-2"), space.random(rng)
+    assert all(space.valid(space.crossover(a, b, rng)) for _ in range(20))
+    c = Candidate((999, 500, 200, 10), (), "dpmpp-3m")
+    assert Candidate.from_json(json.loads(json.dumps(c.to_json()))) == c
+    assert c.key() != Candidate(c.steps).key() and not space.valid(Candidate(c.steps))
+    with pytest.raises(ValueError, match="unknown solver 'rk4'"):
+        SearchSpace(1000, 4, solvers=("rk4",))
+
+
+class Rungs:
+    """A two-fidelity objective: rung 1 is exact, rung 0 adds a deterministic per-candidate error."""
+
+    rungs, promote = [10, 40], 2
+
+    def __init__(self, target):
+        self.target, self.calls = target, []
+
+    def __call__(self, c, rung=None):
+        self.calls.append((c.key(), rung))
+        exact = target_distance(self.target)(c)
+        return exact + (0 if rung == 1 else (hash(c.key()) % 7))
+
+
+def test_successive_halving_rescores_leaders_and_ranks_by_the_highest_rung():
+    objective = Rungs((80, 41, 20, 3))
+    cfg = EvolutionConfig(population=10, generations=4, top_k=4, mutations=5, crossovers=2, seed=0)
+    result = evolve(objective, SearchSpace(100, 4), cfg)
+    assert len(objective.calls) == len(set(objective.calls))  # never twice at one rung
+    at = {r: {k for k, rr in objective.calls if rr == r} for r in (0, 1)}
+    assert at[1] <= at[0] and 1 <= len(at[1]) <= 2 * cfg.generations  # only screened ones move up, promote per gen
+    assert result.best.key() in at[1] and result.extra["best_rung"] == 1
+    assert result.best_fitness == min(target_distance((80, 41, 20, 3))(Candidate.from_json(h["candidate"]))
+                                      for h in result.history if h["rung"] == 1)
+
+
+def test_fid_fitness_skips_every_chunk_and_caching_changes_nothing(tiny_teacher):
+    """Issue 16.2: with more images than one chunk, every chunk is sampled with the candidate's skips."""
+    from dstudio.app.search_cli import FIDFitness
+    from dstudio.distill.core.teacher import load_teacher
+
+    t = load_teacher(tiny_teacher)
+    names = skippable_blocks(t.unet)
+    c = Candidate((999, 600, 300), (frozenset(names[:1]), frozenset(), frozenset(names[1:3])), "unipc-2")
+    one = FIDFitness(t, 8, batch_size=8, ref="mnist", features="mnist", cache_mb=0)
+    chunked = FIDFitness(t, 8, batch_size=4, ref="mnist", features="mnist")
+    plain = Candidate(c.steps, (), "unipc-2")
+    torch.testing.assert_close(chunked.images(c), one.images(c))
+    assert not torch.allclose(chunked.images(c)[4:], one.images(plain)[4:])
+    torch.testing.assert_close(chunked.images(c), one.images(c))  # second pass from the cache
+    assert chunked.cache.hits > 0
+
+
+def test_stage_two_pipeline_folder_applies_the_skips(tiny_teacher, tmp_path):
+    """Issue 17.2: the exported folder skips the searched blocks at their steps, drawing what the search sampled."""
+    from diffusers import DiffusionPipeline
+
+    from dstudio.app.search_cli import export_skip_pipeline
+    from dstudio.distill.core.teacher import load_teacher, load_pipeline
+    from dstudio.samplers import SearchedScheduler, append_zero, get_sampler, scheduler_from_teacher
+
+    t = load_teacher(tiny_teacher)
+    names = skippable_blocks(t.unet)
+    c = Candidate((999, 600, 300), (frozenset(names[:2]), frozenset(), frozenset(names[2:3])), "unipc-2")
+    sched = scheduler_from_teacher(SearchedScheduler, t.scheduler, timesteps=list(c.steps), solver=c.solver)
+    export_skip_pipeline(t, c, sched, tmp_path / "pipeline")
+    z, labels = torch.randn(3, *t.sample_shape, generator=torch.Generator().manual_seed(5)), torch.tensor([0, 4, 7])
+    sigmas = append_zero(t.denoiser.t_to_sigma(torch.tensor(c.steps)).float())
+    with torch.no_grad():
+        searched = get_sampler(c.solver)(SkippingDenoiser(t.denoiser, t.unet, sigmas[:-1], c.skips),
+                                         z * (1 + sigmas[0] ** 2).sqrt(), sigmas, labels).clamp(-1, 1)
+        unskipped = get_sampler(c.solver)(t.denoiser, z * (1 + sigmas[0] ** 2).sqrt(), sigmas, labels).clamp(-1, 1)
+    for pipe in (DiffusionPipeline.from_pretrained(tmp_path / "pipeline", trust_remote_code=True),
+                 load_pipeline(tmp_path / "pipeline")):
+        out = pipe(class_labels=labels, latents=z, output_type="pt").images * 2 - 1
+        torch.testing.assert_close(out, searched, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out, unskipped, atol=1e-3)
+
+
+def test_eval_cache_returns_the_stored_output_and_evicts_least_recent():
+    from dstudio.search.memo import EvalCache, memoised
+
+    calls = []
+
+    def den(x, sigma, cond=None):
+        calls.append(float(sigma))
+        return x * float(sigma)
+
+    cache = EvalCache(max_bytes=2 * 4 * 4)  # two outputs of 4 float32
+    D = memoised(den, cache, tag=lambda sigma: "skip-a" if sigma > 1 else "")
+    x = torch.ones(4)
+    assert torch.equal(D(x, 2.0), D(x, 2.0)) and calls == [2.0] and cache.hits == 1
+    D(x, 3.0), D(x, 0.5)  # evicts sigma 2
+    D(x, 2.0)
+    assert calls == [2.0, 3.0, 0.5, 2.0] and cache.bytes <= cache.max_bytes
+    assert torch.equal(memoised(den, cache, tag=lambda sigma: "skip-b")(x, 2.0), x * 2) and len(calls) == 5
+
+
+def test_stage_two_cli_exports_the_skipping_pipeline_and_times_it(tiny_teacher, tmp_path):
+    out = tmp_path / "s2"
+    assert main(["search", "--teacher", str(tiny_teacher), "--nfe", "2", "--skip-blocks", "--skip-budget", "0.5",
+                 "--num-samples", "20", "--population", "3", "--generations", "1", "--top-k", "2",
+                 "--speed-images", "4", "--out", str(out)]) == 0
+    record = json.loads((out / "search.json").read_text())
+    index = json.loads((out / "pipeline" / "model_index.json").read_text())
+    best = Candidate.from_json(record["best"])
+    assert index["skips"] == {str(t): sorted(s) for t, s in zip(best.steps, best.skips) if s} and best.n_skipped > 0
+    speed = record["pipeline_speed"]
+    assert speed["images"] == 4 and speed["speedup"] == speed["images_per_s"] / speed["unskipped_images_per_s"] > 0

@@ -99,11 +99,12 @@ def export_pipeline(pipeline, path: str | Path, **info) -> Path:
     return path
 
 
-def export_image_pipeline(unet, scheduler, path: str | Path, **info) -> Path:
-    """Write `unet` + `scheduler` as a class-conditional (or unconditional) DStudioPipeline folder."""
+def export_image_pipeline(unet, scheduler, path: str | Path, skips: dict | None = None, **info) -> Path:
+    """Write `unet` + `scheduler` as a class-conditional (or unconditional) DStudioPipeline folder; `skips`
+    ({"<timestep>": [block names]}, stage two of a search) are stored for the pipeline to apply."""
     from dstudio.distill.core.pipeline_dstudio import DStudioPipeline
 
-    return export_pipeline(DStudioPipeline(unet=unet, scheduler=scheduler), path, **info)
+    return export_pipeline(DStudioPipeline(unet=unet, scheduler=scheduler, skips=skips), path, **info)
 
 
 def export_text_pipeline(pipeline, unet, scheduler, path: str | Path, **info) -> Path:
