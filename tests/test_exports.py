@@ -148,7 +148,7 @@ def test_searched_schedule(tiny_teacher, teacher, tmp_path):
 
     out = tmp_path / "search"
     assert main(["search", "--teacher", str(tiny_teacher), "--nfe", "3", "--num-samples", "20", "--population", "4",
-                 "--generations", "1", "--top-k", "2", "--sampler", "dpmpp", "--out", str(out)]) == 0
+                 "--generations", "1", "--top-k", "2", "--solver", "dpmpp-2m", "--out", str(out)]) == 0
     steps = json.loads((out / "search.json").read_text())["best"]["steps"]
     got = plain_diffusers(tmp_path, tiny_teacher, (3, {"class_labels": LABELS}), scheduler=str(out / "scheduler"),
                           module="schedulers.py")

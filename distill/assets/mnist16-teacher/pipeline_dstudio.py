@@ -6,6 +6,7 @@ and names it in model_index.json as ["pipeline_dstudio", "DStudioPipeline"], so 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -13,18 +14,74 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 
+def skip_kind(module) -> str | None:
+    """AutoDiffusion's skippable blocks: resnets that keep the resolution, transformers, residual attention."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    if isinstance(module, ResnetBlock2D):
+        return None if (module.up or module.down) else "resnet"
+    if isinstance(module, Transformer2DModel):
+        return "transformer"
+    if isinstance(module, Attention) and getattr(module, "residual_connection", False):
+        return "attention"
+    return None
+
+
+def _identity_forward(module, kind: str):
+    if kind == "resnet":  # its input, through the 1x1 shortcut where the channel count changes
+        def forward(input_tensor, *args, **kwargs):
+            x = module.conv_shortcut(input_tensor) if module.conv_shortcut is not None else input_tensor
+            return x / module.output_scale_factor
+    elif kind == "transformer":
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        def forward(hidden_states, *args, return_dict: bool = True, **kwargs):
+            return Transformer2DModelOutput(sample=hidden_states) if return_dict else (hidden_states,)
+    else:
+        def forward(hidden_states, *args, **kwargs):
+            return hidden_states
+    return forward
+
+
+@contextlib.contextmanager
+def skipping_blocks(unet, names):
+    """Within the block, the named blocks of `unet` compute nothing and pass their input on."""
+    modules = dict(unet.named_modules())
+    unknown = [n for n in names if n not in modules or skip_kind(modules[n]) is None]
+    if unknown:
+        raise ValueError(f"block '{unknown[0]}' is not a skippable block of this UNet")
+    patched = []
+    try:
+        for n in names:
+            modules[n].forward = _identity_forward(modules[n], skip_kind(modules[n]))
+            patched.append(modules[n])
+        yield unet
+    finally:
+        for m in patched:
+            del m.forward  # back to the class's forward
+
+
 class DStudioPipeline(DiffusionPipeline):
     """Class-conditional (or unconditional) image sampling with any diffusers scheduler.
 
     `class_labels` picks the digit/class per image; the UNet's last class embedding is the null label
     used for classifier-free guidance (`guidance_scale` > 1) and for unconditional sampling.
+    `skips` (optional, stored in model_index.json): {"<timestep>": [block names]}, the UNet blocks replaced by
+    identity at that time step (AutoDiffusion's stage two).
     """
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet, scheduler):
+    def __init__(self, unet, scheduler, skips: dict | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(skips=skips)
+
+    def _skips_at(self, t) -> list[str]:
+        skips = self.config.get("skips") or {}
+        return skips.get(str(int(round(float(t))))) or []
 
     @property
     def num_classes(self) -> int:
@@ -58,12 +115,13 @@ class DStudioPipeline(DiffusionPipeline):
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         for t in self.progress_bar(self.scheduler.timesteps):
             x_in = self.scheduler.scale_model_input(x, t)
-            if cfg:
-                out = self.unet(torch.cat([x_in, x_in]), t, class_labels=torch.cat([class_labels, null])).sample
-                out_c, out_u = out.chunk(2)
-                out = out_u + guidance_scale * (out_c - out_u)
-            else:
-                out = self.unet(x_in, t, class_labels=class_labels).sample
+            with skipping_blocks(self.unet, self._skips_at(t)):
+                if cfg:
+                    out = self.unet(torch.cat([x_in, x_in]), t, class_labels=torch.cat([class_labels, null])).sample
+                    out_c, out_u = out.chunk(2)
+                    out = out_u + guidance_scale * (out_c - out_u)
+                else:
+                    out = self.unet(x_in, t, class_labels=class_labels).sample
             x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample
 
         image = (x / 2 + 0.5).clamp(0, 1)
