@@ -105,8 +105,15 @@ class DMD2(Method):
     def _gan_logits(self, x0: Tensor, cond) -> Tensor:
         """The GAN head on x0 noised at its own t ~ U[0, T) (DMD2's compute_cls_logits, one draw per call)."""
         sigma = self.schedule.t_to_sigma(sample_timesteps(len(x0), self.T, device=x0.device)).to(x0.device)
-        self.fake_score(x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * torch.randn_like(x0), sigma, cond)
+        return self.critic_logits(x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * torch.randn_like(x0), sigma, cond)
+
+    def critic_logits(self, x_t: Tensor, sigma: Tensor, cond) -> Tensor:
+        """One logit per image from the fake score's bottleneck features at (x_t, sigma)."""
+        self.fake_score(x_t, sigma, cond)
         return self.head(self.bottleneck.value)
+
+    def gan_active(self, step: int) -> bool:
+        return self.config.gan
 
     def loss(self, phase: str, batch, step: int):
         real, labels = batch
@@ -120,7 +127,7 @@ class DMD2(Method):
             loss_dm = dmd_loss(x, grad)
             logs = {"dm": loss_dm.item()}
             loss = loss_dm
-            if self.config.gan:
+            if self.gan_active(step):
                 loss_gan = F.softplus(-self._gan_logits(x, cond)).mean()
                 loss = loss + self.config.lambda_gan_generator * loss_gan
                 logs["gan_g"] = loss_gan.item()
@@ -131,7 +138,7 @@ class DMD2(Method):
         loss_fake = dsm_loss(self.fake_score, x, self.schedule.t_to_sigma(t).to(x.device), cond)
         logs = {"dsm": loss_fake.item()}
         loss = loss_fake
-        if self.config.gan:
+        if self.gan_active(step):
             logit_fake, logit_real = self._gan_logits(x, cond), self._gan_logits(real, cond)
             loss_disc = (F.softplus(logit_fake) + F.softplus(-logit_real)).mean()
             loss = loss + self.config.lambda_gan_critic * loss_disc
