@@ -33,6 +33,9 @@ RUNS = {
     "msd-k2": ("msd", ["--preset", "{preset}", "--students", "2"], [1]),
     "msd-k4": ("msd", ["--preset", "{preset}", "--students", "4"], [1]),
     "msd-k4-small": ("msd", ["--preset", "{preset}-small"], [1]),
+    # MSD's options: a fake score and GAN head per student; the smaller students' three stages (TSM, DM, DM + GAN)
+    "msd-k4-critics": ("msd", ["--preset", "{preset}", "--students", "4", "--set", "method.critics=per_student"], [1]),
+    "msd-k4-small-3stage": ("msd", ["--preset", "{preset}-small", "--set", "method.dm_steps=200"], [1]),
     # each student gets a whole batch per step, as when K students are trained one by one (K times the compute)
     "msd-k4-b256": ("msd", ["--preset", "{preset}", "--students", "4", "--set", "trainer.batch_size=256"], [1]),
     "rectified_flow": ("rectified_flow", ["--preset", "{preset}"], [1, 2]),
