@@ -33,6 +33,9 @@ RUNS = {
     "msd-k2": ("msd", ["--preset", "{preset}", "--students", "2"], [1]),
     "msd-k4": ("msd", ["--preset", "{preset}", "--students", "4"], [1]),
     "msd-k4-small": ("msd", ["--preset", "{preset}-small"], [1]),
+    # MSD's options: a fake score and GAN head per student; the smaller students' three stages (TSM, DM, DM + GAN)
+    "msd-k4-critics": ("msd", ["--preset", "{preset}", "--students", "4", "--set", "method.critics=per_student"], [1]),
+    "msd-k4-small-3stage": ("msd", ["--preset", "{preset}-small", "--set", "method.dm_steps=200"], [1]),
     # each student gets a whole batch per step, as when K students are trained one by one (K times the compute)
     "msd-k4-b256": ("msd", ["--preset", "{preset}", "--students", "4", "--set", "trainer.batch_size=256"], [1]),
     "rectified_flow": ("rectified_flow", ["--preset", "{preset}"], [1, 2]),
@@ -61,6 +64,15 @@ def train(name: str, preset: str, reuse: bool) -> tuple[Path, float | None]:
     seconds = time.time() - t0
     (run / "bench.json").write_text(json.dumps({"train_seconds": seconds, "command": " ".join(cmd[2:])}))
     return run, seconds
+
+
+def merge_rows(rows: list[dict], old: list[dict], date: str | None) -> list[dict]:
+    """This run's rows, then the earlier file's rows of every run not measured again (each keeps its `measured`
+    date and its speed ratio, which was taken within its own run); the teacher row is always this run's."""
+    fresh = {r["name"].rsplit("-", 1)[0] for r in rows}
+    kept = [{"measured": date, **r} for r in old
+            if r["method"] != "teacher" and r["name"].rsplit("-", 1)[0] not in fresh]
+    return rows + kept
 
 
 def main(argv=None) -> int:
@@ -105,15 +117,23 @@ def main(argv=None) -> int:
         r["fid_vs_teacher"] = r["fid"] / t_row["fid"]
         r["speedup"] = r["images_per_s"] / t_row["images_per_s"]
         r["params_vs_teacher"] = r["params"] / t_row["params"]
+    previous = RESULTS / f"distill-{args.preset}.json"
+    if set(args.only) != set(RUNS) and previous.is_file():  # a partial rerun updates its rows in the table
+        old = json.loads(previous.read_text())
+        rows = merge_rows(rows, old["rows"], old["date"])
+        for r in rows:  # the teacher's FID is deterministic on the protocol's noise: FID ratios stay comparable
+            r["fid_vs_teacher"] = r["fid"] / t_row["fid"]
     write_results(f"distill-{args.preset}", {
-        "command": "python benchmarks/distill.py" + ("" if argv is None else " " + " ".join(argv)),
+        "command": " ".join(["python benchmarks/distill.py", *(sys.argv[1:] if argv is None else argv)]),
         "teacher": str(DEFAULT_TEACHER), "preset": args.preset,
         "protocol": {"per_class": args.per_class, "noise_seed": 0, "features": "mnist", "reference": ref.source},
         "floor": floor, "rows": rows,
         "columns": [["name", "row"], ["nfe", "NFE"], ["fid", "FID-mnist"], ["fid_vs_teacher", "x teacher-50"],
                     ["images_per_s", "images/s"], ["speedup", "speed vs teacher-50"], ["params", "parameters"],
-                    ["params_vs_teacher", "x teacher params"], ["train_minutes", "training minutes"]],
-        "notes": ["training minutes: wall time of `dstudio distill` (pair generation included) on this machine, "
+                    ["params_vs_teacher", "x teacher params"], ["train_minutes", "training minutes"],
+                    ["measured", "earlier run"]],
+        "notes": ["rows with a `measured` date come from an earlier run of this script (`--only` reruns the others)",
+                  "training minutes: wall time of `dstudio distill` (pair generation included) on this machine, "
                   "while other jobs may have shared its cores; speeds are measured in this one run",
                   "teacher-ddim-50: the shipped teacher with 50 trailing DDIM steps, the reference of every ratio"],
     })

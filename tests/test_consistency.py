@@ -116,6 +116,7 @@ def test_resume_and_export(tiny_teacher, tmp_path, init):
     m, labels = trainer.method, torch.arange(4)
     noise = torch.randn(4, *m.shape, generator=torch.Generator().manual_seed(0))
     out = pipe(class_labels=labels, latents=noise, output_type="pt").images * 2 - 1  # one step by default
+    m.eval()  # as Trainer.sample_grid: no dropout when sampling
     with trainer.ema.applied(m.student_net()), torch.no_grad():
         ref = m.sample(labels, torch.Generator().manual_seed(0), steps=1)
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=0)
@@ -135,3 +136,30 @@ def test_init_teacher_starts_as_the_teachers_denoiser(tiny_teacher, tmp_path):
     x, labels, sigma = torch.randn(3, 1, 8, 8) * 20, torch.arange(3), torch.tensor(20.0, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(m.student(x, sigma, labels), teacher.denoiser(x, sigma, labels), atol=2e-3, rtol=0)
+
+
+def test_dropout_defaults_and_the_same_mask_in_both_branches(tiny_teacher):
+    """iCT, sec. 3.1: dropout 0.3 from scratch (CIFAR-10), and the online and stop-gradient branches share the
+    dropout RNG state, so with a fixed seed they drop the same units; the teacher-initialised student keeps 0."""
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.distill.methods.consistency import Consistency, ConsistencyConfig
+
+    teacher = load_teacher(tiny_teacher)
+    assert Consistency(ConsistencyConfig(data="digits", init="teacher"), teacher=teacher).student.model.config.dropout == 0
+    m = Consistency(ConsistencyConfig(data="digits"), teacher=teacher)
+    drops = [d for name, d in m.student.model.named_modules() if ".resnets." in name and isinstance(d, torch.nn.Dropout)]
+    assert drops and all(d.p == 0.3 for d in drops) and m.student.model.training
+    masks = []
+    for d in drops:
+        d.register_forward_hook(lambda mod, args, out: masks.append((out == 0) & (args[0] != 0)))
+    m.total_steps = 80
+    torch.manual_seed(0)
+    m.loss("consistency", (torch.randn(6, 1, 8, 8), torch.arange(6)), step=10)
+    target, online = masks[:len(drops)], masks[len(drops):]
+    assert len(online) == len(drops) and any(t.any() for t in target)  # units were dropped
+    for a, b in zip(target, online):
+        assert torch.equal(a, b)
+    # with the teacher's weights and dropout asked for, the weights are kept
+    kept = Consistency(ConsistencyConfig(data="digits", init="teacher", dropout=0.1), teacher=teacher)
+    for a, b in zip(kept.student.model.parameters(), teacher.unet.parameters()):
+        torch.testing.assert_close(a, b)

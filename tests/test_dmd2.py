@@ -157,3 +157,20 @@ def test_text_teachers_need_captions_and_a_method_that_takes_them(tmp_path, caps
     assert main(["distill", "consistency", *base, "--out", str(tmp_path / "b")]) == 2
     assert "use one of dmd2, rectified_flow" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_gan_head_noise_levels_span_all_steps_and_differ_for_real_and_fake(dmd2):
+    """DMD2's compute_cls_logits draws t ~ randint(0, T) inside each call: real and fake images get separate
+    levels, over every step (the DMD loss alone keeps to [0.02 T, 0.98 T])."""
+    seen = []
+    dmd2.fake_score.register_forward_pre_hook(lambda mod, args: seen.append(args[1].detach().clone()))
+    real, labels = digits8(8).images[:300], digits8(8).labels[:300]
+    torch.manual_seed(0)
+    dmd2.loss("critic", (real, labels), 0)
+    assert len(seen) == 3  # DSM, then the head on the fake images, then on the real ones
+    t_fake, t_real = (dmd2.schedule.sigma_to_t(s.double()).round().long() for s in seen[1:])
+    assert not torch.equal(t_fake, t_real)
+    T = dmd2.T
+    for t in (t_fake, t_real):
+        assert t.min() >= 0 and t.max() < T
+        assert t.min() < 0.02 * T and t.max() >= 0.98 * T  # outside the DMD loss's range on both sides

@@ -31,12 +31,17 @@ def test_u_shaped_density_is_a_symmetric_density_and_sampled_correctly():
 
 @pytest.mark.parametrize("kind", ["linear", "exp", "cos"])
 def test_annealing_beta_schedules(kind):
+    """yuanzhi-zhu/SlimFlow's randomness_schedule with K = 100: linear 1 - k/K; cos (1 + cos(pi k/K)) / 2, so
+    (1 + cos(pi/4)) / 2 = 0.8536 at k = 25 and exactly 0.5 at k = 50; exp e^{-k/K}: e^{-1/4} = 0.7788, e^{-1/2} =
+    0.6065, and e^{-1} = 0.3679 at k = K (it never reaches 0, as in the reference)."""
     values = [anneal_beta(k, 100, kind) for k in range(0, 151, 10)]
-    assert values[0] == 1.0 and values[10] == 0.0 and values[-1] == 0.0  # 1-RF at k = 0, reflow from K_warm on
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert values[0] == 1.0 and all(a > b or a == b == 0 for a, b in zip(values, values[1:]))
+    expected = {"linear": (0.75, 0.5, 0.0, 0.0), "cos": (0.85355, 0.5, 0.0, 0.0),
+                "exp": (0.77880, 0.60653, 0.36788, 0.22313)}[kind]
+    for k, want in zip((25, 50, 100, 150), expected):
+        assert anneal_beta(k, 100, kind) == pytest.approx(want, abs=1e-5)
+    assert anneal_beta(7, 0, kind) == 0.0  # no annealing: plain reflow from the start
     half = anneal_beta(50, 100, kind)
-    assert half == pytest.approx({"linear": 0.5, "cos": math.cos(math.pi / 4),
-                                  "exp": (math.exp(-2.5) - math.exp(-5)) / (1 - math.exp(-5))}[kind])
     z, eps = torch.randn(20_000, 4), torch.randn(20_000, 4)
     mixed = anneal_noise(z, eps, half)
     assert mixed.var().item() == pytest.approx(1.0, abs=0.03)  # still unit Gaussian noise
@@ -227,3 +232,72 @@ def test_text_teacher_without_prompts_is_refused(tmp_path):
     tiny_sd_pipeline(tmp_path).save_pretrained(tmp_path / "sd")
     with pytest.raises(UserError, match="needs prompts: give --prompts FILE"):
         _train("instaflow", tmp_path / "sd", tmp_path / "run")
+
+
+def test_rf_distillation_pairs_come_from_the_2rf_student(tiny_teacher, tmp_path):
+    """gnobitab/RectifiedFlow: distil the 2-rectified flow on pairs that the 2-RF itself generates from fresh
+    noise (its EMA weights, as the reference's generate_data mode loads them), not on the teacher's pairs."""
+    from dstudio.distill.core.reflow import flow_solve
+
+    trainer, _ = _train("rectified_flow", tiny_teacher, tmp_path, steps=2)  # reflow_steps=2: reflow only so far
+    m = trainer.method
+    with torch.no_grad():  # make the EMA differ clearly from the live weights
+        for s in trainer.ema.shadow:
+            s.add_(0.01 * torch.randn_like(s))
+    live = [p.detach().clone() for p in m.student.parameters()]
+    m.loss("distill", 6, 2)
+    got = m.distill_set
+    assert (tmp_path / "pairs-2rf" / "manifest.json").is_file() and len(got["z"]) == SMOKE["num_pairs"]
+    assert not torch.equal(got["z"], m.pairs["z"])  # fresh noise, not the teacher pairs' noise
+    torch.testing.assert_close(got["cond"], m.pairs["cond"])  # balanced classes, as the teacher's pairs
+    with torch.no_grad(), trainer.ema.applied(m.student):
+        want = flow_solve(m.student, got["z"], got["cond"], SMOKE["solver_steps"])
+        not_live = flow_solve(m.student, got["z"][:4], got["cond"][:4], SMOKE["solver_steps"])
+    torch.testing.assert_close(got["x1"], want, atol=1e-5, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(live, m.student.parameters()))  # live weights put back
+    with torch.no_grad():
+        from_live = flow_solve(m.student, got["z"][:4], got["cond"][:4], SMOKE["solver_steps"])
+    assert not torch.allclose(from_live, not_live)  # so the store did come from the EMA weights
+    # the old behaviour stays available
+    trainer, _ = _train("rectified_flow", tiny_teacher, tmp_path / "t", steps=3, distill_pairs="teacher")
+    assert trainer.method.distill_set is None and not (tmp_path / "t" / "pairs-2rf").exists()
+
+
+def test_slimflow_annealing_reflow_is_plain_l2_and_the_guide_is_the_ema(tiny_teacher, tmp_path):
+    """yuanzhi-zhu/SlimFlow: annealing reflow trains loss_type l2 (mean squared velocity error, uniform weights,
+    no LPIPS); distillation uses LPIPS; the guide is the 2-RF checkpoint's EMA (ema_teacher.copy_to)."""
+    from dstudio.distill.core.flow import sample_uniform
+
+    trainer, _ = _train("slimflow", tiny_teacher, tmp_path, steps=2, student_width=0.5, anneal_steps=0, hflip=False)
+    m = trainer.method
+    calls = []
+
+    def fake_lpips(a, b):  # stands in for the LPIPS network: counts its calls
+        calls.append(len(a))
+        return (a - b).abs().flatten(1).mean(1)
+
+    m._lpips, m._teacher.decode = fake_lpips, (lambda x: x)
+    z, x1 = torch.randn(5, *m.shape), torch.randn(5, *m.shape)
+    cond = torch.arange(5)
+    torch.manual_seed(1)
+    loss, logs = m.annealing_loss(z, x1, cond, step=0)
+    assert calls == [] and "lpips" not in logs and logs["beta"] == 0.0
+    torch.manual_seed(1)
+    torch.randn_like(z)  # anneal_noise's draw (beta = 0: z is kept)
+    view = FlowView(m.student)
+    t = view.clamp(sample_uniform(5))
+    tt = t.float().view(-1, 1, 1, 1)
+    x_t = tt * x1 + (1 - tt) * z
+    with torch.no_grad():
+        v_hat = (view.x1_hat(x_t, t, cond) - x_t) / (1 - tt)
+    assert loss.item() == pytest.approx(((v_hat - (x1 - z)) ** 2).mean().item(), rel=1e-5)
+
+    with torch.no_grad():
+        for s in trainer.ema.shadow:
+            s.add_(0.01)
+    m.guided_loss(z, x1, cond)
+    assert calls  # distillation does use LPIPS
+    guide = dict(m.guide.named_parameters())
+    for (name, p), s in zip(m.student.named_parameters(), trainer.ema.shadow):
+        torch.testing.assert_close(guide[name], s)
+        assert not torch.equal(p, s)

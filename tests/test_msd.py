@@ -75,3 +75,49 @@ def test_smaller_students_start_with_teacher_score_matching(teacher, tmp_path):
         direct = m.student[2].model(x, torch.tensor([999]), class_labels=torch.tensor([7])).sample
         routed = pipe.unet(x, torch.tensor([999]), class_labels=torch.tensor([7])).sample
     torch.testing.assert_close(routed, direct)
+
+
+def test_per_student_critics_see_only_their_students_classes(teacher, tmp_path):
+    """MSD's option of a fake score and GAN head per student: a batch of student 0's classes trains critic 0 only."""
+    from dstudio.distill.core.trainer import Trainer, TrainerConfig
+    from dstudio.distill.data import digits8
+
+    m = _msd(teacher, critics="per_student")
+    assert len(m.fake_score.nets) == len(m.head) == 3
+    data = digits8(8)
+    trainer = Trainer(m, TrainerConfig(steps=1, batch_size=8, sample_every=100), tmp_path, data=data)
+    mine = data.labels < 3  # classes 0, 1, 2 belong to student 0
+    batch = (data.images[mine][:8], data.labels[mine][:8])
+    critic = [ph for ph in trainer.phases if ph.name == "critic"][0]
+    before = [[p.detach().clone() for p in nn.parameters()] for nn in (*m.fake_score.nets, *m.head)]
+    trainer._run_phase(critic, [batch])
+    moved = [any(not torch.equal(a, b) for a, b in zip(snap, nn.parameters()))
+             for snap, nn in zip(before, (*m.fake_score.nets, *m.head))]
+    assert moved == [True, False, False, True, False, False]
+    x = torch.randn(6, 1, 8, 8)
+    labels = torch.tensor([9, 0, 4, 1, 8, 3])
+    sigma = torch.full((6,), 2.0, dtype=torch.float64)
+    with torch.no_grad():
+        out = m.fake_score(x, sigma, labels)
+        for i, c in enumerate(labels.tolist()):  # every sample from its own student's critic
+            own = m.fake_score.nets[int(m.route[c])](x[i:i + 1], sigma[i:i + 1], labels[i:i + 1])
+            torch.testing.assert_close(out[i:i + 1], own)
+
+
+def test_three_stage_recipe_adds_the_gan_after_distribution_matching(teacher, tmp_path):
+    """MSD's smaller students: teacher score matching, then distribution matching alone, then with the GAN."""
+    import json
+
+    from dstudio.distill.core.trainer import Trainer, TrainerConfig
+    from dstudio.distill.data import digits8
+
+    m = _msd(teacher, student_width=0.5, tsm_steps=1, dm_steps=2, critic_ratio=1)
+    assert [m.gan_active(s) for s in range(5)] == [False, False, False, True, True]
+    Trainer(m, TrainerConfig(steps=4, batch_size=12, sample_every=100, log_every=1), tmp_path,
+            data=digits8(8)).fit(export=False)
+    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    stages = [("tsm/tsm" in r, "generator/dm" in r, "critic/gan_d" in r) for r in logs]
+    assert stages == [(True, False, False), (False, True, False), (False, True, False), (False, True, True)]
+    with pytest.raises(ConfigError, match="leaves no adversarial stage"):
+        Trainer(_msd(teacher, dm_steps=5), TrainerConfig(steps=4, batch_size=12), tmp_path / "b",
+                data=digits8(8)).fit()

@@ -70,3 +70,36 @@ def test_sim_phases_and_export(tiny_teacher, tmp_path):
     out = trainer.fit()
     pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
     assert pipe.scheduler.config.timesteps == [m.student_t] and len(pipe(class_labels=[4]).images) == 1
+
+
+def test_generator_sigmas_follow_sid_ramp_without_the_highest_levels():
+    """SiD's sid_loss.py: sigma = ramp(1 - t), t ~ U[0, tmax/1000) with tmax 800, EDM's ramp (0.002, 80, rho 7).
+    t = 0 gives sigma_min; t -> 0.8 gives ramp(0.2) = (0.8 * 80^(1/7) + 0.2 * 0.002^(1/7))^7 ~ 24.4, so the
+    levels above ~24.4 are left out (the bug kept the top of the grid instead: [0.15, 80])."""
+    from dstudio.distill.methods.sim import sid_generator_sigmas
+
+    torch.manual_seed(0)
+    lo, hi = 0.002 ** (1 / 7), 80 ** (1 / 7)
+    top = (hi + 0.2 * (lo - hi)) ** 7
+    assert top == pytest.approx(24.4, abs=0.05)
+    s = sid_generator_sigmas(50_000, 0.8)
+    assert s.min() >= 0.002 and s.max() <= top
+    assert s.min() < 0.0021 and s.max() > 0.99 * top  # both ends are reached
+    # the median is ramp(1 - 0.4) = ramp(0.6): uniform t over [0, 0.8)
+    assert s.median().item() == pytest.approx((hi + 0.6 * (lo - hi)) ** 7, rel=0.05)  # steep in t: loose
+
+
+@pytest.mark.parametrize("loss", ["sim", "sid"])
+def test_generator_step_builds_a_fake_score_graph_only_for_sid(tiny_teacher, loss):
+    """SIM's loss sees y_fake only under sg[.]: no graph through the fake score; SiD's alpha term needs one."""
+    from dstudio.distill.core.teacher import load_teacher
+
+    torch.manual_seed(0)
+    m = SIM(SIMConfig(loss=loss), teacher=load_teacher(tiny_teacher))
+    m.train_only(m.phases()[1])
+    seen = []
+    m.fake_score.model.register_forward_hook(lambda mod, args, out: seen.append(out.sample.requires_grad))
+    value, _ = m.loss("generator", 4, 0)
+    value.backward()
+    assert seen == [loss == "sid"]
+    assert all(p.grad is None for p in m.fake_score.parameters())

@@ -172,3 +172,16 @@ def test_registry_names_methods():
     assert get_method("ddpm") is DDPM
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         get_method("nope")
+
+
+def test_linear_warmup_per_phase(tmp_path):
+    """trainer.warmup_steps: lr x min(1, (k + 1) / W) at the phase's k-th step (DMD2 warms up 500 steps, RF and
+    SlimFlow 5k), counted from each phase's start; a function of the step alone, so resume needs no state."""
+    ph = Phase("distill", ("student",), lr=2.0, start=10)
+    assert [ph.lr_at(s, 4) for s in (10, 11, 13, 20)] == [0.5, 1.0, 2.0, 2.0]
+    assert ph.lr_at(10, 0) == 2.0
+    method = ToyTwoPhase(ToyConfig(lr=0.1))
+    trainer = Trainer(method, TrainerConfig(steps=3, batch_size=4, warmup_steps=4), tmp_path, data=digits8(8))
+    trainer.fit(export=False)
+    assert trainer.optimizers["critic"].param_groups[0]["lr"] == pytest.approx(0.1 * 3 / 4)  # steps 0, 1, 2
+    assert trainer.optimizers["student"].param_groups[0]["lr"] == pytest.approx(0.1 * 3 / 4)  # last ran at step 2

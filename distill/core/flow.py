@@ -37,16 +37,17 @@ def sample_uniform(n: int, eps: float = 1e-3, device="cpu", generator=None) -> T
 
 
 def anneal_beta(k: int, k_warm: int, kind: str = "linear") -> float:
-    """Zhu et al. 2024 (SlimFlow), annealing reflow: beta goes from 1 (plain 1-RF) at k = 0 to 0 (reflow) at k_warm.
-    linear: 1 - r; cos: cos(pi r / 2); exp: (e^{-5 r} - e^{-5}) / (1 - e^{-5}); r = min(1, k / k_warm)."""
+    """Zhu et al. 2024 (SlimFlow), annealing reflow as in their reflow.py: beta goes from 1 (plain 1-RF) at k = 0
+    towards 0 (reflow). linear: 1 - r; cos: (1 + cos(pi r)) / 2; r = min(1, k / k_warm); exp: e^{-k / k_warm}
+    (never quite 0)."""
     if kind not in ANNEALING:
         raise ValueError(f"annealing schedule '{kind}' is not one of {', '.join(ANNEALING)}")
-    r = 1.0 if k_warm <= 0 else min(1.0, k / k_warm)
-    if kind == "linear":
-        return 1.0 - r
-    if kind == "cos":
-        return math.cos(math.pi * r / 2) if r < 1 else 0.0
-    return (math.exp(-5 * r) - math.exp(-5)) / (1 - math.exp(-5))
+    if k_warm <= 0:
+        return 0.0
+    if kind == "exp":
+        return math.exp(-k / k_warm)
+    r = min(1.0, k / k_warm)
+    return 1.0 - r if kind == "linear" else (1 + math.cos(math.pi * r)) / 2
 
 
 def anneal_noise(z_pair: Tensor, eps: Tensor, beta: float) -> Tensor:

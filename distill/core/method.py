@@ -6,6 +6,7 @@ so a new method is one new file in distill/methods.
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -34,6 +35,12 @@ class Phase:
         inside = self.start <= step and (self.stop is None or step < self.stop)
         return inside and (step - self.start) % self.every == 0
 
+    def lr_at(self, step: int, warmup_steps: int = 0) -> float:
+        """The learning rate at `step`: linear warm-up over the first `warmup_steps` steps of the phase, then lr."""
+        if warmup_steps <= 0:
+            return self.lr
+        return self.lr * min(1.0, (step - self.start + 1) / warmup_steps)
+
 
 class Method(nn.Module, abc.ABC):
     """Base class. Subclasses set `name`, `Config` (a dataclass) and implement phases/loss/sample/export."""
@@ -46,6 +53,7 @@ class Method(nn.Module, abc.ABC):
     text_teachers: ClassVar[bool] = False  # whether it distils text-to-image (latent) teachers
     student_module: ClassVar[str] = "student"
     trains_on: ClassVar[str] = ""  # what it learns from, when not images (said when --data is given)
+    ema = None  # the Trainer's EMA of student_net(), set when a Trainer takes the method
 
     def __init__(self, config, teacher=None, data=None):
         super().__init__()
@@ -83,6 +91,15 @@ class Method(nn.Module, abc.ABC):
     def student_net(self) -> nn.Module:
         """The network that is averaged (EMA) and exported: the attribute named by `student_module`."""
         return getattr(self, self.student_module)
+
+    @contextlib.contextmanager
+    def averaged_student(self):
+        """The student with its EMA weights swapped in for the block (its live weights when no EMA is set)."""
+        if self.ema is None:
+            yield self.student_net()
+        else:
+            with self.ema.applied(self.student_net()) as net:
+                yield net
 
     def phase_parameters(self, phase: Phase) -> list[nn.Parameter]:
         params, seen = [], set()

@@ -77,9 +77,13 @@ class PairStore:
         return [i for i in range(self.num_shards) if not self.shard_path(i).is_file()]
 
     def generate(self, teacher, cond_for, batch_size: int = 250, rank: int = 0, world: int = 1,
-                 progress: bool = True) -> None:
-        """Write this process's missing shards; `cond_for(indices)` gives the condition of each pair index."""
+                 progress: bool = True, solve=None) -> None:
+        """Write this process's missing shards; `cond_for(indices)` gives the condition of each pair index and
+        `solve(z, cond)` the image of each noise (default: the teacher's ODE with the store's solver settings)."""
         spec = self.spec
+        if solve is None:
+            solve = lambda z, c: solve_teacher_ode(teacher, z, c, spec["solver"], spec["solver_steps"],  # noqa: E731
+                                                   spec["guidance"])
         todo = self.missing()[rank::world]
         device = teacher.denoiser.alphas_cumprod.device
         sizes = [min(self.shard_size, self.num_pairs - i * self.shard_size) for i in todo]
@@ -95,8 +99,7 @@ class PairStore:
                 x1 = []
                 for j in range(0, len(idx), batch_size):
                     c = None if cond is None else cond[j:j + batch_size].to(device)
-                    x1.append(solve_teacher_ode(teacher, z[j:j + batch_size].to(device), c, spec["solver"],
-                                                spec["solver_steps"], spec["guidance"]).float().cpu())
+                    x1.append(solve(z[j:j + batch_size].to(device), c).float().cpu())
                     bar.update(len(z[j:j + batch_size]))
                 save_torch({"z": z, "x1": torch.cat(x1), "cond": cond}, self.shard_path(i))
                 if received():  # a stop signal: the shards written so far are kept, a rerun makes the rest

@@ -69,6 +69,12 @@ def read_prompts(path: str | None) -> list[str]:
     return prompts
 
 
+def flow_solve(denoiser, z: Tensor, cond, steps: int) -> Tensor:
+    """x1 from unit noise z by `steps` Euler steps of a denoiser read as a flow (the exported sampler's path)."""
+    view = FlowView(denoiser)
+    return sample_flow_euler(view, z, view.euler_times(steps), cond)
+
+
 class FlowMethod(Method):
     """Shared machinery; subclasses build `self.student` (a Denoiser) and define phases and losses."""
 
@@ -88,6 +94,7 @@ class FlowMethod(Method):
             raise PairStoreError(f"pair store '{config.pairs}' is a file: give a folder (it is created if missing)")
         self.pairs: dict[str, Tensor | None] | None = None
         self._lpips = None
+        self._run_dir = self._accelerator = None
 
     # --- pairs ------------------------------------------------------------------------------------
     def pair_spec(self) -> dict:
@@ -112,27 +119,50 @@ class FlowMethod(Method):
         return self._prompt_emb
 
     def prepare(self, run_dir, accelerator, steps: int) -> None:
+        self._run_dir, self._accelerator = Path(run_dir), accelerator
         root = Path(self.config.pairs) if self.config.pairs else Path(run_dir) / "pairs"
-        store = PairStore(root, self.pair_spec())
-        if accelerator.is_main_process:  # creates the store; the others then only check it
-            store.open()
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:
-            store.open()
-        store.generate(self._teacher, self.cond_for, rank=accelerator.process_index,
-                              world=accelerator.num_processes, progress=accelerator.is_main_process)
-        accelerator.wait_for_everyone()
-        self.pairs = store.load()
+        self.pairs = self.filled_store(PairStore(root, self.pair_spec()))
         if self.config.lpips and self._lpips is None:
             self._lpips = load_lpips(accelerator.device)
 
-    def pair_batch(self, n: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        if self.pairs is None:
+    def filled_store(self, store: PairStore, solve=None) -> dict[str, Tensor | None]:
+        """Open `store` (the main process creates it), generate its missing shards on every process, load it."""
+        acc = self._accelerator
+        if acc.is_main_process:  # creates the store; the others then only check it
+            store.open()
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            store.open()
+        store.generate(self._teacher, self.cond_for, rank=acc.process_index, world=acc.num_processes,
+                       progress=acc.is_main_process, solve=solve)
+        acc.wait_for_everyone()
+        return store.load()
+
+    def student_pairs(self, name: str) -> dict[str, Tensor | None]:
+        """Pairs from the averaged student's own flow (Euler, solver_steps steps) on fresh noise, stored in RUN/name:
+        Liu et al. 2023 distil k-rectified flow on pairs k-RF generates (gnobitab/RectifiedFlow, README).
+        A store this run already completed is loaded as it is (on --resume, the weights have moved on)."""
+        if self._accelerator is None:
+            raise RuntimeError("prepare() has not been called")
+        c = self.config
+        spec = {**self.pair_spec(), "source": f"{self.name} student (EMA) after {c.reflow_steps} reflow steps",
+                "solver": "euler", "seed": c.pair_seed + 1}
+
+        @torch.no_grad()
+        def solve(z, cond):
+            with self.averaged_student() as net:
+                return flow_solve(net, z, cond, c.solver_steps)
+
+        return self.filled_store(PairStore(self._run_dir / name, spec), solve)
+
+    def pair_batch(self, n: int, pairs: dict[str, Tensor | None] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        pairs = self.pairs if pairs is None else pairs
+        if pairs is None:
             raise RuntimeError("prepare() has not generated the pairs")
         device = self.teacher_denoiser.alphas_cumprod.device
-        idx = torch.randint(0, len(self.pairs["z"]), (n,))
-        cond = self.pairs["cond"]
-        return (self.pairs["z"][idx].to(device), self.pairs["x1"][idx].to(device),
+        idx = torch.randint(0, len(pairs["z"]), (n,))
+        cond = pairs["cond"]
+        return (pairs["z"][idx].to(device), pairs["x1"][idx].to(device),
                 None if cond is None else cond[idx].to(device))
 
     # --- losses -----------------------------------------------------------------------------------
@@ -141,9 +171,9 @@ class FlowMethod(Method):
         t = sample_u_shaped(n, c.u_shape_a, device) if c.time_dist == "u_shaped" else sample_uniform(n, device=device)
         return view.clamp(t)
 
-    def premetric(self, x_hat: Tensor, x: Tensor) -> Tensor:
+    def premetric(self, x_hat: Tensor, x: Tensor, kind: str | None = None) -> Tensor:
         """Per-sample distance between velocities or images: RF++'s pseudo-Huber, or the mean squared error."""
-        if self.config.premetric == "pseudo_huber":
+        if (kind or self.config.premetric) == "pseudo_huber":
             return rfpp_premetric(x_hat, x)
         return (x_hat - x).pow(2).flatten(1).mean(1)
 
@@ -153,7 +183,8 @@ class FlowMethod(Method):
         decode = self._teacher.decode
         return lpips_distance(self._lpips, decode(x1_hat), decode(x1))
 
-    def reflow_loss(self, student, z: Tensor, x1: Tensor, cond) -> tuple[Tensor, dict[str, float]]:
+    def reflow_loss(self, student, z: Tensor, x1: Tensor, cond, premetric: str | None = None,
+                    perceptual: bool = True) -> tuple[Tensor, dict[str, float]]:
         """Liu et al. 2023 (rectified flow), eq. 2 on fixed pairs, with RF++'s times and premetric (Lee et al. 2024,
         sec. 4): d(v_hat(x_t, t), x1 - z), x_t = t x1 + (1 - t) z; with LPIPS, t d + LPIPS(x1_hat, x1)."""
         view = FlowView(student)
@@ -162,8 +193,8 @@ class FlowMethod(Method):
         x_t = tt * x1 + (1 - tt) * z
         x1_hat = view.x1_hat(x_t, t, cond)
         v_hat = (x1_hat - x_t) / (1 - tt)
-        dist = self.premetric(v_hat, x1 - z)
-        lp = self.perceptual(x1_hat, x1)
+        dist = self.premetric(v_hat, x1 - z, premetric)
+        lp = self.perceptual(x1_hat, x1) if perceptual else None
         if lp is None:
             loss = dist.mean()
             return loss, {"reflow": loss.item()}
@@ -192,9 +223,8 @@ class FlowMethod(Method):
 
     @torch.no_grad()
     def sample(self, labels: Tensor, generator: torch.Generator, steps: int | None = None) -> Tensor:
-        view = FlowView(self.student_net())
         z = torch.randn((len(labels), *self.shape), generator=generator, device=labels.device)
-        x1 = sample_flow_euler(view, z, view.euler_times(steps or self.config.export_steps), self.grid_cond(labels))
+        x1 = flow_solve(self.student_net(), z, self.grid_cond(labels), steps or self.config.export_steps)
         return self._teacher.decode(x1).clamp(-1, 1)
 
     def export(self, path) -> None:

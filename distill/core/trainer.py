@@ -72,6 +72,7 @@ class TrainerConfig:
     steps: int = 1000
     batch_size: int = 64             # per process and per micro-batch: global batch = batch_size x processes x grad_accum
     grad_accum: int = 1              # micro-batches whose gradients are summed before each optimiser step
+    warmup_steps: int = 0            # linear learning-rate warm-up over each phase's first steps (0: none)
     seed: int = 0
     ema_decay: float = 0.999
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -86,6 +87,7 @@ class TrainerConfig:
         require(self.steps > 0, f"trainer.steps={self.steps} must be > 0")
         require(self.batch_size > 0, f"trainer.batch_size={self.batch_size} must be > 0")
         require(self.grad_accum > 0, f"trainer.grad_accum={self.grad_accum} must be > 0")
+        require(self.warmup_steps >= 0, f"trainer.warmup_steps={self.warmup_steps} must be >= 0")
         require(0 <= self.ema_decay < 1, f"trainer.ema_decay={self.ema_decay} must be in [0, 1)")
         for key in ("log_every", "sample_every", "checkpoint_every", "grid_per_class"):
             require(getattr(self, key) > 0, f"trainer.{key}={getattr(self, key)} must be > 0")
@@ -270,7 +272,7 @@ class Trainer:
         # `model` is what runs the losses (DDP-wrapped on many processes); `method` stays the plain module.
         self.model, *optimizers = self.accelerator.prepare(self.method, *optimizers)
         self.optimizers = {ph.name: opt for ph, opt in zip(self.phases, optimizers)}
-        self.ema = EMA(method.student_net(), config.ema_decay)
+        self.ema = method.ema = EMA(method.student_net(), config.ema_decay)
         self.stream = None
         if method.needs_data:
             require(data is not None, f"method {method.name} needs a data set")
@@ -361,6 +363,8 @@ class Trainer:
             raise DivergenceError(
                 f"non-finite gradient at step {self.step}, phase '{phase.name}' (loss {loss.item():.4g}); the last "
                 f"good checkpoint is kept in {self.run_dir}: rerun with --resume and a lower learning rate")
+        for group in opt.param_groups:  # a function of the step alone: nothing to checkpoint
+            group["lr"] = phase.lr_at(self.step, self.config.warmup_steps)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return {f"{phase.name}/{k}": v for k, v in logs.items()}

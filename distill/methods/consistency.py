@@ -30,6 +30,17 @@ def index_probabilities(sigmas: Tensor, p_mean: float = -1.1, p_std: float = 2.0
     return p / p.sum()
 
 
+def with_dropout(net, p: float, fresh: bool):
+    """The backbone rebuilt with dropout p in its blocks: freshly initialised, or keeping `net`'s weights."""
+    if not fresh and p == 0:
+        return net
+    config = {k: v for k, v in dict(net.config).items() if not k.startswith("_")}
+    out = type(net).from_config({**config, "dropout": p})
+    if not fresh:
+        out.load_state_dict(net.state_dict())
+    return out.train()
+
+
 @dataclass
 class ConsistencyConfig:
     data: str = "mnist"
@@ -48,6 +59,7 @@ class ConsistencyConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     mid_sigma: float = 0.821         # iCT's two-step sampler: re-noise to this sigma (CIFAR-10 value)
+    dropout: float | None = None     # None: 0.3 from scratch (iCT's CIFAR-10 value), 0 from the teacher's weights
 
     def validate(self) -> None:
         require(0 < self.sigma_min < self.sigma_max, f"method.sigma_min={self.sigma_min} and method.sigma_max="
@@ -56,6 +68,7 @@ class ConsistencyConfig:
         require(self.lr > 0, f"method.lr={self.lr} must be > 0")
         require(self.p_std > 0, f"method.p_std={self.p_std} must be > 0")
         require(self.sigma_data is None or self.sigma_data > 0, f"method.sigma_data={self.sigma_data} must be > 0")
+        require(self.dropout is None or 0 <= self.dropout < 1, f"method.dropout={self.dropout} must be in [0, 1)")
         require(self.sigma_min < self.mid_sigma < self.sigma_max,
                 f"method.mid_sigma={self.mid_sigma} must lie between sigma_min and sigma_max")
 
@@ -75,15 +88,19 @@ class Consistency(Method):
                     f"preconditioned); '{teacher.source}' predicts {teacher.denoiser.prediction_type}")
         self.kind, self.num_classes, self.shape = teacher.kind, teacher.num_classes, teacher.sample_shape
         self.teacher_scheduler, self.source = teacher.scheduler, teacher.source
-        net = trainable_copy(teacher.unet)
-        if config.init == "scratch":
-            net = type(net).from_config(net.config)
+        net = with_dropout(trainable_copy(teacher.unet), self.dropout_rate(config), config.init == "scratch")
         sd = config.sigma_data or (1.0 if config.init == "teacher" else 0.5)
         self.sigma_data = sd
         self.student = ConsistencyDenoiser(net, teacher.denoiser.schedule, sd, config.sigma_min, config.sigma_max)
         self.teacher_denoiser = teacher.denoiser if config.target == "teacher" else None
         self.c = config.huber_c or ict_huber_c(self.shape)
         self.total_steps = 1
+
+    @staticmethod
+    def dropout_rate(config: ConsistencyConfig) -> float:
+        if config.dropout is not None:
+            return config.dropout
+        return 0.3 if config.init == "scratch" else 0.0
 
     def prepare(self, run_dir, accelerator, steps: int) -> None:
         self.total_steps = steps
@@ -116,7 +133,8 @@ class Consistency(Method):
         sigma, sigma_next = grid[i], grid[i + 1]
         noise = torch.randn_like(x0)
         x_next = x0 + append_dims(sigma_next.to(x0.dtype), x0.ndim) * noise
-        with torch.no_grad():
+        # iCT, sec. 3.1: both branches draw the same dropout masks (the RNG is rewound after the target's forward)
+        with torch.no_grad(), torch.random.fork_rng(devices=[x0.device] if x0.device.type == "cuda" else []):
             target = self.student(self.target_point(x_next, sigma_next, sigma, x0, noise, cond), sigma, cond)
         pred = self.student(x_next, sigma_next, cond)
         weight = (1 / (sigma_next - sigma)).to(x0.dtype)

@@ -30,8 +30,8 @@ class DMD2Config:
     gan: bool = True
     lambda_gan_critic: float = 1e-2      # lambda_D
     lambda_gan_generator: float = 3e-3   # lambda_G
-    t_min: float = 0.02
-    t_max: float = 0.98
+    t_min: float = 0.02                  # the DMD loss's noise levels: t ~ U[t_min T, t_max T]
+    t_max: float = 0.98                  # (the GAN head's are t ~ U[0, T), drawn for each of its inputs)
     head_width: int = 64
 
     def validate(self) -> None:
@@ -102,9 +102,18 @@ class DMD2(Method):
                 x = sample_multistep(student, x, s[:k + 1], cond)
         return student(x, s[k], cond)
 
-    def _gan_logits(self, x0: Tensor, sigma: Tensor, cond) -> Tensor:
-        self.fake_score(x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * torch.randn_like(x0), sigma, cond)
+    def _gan_logits(self, x0: Tensor, cond) -> Tensor:
+        """The GAN head on x0 noised at its own t ~ U[0, T) (DMD2's compute_cls_logits, one draw per call)."""
+        sigma = self.schedule.t_to_sigma(sample_timesteps(len(x0), self.T, device=x0.device)).to(x0.device)
+        return self.critic_logits(x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * torch.randn_like(x0), sigma, cond)
+
+    def critic_logits(self, x_t: Tensor, sigma: Tensor, cond) -> Tensor:
+        """One logit per image from the fake score's bottleneck features at (x_t, sigma)."""
+        self.fake_score(x_t, sigma, cond)
         return self.head(self.bottleneck.value)
+
+    def gan_active(self, step: int) -> bool:
+        return self.config.gan
 
     def loss(self, phase: str, batch, step: int):
         real, labels = batch
@@ -118,8 +127,8 @@ class DMD2(Method):
             loss_dm = dmd_loss(x, grad)
             logs = {"dm": loss_dm.item()}
             loss = loss_dm
-            if self.config.gan:
-                loss_gan = F.softplus(-self._gan_logits(x, self.real_score_sigma(len(x), x.device), cond)).mean()
+            if self.gan_active(step):
+                loss_gan = F.softplus(-self._gan_logits(x, cond)).mean()
                 loss = loss + self.config.lambda_gan_generator * loss_gan
                 logs["gan_g"] = loss_gan.item()
             return loss, logs
@@ -129,9 +138,8 @@ class DMD2(Method):
         loss_fake = dsm_loss(self.fake_score, x, self.schedule.t_to_sigma(t).to(x.device), cond)
         logs = {"dsm": loss_fake.item()}
         loss = loss_fake
-        if self.config.gan:
-            sigma = self.real_score_sigma(len(x), x.device)
-            logit_fake, logit_real = self._gan_logits(x, sigma, cond), self._gan_logits(real, sigma, cond)
+        if self.gan_active(step):
+            logit_fake, logit_real = self._gan_logits(x, cond), self._gan_logits(real, cond)
             loss_disc = (F.softplus(logit_fake) + F.softplus(-logit_real)).mean()
             loss = loss + self.config.lambda_gan_critic * loss_disc
             logs["gan_d"] = loss_disc.item()

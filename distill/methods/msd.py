@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -9,7 +10,8 @@ from torch import Tensor, nn
 from dstudio.distill.core.config import require
 from dstudio.distill.core.denoiser import append_dims
 from dstudio.distill.core.method import Phase, register
-from dstudio.distill.core.score import sample_timesteps, smaller_unet, trainable_copy
+from dstudio.distill.core.score import (BottleneckFeatures, DiscriminatorHead, sample_timesteps, smaller_unet,
+                                        trainable_copy)
 from dstudio.distill.methods.dmd2 import DMD2, DMD2Config
 
 
@@ -20,9 +22,12 @@ class MSDConfig(DMD2Config):
     student_width: float = 1.0                # channel multiplier; < 1 builds smaller students, TSM-initialised
     tsm_steps: int = 500                      # teacher score matching steps before distillation (smaller students)
     lr_tsm: float = 1e-4
+    critics: Literal["shared", "per_student"] = "shared"  # one fake score + GAN head for all, or one per student
+    dm_steps: int = 0                         # distribution matching without the GAN before the adversarial stage
 
     def validate(self) -> None:
         super().validate()
+        require(self.dm_steps >= 0, f"method.dm_steps={self.dm_steps} must be >= 0")
         require(self.students >= 1, f"method.students={self.students} must be >= 1")
         require(0 < self.student_width <= 1, f"method.student_width={self.student_width} must be in (0, 1]")
         require(self.tsm_steps >= 0, f"method.tsm_steps={self.tsm_steps} must be >= 0")
@@ -39,6 +44,33 @@ def check_partition(partition: list[list[int]], num_classes: int) -> None:
     require(owned == list(range(num_classes)), f"method.partition={partition} must give every class "
                                                f"0..{num_classes - 1} to exactly one student")
     require(all(partition), f"method.partition={partition} has a student with no classes")
+
+
+def routed(owner: Tensor, k: int, fn) -> Tensor:
+    """fn(j, idx) for each j < k on the batch entries `owner` gives it, reassembled in batch order."""
+    parts, order = [], []
+    for j in range(k):
+        idx = (owner == j).nonzero().squeeze(1)
+        if len(idx):
+            parts.append(fn(j, idx))
+            order.append(idx)
+    return torch.cat(parts)[torch.argsort(torch.cat(order))]
+
+
+class RoutedDenoiser(nn.Module):
+    """Per-student critics (MSD): each sample goes to the denoiser of the student that owns its class."""
+
+    def __init__(self, nets: list[nn.Module], route: Tensor):
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+        self.register_buffer("route", route, persistent=False)
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor) -> Tensor:
+        sigma = sigma.expand(len(x)) if sigma.ndim == 0 else sigma
+        return routed(self.route[cond], len(self.nets), lambda k, idx: self.nets[k](x[idx], sigma[idx], cond[idx]))
+
+    def loss_weight(self, sigma: Tensor) -> Tensor:
+        return self.nets[0].loss_weight(sigma)
 
 
 @register("msd")
@@ -65,6 +97,13 @@ class MSD(DMD2):
             else (lambda: trainable_copy(teacher.unet))
         self.student = nn.ModuleList(teacher.denoiser.like(make()) for _ in partition)
         self.smaller = config.student_width < 1
+        self.gan_start = (config.tsm_steps if self.smaller else 0) + config.dm_steps
+        if config.critics == "per_student":  # each student's fake score and GAN head see only its classes
+            self.fake_score = RoutedDenoiser([teacher.denoiser.like(trainable_copy(teacher.unet)) for _ in partition],
+                                             route)
+            self.head = nn.ModuleList(DiscriminatorHead(teacher.unet.config.block_out_channels[-1], config.head_width)
+                                      for _ in partition)
+            self.bottlenecks = [BottleneckFeatures(d.model) for d in self.fake_score.nets]
 
     def phases(self) -> list[Phase]:
         c = self.config
@@ -80,18 +119,26 @@ class MSD(DMD2):
         require(not self.smaller or self.config.tsm_steps < steps,
                 f"method.tsm_steps={self.config.tsm_steps} leaves no distillation in trainer.steps={steps}: "
                 f"use fewer TSM steps or more steps (presets quick-small, full-small)")
+        require(not self.config.dm_steps or self.gan_start < steps,
+                f"method.dm_steps={self.config.dm_steps} leaves no adversarial stage in trainer.steps={steps}")
+
+    def gan_active(self, step: int) -> bool:
+        """The three stages of MSD's smaller students: TSM, distribution matching, then DM with the GAN."""
+        return self.config.gan and step >= self.gan_start
+
+    def critic_logits(self, x_t: Tensor, sigma: Tensor, cond) -> Tensor:
+        if self.config.critics == "shared":
+            return super().critic_logits(x_t, sigma, cond)
+
+        def one(k, idx):
+            self.fake_score.nets[k](x_t[idx], sigma[idx], cond[idx])
+            return self.head[k](self.bottlenecks[k].value)
+
+        return routed(self.route[cond], len(self.student), one)
 
     def _routed(self, fn, labels: Tensor) -> Tensor:
         """Apply fn(student, idx) per student on the samples whose labels it owns, reassembled in batch order."""
-        owner = self.route[labels]
-        parts, order = [], []
-        for k, student in enumerate(self.student):
-            idx = (owner == k).nonzero().squeeze(1)
-            if len(idx):
-                parts.append(fn(student, idx))
-                order.append(idx)
-        out = torch.cat(parts)
-        return out[torch.argsort(torch.cat(order))]
+        return routed(self.route[labels], len(self.student), lambda k, idx: fn(self.student[k], idx))
 
     def generate(self, labels: Tensor) -> Tensor:
         return self._routed(lambda student, idx: self.generate_with(student, labels[idx], len(idx)), labels)

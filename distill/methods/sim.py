@@ -11,9 +11,19 @@ from torch import Tensor
 from dstudio.distill.core.config import require
 from dstudio.distill.core.denoiser import append_dims
 from dstudio.distill.core.export import export_image_pipeline
+from dstudio.distill.core.losses import ict_huber_c
 from dstudio.distill.core.method import Method, Phase, register
 from dstudio.distill.core.score import dsm_loss, trainable_copy
-from dstudio.samplers import StudentScheduler, karras_sigmas, scheduler_from_teacher
+from dstudio.samplers import StudentScheduler, scheduler_from_teacher
+
+
+def sid_generator_sigmas(n: int, t_max: float, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                         rho: float = 7.0, device="cpu") -> Tensor:
+    """Zhou et al. 2024 (SiD), generator noise levels: sigma = ramp(1 - t), t ~ U[0, t_max), on EDM's eq. 5 ramp
+    (sigma_max^(1/rho) + r (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho; t_max < 1 leaves out the highest levels."""
+    r = 1 - torch.rand(n, device=device, dtype=torch.float64) * t_max
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + r * (lo - hi)) ** rho
 
 
 def sim_generator_loss(x_g: Tensor, y_real: Tensor, y_fake: Tensor, c: float) -> Tensor:
@@ -37,7 +47,7 @@ def sid_generator_loss(x_g: Tensor, y_real: Tensor, y_fake: Tensor, alpha: float
 @dataclass
 class SIMConfig:
     loss: Literal["sim", "sid"] = "sim"
-    huber_c: float | None = None      # None: 0.00054 * sqrt(C*H*W), RF++'s constant
+    huber_c: float | None = None      # None: 0.00054 * sqrt(C*H*W), iCT's constant (Song & Dhariwal 2023)
     sid_alpha: float = 1.2
     sigma_init: float = 2.5           # the generator maps sigma_init * z to an image in one step
     guidance: float = 1.0             # CFG on the teacher score
@@ -47,7 +57,7 @@ class SIMConfig:
     grad_clip: float = 10.0
     p_mean: float = -1.2              # fake-score noise levels: sigma ~ lognormal(p_mean, p_std)
     p_std: float = 1.2
-    t_max: float = 0.8                # generator noise levels: the top t_max of a Karras grid (rho = 7)
+    t_max: float = 0.8                # generator noise levels: sigma = ramp(1 - U[0, t_max)) (SiD's tmax/1000)
 
     def validate(self) -> None:
         require(self.lr_generator > 0 and self.lr_fake > 0, f"method.lr_generator={self.lr_generator} and "
@@ -74,9 +84,9 @@ class SIM(Method):
         self.fake_score = teacher.denoiser.like(trainable_copy(teacher.unet))
         lo, hi = teacher.denoiser.sigma_min, teacher.denoiser.sigma_max
         self.sigma_range = (lo, hi)
-        grid = karras_sigmas(1000, max(lo, 2e-3), min(hi, 80.0)).float()
-        self.register_buffer("generator_sigmas", grid[: max(1, int(config.t_max * len(grid)))], persistent=False)
-        self.c = config.huber_c or 0.00054 * math.sqrt(math.prod(self.shape))
+        self.generator_range = (max(lo, 2e-3), min(hi, 80.0))  # SiD's EDM range, inside the teacher's
+        self.register_buffer("anchor", torch.zeros(()), persistent=False)  # follows the method's device
+        self.c = config.huber_c or ict_huber_c(self.shape)
         # The exported pipeline starts from unit noise at an integer step: train exactly that input,
         # x = z sqrt(1 + sigma_g^2) at sigma_g = sigma(t_g), t_g the step nearest to sigma_init.
         self.student_t = int(round(float(teacher.denoiser.sigma_to_t(torch.tensor(config.sigma_init)))))
@@ -91,13 +101,13 @@ class SIM(Method):
         return torch.randint(0, self.num_classes, (n,), device=device) if self.kind == "class" else None
 
     def generate(self, labels, n: int, generator=None) -> Tensor:
-        device = self.generator_sigmas.device
+        device = self.anchor.device
         z = torch.randn((n, *self.shape), generator=generator, device=device)
         return self.student(z * math.sqrt(1 + self.sigma_g**2), torch.tensor(self.sigma_g, device=device), labels)
 
     def loss(self, phase: str, batch, step: int):
         n = batch if isinstance(batch, int) else len(batch[0])
-        device = self.generator_sigmas.device
+        device = self.anchor.device
         labels = self._labels(n, device)
         if phase == "fake":
             with torch.no_grad():
@@ -106,12 +116,14 @@ class SIM(Method):
             loss = dsm_loss(self.fake_score, x_g, sigma.clamp(*self.sigma_range).double(), labels)
             return loss, {"dsm": loss.item()}
         x_g = self.generate(labels, n)
-        sigma = self.generator_sigmas[torch.randint(0, len(self.generator_sigmas), (n,), device=device)].double()
+        sigma = sid_generator_sigmas(n, self.config.t_max, *self.generator_range, device=device)
         x_t = x_g + append_dims(sigma.to(x_g.dtype), x_g.ndim) * torch.randn_like(x_g)
-        y_real, y_fake = self.real_score(x_t, sigma, labels), self.fake_score(x_t, sigma, labels)
+        y_real = self.real_score(x_t, sigma, labels)
         if self.config.loss == "sid":
-            loss = sid_generator_loss(x_g, y_real, y_fake, self.config.sid_alpha)
-        else:
+            loss = sid_generator_loss(x_g, y_real, self.fake_score(x_t, sigma, labels), self.config.sid_alpha)
+        else:  # SIM differentiates through y_real only: y_fake enters under sg[.], so it needs no graph
+            with torch.no_grad():
+                y_fake = self.fake_score(x_t, sigma, labels)
             loss = sim_generator_loss(x_g, y_real, y_fake, self.c)
         return loss, {self.config.loss: loss.item()}
 

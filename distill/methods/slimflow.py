@@ -21,7 +21,8 @@ class SlimFlowConfig(FlowConfig):
     hflip: bool = True                       # joint horizontal flip of (x1, z'); off for data that is not symmetric
     guide_t: tuple[float, float] = (0.2, 0.8)
     time_dist: Literal["u_shaped", "uniform"] = "uniform"
-    premetric: Literal["pseudo_huber", "l2"] = "pseudo_huber"
+    premetric: Literal["pseudo_huber", "l2"] = "pseudo_huber"   # of the distillation (with LPIPS when available)
+    reflow_premetric: Literal["l2", "pseudo_huber"] = "l2"      # of annealing reflow: the reference's plain L2
     lr: float = 2e-4
     lr_distill: float = 2e-5
 
@@ -58,21 +59,23 @@ class SlimFlow(FlowMethod):
                       start=c.reflow_steps)]
 
     def annealing_loss(self, z, x1, cond, step: int):
-        """SlimFlow, annealing reflow: ||v(x_t, t) - (x1 - z')||, z' = sqrt(1 - beta_k^2) z_pair + beta_k eps."""
+        """SlimFlow, annealing reflow: ||v(x_t, t) - (x1 - z')||^2, z' = sqrt(1 - beta_k^2) z_pair + beta_k eps,
+        t ~ U[eps, 1], unweighted and without LPIPS (yuanzhi-zhu/SlimFlow keeps LPIPS for distillation)."""
         c = self.config
         k_warm = c.anneal_steps if c.anneal_steps is not None else c.reflow_steps // 2
         beta = anneal_beta(step, k_warm, c.annealing)
         z = anneal_noise(z, torch.randn_like(z), beta)
         if c.hflip:
             x1, z = joint_hflip(x1, z)
-        loss, logs = self.reflow_loss(self.student, z, x1, cond)
+        loss, logs = self.reflow_loss(self.student, z, x1, cond, c.reflow_premetric, perceptual=False)
         return loss, {**logs, "beta": beta}
 
     def guided_loss(self, z, x1, cond):
         """SlimFlow, flow-guided distillation: d(z + v(z), x1_pair) + d(z~ + v(z~), x^1), where
         x_t' = z~ + t' v(z~) and x^1 = x_t' + (1 - t') v_guide(x_t', t'), t' ~ U[0.2, 0.8]."""
-        if not bool(self.guide.ready):
-            self.guide.load_state_dict({**self.student.state_dict(), "ready": torch.tensor(True)})
+        if not bool(self.guide.ready):  # the reference loads the 2-RF checkpoint's EMA weights as the guide
+            with self.averaged_student() as net:
+                self.guide.load_state_dict({**net.state_dict(), "ready": torch.tensor(True)})
         pair_loss, logs = self.one_step_loss(self.student, z, x1, cond)
         z_new = torch.randn_like(z)
         lo, hi = self.config.guide_t
