@@ -126,7 +126,19 @@ def cmd_app(args) -> None:
         raise UsageError('the app needs Gradio: pip install -e ".[app]"') from None
     from dstudio.app.studio import launch
 
-    launch(args.port, args.runs)
+    auth = None
+    if args.auth is not None:
+        user, sep, password = args.auth.partition(":")
+        if not (sep and user and password):
+            raise UsageError("--auth must look like user:password")
+        auth = (user, password)
+    if args.host is not None and auth is None:
+        raise UsageError(f"--host {args.host} opens the app (which runs jobs and reads folders) to other machines: "
+                         "give --auth user:password too")
+    for folder in args.teacher or []:
+        if not (Path(folder) / "model_index.json").is_file():
+            raise UsageError(f"--teacher '{folder}' is not a diffusers pipeline folder (no model_index.json)")
+    launch(args.port, args.runs, host=args.host or "127.0.0.1", auth=auth, teachers=tuple(args.teacher or ()))
 
 
 def load_scheduler(folder: str):
@@ -383,6 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap = sub.add_parser("app", help="the studio in the browser: compare pipelines, FID board, start runs")
     ap.add_argument("--port", type=_positive_int("--port"), default=7860)
     ap.add_argument("--runs", default="runs", help="folder searched for exported pipelines, schedules and results")
+    ap.add_argument("--teacher", action="append", metavar="DIR",
+                    help="a pipeline folder the page may compare and distill from (repeatable; the page reads no "
+                         "folder outside --runs and these)")
+    ap.add_argument("--host", default=None,
+                    help="address to bind instead of 127.0.0.1 (e.g. 0.0.0.0); needs --auth")
+    ap.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login (Gradio auth)")
     ap.set_defaults(func=cmd_app)
 
     ft = sub.add_parser("features", help="the offline mnist feature net").add_subparsers(

@@ -1,24 +1,47 @@
-"""`dstudio app`: the studio in the browser (Gradio Blocks). Compare pipelines side by side on the same noise,
-browse every FID result, compute FID for a pipeline, and start quick distillations or searches from the page.
+"""`dstudio app`: the studio in the browser (Gradio Blocks). Compare pipelines row by row on the same noise,
+browse every FID result with its Pareto front, and queue distillations or searches from the page.
 
 Every method and search result appears through the registries and the run folders: no app code per method.
+Paths typed into the page are confined to the runs folder and the --teacher folders given on the command line.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import itertools
 import json
+import math
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from dstudio.app.benchmark import ROOT
+from dstudio.app.benchmark import ROOT, timed
 
-MAX_STEPS = 1000
+MAX_STEPS = 1000          # sampling steps in Compare
+MAX_IMAGES = 16           # images per pipeline in Compare
+MAX_ROWS = 6              # pipelines compared at once
+MAX_PER_CLASS = 500       # images per class for "Compute FID"
+JOB_CONCURRENCY = 1       # jobs that run at once; the others wait in the queue
+MAX_JOBS = 4              # jobs queued or running at once
+MAX_JOB_STEPS = 100_000   # training steps of a job started from the page
+READABLE = 128            # tiny images are upscaled (nearest neighbour) to at least this many pixels
+CLI = (sys.executable, "-m", "dstudio.app.cli")  # what a job's arguments are given to
+BOARD_COLUMNS = ["source", "method", "row", "nfe", "fid", "images_per_s"]
 
 
+def _check(condition: bool, message: str) -> None:
+    import gradio as gr
+
+    if not condition:
+        raise gr.Error(message)
+
+
+# --- pipelines ----------------------------------------------------------------------------------------
 @dataclass
 class Entry:
     """One pipeline the app can sample: the teacher, an exported student, or the teacher with a saved schedule."""
@@ -28,7 +51,7 @@ class Entry:
     kind: str                     # "teacher", "student" or "schedule"
     scheduler_dir: Path | None = None
     error: str | None = None      # why it is unavailable
-    _pipe: object = None
+    _pipe: object = field(default=None, repr=False)
 
     @property
     def available(self) -> bool:
@@ -46,24 +69,35 @@ class Entry:
             self._pipe = pipe
         return self._pipe
 
+    def method(self) -> str:
+        """The method that made it: the run's dstudio.json for students."""
+        if self.kind != "student":
+            return {"teacher": "teacher", "schedule": "searched schedule"}[self.kind]
+        info = self.path / "dstudio.json"
+        try:
+            return json.loads(info.read_text()).get("method") or self.kind
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return self.kind
 
-def discover(runs: str | Path | None) -> list[Entry]:
-    """The shipped teacher, then every pipeline folder and saved schedule under `runs` (unloadable ones included,
-    with the reason they cannot be used)."""
+
+def discover(runs: str | Path | None, teachers: tuple[Path, ...] = ()) -> list[Entry]:
+    """The shipped teacher and the --teacher folders, then every pipeline folder and saved schedule under `runs`
+    (unloadable ones included, with the reason they cannot be used)."""
     from dstudio.distill.core.teacher import DEFAULT_TEACHER
 
     entries = [Entry("teacher", DEFAULT_TEACHER, "teacher")]
-    if runs is None or not Path(runs).is_dir():
-        return entries
-    root = Path(runs)
-    for index in sorted(root.rglob("model_index.json")):
-        folder = index.parent
-        entries.append(Entry(str(folder.relative_to(root)), folder, "student"))
-    for config in sorted(root.rglob("scheduler_config.json")):
-        folder = config.parent
-        if (folder.parent / "model_index.json").is_file():
-            continue  # a pipeline's own scheduler
-        entries.append(Entry(f"teacher + {folder.relative_to(root)}", DEFAULT_TEACHER, "schedule", folder))
+    entries += [Entry(f"teacher:{t.name}", t, "teacher") for t in teachers]
+    if runs is not None and Path(runs).is_dir():
+        root = Path(runs).resolve()
+        for index in sorted(root.rglob("model_index.json")):
+            folder = index.parent
+            if folder.resolve().is_relative_to(root) and folder.resolve() not in teachers:
+                entries.append(Entry(str(folder.relative_to(root)), folder, "student"))
+        for config in sorted(root.rglob("scheduler_config.json")):
+            folder = config.parent
+            if (folder.parent / "model_index.json").is_file() or not folder.resolve().is_relative_to(root):
+                continue  # a pipeline's own scheduler
+            entries.append(Entry(f"teacher + {folder.relative_to(root)}", DEFAULT_TEACHER, "schedule", folder))
     for e in entries[1:]:
         try:
             e.pipeline()
@@ -72,111 +106,137 @@ def discover(runs: str | Path | None) -> list[Entry]:
     return entries
 
 
-def _check(condition: bool, message: str) -> None:
-    import gradio as gr
+def readable(img):
+    """A tiny image upscaled by a whole factor with nearest neighbour, so each pixel stays a crisp square."""
+    from PIL import Image
 
-    if not condition:
-        raise gr.Error(message)
+    factor = math.ceil(READABLE / min(img.width, img.height))
+    return img.resize((img.width * factor, img.height * factor), Image.NEAREST) if factor > 1 else img
 
 
-def generate(entries: list[Entry], names: list[str], class_label: int | None, prompt: str, seed: int, steps: int,
-             guidance: float, num_images: int = 4):
-    """The same noise through each chosen pipeline: [(PIL image, caption)], captions naming method, NFE, ms/image."""
-    by_name = {e.name: e for e in entries}
-    _check(bool(names), "choose at least one pipeline")
-    _check(0 <= int(steps) <= MAX_STEPS, f"steps {steps} is outside 0..{MAX_STEPS} (0: the pipeline's own default)")
-    _check(1 <= int(num_images) <= 16, f"images per pipeline {num_images} is outside 1..16")
-    gallery = []
-    for name in names:
-        e = by_name.get(name)
-        _check(e is not None, f"unknown pipeline '{name}'")
-        _check(e.available, f"pipeline '{name}' is unavailable: {e.error}")
-        pipe = e.pipeline()
-        kwargs = {"num_inference_steps": int(steps) or None, "guidance_scale": float(guidance), "output_type": "pil"}
-        unet = pipe.unet
-        text = hasattr(pipe, "tokenizer")
-        if text:
-            _check(bool(prompt.strip()), f"pipeline '{name}' is text-to-image: give a prompt")
-            kwargs["prompt"] = [prompt] * int(num_images)
+@dataclass
+class Row:
+    """One Compare row: a pipeline's images on the shared noise and what that run measured."""
+
+    name: str
+    method: str
+    nfe: int
+    seconds_per_image: float
+    images: list
+
+    def label(self, first: "Row") -> str:
+        speedup = first.seconds_per_image / self.seconds_per_image
+        return (f"{self.name} · {self.method} · {self.nfe} NFE · {self.seconds_per_image:.4g} s/image · "
+                f"{speedup:.2f}x the speed of {first.name}")
+
+
+def sample_row(entry: Entry, class_label: int | None, prompt: str, seed: int, steps: int, guidance: float,
+               num_images: int) -> Row:
+    """`num_images` images of one pipeline from the noise that `seed` draws (the same for every pipeline)."""
+    _check(entry.available, f"pipeline '{entry.name}' is unavailable: {entry.error}")
+    pipe = entry.pipeline()
+    unet = pipe.unet
+    kwargs = {"guidance_scale": float(guidance), "output_type": "pil"}
+    if steps:
+        kwargs["num_inference_steps"] = int(steps)
+    if hasattr(pipe, "tokenizer"):
+        _check(bool(prompt.strip()), f"pipeline '{entry.name}' is text-to-image: give a prompt")
+        kwargs["prompt"] = [prompt] * num_images
+    else:
+        n_cls = (unet.config.num_class_embeds or 1) - 1
+        if n_cls > 0:
+            label = 0 if class_label is None else int(class_label)
+            _check(0 <= label < n_cls, f"class {label} is outside this pipeline's classes 0..{n_cls - 1}")
+            kwargs["class_labels"] = torch.full((num_images,), label)
         else:
-            n_cls = (unet.config.num_class_embeds or 1) - 1
-            if n_cls > 0:
-                label = 0 if class_label is None else int(class_label)
-                _check(0 <= label < n_cls, f"class {label} is outside this pipeline's classes 0..{n_cls - 1}")
-                kwargs["class_labels"] = torch.full((int(num_images),), label)
-            else:
-                kwargs["batch_size"] = int(num_images)
-        size = unet.config.sample_size
-        shape = (int(num_images), unet.config.in_channels, size, size)
-        kwargs["latents"] = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
-        kwargs["generator"] = torch.Generator().manual_seed(int(seed) + 1)
-        if kwargs["num_inference_steps"] is None:
-            kwargs.pop("num_inference_steps")
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            images = pipe(**kwargs).images
-        ms = (time.perf_counter() - t0) * 1000 / len(images)
-        nfe = len(pipe.scheduler.timesteps)
-        method = _method(e)
-        for img in images:
-            gallery.append((img.resize((img.width * 4, img.height * 4), 0) if img.width < 64 else img,
-                            f"{name} · {method} · {nfe} NFE · {ms:.1f} ms/image"))
-    return gallery
+            kwargs["batch_size"] = num_images
+    size = unet.config.sample_size
+    kwargs["latents"] = torch.randn((num_images, unet.config.in_channels, size, size),
+                                    generator=torch.Generator().manual_seed(seed))
+    kwargs["generator"] = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        out, seconds = timed(pipe, **kwargs)
+    return Row(entry.name, entry.method(), len(pipe.scheduler.timesteps), seconds / len(out.images),
+               [readable(img) for img in out.images])
 
 
-def _method(e: Entry) -> str:
-    info = e.path / "dstudio.json"
-    if e.kind != "student":
-        return {"teacher": "teacher", "schedule": "searched schedule"}[e.kind]
-    if info.is_file():
-        try:
-            return json.loads(info.read_text()).get("method") or e.kind
-        except json.JSONDecodeError:
-            pass
-    return e.kind
-
-
+# --- FID board ----------------------------------------------------------------------------------------
 def fid_rows(runs: str | Path | None) -> list[dict]:
-    """Every FID row of the result JSONs under --runs and benchmarks/results."""
+    """Every FID row of the result JSONs under benchmarks/results and of the eval.json / fid/*.json under --runs."""
+    import yaml
+
     from dstudio.app.report import _load
 
     files = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
     if runs is not None and Path(runs).is_dir():
-        files += sorted(p for p in Path(runs).rglob("*.json") if p.name in ("eval.json",) or p.parent.name == "fid")
+        files += sorted(p for p in Path(runs).rglob("*.json") if p.name == "eval.json" or p.parent.name == "fid")
     rows = []
     for f in files:
         try:
             section = _load(str(f))
         except Exception:
             continue
+        run_method = None
+        if f.name == "eval.json" and (f.parent / "config.yaml").is_file():
+            try:
+                run_method = (yaml.safe_load((f.parent / "config.yaml").read_text()) or {}).get("method_name")
+            except yaml.YAMLError:
+                pass
         for r in section["rows"]:
             if r.get("fid") is None:
                 continue
-            rows.append({"source": f.stem if f.name != "eval.json" else f.parent.name, "row": r.get("name"),
-                         "nfe": r.get("nfe"), "fid": round(float(r["fid"]), 5),
+            method = r.get("method") or r.get("sampler") or (run_method if r.get("name") == "student" else None)
+            rows.append({"source": f.stem if f.name != "eval.json" else f.parent.name,
+                         "method": method or r.get("name") or "-", "row": r.get("name"), "nfe": r.get("nfe"),
+                         "fid": round(float(r["fid"]), 5),
                          "images_per_s": round(float(r["images_per_s"]), 1) if r.get("images_per_s") else None})
     return rows
 
 
-def fid_plot(rows: list[dict]):
-    import matplotlib
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats on both FID (lower) and images/s (higher), fastest first."""
+    pts = sorted((r for r in rows if r.get("images_per_s") and r.get("fid") is not None),
+                 key=lambda r: (-r["images_per_s"], r["fid"]))
+    front, best = [], math.inf
+    for r in pts:
+        if r["fid"] < best:
+            front.append(r)
+            best = r["fid"]
+    return front
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+def filter_rows(rows: list[dict], sources: list[str] | None, methods: list[str] | None) -> list[dict]:
+    """The rows whose source and method are among the chosen ones (nothing chosen: all)."""
+    return [r for r in rows if (not sources or r["source"] in sources) and (not methods or r["method"] in methods)]
+
+
+def _hover(r: dict) -> str:
+    speed = f"{r['images_per_s']:g} images/s" if r.get("images_per_s") else "speed not measured"
+    return f"{r['row']} ({r['source']}, {r['method']})<br>{r['nfe']} NFE · FID {r['fid']:.4g} · {speed}"
+
+
+def fid_figures(rows: list[dict]):
+    """Plotly figures, each point labelled on hover: FID vs NFE, and FID vs images/s with its Pareto front drawn."""
+    import plotly.graph_objects as go
+
+    by_nfe, by_speed = go.Figure(), go.Figure()
     for source in dict.fromkeys(r["source"] for r in rows):
         pts = [r for r in rows if r["source"] == source and r["nfe"]]
-        if pts:
-            a.scatter([r["nfe"] for r in pts], [r["fid"] for r in pts], label=source, s=14)
-        sp = [r for r in pts if r["images_per_s"]]
-        if sp:
-            b.scatter([r["images_per_s"] for r in sp], [r["fid"] for r in sp], label=source, s=14)
-    a.set(xscale="log", yscale="log", xlabel="NFE", ylabel="FID", title="FID vs NFE")
-    b.set(xscale="log", yscale="log", xlabel="images/s", ylabel="FID", title="FID vs speed")
-    a.legend(fontsize=6)
-    fig.tight_layout()
-    return fig
+        by_nfe.add_trace(go.Scatter(x=[r["nfe"] for r in pts], y=[r["fid"] for r in pts], mode="markers",
+                                    name=source, text=[_hover(r) for r in pts], hoverinfo="text"))
+        fast = [r for r in pts if r["images_per_s"]]
+        by_speed.add_trace(go.Scatter(x=[r["images_per_s"] for r in fast], y=[r["fid"] for r in fast],
+                                      mode="markers", name=source, text=[_hover(r) for r in fast], hoverinfo="text"))
+    front = pareto_front(rows)
+    by_speed.add_trace(go.Scatter(x=[r["images_per_s"] for r in front], y=[r["fid"] for r in front],
+                                  mode="lines+markers+text", name="Pareto front", line={"shape": "hv", "color": "black"},
+                                  marker={"symbol": "circle-open", "size": 12, "color": "black"},
+                                  text=[r["row"] for r in front], textposition="top right",
+                                  hovertext=[_hover(r) for r in front], hoverinfo="text"))
+    for fig, title, x in ((by_nfe, "FID vs NFE", "NFE"), (by_speed, "FID vs speed (Pareto front: black)", "images/s")):
+        fig.update_layout(title=title, xaxis={"type": "log", "title": x}, yaxis={"type": "log", "title": "FID"},
+                          height=420, margin={"l": 50, "r": 10, "t": 40, "b": 40}, legend={"font": {"size": 9}})
+    return by_nfe, by_speed
 
 
 def compute_fid(entry: Entry, per_class: int, progress=None) -> dict:
@@ -185,7 +245,7 @@ def compute_fid(entry: Entry, per_class: int, progress=None) -> dict:
     from dstudio.app.fid import feature_space, fid_of_tensor, mnist_reference
 
     _check(entry.available, f"pipeline '{entry.name}' is unavailable: {entry.error}")
-    _check(1 <= int(per_class) <= 500, f"images per class {per_class} is outside 1..500")
+    _check(1 <= int(per_class) <= MAX_PER_CLASS, f"images per class {per_class} is outside 1..{MAX_PER_CLASS}")
     pipe = entry.pipeline()
     _check(bool(pipe.unet.config.get("num_class_embeds")), "FID here is for class-conditional (MNIST) pipelines")
     shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
@@ -201,160 +261,440 @@ def compute_fid(entry: Entry, per_class: int, progress=None) -> dict:
     return {"pipeline": entry.name, "fid": result["fid"], "images": len(images), "images_per_s": len(images) / seconds}
 
 
+# --- jobs ---------------------------------------------------------------------------------------------
+def loss_curves(log: Path) -> list[dict]:
+    """{step, loss, value} for every finite number in the run's log.jsonl (JSON only; a half-written line is skipped)."""
+    points = []
+    lines = log.read_text().splitlines() if log.is_file() else []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        for key, value in record.items():
+            if key not in ("step", "time") and isinstance(value, (int, float)) and math.isfinite(value):
+                points.append({"step": record.get("step", 0), "loss": key, "value": float(value)})
+    return points
+
+
 class Job:
-    """A `dstudio` run started from the page: the same command and run folder as on the command line."""
+    """A `dstudio` run queued from the page: the same command and run folder as on the command line."""
 
-    def __init__(self, argv: list[str], run_dir: Path):
-        self.argv, self.run_dir = argv, run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.log = open(run_dir / "app-job.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "dstudio.app.cli", *argv], stdout=self.log,
-                                     stderr=subprocess.STDOUT, cwd=ROOT)
+    def __init__(self, number: int, argv: list[str], run_dir: Path, cwd: Path, program: tuple = CLI):
+        self.number, self.argv, self.run_dir, self.cwd, self.program = number, argv, run_dir, cwd, program
+        self.log_path = run_dir.with_name(run_dir.name + ".log")  # beside the run folder, which the CLI creates
+        self.proc: subprocess.Popen | None = None
+        self.cancelled = False
 
-    def status(self) -> tuple[str, str | None]:
-        """A line of progress and the latest sample grid."""
-        log = self.run_dir / "log.jsonl"
-        lines = log.read_text().splitlines() if log.is_file() else []
-        grids = sorted((self.run_dir / "samples").glob("*.png")) if (self.run_dir / "samples").is_dir() else []
-        grids += [self.run_dir / "search.png"] if (self.run_dir / "search.png").is_file() else []
-        if lines:
-            last = json.loads(lines[-1])
-            text = f"step {last.get('step', 0)}" + "".join(f", {k.split('/')[-1]} {v:.4g}" for k, v in last.items()
-                                                            if k not in ("step", "time") and isinstance(v, float))
-        else:  # the command's own progress line (pair generation, search generations)
-            self.log.flush()
-            out = (self.run_dir / "app-job.log").read_text().replace("\r", "\n").splitlines()
-            text = next((line.strip() for line in reversed(out) if line.strip()), "starting")
-        return text[:200], str(grids[-1]) if grids else None
+    @property
+    def state(self) -> str:
+        if self.cancelled:
+            return "cancelled"
+        if self.proc is None:
+            return "queued"
+        code = self.proc.poll()
+        return "running" if code is None else "done" if code == 0 else "failed"
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("queued", "running")
+
+    def command(self) -> str:
+        return "dstudio " + " ".join(self.argv)
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen([*self.program, *self.argv], stdout=log,
+                                         stderr=subprocess.STDOUT, cwd=self.cwd)
+
+    def progress(self) -> str:
+        """The last log.jsonl step, or else the command's own last progress line."""
+        points = loss_curves(self.run_dir / "log.jsonl")
+        if points:
+            step = points[-1]["step"]
+            return f"step {step}: " + ", ".join(f"{p['loss']} {p['value']:.4g}" for p in points if p["step"] == step)
+        out = self.log_path.read_text().replace("\r", "\n").splitlines() if self.log_path.is_file() else []
+        return next((line.strip() for line in reversed(out) if line.strip()), "waiting in the queue")[:300]
+
+    def latest_grid(self) -> Path | None:
+        samples = self.run_dir / "samples"
+        grids = sorted(samples.glob("step_*.png")) if samples.is_dir() else []
+        grids += [p for p in (samples / "final.png", self.run_dir / "search.png") if p.is_file()]
+        return grids[-1] if grids else None
 
     def error(self) -> str | None:
-        """The run's one-line error, if it failed."""
-        if self.proc.poll() in (None, 0):
+        """The run's one-line CLI error, if it failed."""
+        if self.state != "failed":
             return None
-        self.log.flush()
-        tail = [line for line in (self.run_dir / "app-job.log").read_text().replace("\r", "\n").splitlines()
-                if line.startswith("dstudio: error:")]
+        out = self.log_path.read_text().replace("\r", "\n").splitlines() if self.log_path.is_file() else []
+        tail = [line for line in out if line.startswith("dstudio: ")]
         return tail[-1] if tail else f"the run stopped with exit code {self.proc.returncode}"
 
     def cancel(self) -> None:
-        if self.proc.poll() is None:
+        self.cancelled = True
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(30)
 
 
-def job_argv(kind: str, method: str, preset: str, nfe: int, out: Path) -> list[str]:
-    if kind == "search":
-        return ["search", "--nfe", str(int(nfe)), "--population", "8", "--generations", "3", "--num-samples", "200",
-                "--out", str(out)]
-    return ["distill", method, "--preset", preset, "--out", str(out), "--eval-per-class", "0"]
+class JobQueue:
+    """At most `concurrency` jobs run at once; at most `max_jobs` are queued or running; a thread starts the next."""
+
+    def __init__(self, concurrency: int = JOB_CONCURRENCY, max_jobs: int = MAX_JOBS, program: tuple = CLI):
+        self.concurrency, self.max_jobs, self.program = concurrency, max_jobs, program
+        self.jobs: list[Job] = []
+        self._lock = threading.Lock()
+        self._numbers = itertools.count(1)
+        threading.Thread(target=self._tick, daemon=True).start()
+
+    def submit(self, argv_for, run_dir_for, cwd: Path) -> Job:
+        with self._lock:
+            active = sum(j.active for j in self.jobs)
+            _check(active < self.max_jobs, f"{active} jobs are already queued or running (at most {self.max_jobs}): "
+                                           "wait for one to finish or cancel one")
+            number = next(self._numbers)
+            run_dir = run_dir_for(number)
+            job = Job(number, argv_for(run_dir), run_dir, cwd, self.program)
+            self.jobs.append(job)
+        self.poll()
+        return job
+
+    def poll(self) -> None:
+        with self._lock:
+            running = sum(j.state == "running" for j in self.jobs)
+            for job in self.jobs:
+                if running >= self.concurrency:
+                    break
+                if job.state == "queued":
+                    job.start()
+                    running += 1
+
+    def cancel(self, job: Job) -> None:
+        """Stop a running job, or drop a queued one before it starts."""
+        with self._lock:
+            job.cancel()
+
+    def get(self, number: int) -> Job:
+        job = next((j for j in self.jobs if j.number == number), None)
+        _check(job is not None, f"no job {number}")
+        return job
+
+    def table(self) -> list[list]:
+        return [[j.number, j.state, j.command(), str(j.run_dir)] for j in reversed(self.jobs)]
+
+    def _tick(self) -> None:
+        while True:
+            time.sleep(0.5)
+            self.poll()
 
 
-def build_app(runs: str | Path | None = "runs"):
+# --- the studio ---------------------------------------------------------------------------------------
+class Studio:
+    """What one `dstudio app` serves: the pipelines found, the folders the page may read, the job queue."""
+
+    def __init__(self, runs: str | Path = "runs", teachers: tuple = (), concurrency: int = JOB_CONCURRENCY,
+                 max_jobs: int = MAX_JOBS):
+        self.runs = Path(runs).resolve()
+        self.teachers = tuple(Path(t).resolve() for t in teachers)
+        self.entries: list[Entry] = []
+        self.queue = JobQueue(concurrency, max_jobs)
+        self.rescan()
+
+    def rescan(self) -> list[Entry]:
+        """Look for new pipelines (finished jobs, new exports); loaded pipelines are kept, failed ones retried."""
+        loaded = {(e.name, e.path, e.scheduler_dir): e for e in self.entries if e.available}
+        fresh = discover(self.runs, self.teachers)
+        self.entries = [loaded.get((e.name, e.path, e.scheduler_dir), e) for e in fresh]
+        return self.entries
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries if e.available]
+
+    def entry(self, name: str) -> Entry:
+        found = next((e for e in self.entries if e.name == name), None)
+        if found is None:
+            found = next((e for e in self.rescan() if e.name == name), None)
+        _check(found is not None, f"unknown pipeline '{name}'")
+        return found
+
+    def confine(self, text: str, what: str) -> Path:
+        """`text` as a path (relative ones from the runs folder) if it lies in the runs folder or a --teacher folder."""
+        path = Path(text.strip()).expanduser()
+        path = (path if path.is_absolute() else self.runs / path).resolve()
+        allowed = (self.runs, *self.teachers)
+        _check(any(path.is_relative_to(root) for root in allowed),
+               f"{what} '{text.strip()}' is outside the folders this page may use: the runs folder {self.runs}"
+               + "".join(f", {t}" for t in self.teachers) + " (give more with dstudio app --teacher DIR)")
+        return path
+
+    def compare(self, names: list[str], class_label, prompt: str, seed: int, steps: int, guidance: float,
+                num_images: int) -> list[Row]:
+        _check(bool(names), "choose at least one pipeline")
+        _check(len(names) <= MAX_ROWS, f"{len(names)} pipelines chosen: compare at most {MAX_ROWS} at once")
+        _check(0 <= int(steps) <= MAX_STEPS, f"steps {steps} is outside 0..{MAX_STEPS} (0: the pipeline's own default)")
+        _check(1 <= int(num_images) <= MAX_IMAGES, f"images per pipeline {num_images} is outside 1..{MAX_IMAGES}")
+        return [sample_row(self.entry(n), class_label, prompt, int(seed), int(steps), float(guidance), int(num_images))
+                for n in dict.fromkeys(names)]
+
+    def job_argv(self, method: str, teacher: str, preset: str, steps: int, overrides: str):
+        """The CLI arguments of a job (as a function of its fresh run folder), checked by the CLI's own parser."""
+        import gradio as gr
+
+        from dstudio.app.cli import build_parser
+        from dstudio.distill.core.config import parse_override
+        from dstudio.distill.core.errors import UserError
+
+        _check(0 <= int(steps) <= MAX_JOB_STEPS, f"steps {steps} is outside 0..{MAX_JOB_STEPS} (0: the preset's)")
+        head = ["search"] if method == "search" else ["distill", method]
+        if teacher.strip():
+            folder = self.confine(teacher, "teacher folder")
+            _check((folder / "model_index.json").is_file(),
+                   f"teacher folder '{teacher.strip()}' is not a diffusers pipeline folder (no model_index.json)")
+            head += ["--teacher", str(folder)]
+        sets = [line.strip() for line in overrides.splitlines() if line.strip()]
+        if method == "search":
+            _check(not sets, "a search takes no --set overrides")
+            tail = ["--nfe", str(int(steps) or 4), "--population", "8", "--generations", "3", "--num-samples", "200"]
+        else:
+            preset = preset.strip() or "quick"
+            if Path(preset).suffix in (".yaml", ".yml"):
+                preset = str(self.confine(preset, "preset file"))
+            tail = ["--preset", preset, "--eval-per-class", "0"] + (["--steps", str(int(steps))] if steps else [])
+            for text in sets:
+                try:
+                    _, value = parse_override(text)
+                except UserError as e:
+                    raise gr.Error(f"dstudio: error: {e}") from None
+                for leaf in _strings(value):
+                    if any(c in leaf for c in "/\\") or leaf.startswith(("~", ".")):
+                        self.confine(leaf, f"path in --set {text}")
+                tail += ["--set", text]
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            try:
+                build_parser().parse_args(head + tail + ["--out", str(self.runs / "app" / "check")])
+            except SystemExit:
+                lines = stderr.getvalue().strip().splitlines()
+                raise gr.Error(lines[-1] if lines else "dstudio: error: bad arguments") from None
+        return lambda run_dir: head + tail + ["--out", str(run_dir)]
+
+    def submit(self, method: str, teacher: str, preset: str, steps: int, overrides: str) -> Job:
+        argv_for = self.job_argv(method, teacher, preset, steps, overrides)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return self.queue.submit(argv_for, lambda n: self._fresh(f"{method}-{stamp}-{n}"), self.runs)
+
+    def _fresh(self, name: str) -> Path:
+        """A run folder no one has used: the CLI refuses fresh runs into used folders."""
+        base = self.runs / "app"
+        for i in itertools.count():
+            run = base / (name if i == 0 else f"{name}-{i}")
+            if not run.exists() and not run.with_name(run.name + ".log").exists():
+                return run
+        raise AssertionError("unreachable")
+
+
+def _strings(value) -> list[str]:
+    """Every string inside a YAML value (lists and mappings included)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in _strings(k) + _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+# --- the page -----------------------------------------------------------------------------------------
+CSS = """.compare-row img, #job-grid img {image-rendering: pixelated}
+.row-label p {font-family: ui-monospace, monospace; font-size: 15px; margin: 0}"""
+
+
+def build_app(runs: str | Path | None = "runs", teachers: tuple = (), concurrency: int = JOB_CONCURRENCY,
+              max_jobs: int = MAX_JOBS):
     """The Blocks app; each event has an api_name so gradio_client (and scripts) can call it."""
     import gradio as gr
+    import pandas as pd
 
     from dstudio.distill.core.method import METHODS, get_method
 
     get_method("ddpm")  # registers every method
-    entries = discover(runs)
-    names = [e.name for e in entries if e.available]
-    unavailable = [f"- `{e.name}`: {e.error}" for e in entries if not e.available]
+    studio = Studio(runs or "runs", teachers, concurrency, max_jobs)
+    names = studio.names()
     distillers = sorted(n for n, c in METHODS.items() if c.is_distiller)
+
+    def _unavailable() -> str:
+        bad = [f"- `{e.name}`: {e.error}" for e in studio.entries if not e.available]
+        return "**Unavailable pipelines**\n" + "\n".join(bad) if bad else ""
+
+    def _choices():
+        """Updates for every pipeline dropdown after a rescan (the current choice kept where it still exists)."""
+        now = studio.names()
+        return (gr.Dropdown(choices=now), gr.Dropdown(choices=now), gr.Dropdown(choices=now),
+                gr.Dropdown(choices=now), _unavailable())
 
     def _generate(chosen, class_label, prompt, seed, steps, guidance, num_images):
         label = None if class_label is None or class_label == "" else int(class_label)
-        return generate(entries, chosen or [], label, prompt or "", int(seed), int(steps), float(guidance),
-                        int(num_images))
+        rows = studio.compare(chosen or [], label, prompt or "", int(seed), int(steps), float(guidance),
+                              int(num_images))
+        out = []
+        for i in range(MAX_ROWS):
+            if i < len(rows):
+                r = rows[i]
+                out += [gr.Markdown(r.label(rows[0]), visible=True),
+                        gr.Gallery([(img, f"{r.name} #{k}") for k, img in enumerate(r.images)], visible=True,
+                                   columns=min(len(r.images), 8))]
+            else:
+                out += [gr.Markdown("", visible=False), gr.Gallery(None, visible=False)]
+        return *out, {r.name: r.images[0] for r in rows}
 
-    def _slider(gallery, left, right):
-        firsts = {}
-        for item in gallery or []:
-            img, caption = (item["image"], item.get("caption")) if isinstance(item, dict) else item
-            firsts.setdefault((caption or "").split(" · ")[0], img)
+    def _slider(firsts, left, right):
+        firsts = firsts or {}
         _check(left in firsts and right in firsts, "generate images of both pipelines first")
-        pick = lambda x: x.get("path") if isinstance(x, dict) else x  # noqa: E731
-        return (pick(firsts[left]), pick(firsts[right]))
+        return (firsts[left], firsts[right])
 
-    def _board():
-        rows = fid_rows(runs)
-        header = ["source", "row", "nfe", "fid", "images_per_s"]
-        return [[r[h] for h in header] for r in rows], fid_plot(rows)
+    def _board(sources=None, methods=None):
+        rows = fid_rows(studio.runs)
+        shown = filter_rows(rows, sources, methods)
+        by_nfe, by_speed = fid_figures(shown)
+        table = [[r[h] for h in BOARD_COLUMNS] for r in shown]
+        return (table, by_nfe, by_speed,
+                gr.Dropdown(choices=list(dict.fromkeys(r["source"] for r in rows))),
+                gr.Dropdown(choices=sorted({r["method"] for r in rows})))
 
     def _fid(name, per_class, progress=gr.Progress()):
-        entry = next((e for e in entries if e.name == name), None)
-        _check(entry is not None, f"unknown pipeline '{name}'")
-        r = compute_fid(entry, int(per_class), progress)
+        r = compute_fid(studio.entry(name), int(per_class), progress)
         return f"{r['pipeline']}: FID-mnist {r['fid']:.4f} on {r['images']} images, {r['images_per_s']:.0f} images/s"
 
-    def _job(kind, method, preset, nfe):
-        out = Path(runs or "runs").resolve() / "app" / f"{kind if kind == 'search' else method}-{time.strftime('%Y%m%d-%H%M%S')}"
-        job = Job(job_argv(kind, method, preset, nfe, out), out)
-        try:
-            while job.proc.poll() is None:
-                yield (f"running: dstudio {' '.join(job.argv)}\n{job.status()[0]}", job.status()[1])
-                time.sleep(1.0)
-            err = job.error()
-            if err:
-                raise gr.Error(err)
-            yield (f"done: {out}\n{job.status()[0]}", job.status()[1])
-        finally:
-            job.cancel()  # a cancelled event (or a closed page) stops the run too
+    def _job_view(job: Job):
+        from PIL import Image
+
+        points = loss_curves(job.run_dir / "log.jsonl")
+        grid = job.latest_grid()
+        image = readable(Image.open(grid).convert("RGB")) if grid is not None else None
+        text = f"job {job.number} {job.state}: {job.command()}\n{job.progress()}"
+        return text, pd.DataFrame(points, columns=["step", "loss", "value"]), image, studio.queue.table()
+
+    def _job(method, teacher, preset, steps, overrides):
+        job = studio.submit(method, teacher or "", preset or "", int(steps or 0), overrides or "")
+        while job.active:
+            yield (*_job_view(job), job.number, *[gr.skip()] * 5)
+            time.sleep(1.0)
+        err = job.error()
+        if err:
+            raise gr.Error(err)
+        studio.rescan()
+        yield (*_job_view(job), job.number, *_choices())
+
+    def _cancel(number):
+        _check(number is not None, "start a job first")
+        job = studio.queue.get(int(number))
+        studio.queue.cancel(job)
+        return _job_view(job)
+
+    def _rescan():
+        studio.rescan()
+        return _choices()
 
     with gr.Blocks(title="dstudio") as demo:
-        gr.Markdown("# dstudio\nTeacher, students and searched schedules side by side on the same noise.")
-        if unavailable:
-            gr.Markdown("**Unavailable pipelines**\n" + "\n".join(unavailable))
+        gr.Markdown("# dstudio\nTeacher, students and searched schedules row by row on the same noise.")
+        unavailable = gr.Markdown(_unavailable())
         with gr.Tab("Compare"):
             with gr.Row():
-                chosen = gr.Dropdown(names, value=names[:3], multiselect=True, label="pipelines")
+                chosen = gr.Dropdown(names, value=names[:3], multiselect=True, allow_custom_value=True, scale=3,
+                                     label=f"pipelines (at most {MAX_ROWS}; the first is the speed reference)")
+                rescan = gr.Button("Rescan runs", scale=0)
+            with gr.Row():
                 class_label = gr.Number(value=3, precision=0, label="class (class-conditional pipelines)")
                 prompt = gr.Textbox(label="prompt (text-to-image pipelines)")
-            with gr.Row():
                 seed = gr.Number(value=0, precision=0, label="seed")
+            with gr.Row():
                 steps = gr.Slider(0, 100, value=0, step=1, label="steps (0: the pipeline's own)")
                 guidance = gr.Slider(1.0, 8.0, value=1.0, step=0.5, label="guidance")
-                num_images = gr.Slider(1, 16, value=4, step=1, label="images per pipeline")
+                num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="images per pipeline")
             go = gr.Button("Generate", variant="primary")
-            gallery = gr.Gallery(label="samples", columns=8, height="auto", elem_id="gallery")
+            slots = []
+            for i in range(MAX_ROWS):
+                with gr.Column(elem_id=f"row-{i}", elem_classes="compare-row"):
+                    slots.append(gr.Markdown(visible=False, elem_classes="row-label"))
+                    slots.append(gr.Gallery(visible=False, interactive=False, show_label=False, columns=4,
+                                            height="auto", object_fit="contain", allow_preview=True, format="png"))
+            firsts = gr.State({})
             with gr.Row():
-                left = gr.Dropdown(names, value=names[0] if names else None, label="slider: left")
-                right = gr.Dropdown(names, value=names[1] if len(names) > 1 else None, label="slider: right")
+                left = gr.Dropdown(names, value=names[0] if names else None, allow_custom_value=True,
+                                   label="slider: left")
+                right = gr.Dropdown(names, value=names[1] if len(names) > 1 else None, allow_custom_value=True,
+                                    label="slider: right")
                 show = gr.Button("Compare two")
-            slider = gr.ImageSlider(label="left | right")
-            go.click(_generate, [chosen, class_label, prompt, seed, steps, guidance, num_images], gallery,
+            slider = gr.ImageSlider(label="left | right", interactive=False, format="png")
+            go.click(_generate, [chosen, class_label, prompt, seed, steps, guidance, num_images], [*slots, firsts],
                      api_name="generate")
-            show.click(_slider, [gallery, left, right], slider, api_name="slider")
+            show.click(_slider, [firsts, left, right], slider, api_name="slider")
         with gr.Tab("FID board"):
-            refresh = gr.Button("Refresh")
-            table = gr.Dataframe(headers=["source", "row", "nfe", "fid", "images_per_s"], interactive=False)
-            plot = gr.Plot()
             with gr.Row():
-                fid_pipe = gr.Dropdown(names, value=names[0] if names else None, label="pipeline")
-                per_class = gr.Number(value=20, precision=0, label="images per class")
+                sources = gr.Dropdown([], multiselect=True, label="sources (none: all)")
+                methods = gr.Dropdown([], multiselect=True, label="methods (none: all)")
+                refresh = gr.Button("Refresh", scale=0)
+            table = gr.Dataframe(headers=BOARD_COLUMNS, interactive=False)
+            with gr.Row():
+                plot_nfe = gr.Plot(label="FID vs NFE")
+                plot_speed = gr.Plot(label="FID vs images/s")
+            with gr.Row():
+                fid_pipe = gr.Dropdown(names, value=names[0] if names else None, allow_custom_value=True,
+                                       label="pipeline")
+                per_class = gr.Number(value=20, precision=0, label=f"images per class (at most {MAX_PER_CLASS})")
                 fid_go = gr.Button("Compute FID")
             fid_out = gr.Textbox(label="result")
-            refresh.click(_board, None, [table, plot], api_name="fid_board")
-            demo.load(_board, None, [table, plot])
+            board_out = [table, plot_nfe, plot_speed, sources, methods]
+            refresh.click(_board, [sources, methods], board_out, api_name="fid_board")
+            sources.input(_board, [sources, methods], board_out, api_name=False)
+            methods.input(_board, [sources, methods], board_out, api_name=False)
+            demo.load(_board, [sources, methods], board_out, api_name=False)
             fid_go.click(_fid, [fid_pipe, per_class], fid_out, api_name="compute_fid")
-        with gr.Tab("Distill and Search"):
+        with gr.Tab("Jobs"):
+            gr.Markdown(f"Jobs run the `dstudio` command line in a fresh folder under `{studio.runs / 'app'}`. "
+                        f"**{concurrency} job{'s' if concurrency > 1 else ''} at a time**; the others wait in the "
+                        f"queue, at most {max_jobs} queued or running. Folders typed here must lie in the runs "
+                        "folder or a `--teacher` folder; relative ones start from the runs folder.")
             with gr.Row():
-                kind = gr.Radio(["distill", "search"], value="distill", label="job")
-                method = gr.Dropdown(distillers, value="dmd2" if "dmd2" in distillers else distillers[0], label="method")
-                preset = gr.Dropdown(["quick", "full"], value="quick", label="preset (or a YAML file)",
-                                     allow_custom_value=True)
-                nfe = gr.Number(value=4, precision=0, label="search: NFE")
+                method = gr.Dropdown(distillers + ["search"], value="dmd2" if "dmd2" in distillers else distillers[0],
+                                     label="method (search: AutoDiffusion time steps)")
+                teacher = gr.Textbox(label="teacher folder (empty: the shipped teacher)", elem_id="job-teacher")
+                preset = gr.Dropdown(["quick", "full"], value="quick", allow_custom_value=True,
+                                     label="preset (or a YAML file in the runs folder)")
+                job_steps = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_JOB_STEPS,
+                                      label="steps (distill: 0 = the preset's; search: NFE)")
+            overrides = gr.Textbox(lines=2, label="--set overrides, one KEY=VALUE a line (e.g. method.lr=2e-4)",
+                                   elem_id="job-overrides")
             with gr.Row():
                 start = gr.Button("Start", variant="primary")
-                cancel = gr.Button("Cancel")
-            status = gr.Textbox(label="progress", lines=2)
-            grid = gr.Image(label="latest samples")
-            run_event = start.click(_job, [kind, method, preset, nfe], [status, grid], api_name="start_job")
-            cancel.click(None, None, None, cancels=[run_event])
+                job_id = gr.Number(value=None, precision=0, label="job", interactive=False)
+                cancel = gr.Button("Cancel job")
+            status = gr.Textbox(label="progress", lines=2, elem_id="job-status")
+            with gr.Row():
+                loss_plot = gr.LinePlot(x="step", y="value", color="loss", label="loss (log.jsonl)", height=300)
+                grid = gr.Image(label="latest sample grid", interactive=False, elem_id="job-grid", height=300,
+                                format="png")
+            jobs = gr.Dataframe(headers=["job", "state", "command", "run folder"], interactive=False, label="queue")
+            view = [status, loss_plot, grid, jobs]
+            dropdowns = [chosen, left, right, fid_pipe, unavailable]
+            start.click(_job, [method, teacher, preset, job_steps, overrides], [*view, job_id, *dropdowns],
+                        api_name="start_job", concurrency_limit=None)
+            cancel.click(_cancel, job_id, view, api_name="cancel_job")
+            jobs_timer = gr.Timer(2.0)
+            jobs_timer.tick(lambda: studio.queue.table(), None, jobs, api_name=False, show_progress="hidden")
+        rescan.click(_rescan, None, dropdowns, api_name="rescan")
     demo.queue(default_concurrency_limit=2)
+    demo.studio = studio
     return demo
 
 
-def launch(port: int = 7860, runs: str | Path | None = "runs", share: bool = False, block: bool = True):
-    demo = build_app(runs)
-    demo.launch(server_name="127.0.0.1", server_port=port, share=share, prevent_thread_lock=not block, show_error=True)
+def launch(port: int = 7860, runs: str | Path | None = "runs", share: bool = False, block: bool = True,
+           host: str = "127.0.0.1", auth: tuple[str, str] | None = None, teachers: tuple = ()):
+    """Serve on 127.0.0.1 unless `host` is given; another host needs `auth` (checked by the CLI)."""
+    demo = build_app(runs, teachers)
+    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, show_error=True,
+                auth=auth, css=CSS)
     return demo
