@@ -468,8 +468,9 @@ class Studio:
                     _, value = parse_override(text)
                 except UserError as e:
                     raise gr.Error(f"dstudio: error: {e}") from None
-                for leaf in _strings(value):
-                    if any(c in leaf for c in "/\\") or leaf.startswith(("~", ".")):
+                for leaf in _strings(value):  # a path, or a name the job (run from the runs folder) would open
+                    if any(c in leaf for c in "/\\") or leaf.startswith(("~", ".")) or \
+                            (self.runs / leaf).is_symlink() or (self.runs / leaf).exists():
                         self.confine(leaf, f"path in --set {text}")
                 tail += ["--set", text]
         stderr = io.StringIO()
@@ -544,8 +545,7 @@ def build_app(runs: str | Path | None = "runs", teachers: tuple = (), concurrenc
             if i < len(rows):
                 r = rows[i]
                 out += [gr.Markdown(r.label(rows[0]), visible=True),
-                        gr.Gallery([(img, f"{r.name} #{k}") for k, img in enumerate(r.images)], visible=True,
-                                   columns=min(len(r.images), 8))]
+                        gr.Gallery(r.images, visible=True)]
             else:
                 out += [gr.Markdown("", visible=False), gr.Gallery(None, visible=False)]
         return *out, {r.name: r.images[0] for r in rows}
@@ -619,7 +619,7 @@ def build_app(runs: str | Path | None = "runs", teachers: tuple = (), concurrenc
             for i in range(MAX_ROWS):
                 with gr.Column(elem_id=f"row-{i}", elem_classes="compare-row"):
                     slots.append(gr.Markdown(visible=False, elem_classes="row-label"))
-                    slots.append(gr.Gallery(visible=False, interactive=False, show_label=False, columns=4,
+                    slots.append(gr.Gallery(visible=False, interactive=False, show_label=False, columns=8,
                                             height="auto", object_fit="contain", allow_preview=True, format="png"))
             firsts = gr.State({})
             with gr.Row():
@@ -670,7 +670,7 @@ def build_app(runs: str | Path | None = "runs", teachers: tuple = (), concurrenc
                                    elem_id="job-overrides")
             with gr.Row():
                 start = gr.Button("Start", variant="primary")
-                job_id = gr.Number(value=None, precision=0, label="job", interactive=False)
+                job_id = gr.Number(value=None, precision=0, label="job (the queue's number)")
                 cancel = gr.Button("Cancel job")
             status = gr.Textbox(label="progress", lines=2, elem_id="job-status")
             with gr.Row():
@@ -694,6 +694,8 @@ def build_app(runs: str | Path | None = "runs", teachers: tuple = (), concurrenc
 def launch(port: int = 7860, runs: str | Path | None = "runs", share: bool = False, block: bool = True,
            host: str = "127.0.0.1", auth: tuple[str, str] | None = None, teachers: tuple = ()):
     """Serve on 127.0.0.1 unless `host` is given; another host needs `auth` (checked by the CLI)."""
+    if host not in ("127.0.0.1", "localhost") and auth is None:
+        raise ValueError(f"serving on {host} needs auth=(user, password)")
     demo = build_app(runs, teachers)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, show_error=True,
                 auth=auth, css=CSS)

@@ -1,4 +1,5 @@
-"""The README's screenshot of the Compare tab, made the way the browser test drives the page.
+"""The README's screenshot of the Compare tab (one labelled row per pipeline), made the way the browser test drives
+the page.
 
     python docs/screenshot.py [--runs runs] [--out docs/app_compare.png]
 
@@ -36,9 +37,11 @@ def main(argv=None) -> int:
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
             page.goto(f"http://127.0.0.1:{port}/")
             page.get_by_role("button", name="Generate").click()
-            page.locator("#gallery img").nth(3).wait_for(timeout=180_000)
-            page.wait_for_function("() => [...document.querySelectorAll('#gallery img')]"
+            page.locator("#row-0 img").first.wait_for(timeout=300_000)
+            page.wait_for_function("() => [...document.querySelectorAll('.compare-row img')]"
                                    ".every(i => i.complete && i.naturalWidth > 0)", timeout=60_000)
+            for label in page.locator(".compare-row [data-testid=markdown]").all_inner_texts():
+                print(label, file=sys.stderr)
             page.screenshot(path=args.out, full_page=True)
             browser.close()
     finally:

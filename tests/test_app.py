@@ -30,6 +30,7 @@ def studio(tiny_teacher, tmp_path_factory):
     (runs / "broken").mkdir()
     (runs / "broken" / "model_index.json").write_text("{")
     (runs / "tiny.yaml").write_text(TINY_PRESET)
+    (runs / "elsewhere").symlink_to(tiny_teacher)  # a link out of the runs folder
     port = _free_port()
     demo = launch(port, runs, block=False)
     yield f"http://127.0.0.1:{port}/", runs
@@ -187,6 +188,8 @@ def test_job_from_the_form_runs_and_its_pipeline_joins_compare(client, studio):
     (("dmd2", "", "/tmp/x.yaml", 0, ""), "preset file '/tmp/x.yaml' is outside the folders this page may use"),
     (("dmd2", "", "quick", 0, "method.data=../../etc"), "path in --set method.data=../../etc '../../etc' is outside"),
     (("dmd2", "", "quick", 0, "method.prompts=[ok, /etc/passwd]"), "'/etc/passwd' is outside"),
+    (("dmd2", "", "quick", 0, "method.data=elsewhere"), "path in --set method.data=elsewhere 'elsewhere' is outside"),
+    (("dmd2", "elsewhere", "quick", 0, ""), "teacher folder 'elsewhere' is outside"),
     (("dmd2", "", "quick", 0, "nokey"), "dstudio: error: override 'nokey' must look like section.key=value"),
     (("dmd2", "", "quick", 200_000, ""), "Value 200000 is greater than maximum value 100000"),
     (("search", "", "quick", 4, "trainer.steps=3"), "a search takes no --set overrides"),
