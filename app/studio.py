@@ -125,7 +125,7 @@ class Row:
     images: list
 
     def label(self, first: "Row") -> str:
-        speedup = first.seconds_per_image / self.seconds_per_image
+        speedup = first.seconds_per_image / max(self.seconds_per_image, 1e-12)
         return (f"{self.name} · {self.method} · {self.nfe} NFE · {self.seconds_per_image:.4g} s/image · "
                 f"{speedup:.2f}x the speed of {first.name}")
 
@@ -572,8 +572,12 @@ def build_app(runs: str | Path | None = "runs", teachers: tuple = (), concurrenc
         from PIL import Image
 
         points = loss_curves(job.run_dir / "log.jsonl")
-        grid = job.latest_grid()
-        image = readable(Image.open(grid).convert("RGB")) if grid is not None else None
+        grid, image = job.latest_grid(), None
+        if grid is not None:
+            try:
+                image = readable(Image.open(grid).convert("RGB"))
+            except OSError:  # the trainer is replacing it; the next view shows it
+                pass
         text = f"job {job.number} {job.state}: {job.command()}\n{job.progress()}"
         return text, pd.DataFrame(points, columns=["step", "loss", "value"]), image, studio.queue.table()
 
