@@ -31,6 +31,7 @@ MAX_JOBS = 4              # jobs queued or running at once
 MAX_JOB_STEPS = 100_000   # training steps of a job started from the page
 READABLE = 128            # tiny images are upscaled (nearest neighbour) to at least this many pixels
 CLI = (sys.executable, "-m", "dstudio.app.cli")  # what a job's arguments are given to
+GALLERY_LINE = 152        # pixels per line of 8 images in a Compare row (at a 1280 px wide window)
 BOARD_COLUMNS = ["source", "method", "row", "nfe", "fid", "images_per_s"]
 
 
@@ -444,7 +445,7 @@ class Studio:
         import gradio as gr
 
         from dstudio.app.cli import build_parser
-        from dstudio.distill.core.config import parse_override
+        from dstudio.distill.core.config import load_preset, merge_overrides, parse_override
         from dstudio.distill.core.errors import UserError
 
         _check(0 <= int(steps) <= MAX_JOB_STEPS, f"steps {steps} is outside 0..{MAX_JOB_STEPS} (0: the preset's)")
@@ -473,6 +474,10 @@ class Studio:
                             (self.runs / leaf).is_symlink() or (self.runs / leaf).exists():
                         self.confine(leaf, f"path in --set {text}")
                 tail += ["--set", text]
+            try:  # the CLI's own preset and override errors, before the job waits in the queue
+                merge_overrides(load_preset(method, preset), sets)
+            except UserError as e:
+                raise gr.Error(f"dstudio: error: {e}") from None
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr):
             try:
@@ -545,7 +550,7 @@ def build_app(runs: str | Path | None = "runs", teachers: tuple = (), concurrenc
             if i < len(rows):
                 r = rows[i]
                 out += [gr.Markdown(r.label(rows[0]), visible=True),
-                        gr.Gallery(r.images, visible=True)]
+                        gr.Gallery(r.images, visible=True, height=GALLERY_LINE * math.ceil(len(r.images) / 8) + 24)]
             else:
                 out += [gr.Markdown("", visible=False), gr.Gallery(None, visible=False)]
         return *out, {r.name: r.images[0] for r in rows}
@@ -617,14 +622,15 @@ def build_app(runs: str | Path | None = "runs", teachers: tuple = (), concurrenc
             with gr.Row():
                 steps = gr.Slider(0, 100, value=0, step=1, label="steps (0: the pipeline's own)")
                 guidance = gr.Slider(1.0, 8.0, value=1.0, step=0.5, label="guidance")
-                num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="images per pipeline")
+                num_images = gr.Slider(1, MAX_IMAGES, value=8, step=1, label="images per pipeline")
             go = gr.Button("Generate", variant="primary")
             slots = []
             for i in range(MAX_ROWS):
                 with gr.Column(elem_id=f"row-{i}", elem_classes="compare-row"):
                     slots.append(gr.Markdown(visible=False, elem_classes="row-label"))
                     slots.append(gr.Gallery(visible=False, interactive=False, show_label=False, columns=8,
-                                            height="auto", object_fit="contain", allow_preview=True, format="png"))
+                                            height="auto", object_fit="contain", allow_preview=True, format="png",
+                                            fit_columns=False))
             firsts = gr.State({})
             with gr.Row():
                 left = gr.Dropdown(names, value=names[0] if names else None, allow_custom_value=True,
@@ -632,7 +638,7 @@ def build_app(runs: str | Path | None = "runs", teachers: tuple = (), concurrenc
                 right = gr.Dropdown(names, value=names[1] if len(names) > 1 else None, allow_custom_value=True,
                                     label="slider: right")
                 show = gr.Button("Compare two")
-            slider = gr.ImageSlider(label="left | right", interactive=False, format="png")
+            slider = gr.ImageSlider(label="left | right", interactive=False, format="png", elem_id="slider")
             go.click(_generate, [chosen, class_label, prompt, seed, steps, guidance, num_images], [*slots, firsts],
                      api_name="generate")
             show.click(_slider, [firsts, left, right], slider, api_name="slider")

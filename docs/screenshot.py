@@ -42,6 +42,9 @@ def main(argv=None) -> int:
                                    ".every(i => i.complete && i.naturalWidth > 0)", timeout=60_000)
             for label in page.locator(".compare-row [data-testid=markdown]").all_inner_texts():
                 print(label, file=sys.stderr)
+            page.get_by_role("button", name="Compare two").click()
+            page.locator("#slider img").nth(1).wait_for(timeout=60_000)
+            page.wait_for_timeout(500)
             page.screenshot(path=args.out, full_page=True)
             browser.close()
     finally:
