@@ -8,10 +8,8 @@ from dstudio.app.benchmark import pipeline_images, protocol_labels, protocol_noi
 
 def compare(teacher_source, student_dir, per_class: int = 100, teacher_steps: int = 50) -> dict:
     """Rows for the teacher at `teacher_steps` DDIM steps and the student with its own scheduler."""
-    import diffusers
-
     from dstudio.app.fid import feature_space, fid_of_tensor, mnist_reference
-    from dstudio.distill.core.teacher import load_pipeline
+    from dstudio.distill.core.teacher import load_pipeline, reference_scheduler
 
     teacher = load_pipeline(teacher_source)
     student = load_pipeline(student_dir)
@@ -20,7 +18,7 @@ def compare(teacher_source, student_dir, per_class: int = 100, teacher_steps: in
     noise = protocol_noise(shape, len(labels))
     space = feature_space("mnist", "cpu")
     ref = mnist_reference(space, shape[-1])
-    teacher.scheduler = diffusers.DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing")
+    teacher.scheduler = reference_scheduler(teacher.scheduler)
     rows = []
     for name, pipe, steps in (("teacher", teacher, teacher_steps), ("student", student, None)):
         with torch.no_grad():

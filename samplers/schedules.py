@@ -12,6 +12,18 @@ import torch
 from torch import Tensor
 
 
+MIN_ALPHABAR = 1e-10  # sigma <= 1e5: a terminal-SNR-0 step is read as pure noise at this finite sigma
+
+
+def flow_match_alphas_cumprod(num_train_timesteps: int, shift: float = 1.0) -> Tensor:
+    """diffusers' FlowMatchEulerDiscreteScheduler grid as a DDPM-style alphabar: step i has noise fraction
+    s_i = shift u / (1 + (shift - 1) u), u = (i + 1) / T, i.e. x_s = (1 - s) x0 + s eps = x_VE / (1 + sigma) with
+    sigma = s / (1 - s); alphabar = 1 / (1 + sigma^2) (0 at the last step, s = 1: pure noise)."""
+    u = torch.arange(1, num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+    s = shift * u / (1 + (shift - 1) * u)
+    return (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
+
+
 def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
     """sigma_t = sqrt((1 - alphabar_t) / alphabar_t) for every training step t (DDPM -> VE)."""
     a = alphas_cumprod.double()
@@ -37,7 +49,8 @@ class DiscreteSigmas:
     """
 
     def __init__(self, alphas_cumprod: Tensor):
-        self.sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)
+        # Zero-terminal-SNR schedules end at alphabar = 0 (sigma = inf): keep the grid finite.
+        self.sigmas = sigmas_from_alphas_cumprod(alphas_cumprod.double().clamp(min=MIN_ALPHABAR))
         self.log_sigmas = self.sigmas.log()
 
     @property

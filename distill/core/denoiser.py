@@ -10,9 +10,21 @@ import abc
 import torch
 from torch import Tensor, nn
 
-from dstudio.samplers.schedules import DiscreteSigmas, consistency_scalings, flow_sigma_to_t
+from dstudio.samplers.schedules import (DiscreteSigmas, consistency_scalings, flow_match_alphas_cumprod,
+                                        flow_sigma_to_t)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def student_prediction(teacher_prediction: str) -> str:
+    """The output a student learns, chosen for the student: v instead of eps, else the teacher's own.
+
+    v is EDM's preconditioning with sigma_data = 1 (c_skip = 1 / (1 + sigma^2), c_out = -sigma / sqrt(1 + sigma^2)):
+    equal to eps as sigma -> 0, so a student copied from an eps teacher starts as the teacher where eps is well
+    conditioned, and bounded at the terminal sigma, where an eps student's x0 = x - sigma eps multiplies its error by
+    sigma (2e4 for cosine betas, 1e5 at zero terminal SNR). v, x0 ("sample") and flow velocities are bounded already.
+    """
+    return "v_prediction" if teacher_prediction == "epsilon" else teacher_prediction
 
 
 def append_dims(x: Tensor, ndim: int) -> Tensor:
@@ -56,6 +68,10 @@ class Denoiser(nn.Module, abc.ABC):
         F = call_backbone(self.model, x * c_in, self.c_noise(sigma).to(x.dtype), cond)
         return c_skip * x + c_out * F
 
+    def noise_scale(self, sigma) -> Tensor:
+        """Pure noise on the VE scale: a unit-Gaussian state z of the model's own (VP) kind is x = z sqrt(1 + sigma^2)."""
+        return (1 + torch.as_tensor(sigma, dtype=torch.float64) ** 2).sqrt()
+
     def loss_weight(self, sigma: Tensor) -> Tensor:
         """1 / c_out^2: the weight under which ||D - x0||^2 is the backbone's own regression loss."""
         return self.scalings(sigma)[1].pow(-2)
@@ -75,13 +91,17 @@ class DiscreteDenoiser(Denoiser):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type '{prediction_type}' is not supported; use one of {PREDICTION_TYPES}")
         self.prediction_type, self.alphas_cumprod = prediction_type, alphas_cumprod
-        # Zero-terminal-SNR schedules end at alphabar = 0 (sigma = inf): keep the grid finite.
-        self.schedule = DiscreteSigmas(alphas_cumprod.double().clamp(min=1e-10))
+        self.schedule = DiscreteSigmas(alphas_cumprod)
         self.sigma_min, self.sigma_max = self.schedule.sigma_min, self.schedule.sigma_max
 
-    def like(self, model: nn.Module) -> "DiscreteDenoiser":
-        """The same schedule and parameterisation over another backbone (a student or fake score)."""
-        return DiscreteDenoiser(model, self.alphas_cumprod, self.prediction_type)
+    def like(self, model: nn.Module, prediction_type: str | None = None) -> "DiscreteDenoiser":
+        """The same schedule over another backbone (a fake score), in this or another parameterisation."""
+        return DiscreteDenoiser(model, self.alphas_cumprod, prediction_type or self.prediction_type)
+
+    def student(self, model: nn.Module) -> "DiscreteDenoiser":
+        """The same schedule over a student backbone, in the parameterisation chosen for students."""
+        return self.like(model, student_prediction(self.prediction_type))
+
 
     def scalings(self, sigma: Tensor):
         alpha = (1 + sigma**2).rsqrt()
@@ -99,6 +119,69 @@ class DiscreteDenoiser(Denoiser):
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
         return self.schedule.t_to_sigma(t)
+
+
+class FlowMatchDenoiser(DiscreteDenoiser):
+    """A flow-matching velocity model (diffusers' FlowMatchEulerDiscreteScheduler, SD3/FLUX convention) over sigma.
+
+    x_s = (1 - s) x0 + s eps with s in (0, 1], the model sees (x_s, s T) and predicts u = eps - x0 (its Euler step is
+    x_{s'} = x_s + (s' - s) u). On the VE scale s = sigma / (1 + sigma) and x_s = x / (1 + sigma), so
+    x0 = x_s - s u:  c_skip = c_in = 1 / (1 + sigma), c_out = -sigma / (1 + sigma), c_noise = s T. Its discrete grid
+    (step i at s_i, shifted by `shift`) is the scheduler's, seen as alphabar so that every method can index it.
+    """
+
+    def __init__(self, model: nn.Module, num_train_timesteps: int = 1000, shift: float = 1.0):
+        self.num_train_timesteps, self.shift = num_train_timesteps, shift
+        nn.Module.__init__(self)
+        self.model = model
+        self.prediction_type = "flow"
+        self.alphas_cumprod = flow_match_alphas_cumprod(num_train_timesteps, shift).float()
+        self.schedule = DiscreteSigmas(self.alphas_cumprod)
+        self.sigma_min, self.sigma_max = self.schedule.sigma_min, self.schedule.sigma_max
+
+    def like(self, model: nn.Module, prediction_type: str | None = None) -> "DiscreteDenoiser":
+        if prediction_type not in (None, "flow"):
+            return DiscreteDenoiser(model, self.alphas_cumprod, prediction_type)
+        return FlowMatchDenoiser(model, self.num_train_timesteps, self.shift)
+
+    def scalings(self, sigma: Tensor):
+        t = flow_sigma_to_t(sigma)
+        return t, -sigma * t, t
+
+    def c_noise(self, sigma: Tensor) -> Tensor:
+        return (1 - flow_sigma_to_t(sigma)) * self.num_train_timesteps
+
+    def noise_scale(self, sigma) -> Tensor:
+        return 1 + torch.as_tensor(sigma, dtype=torch.float64)
+
+
+class ClippedDenoiser(nn.Module):
+    """The x0 a diffusers DDPM-family scheduler would use when sampling: clip_sample to [-r, r], or dynamic
+    thresholding (Saharia et al. 2022, sec. 2.3: s = max(1, quantile(|x0|, ratio)) clamped to max, x0 <- clip(x0, s) / s)."""
+
+    def __init__(self, denoiser: nn.Module, clip_range: float | None = None, threshold_ratio: float | None = None,
+                 max_value: float = 1.0):
+        super().__init__()
+        self.denoiser, self.clip_range = denoiser, clip_range
+        self.threshold_ratio, self.max_value = threshold_ratio, max_value
+
+    @property
+    def sigma_min(self) -> float:
+        return self.denoiser.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.denoiser.sigma_max
+
+    def forward(self, x: Tensor, sigma: Tensor | float, cond=None) -> Tensor:
+        x0 = self.denoiser(x, sigma, cond)
+        if self.threshold_ratio is not None:
+            s = torch.quantile(x0.abs().flatten(1).float(), self.threshold_ratio, dim=1)
+            s = append_dims(s.clamp(1, self.max_value).to(x0.dtype), x0.ndim)
+            x0 = torch.maximum(torch.minimum(x0, s), -s) / s
+        elif self.clip_range is not None:
+            x0 = x0.clamp(-self.clip_range, self.clip_range)
+        return x0
 
 
 class ConsistencyDenoiser(Denoiser):
@@ -149,6 +232,13 @@ class FlowDenoiser(Denoiser):
         time = (1 - t if self.noise_at_one else t) * self.time_scale
         out = call_backbone(self.model, x_t, time.to(x_t.dtype), cond)
         return -out if self.noise_at_one else out
+
+
+def start_noise(denoiser: Denoiser, shape, sigma, generator=None, device=None) -> Tensor:
+    """The state a sampler starts from at noise level sigma (the teacher's terminal one for one-step students):
+    unit noise as the pipeline draws it, on the VE scale of `denoiser` (VP: z sqrt(1 + sigma^2); flow: z (1 + sigma))."""
+    z = torch.randn(tuple(shape), generator=generator, device=device)
+    return z * float(denoiser.noise_scale(float(sigma)))
 
 
 class CFGDenoiser(nn.Module):

@@ -9,12 +9,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dstudio.distill.core.denoiser import CFGDenoiser, DiscreteDenoiser
+from dstudio.distill.core.denoiser import (PREDICTION_TYPES, CFGDenoiser, ClippedDenoiser, DiscreteDenoiser,
+                                           FlowMatchDenoiser)
 from dstudio.distill.core.errors import UserError
 
 DEFAULT_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "mnist16-teacher"
-SUPPORTED = ("DDPMPipeline-style: a UNet2DModel (unconditional or class-conditional) + a DDPM-family scheduler",
+SUPPORTED = ("DDPMPipeline-style: a UNet2DModel (unconditional or class-conditional) + a DDPM-family scheduler "
+             "or FlowMatchEulerDiscreteScheduler",
              "StableDiffusionPipeline-style: UNet2DConditionModel + vae + text_encoder + tokenizer + scheduler")
+IMAGE_COMPONENTS = {"unet": ("UNet2DModel",), "scheduler": None}  # None: any DDPM-family or flow-matching scheduler
+TEXT_COMPONENTS = ("text_encoder", "tokenizer", "vae")
 
 
 class TeacherError(UserError):
@@ -32,6 +36,7 @@ class Teacher:
     sample_shape: tuple[int, int, int]
     source: str
     null_cond: Tensor | None = field(default=None)
+    clipping: dict | None = field(default=None)  # the scheduler's clip_sample / thresholding, as ClippedDenoiser kwargs
 
     @property
     def unet(self):
@@ -50,6 +55,11 @@ class Teacher:
         if guidance_scale == 1.0 or self.null_cond is None:
             return self.denoiser
         return CFGDenoiser(self.denoiser, guidance_scale, self.null_cond)
+
+    def for_sampling(self, guidance_scale: float = 1.0):
+        """The guided denoiser as the teacher's own scheduler samples it: clip_sample / thresholding applied to x0."""
+        guided = self.guided(guidance_scale)
+        return ClippedDenoiser(guided, **self.clipping) if self.clipping else guided
 
     def check_class(self, label: int) -> int:
         if self.kind != "class":
@@ -140,8 +150,63 @@ def load_dstudio_pipeline(path: str | Path, dtype=torch.float32):
     return pipeline_cls(**parts)
 
 
+def _component_class(path: Path, name: str, spec) -> type:
+    """The diffusers class a model_index.json entry names, or a one-line error naming the component."""
+    import diffusers
+
+    library, cls_name = spec
+    cls = getattr(diffusers, cls_name, None) if library == "diffusers" else None
+    allowed = IMAGE_COMPONENTS.get(name, ())
+    usable = cls is not None and (cls_name in allowed if allowed is not None else _is_usable_scheduler(cls))
+    if not usable:
+        raise TeacherError(f"component '{name}' of '{path}' is {library}.{cls_name}, which dstudio cannot use; "
+                           f"supported: {'; '.join(SUPPORTED)}")
+    return cls
+
+
+def _is_usable_scheduler(cls) -> bool:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    if not issubclass(cls, SchedulerMixin):
+        return False
+    import inspect
+
+    return issubclass(cls, FlowMatchEulerDiscreteScheduler) or "beta_schedule" in inspect.signature(cls).parameters
+
+
+def load_image_components(path: str | Path, dtype=torch.float32):
+    """A DDPMPipeline-style folder assembled from its components (unet + scheduler), whatever pipeline class its
+    model_index.json names: dstudio's pipeline class takes class labels, guidance and any scheduler."""
+    from dstudio.distill.core.pipeline_dstudio import DStudioPipeline
+
+    path = Path(path)
+    index = json.loads((path / "model_index.json").read_text())
+    specs = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
+    parts = {}
+    for name in ("unet", "scheduler"):
+        if name not in specs:
+            raise TeacherError(f"teacher '{path}' has no '{name}' component; supported: {'; '.join(SUPPORTED)}")
+    for name, spec in specs.items():
+        if name not in IMAGE_COMPONENTS:
+            raise TeacherError(f"component '{name}' of '{path}' is {spec[0]}.{spec[1]}, which dstudio cannot use; "
+                               f"supported: {'; '.join(SUPPORTED)}")
+        cls = _component_class(path, name, spec)
+        kwargs = {"torch_dtype": dtype} if name == "unet" and dtype != torch.float32 else {}
+        parts[name] = cls.from_pretrained(path / name, **kwargs)
+    return DStudioPipeline(**parts)
+
+
+def _is_text_folder(path: Path) -> bool:
+    index = json.loads((path / "model_index.json").read_text())
+    return any(isinstance(index.get(k), list) and index[k][0] is not None for k in TEXT_COMPONENTS)
+
+
 def load_pipeline(source: str | Path | None, device: str | torch.device = "cpu", dtype=torch.float32):
-    """A diffusers pipeline from a local folder or a hub id, with a one-line error for every failure."""
+    """A diffusers pipeline from a local folder or a hub id, with a one-line error for every failure.
+
+    Local image folders are assembled from their components (see load_image_components); text-to-image folders and
+    hub ids go through DiffusionPipeline.from_pretrained."""
     from diffusers import DiffusionPipeline
 
     source = str(source or DEFAULT_TEACHER)
@@ -167,6 +232,8 @@ def load_pipeline(source: str | Path | None, device: str | torch.device = "cpu",
     try:
         if _is_local(source) and _is_dstudio_folder(path):
             pipe = load_dstudio_pipeline(path, dtype)
+        elif _is_local(source) and not _is_text_folder(path):
+            pipe = load_image_components(path, dtype)
         else:
             kwargs = {"torch_dtype": dtype} if dtype != torch.float32 else {}
             if _is_local(source):
@@ -194,14 +261,16 @@ def teacher_from_pipeline(pipe, source: str = "<pipeline>") -> Teacher:
     if unet is None or scheduler is None:
         raise TeacherError(f"unsupported pipeline {type(pipe).__name__} ('{source}'): it has no unet/scheduler; "
                            f"supported: {'; '.join(SUPPORTED)}")
-    if getattr(scheduler, "alphas_cumprod", None) is None:
+    flow = _is_flow_scheduler(scheduler)
+    if (getattr(scheduler, "alphas_cumprod", None) is None and not flow) or (flow and isinstance(
+            unet, UNet2DConditionModel)):
         raise TeacherError(f"unsupported scheduler {type(scheduler).__name__} ('{source}'): it has no discrete "
                            f"alphas_cumprod; supported: {'; '.join(SUPPORTED)}")
-    prediction_type = scheduler.config.get("prediction_type", "epsilon")
     for p in unet.parameters():
         p.requires_grad_(False)
     unet.eval()
-    denoiser = DiscreteDenoiser(unet, scheduler.alphas_cumprod, prediction_type)
+    denoiser = _teacher_denoiser(unet, scheduler, source)
+    clipping = _clipping(scheduler.config)
     size = unet.config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     shape = (unet.config.in_channels, h, w)
@@ -211,7 +280,7 @@ def teacher_from_pipeline(pipe, source: str = "<pipeline>") -> Teacher:
                                f"needs vae, text_encoder and tokenizer; supported: {'; '.join(SUPPORTED)}")
         for module in (pipe.vae, pipe.text_encoder):
             module.requires_grad_(False)
-        teacher = Teacher(pipe, denoiser, "text", 0, shape, source)
+        teacher = Teacher(pipe, denoiser, "text", 0, shape, source, clipping=clipping)
         teacher.null_cond = teacher.encode_prompts([""])
         return teacher
     from dstudio.distill.core.routed_unet import RoutedUNet2DModel
@@ -221,5 +290,48 @@ def teacher_from_pipeline(pipe, source: str = "<pipeline>") -> Teacher:
     n = unet.config.num_class_embeds
     if n:
         # dstudio teachers keep one extra embedding, the null label, for classifier-free guidance.
-        return Teacher(pipe, denoiser, "class", n - 1, shape, source, torch.tensor(n - 1))
-    return Teacher(pipe, denoiser, "uncond", 0, shape, source)
+        return Teacher(pipe, denoiser, "class", n - 1, shape, source, torch.tensor(n - 1), clipping)
+    return Teacher(pipe, denoiser, "uncond", 0, shape, source, clipping=clipping)
+
+
+def _is_flow_scheduler(scheduler) -> bool:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+
+
+def _teacher_denoiser(unet, scheduler, source: str) -> DiscreteDenoiser:
+    """The teacher's x0 denoiser: a flow-matching velocity model or a DDPM model of the scheduler's prediction type."""
+    cfg = scheduler.config
+    if _is_flow_scheduler(scheduler):
+        odd = [k for k in ("use_dynamic_shifting", "invert_sigmas", "shift_terminal", "use_karras_sigmas",
+                           "use_exponential_sigmas", "use_beta_sigmas") if cfg.get(k)]
+        if odd:
+            raise TeacherError(f"scheduler FlowMatchEulerDiscreteScheduler of '{source}' sets {odd[0]}, which dstudio "
+                               f"cannot use: it takes a fixed shift only")
+        return FlowMatchDenoiser(unet, cfg.num_train_timesteps, float(cfg.get("shift", 1.0)))
+    prediction_type = cfg.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise TeacherError(f"scheduler {type(scheduler).__name__} of '{source}' has prediction_type "
+                           f"'{prediction_type}', which dstudio cannot use; use one of {', '.join(PREDICTION_TYPES)}")
+    return DiscreteDenoiser(unet, scheduler.alphas_cumprod, prediction_type)
+
+
+def _clipping(cfg) -> dict | None:
+    """diffusers' DDPM/DDIM step: dynamic thresholding if set, else clip_sample to [-clip_sample_range, range]."""
+    if cfg.get("thresholding"):
+        return {"threshold_ratio": float(cfg.get("dynamic_thresholding_ratio", 0.995)),
+                "max_value": float(cfg.get("sample_max_value", 1.0))}
+    if cfg.get("clip_sample"):
+        return {"clip_range": float(cfg.get("clip_sample_range", 1.0))}
+    return None
+
+
+def reference_scheduler(scheduler):
+    """The scheduler a teacher is evaluated with: DDIM (trailing, its clip/threshold settings kept) for the DDPM
+    family, its own Euler for flow matching."""
+    import diffusers
+
+    if _is_flow_scheduler(scheduler):
+        return diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+    return diffusers.DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing")
