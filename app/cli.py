@@ -106,8 +106,12 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
         from dstudio.distill.core.io import save_json
 
         result = compare(teacher_source, pipeline, per_class=args.eval_per_class)
+        result["collapse_warnings"] = trainer.collapse_warnings
         save_json(result, out / "eval.json")
         print(summary(result))
+        if trainer.collapse_warnings:
+            print(f"dstudio: warning: the student's samples looked collapsed during training "
+                  f"({'; '.join(trainer.collapse_warnings)})", file=sys.stderr)
     return pipeline
 
 

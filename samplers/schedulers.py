@@ -20,7 +20,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 from diffusers.utils import logging
 
 from .samplers import SOLVERS, discrete_timesteps, dpmpp_update, parse_solver, solver_orders, unipc_update
-from .schedules import DiscreteSigmas, consistency_scalings
+from .schedules import DiscreteSigmas, consistency_scalings, flow_match_alphas_cumprod
 
 logger = logging.get_logger(__name__)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -63,7 +63,10 @@ def check_prediction_type(prediction_type: str) -> None:
 
 
 def x0_from_output(prediction_type: str, model_output, sample, sigma: float) -> torch.Tensor:
-    """A DDPM model's output at VP state `sample` and noise level sigma -> x0 (DiscreteDenoiser's scalings)."""
+    """A DDPM model's output at VP state `sample` and noise level sigma -> x0 (DiscreteDenoiser's scalings); "flow":
+    a flow-matching velocity u = eps - x0 at the flow state x_s, s = sigma / (1 + sigma): x0 = x_s - s u."""
+    if prediction_type == "flow":
+        return sample - sigma / (1 + sigma) * model_output
     alpha = (1 + sigma**2) ** -0.5
     x_ve = sample / alpha
     if prediction_type == "epsilon":
@@ -86,12 +89,18 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
     init_noise_sigma = 1.0
     prefix_steps = False  # whether n < len(stored list) steps may run the list's first n steps
 
-    def _setup(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type, timesteps):
-        check_prediction_type(prediction_type)
+    def _setup(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type, timesteps,
+               flow_shift=None):
+        if prediction_type != "flow" or flow_shift is None:
+            check_prediction_type(prediction_type)
         if timesteps is not None:
             check_timesteps(timesteps, num_train_timesteps)
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        if flow_shift is not None:  # a flow-matching teacher's grid (FlowMatchEulerDiscreteScheduler, fixed shift)
+            self.alphas_cumprod = flow_match_alphas_cumprod(num_train_timesteps, flow_shift).float()
+            self.betas = 1 - self.alphas_cumprod / torch.cat([torch.ones(1), self.alphas_cumprod[:-1]])
+        else:
+            self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+            self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         self.schedule = DiscreteSigmas(self.alphas_cumprod)
         self.timesteps = torch.tensor([], dtype=torch.long)
         self.num_inference_steps = None
@@ -130,9 +139,13 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"{type(self).__name__} has no stored timesteps: give num_inference_steps or timesteps=")
         return torch.tensor(discrete_timesteps(T, int(num_inference_steps), self.config.timestep_spacing))
 
+    flow_state = False  # whether the pipeline's state is the flow state x_VE / (1 + sigma) (else VP: x_VE alpha)
+
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
         t = self._resolve(num_inference_steps, timesteps, sigmas)
         self._sigmas = self.schedule.t_to_sigma(t.double()).tolist() + [self._final_sigma()]
+        if self.flow_state:  # a flow-matching model's time input is s T, as in FlowMatchEulerDiscreteScheduler
+            t = torch.tensor([s / (1 + s) * self.config.num_train_timesteps for s in self._sigmas[:-1]])
         self.timesteps = t.to(device)
         self.num_inference_steps = len(t)
         self._step_index = None
@@ -163,7 +176,7 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
 
     def _finish(self, prev_ve, sigma_next: float, x0, return_dict: bool):
         self._step_index += 1
-        prev = prev_ve * (1 + sigma_next**2) ** -0.5
+        prev = prev_ve / (1 + sigma_next) if self.flow_state else prev_ve * (1 + sigma_next**2) ** -0.5
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
 
@@ -218,7 +231,9 @@ class StudentScheduler(_DiscreteScheduler):
     list [999, 749, 499, 249] for four; with a stored list, n fewer steps run its first n, and `num_inference_steps`
     sets the default. `prediction_type="consistency"` reads the model as a consistency function
     with the boundary-respecting scalings of Song et al. 2023 (`sigma_data`, `sigma_min`), like diffusers'
-    LCMScheduler applies its boundary condition inside the scheduler.
+    LCMScheduler applies its boundary condition inside the scheduler. `flow_shift` set: the steps are those of a
+    flow-matching teacher (FlowMatchEulerDiscreteScheduler with that shift); with `prediction_type="flow"` the model is
+    a flow-matching velocity model, sees s T and the flow state x_s = (1 - s) x0 + s eps (pure noise at s = 1).
     """
 
     @register_to_config
@@ -226,10 +241,14 @@ class StudentScheduler(_DiscreteScheduler):
                  beta_schedule: str = "linear", trained_betas: list[float] | None = None,
                  prediction_type: str = "epsilon", timesteps: list[int] | None = None,
                  set_alpha_to_one: bool = True, timestep_spacing: str = "trailing",
-                 sigma_data: float = 0.5, sigma_min: float = 0.002, num_inference_steps: int | None = None):
+                 sigma_data: float = 0.5, sigma_min: float = 0.002, num_inference_steps: int | None = None,
+                 flow_shift: float | None = None):
         consistency = prediction_type == "consistency"
+        self.flow_state = prediction_type == "flow"
+        if self.flow_state and flow_shift is None:
+            raise ValueError('prediction_type "flow" needs flow_shift (the flow-matching teacher\'s shift)')
         self._setup(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                    "sample" if consistency else prediction_type, timesteps)
+                    "sample" if consistency else prediction_type, timesteps, flow_shift)
 
     prefix_steps = True  # denoise-and-renoise: the first n steps of a stored list are an n-step sampler
 
@@ -363,7 +382,19 @@ class FlowEulerScheduler(SchedulerMixin, ConfigMixin):
 
 
 def scheduler_from_teacher(cls, teacher_scheduler, **overrides):
-    """A dstudio scheduler with the teacher scheduler's betas and prediction type."""
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
-    cfg = {k: teacher_scheduler.config[k] for k in keys if k in teacher_scheduler.config}
-    return cls(**{**cfg, **overrides})
+    """A dstudio scheduler with the teacher scheduler's noise levels (betas, zero-SNR rescaling, or a flow-matching
+    grid) and prediction type; `overrides` (e.g. the student's own prediction type) win."""
+    import inspect
+
+    config = teacher_scheduler.config
+    if "beta_schedule" not in config and "shift" in config:  # FlowMatchEulerDiscreteScheduler
+        cfg = {"num_train_timesteps": config["num_train_timesteps"], "flow_shift": float(config["shift"]),
+               "prediction_type": "flow", "noise_at_one": True}
+    else:
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+        cfg = {k: config[k] for k in keys if k in config}
+        if config.get("rescale_betas_zero_snr"):  # the betas diffusers rescaled, recovered from its alphas_cumprod
+            a = teacher_scheduler.alphas_cumprod.double()
+            cfg["trained_betas"] = (1 - a / torch.cat([a.new_ones(1), a[:-1]])).tolist()
+    accepted = inspect.signature(cls).parameters
+    return cls(**{k: v for k, v in {**cfg, **overrides}.items() if k in accepted})

@@ -29,6 +29,19 @@ def grid(images: Tensor, nrow: int, pad: int = 1) -> Image.Image:
     return to_pil(canvas[None])[0]
 
 
+def collapse_reason(images: Tensor, end: float = 0.98, max_ends: float = 0.95, min_std: float = 0.02) -> str | None:
+    """Why images in [-1, 1] look collapsed, or None: saturated (more than `max_ends` of all pixels at the range ends;
+    MNIST itself has at most 90% per image) or constant (most images with per-image std below `min_std`)."""
+    x = images.detach().float().flatten(1)
+    ends = (x.abs() >= end).float().mean().item()
+    if ends > max_ends:
+        return f"saturated: {ends:.0%} of pixels at the range ends"
+    flat = (x.std(1) < min_std).float().mean().item() if x.shape[1] > 1 else 0.0
+    if flat > 0.5:
+        return f"constant: {flat:.0%} of images have near-zero variance"
+    return None
+
+
 def save_grid(images: Tensor, path: str | Path, nrow: int, upscale: int = 1) -> Path:
     img = grid(images, nrow)
     if upscale > 1:

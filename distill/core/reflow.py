@@ -231,7 +231,8 @@ class FlowMethod(Method):
         from dstudio.distill.core.export import export_image_pipeline, export_text_pipeline
 
         sched = scheduler_from_teacher(FlowEulerScheduler, self.teacher_scheduler,
-                                       num_inference_steps=self.config.export_steps)
+                                       num_inference_steps=self.config.export_steps,
+                                       prediction_type=self.student_net().prediction_type)
         info = {"method": self.name, "teacher": self.source, "pairs": self.pair_spec()}
         if self.kind == "text":
             export_text_pipeline(self._teacher.pipeline, self.student_net().model, sched, path, **info)

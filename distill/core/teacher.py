@@ -239,6 +239,8 @@ def load_pipeline(source: str | Path | None, device: str | torch.device = "cpu",
             if _is_local(source):
                 kwargs["local_files_only"] = True
             pipe = DiffusionPipeline.from_pretrained(str(path) if _is_local(source) else source, **kwargs)
+    except TeacherError:
+        raise
     except (OSError, ValueError, RuntimeError, AttributeError, KeyError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TeacherError(f"could not load pipeline '{source}': {first}") from None

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from dstudio.distill.core.config import require, to_dict
 from dstudio.distill.core.errors import UserError
-from dstudio.distill.core.images import save_grid
+from dstudio.distill.core.images import collapse_reason, save_grid
 from dstudio.distill.core.io import append_line, atomic_path, drop_stale_temps, run_folder_lock, save_torch
 from dstudio.distill.core.method import Method, Phase
 from dstudio.distill.core.signals import Stopped, stop_requested, stop_signals
@@ -279,6 +279,7 @@ class Trainer:
             self.stream = BatchStream(data, config.batch_size, config.seed,
                                       self.accelerator.process_index, self.accelerator.num_processes)
         self.step = 0
+        self.collapse_warnings: list[str] = []  # what the periodic sample check found, for the final report
         self.resolved_config = resolved_config or {"trainer": to_dict(config), "method": to_dict(method.config)}
 
     @property
@@ -381,6 +382,11 @@ class Trainer:
         m.train()
         torch.set_rng_state(rng)
         save_grid(images, path, nrow=self.config.grid_per_class)
+        reason = collapse_reason(images)
+        if reason:
+            self.collapse_warnings.append(f"step {self.step}: {reason}")
+            tqdm.write(f"dstudio: warning: step {self.step}: the student's samples look collapsed ({reason}); "
+                       f"see {path}", file=sys.stderr)
 
     def fit(self, resume: bool = False, export: bool = True, overwrite: bool = False) -> Path | None:
         """Train (a fresh run needs a folder without a run, or `overwrite`), checkpoint, export. A SIGTERM, SIGINT
@@ -445,6 +451,8 @@ class Trainer:
             with self.ema.applied(self.method.student_net()):
                 self.method.export(self.run_dir / "pipeline")
             self.sample_grid(self.run_dir / "samples" / "final.png")
+            if self.collapse_warnings:
+                print(f"dstudio: warning: collapsed samples at {'; '.join(self.collapse_warnings)}", file=sys.stderr)
         self.accelerator.wait_for_everyone()
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from dstudio.distill.core.config import require
-from dstudio.distill.core.denoiser import ConsistencyDenoiser, append_dims
+from dstudio.distill.core.denoiser import ConsistencyDenoiser, append_dims, start_noise
 from dstudio.distill.core.export import export_image_pipeline
 from dstudio.distill.core.losses import ict_huber_c, pseudo_huber
 from dstudio.distill.core.method import Method, Phase, register
@@ -151,9 +151,8 @@ class Consistency(Method):
         """Song et al. 2023, Algorithm 1 at the exported (integer) steps: one step, or two with re-noising."""
         sched = self.student.schedule
         sigmas = torch.cat([sched.t_to_sigma(torch.tensor(self.export_timesteps(steps))), torch.zeros(1)])
-        z = torch.randn((len(labels), *self.shape), generator=generator, device=labels.device)
-        x = z * math.sqrt(1 + float(sigmas[0]) ** 2)
-        return sample_multistep(self.student, x, sigmas.to(z.device), labels if self.kind == "class" else None,
+        x = start_noise(self.student, (len(labels), *self.shape), sigmas[0], generator, labels.device)
+        return sample_multistep(self.student, x, sigmas.to(x.device), labels if self.kind == "class" else None,
                                 generator).clamp(-1, 1)
 
     def export(self, path) -> None:

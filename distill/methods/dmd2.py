@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dstudio.distill.core.config import require
-from dstudio.distill.core.denoiser import append_dims
+from dstudio.distill.core.denoiser import append_dims, start_noise, student_prediction
 from dstudio.distill.core.export import export_image_pipeline, export_text_pipeline
 from dstudio.distill.core.method import Method, Phase, register
 from dstudio.distill.core.score import (BottleneckFeatures, DiscriminatorHead, dmd_gradient, dmd_loss, dsm_loss,
@@ -65,7 +65,7 @@ class DMD2(Method):
         self.num_classes, self.shape = teacher.num_classes, teacher.sample_shape
         self.T, self.schedule = teacher.num_train_timesteps, teacher.denoiser.schedule
         self.real_score = teacher.guided(config.guidance)
-        self.student = teacher.denoiser.like(trainable_copy(teacher.unet))
+        self.student = teacher.denoiser.student(trainable_copy(teacher.unet))
         self.fake_score = teacher.denoiser.like(trainable_copy(teacher.unet))
         self.bottleneck = BottleneckFeatures(self.fake_score.model)
         self.head = DiscriminatorHead(teacher.unet.config.block_out_channels[-1], config.head_width)
@@ -81,7 +81,9 @@ class DMD2(Method):
 
     # --- the generator --------------------------------------------------------------------------
     def _noise(self, n: int, generator=None) -> Tensor:
-        return torch.randn((n, *self.shape), generator=generator, device=self.student_sigmas.device)
+        """Unit noise at the first student step (the teacher's terminal one), as the exported pipeline draws it."""
+        return start_noise(self.fake_score, (n, *self.shape), self.student_sigmas[0], generator,
+                           self.student_sigmas.device)  # the fake score keeps the students' state convention
 
     def cond(self, labels: Tensor):
         """The denoisers' condition for a batch's labels: class labels, or the embeddings of the captions they index."""
@@ -96,7 +98,7 @@ class DMD2(Method):
         """x0 from a student; few-step students start from a backward-simulated state (DMD2 Sec. 4.5)."""
         s = self.student_sigmas
         k = int(torch.randint(0, self.config.num_steps, ()))
-        x = self._noise(n) * (1 + s[0] ** 2).sqrt()
+        x = self._noise(n)
         if k:  # k student steps without gradient: denoise, re-noise, ... ending at sigma_k
             with torch.no_grad():
                 x = sample_multistep(student, x, s[:k + 1], cond)
@@ -150,16 +152,16 @@ class DMD2(Method):
         return self.schedule.t_to_sigma(t).to(device)
 
     def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
-        s = self.student_sigmas
-        x = self._noise(len(labels), generator) * (1 + s[0] ** 2).sqrt()
-        x0 = sample_multistep(self.student, x, s, self.cond(labels), generator=generator)
+        x = self._noise(len(labels), generator)
+        x0 = sample_multistep(self.student, x, self.student_sigmas, self.cond(labels), generator=generator)
         return self._teacher.decode(x0).clamp(-1, 1)
 
     def exported_unet(self):
         return self.student.model
 
     def export(self, path) -> None:
-        sched = scheduler_from_teacher(StudentScheduler, self.teacher_scheduler, timesteps=self.timesteps)
+        sched = scheduler_from_teacher(StudentScheduler, self.teacher_scheduler, timesteps=self.timesteps,
+                                       prediction_type=student_prediction(self._teacher.denoiser.prediction_type))
         info = dict(method=self.name, teacher=self._teacher.source, num_steps=self.config.num_steps,
                     guidance=self.config.guidance)
         if self.kind == "text":

@@ -95,7 +95,7 @@ class MSD(DMD2):
         self.register_buffer("route", route, persistent=False)
         make = (lambda: smaller_unet(teacher.unet, config.student_width)) if config.student_width < 1 \
             else (lambda: trainable_copy(teacher.unet))
-        self.student = nn.ModuleList(teacher.denoiser.like(make()) for _ in partition)
+        self.student = nn.ModuleList(teacher.denoiser.student(make()) for _ in partition)
         self.smaller = config.student_width < 1
         self.gan_start = (config.tsm_steps if self.smaller else 0) + config.dm_steps
         if config.critics == "per_student":  # each student's fake score and GAN head see only its classes
@@ -161,7 +161,7 @@ class MSD(DMD2):
         from dstudio.samplers import sample_multistep
 
         s = self.student_sigmas
-        x = self._noise(len(labels), generator) * (1 + s[0] ** 2).sqrt()
+        x = self._noise(len(labels), generator)
         return self._routed(lambda st, idx: sample_multistep(st, x[idx], s, labels[idx], generator=generator),
                             labels).clamp(-1, 1)
 

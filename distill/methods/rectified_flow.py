@@ -33,7 +33,7 @@ class RectifiedFlow(FlowMethod):
         net = trainable_copy(teacher.unet)
         if config.init == "scratch":
             net = type(net).from_config(net.config)
-        self.student = teacher.denoiser.like(net)
+        self.student = teacher.denoiser.student(net)
         self.distill_set = None  # the 2-RF's pairs, made when distillation starts
 
     def phases(self) -> list[Phase]:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from dstudio.distill.core.config import require
-from dstudio.distill.core.denoiser import append_dims
+from dstudio.distill.core.denoiser import append_dims, start_noise
 from dstudio.distill.core.export import export_image_pipeline
 from dstudio.distill.core.losses import ict_huber_c
 from dstudio.distill.core.method import Method, Phase, register
@@ -80,7 +80,7 @@ class SIM(Method):
         self.teacher_scheduler, self.kind = teacher.scheduler, teacher.kind
         self.num_classes, self.shape = teacher.num_classes, teacher.sample_shape
         self.real_score = teacher.guided(config.guidance)
-        self.student = teacher.denoiser.like(trainable_copy(teacher.unet))
+        self.student = teacher.denoiser.student(trainable_copy(teacher.unet))
         self.fake_score = teacher.denoiser.like(trainable_copy(teacher.unet))
         lo, hi = teacher.denoiser.sigma_min, teacher.denoiser.sigma_max
         self.sigma_range = (lo, hi)
@@ -88,7 +88,7 @@ class SIM(Method):
         self.register_buffer("anchor", torch.zeros(()), persistent=False)  # follows the method's device
         self.c = config.huber_c or ict_huber_c(self.shape)
         # The exported pipeline starts from unit noise at an integer step: train exactly that input,
-        # x = z sqrt(1 + sigma_g^2) at sigma_g = sigma(t_g), t_g the step nearest to sigma_init.
+        # unit noise at sigma_g = sigma(t_g), t_g the step nearest to sigma_init.
         self.student_t = int(round(float(teacher.denoiser.sigma_to_t(torch.tensor(config.sigma_init)))))
         self.sigma_g = float(teacher.denoiser.t_to_sigma(torch.tensor(self.student_t)))
 
@@ -102,8 +102,8 @@ class SIM(Method):
 
     def generate(self, labels, n: int, generator=None) -> Tensor:
         device = self.anchor.device
-        z = torch.randn((n, *self.shape), generator=generator, device=device)
-        return self.student(z * math.sqrt(1 + self.sigma_g**2), torch.tensor(self.sigma_g, device=device), labels)
+        x = start_noise(self.student, (n, *self.shape), self.sigma_g, generator, device)
+        return self.student(x, torch.tensor(self.sigma_g, device=device), labels)
 
     def loss(self, phase: str, batch, step: int):
         n = batch if isinstance(batch, int) else len(batch[0])
@@ -132,6 +132,7 @@ class SIM(Method):
 
     def export(self, path) -> None:
         # one step from pure noise at the time step whose sigma is sigma_init
-        sched = scheduler_from_teacher(StudentScheduler, self.teacher_scheduler, timesteps=[self.student_t])
+        sched = scheduler_from_teacher(StudentScheduler, self.teacher_scheduler, timesteps=[self.student_t],
+                                       prediction_type=self.student.prediction_type)
         export_image_pipeline(self.student.model, sched, path, method=self.name, loss=self.config.loss,
                               sigma_init=self.config.sigma_init)

@@ -44,8 +44,8 @@ class SlimFlow(FlowMethod):
 
     def __init__(self, config: SlimFlowConfig, teacher=None, data=None):
         super().__init__(config, teacher, data)
-        self.student = teacher.denoiser.like(smaller_unet(teacher.unet, config.student_width))
-        self.guide = teacher.denoiser.like(smaller_unet(teacher.unet, config.student_width))
+        self.student = teacher.denoiser.student(smaller_unet(teacher.unet, config.student_width))
+        self.guide = teacher.denoiser.student(smaller_unet(teacher.unet, config.student_width))
         self.guide.requires_grad_(False)
         self.guide.register_buffer("ready", torch.tensor(False))  # set when distillation copies the 2-RF in
 

@@ -1,0 +1,188 @@
+"""The teacher zoo: teachers dstudio did not make (DDPMPipeline folders, eps / v / x0 / flow matching, clip_sample,
+zero terminal SNR, unconditional) load by components, and every method distils every one of them into a student
+whose exported pipeline plain diffusers runs, drawing what the method itself draws."""
+import json
+
+import pytest
+import torch
+
+from dstudio.distill.core.denoiser import ClippedDenoiser, FlowMatchDenoiser, start_noise, student_prediction
+from dstudio.distill.core.images import collapse_reason
+from dstudio.distill.core.teacher import TeacherError, load_teacher
+from dstudio.distill.core.trainer import Trainer, TrainerConfig
+from dstudio.distill.data import digits8
+from dstudio.distill.methods.ddpm import DDPM, DDPMConfig
+
+ZOO = {  # name: teacher training options (all on 8x8 digits, saved as DDPMPipeline folders)
+    "eps-cosine-clip": dict(prediction_type="epsilon", beta_schedule="squaredcos_cap_v2", clip_sample=True),
+    "v-zero-snr": dict(prediction_type="v_prediction", beta_schedule="scaled_linear", beta_start=0.00085,
+                       beta_end=0.012, rescale_betas_zero_snr=True),
+    "sample-linear": dict(prediction_type="sample", beta_schedule="linear"),
+    "flow": dict(objective="flow_matching", flow_shift=2.0),
+    "eps-uncond": dict(prediction_type="epsilon", beta_schedule="linear", conditional=False),
+}
+METHODS = {  # name: (config overrides, trainer steps) so that every phase runs at least once
+    "dmd2": (dict(data="digits", critic_ratio=1, lr_generator=1e-3, lr_critic=1e-3, head_width=8), 2),
+    "msd": (dict(data="digits", students=2, student_width=0.5, tsm_steps=1, critic_ratio=1, head_width=8), 2),
+    "sim": (dict(lr_generator=1e-3, lr_fake=1e-3), 2),
+    "rectified_flow": (dict(num_pairs=8, shard_size=8, solver_steps=2, reflow_steps=1, lpips=False), 2),
+    "slimflow": (dict(num_pairs=8, shard_size=8, solver_steps=2, reflow_steps=1, lpips=False), 2),
+    "consistency": (dict(data="digits", s0=2, s1=4), 2),
+}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return digits8(8)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory, data):
+    """Tiny zoo teachers trained for two steps each (seconds), as DDPMPipeline folders."""
+    root = tmp_path_factory.mktemp("zoo")
+    out = {}
+    for name, options in ZOO.items():
+        torch.manual_seed(0)
+        cfg = DDPMConfig(data="digits", resolution=8, channels=(8, 16), grid_steps=2, layout="diffusers", **options)
+        trainer = Trainer(DDPM(cfg, data=data), TrainerConfig(steps=2, batch_size=16, sample_every=100,
+                                                              checkpoint_every=100), root / name, data=data)
+        out[name] = trainer.fit()
+    return out
+
+
+def test_zoo_folders_are_diffusers_ddpm_pipelines(zoo):
+    from diffusers import DDPMPipeline
+
+    for name, folder in zoo.items():
+        index = json.loads((folder / "model_index.json").read_text())
+        assert index["_class_name"] == "DDPMPipeline" and index["unet"] == ["diffusers", "UNet2DModel"], name
+    flow = json.loads((zoo["flow"] / "scheduler" / "scheduler_config.json").read_text())
+    assert flow["_class_name"] == "FlowMatchEulerDiscreteScheduler" and flow["shift"] == 2.0
+    # an unconditional folder runs in diffusers' own DDPMPipeline
+    images = DDPMPipeline.from_pretrained(zoo["eps-uncond"])(batch_size=2, num_inference_steps=2,
+                                                             output_type="np").images
+    assert images.shape == (2, 8, 8, 1)
+
+
+def test_teachers_load_by_components(zoo):
+    kinds = {name: load_teacher(folder) for name, folder in zoo.items()}
+    assert kinds["eps-cosine-clip"].kind == "class" and kinds["eps-cosine-clip"].num_classes == 10
+    assert kinds["eps-cosine-clip"].clipping == {"clip_range": 1.0}
+    assert isinstance(kinds["eps-cosine-clip"].for_sampling(), ClippedDenoiser)
+    assert kinds["eps-uncond"].kind == "uncond" and kinds["eps-uncond"].clipping is None
+    assert isinstance(kinds["flow"].denoiser, FlowMatchDenoiser)
+    assert kinds["v-zero-snr"].denoiser.sigma_max > 1e3  # alphabar_T = 2^-24: pure noise at the last step
+
+
+def test_sample_cli_on_a_class_conditional_ddpm_pipeline_folder(zoo, tmp_path):
+    """The issue's case: a class-conditional UNet saved as DDPMPipeline, which DDPMPipeline itself cannot call."""
+    from dstudio.app.cli import main
+
+    for name in ("eps-cosine-clip", "flow"):
+        assert main(["sample", "--teacher", str(zoo[name]), "--steps", "2", "--num-images", "3", "--class", "7",
+                     "--guidance", "2", "--out", str(tmp_path / name)]) == 0
+        assert len(list((tmp_path / name).glob("*.png"))) == 3
+
+
+def test_components_dstudio_cannot_use_are_named(zoo, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(zoo["eps-uncond"], tmp_path / "ldm")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["vqvae"] = ["diffusers", "VQModel"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(TeacherError, match="component 'vqvae' of .* is diffusers.VQModel, which dstudio cannot use"):
+        load_teacher(folder)
+    index.pop("vqvae")
+    index["unet"] = ["diffusers", "SD3Transformer2DModel"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(TeacherError, match="component 'unet' .*SD3Transformer2DModel, which dstudio cannot use"):
+        load_teacher(folder)
+
+
+def test_flow_match_denoiser_matches_the_diffusers_euler_step(zoo):
+    """x0 = x_s - s u is where FlowMatchEulerDiscreteScheduler's Euler step to s' = 0 lands, at every s."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    teacher = load_teacher(zoo["flow"])
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(zoo["flow"] / "scheduler")
+    x_s = torch.randn(2, 1, 8, 8)
+    labels = torch.tensor([3, 4])
+    for t in (1000.0, 500.0, 40.0):
+        s = t / 1000
+        sched.set_timesteps(sigmas=[s], device="cpu")  # one step: s -> 0
+        u = teacher.unet(x_s, sched.timesteps[0], class_labels=labels).sample
+        ref = sched.step(u, sched.timesteps[0], x_s).prev_sample
+        sigma = min(s / (1 - s), teacher.denoiser.sigma_max) if s < 1 else teacher.denoiser.sigma_max
+        x0 = teacher.denoiser(x_s * (1 + sigma), torch.tensor(sigma), labels)
+        torch.testing.assert_close(x0, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_clipping_and_student_parameterisation():
+    from dstudio.distill.core.denoiser import DiscreteDenoiser
+
+    class Wild(torch.nn.Module):
+        def forward(self, x, sigma, cond=None):
+            return x * 5
+
+    clipped = ClippedDenoiser(Wild(), clip_range=1.0)
+    assert clipped(torch.ones(1, 1, 2, 2), 1.0).max() == 1.0
+    thr = ClippedDenoiser(Wild(), threshold_ratio=0.5, max_value=2.0)
+    assert thr(torch.ones(1, 1, 2, 2), 1.0).max() == 1.0  # clip to s = 2, divide by s
+    assert student_prediction("epsilon") == "v_prediction"
+    assert [student_prediction(p) for p in ("v_prediction", "sample", "flow")] == ["v_prediction", "sample", "flow"]
+    unet = torch.nn.Identity()
+    d = DiscreteDenoiser(unet, torch.linspace(0.99, 1e-9, 10), "epsilon")
+    assert d.student(unet).prediction_type == "v_prediction"
+    x = start_noise(d, (4, 1, 8, 8), d.sigma_max, torch.Generator().manual_seed(0))
+    assert x.std() > 0.5 * d.sigma_max  # unit noise on the VE scale at the terminal sigma
+
+
+def test_collapse_reason():
+    assert "saturated" in collapse_reason(torch.randn(8, 1, 8, 8).sign())
+    assert "constant" in collapse_reason(torch.zeros(8, 1, 8, 8) + 0.3)
+    assert collapse_reason(digits8(8).images[:64]) is None
+
+
+def _make(method_name, teacher, data):
+    from dstudio.distill.core.config import from_dict
+    from dstudio.distill.core.method import get_method
+
+    cls = get_method(method_name)
+    overrides, steps = METHODS[method_name]
+    torch.manual_seed(0)
+    method = cls(from_dict(cls.Config, overrides), teacher=teacher, data=data if cls.needs_data else None)
+    return method, steps
+
+
+@pytest.mark.parametrize("teacher_name", list(ZOO))
+@pytest.mark.parametrize("method_name", list(METHODS))
+def test_every_method_on_every_zoo_teacher(method_name, teacher_name, zoo, data, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    teacher = load_teacher(zoo[teacher_name])
+    if method_name == "msd" and teacher.kind != "class":
+        from dstudio.distill.core.config import ConfigError
+
+        with pytest.raises(ConfigError, match="msd needs a class-conditional teacher"):
+            _make(method_name, teacher, data)
+        return
+    method, steps = _make(method_name, teacher, data)
+    trainer = Trainer(method, TrainerConfig(steps=steps, batch_size=8, sample_every=100, checkpoint_every=100,
+                                            log_every=1), tmp_path / "run", data=data if method.needs_data else None)
+    out = trainer.fit()
+    log = (tmp_path / "run" / "log.jsonl").read_text()
+    for phase in trainer.phases:
+        assert f'"{phase.name}/' in log, phase.name  # every phase ran
+
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    labels = torch.tensor([1, 5, 9]) if teacher.kind == "class" else torch.zeros(3, dtype=torch.long)
+    images = pipe(batch_size=3, class_labels=labels if teacher.kind == "class" else None, num_inference_steps=1,
+                  generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all()
+    assert 0 <= images.min() and images.max() <= 1
+    # the export reads the student as the method does: same noise, same one-step images
+    with torch.no_grad(), trainer.ema.applied(method.student_net()):
+        method.eval()
+        ref = method.sample(labels, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(images * 2 - 1, ref, atol=2e-3, rtol=0)
