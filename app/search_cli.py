@@ -37,7 +37,7 @@ class FIDFitness:
             raise ValueError("the FID fitness of `dstudio search` covers pixel-space teachers (class-conditional or "
                              "unconditional); for a text-to-image teacher pass your own objective to search.evolve")
         self.teacher = teacher
-        self.denoiser = teacher.guided(guidance)
+        self.denoiser = teacher.for_sampling(guidance)  # clip_sample / thresholding as the teacher's scheduler
         self.device, self.rank, self.world = torch.device(device), rank, world
         self.space = feature_space(features, self.device)
         self.ref = reference_stats(ref, self.space, teacher.sample_shape[-1])
@@ -75,7 +75,8 @@ class FIDFitness:
         z = self.noise[i:end].to(self.device)
         y = self.labels[i:end].to(self.device) if self.conditional else None
         gen = torch.Generator(self.device).manual_seed(self.noise_seed + 1 + i)
-        x = get_sampler(candidate.solver)(den, z * (1 + sigmas[0] ** 2).sqrt(), sigmas, y, generator=gen)
+        x = z * float(self.teacher.denoiser.noise_scale(float(sigmas[0])))  # unit noise in the teacher's state
+        x = get_sampler(candidate.solver)(den, x, sigmas, y, generator=gen)
         return x.clamp(-1, 1)
 
     def images(self, candidate, count: int | None = None) -> torch.Tensor:
@@ -130,6 +131,9 @@ def run_search(args) -> dict | None:
         raise ValueError(f"--resume: no {SEARCH_STATE} in '{out}'; start without --resume")
     teacher = load_teacher(args.teacher, device=state.device)
     T = teacher.num_train_timesteps
+    if teacher.denoiser.prediction_type == "flow":
+        raise ValueError(f"teacher '{args.teacher}' is a flow-matching model: the searched schedule is a DDPM-family "
+                         f"SearchedScheduler, so `dstudio search` takes DDPM-family teachers only")
     if not 1 <= args.nfe <= T:
         raise ValueError(f"--nfe {args.nfe} must be in 1..{T} (the teacher's training steps)")
     blocks = tuple(skippable_blocks(teacher.unet)) if args.skip_blocks else ()
