@@ -190,6 +190,9 @@ def cmd_sample(args) -> None:
         name = args.scheduler_name
         if name not in STOCK_SCHEDULERS:
             raise UsageError(f"unknown scheduler '{name}': use one of {', '.join(STOCK_SCHEDULERS)}")
+        if teacher.denoiser.prediction_type == "flow":
+            raise UsageError(f"pipeline '{source}' is a flow-matching model: the stock --scheduler choices are DDPM-family "
+                             f"schedulers; it samples with its own FlowMatchEulerDiscreteScheduler (omit --scheduler)")
         pipe.scheduler = getattr(diffusers, STOCK_SCHEDULERS[name]).from_config(pipe.scheduler.config)
     if args.scheduler_dir:
         if args.scheduler_name:

@@ -29,13 +29,15 @@ class PairStoreError(UserError):
 
 def solve_teacher_ode(teacher, z: Tensor, cond, solver: str = "dpmpp", steps: int = 25,
                       guidance: float = 1.0) -> Tensor:
-    """The teacher's probability-flow ODE from unit noise z at its noisiest step to x1 (DPM-Solver++ 2M or Heun)."""
+    """The teacher's probability-flow ODE from unit noise z at its noisiest step to x1 (DPM-Solver++ 2M or Heun), with
+    the teacher scheduler's clip_sample / thresholding applied to x0 as diffusers would."""
     from dstudio.samplers import append_zero, discrete_timesteps, get_sampler
 
     d = teacher.denoiser
     sigmas = append_zero(d.schedule.timesteps_to_sigmas(discrete_timesteps(teacher.num_train_timesteps, steps)))
     sigmas = sigmas.to(z.device)
-    return get_sampler(solver)(teacher.guided(guidance), z * math.sqrt(1 + float(sigmas[0]) ** 2), sigmas, cond)
+    x = z * float(d.noise_scale(float(sigmas[0])))  # unit noise in the teacher's own state at its noisiest step
+    return get_sampler(solver)(teacher.for_sampling(guidance), x, sigmas, cond)
 
 
 class PairStore:
