@@ -145,6 +145,18 @@ def test_collapse_reason():
     assert collapse_reason(digits8(8).images[:64]) is None
 
 
+def test_trainer_warns_when_samples_collapse(data, tmp_path, capsys):
+    torch.manual_seed(0)
+    method = DDPM(DDPMConfig(data="digits", resolution=8, channels=(8, 16), grid_steps=1), data=data)
+    method.sample = lambda labels, generator: torch.randn(len(labels), 1, 8, 8, generator=generator).sign()
+    trainer = Trainer(method, TrainerConfig(steps=2, batch_size=4, sample_every=1, checkpoint_every=100,
+                                            grid_per_class=1), tmp_path, data=data)
+    trainer.fit()
+    assert [w.split(":")[0] for w in trainer.collapse_warnings] == ["step 1", "step 2", "step 2"]  # + the final grid
+    err = capsys.readouterr().err
+    assert "step 1: the student's samples look collapsed (saturated" in err and "collapsed samples at step 1" in err
+
+
 def _make(method_name, teacher, data):
     from dstudio.distill.core.config import from_dict
     from dstudio.distill.core.method import get_method
