@@ -90,6 +90,7 @@ def test_components_dstudio_cannot_use_are_named(zoo, tmp_path):
     folder = shutil.copytree(zoo["eps-uncond"], tmp_path / "ldm")
     index = json.loads((folder / "model_index.json").read_text())
     index["vqvae"] = ["diffusers", "VQModel"]
+    (folder / "vqvae").mkdir()
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(TeacherError, match="component 'vqvae' of .* is diffusers.VQModel, which dstudio cannot use"):
         load_teacher(folder)
