@@ -111,10 +111,10 @@ class DStudioPipeline(DiffusionPipeline):
         # dstudio's schedulers carry their own step list; stock ones get diffusers' usual 50.
         num_inference_steps = num_inference_steps or getattr(self.scheduler, "default_num_inference_steps", 50)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        x = x * self.scheduler.init_noise_sigma
+        x = x * (getattr(self.scheduler, "init_noise_sigma", None) or 1.0)  # flow matching: None, starts at x = noise
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         for t in self.progress_bar(self.scheduler.timesteps):
-            x_in = self.scheduler.scale_model_input(x, t)
+            x_in = self.scheduler.scale_model_input(x, t) if hasattr(self.scheduler, "scale_model_input") else x
             with skipping_blocks(self.unet, self._skips_at(t)):
                 if cfg:
                     out = self.unet(torch.cat([x_in, x_in]), t, class_labels=torch.cat([class_labels, null])).sample
