@@ -79,7 +79,7 @@ def _fit(method, run, steps=1, **cfg):
 
 
 def _reference(trainer, seed=0, labels=LABELS, **kw):
-    m = trainer.method
+    m = trainer.method.eval()  # as a loaded pipeline: no dropout (iCT trains with it)
     with trainer.ema.applied(m.student_net()), torch.no_grad():  # the export holds the EMA weights
         return m.sample(torch.tensor(labels), torch.Generator().manual_seed(seed), **kw)
 

@@ -155,15 +155,8 @@ class FlowMatchDenoiser(DiscreteDenoiser):
         return 1 + torch.as_tensor(sigma, dtype=torch.float64)
 
 
-class ClippedDenoiser(nn.Module):
-    """The x0 a diffusers DDPM-family scheduler would use when sampling: clip_sample to [-r, r], or dynamic
-    thresholding (Saharia et al. 2022, sec. 2.3: s = max(1, quantile(|x0|, ratio)) clamped to max, x0 <- clip(x0, s) / s)."""
-
-    def __init__(self, denoiser: nn.Module, clip_range: float | None = None, threshold_ratio: float | None = None,
-                 max_value: float = 1.0):
-        super().__init__()
-        self.denoiser, self.clip_range = denoiser, clip_range
-        self.threshold_ratio, self.max_value = threshold_ratio, max_value
+class WrappedDenoiser(nn.Module):
+    """A Denoiser around `self.denoiser` (guidance, clipping): it keeps the inner one's noise range."""
 
     @property
     def sigma_min(self) -> float:
@@ -172,6 +165,17 @@ class ClippedDenoiser(nn.Module):
     @property
     def sigma_max(self) -> float:
         return self.denoiser.sigma_max
+
+
+class ClippedDenoiser(WrappedDenoiser):
+    """The x0 a diffusers DDPM-family scheduler would use when sampling: clip_sample to [-r, r], or dynamic
+    thresholding (Saharia et al. 2022, sec. 2.3: s = max(1, quantile(|x0|, ratio)) clamped to max, x0 <- clip(x0, s) / s)."""
+
+    def __init__(self, denoiser: nn.Module, clip_range: float | None = None, threshold_ratio: float | None = None,
+                 max_value: float = 1.0):
+        super().__init__()
+        self.denoiser, self.clip_range = denoiser, clip_range
+        self.threshold_ratio, self.max_value = threshold_ratio, max_value
 
     def forward(self, x: Tensor, sigma: Tensor | float, cond=None) -> Tensor:
         x0 = self.denoiser(x, sigma, cond)
@@ -241,21 +245,13 @@ def start_noise(denoiser: Denoiser, shape, sigma, generator=None, device=None) -
     return z * float(denoiser.noise_scale(float(sigma)))
 
 
-class CFGDenoiser(nn.Module):
+class CFGDenoiser(WrappedDenoiser):
     """Ho & Salimans 2022, eq. 6, in x0 space: D_w = D(x, null) + w (D(x, c) - D(x, null)); w = 1 is no guidance."""
 
     def __init__(self, denoiser: Denoiser, guidance_scale: float, null_cond: Tensor):
         super().__init__()
         self.denoiser, self.guidance_scale = denoiser, guidance_scale
         self.register_buffer("null_cond", torch.as_tensor(null_cond), persistent=False)
-
-    @property
-    def sigma_min(self) -> float:
-        return self.denoiser.sigma_min
-
-    @property
-    def sigma_max(self) -> float:
-        return self.denoiser.sigma_max
 
     def forward(self, x: Tensor, sigma: Tensor | float, cond=None) -> Tensor:
         if cond is None or self.guidance_scale == 1.0:

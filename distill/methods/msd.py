@@ -72,6 +72,9 @@ class RoutedDenoiser(nn.Module):
     def loss_weight(self, sigma: Tensor) -> Tensor:
         return self.nets[0].loss_weight(sigma)
 
+    def noise_scale(self, sigma) -> Tensor:  # every critic is a copy of one teacher: they share its noise states
+        return self.nets[0].noise_scale(sigma)
+
 
 @register("msd")
 class MSD(DMD2):
