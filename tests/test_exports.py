@@ -202,3 +202,26 @@ def test_shipped_files_are_the_package_modules(teacher, tmp_path):
     source = open(pipeline_dstudio.__file__, "rb").read()
     assert (folder / "pipeline_dstudio.py").read_bytes() == source
     assert (DEFAULT_TEACHER / "pipeline_dstudio.py").read_bytes() == source
+
+
+def test_stage_two_pipeline_with_skips(tiny_teacher, teacher, tmp_path):
+    """A stage-two search result (per-step skipped blocks) loads without dstudio and draws what dstudio's loader
+    draws from the same folder (which tests/test_search.py checks against the search's own skipping sampler)."""
+    from dstudio.app.search_cli import export_skip_pipeline
+    from dstudio.distill.core.teacher import load_pipeline
+    from dstudio.samplers import SearchedScheduler, scheduler_from_teacher
+    from dstudio.search.skip import skippable_blocks
+    from dstudio.search.space import Candidate
+
+    names = skippable_blocks(teacher.unet)
+    c = Candidate((999, 600, 300), (frozenset(names[:2]), frozenset(), frozenset(names[2:3])), "unipc-2")
+    sched = scheduler_from_teacher(SearchedScheduler, teacher.scheduler, timesteps=list(c.steps), solver=c.solver)
+    folder = export_skip_pipeline(teacher, c, sched, tmp_path / "pipeline")
+    got = plain_diffusers(tmp_path, folder, (4, {"class_labels": LABELS}))
+    assert got["classes"]["scheduler"].endswith("SearchedScheduler") and not got["classes"]["scheduler"].startswith("dstudio")
+    ref = load_pipeline(folder)(class_labels=LABELS, generator=torch.Generator().manual_seed(4), output_type="pt").images
+    torch.testing.assert_close(got["images"][0], ref, atol=ATOL, rtol=0)
+    unskipped = load_pipeline(folder)
+    unskipped.register_to_config(skips=None)
+    plain = unskipped(class_labels=LABELS, generator=torch.Generator().manual_seed(4), output_type="pt").images
+    assert not torch.allclose(got["images"][0], plain, atol=1e-3)  # the skips were applied
