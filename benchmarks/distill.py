@@ -55,7 +55,7 @@ def train(name: str, preset: str, reuse: bool) -> tuple[Path, float | None]:
     if reuse and (run / "pipeline" / "model_index.json").is_file():
         return run, json.loads((run / "bench.json").read_text())["train_seconds"] if (run / "bench.json").is_file() else None
     cmd = [sys.executable, "-m", "dstudio.app.cli", "distill", method, *[a.format(preset=preset) for a in extra],
-           "--out", str(run), "--eval-per-class", "0"]
+           "--out", str(run), "--eval-per-class", "0", "--overwrite"]  # a row measured again is trained again
     print(" ".join(cmd), file=sys.stderr)
     t0 = time.time()
     run.parent.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ def train_student(teacher_run: Path, method: str, reuse: bool) -> tuple[Path, fl
     if reuse and finished(run):
         return run, None
     args = ["distill", method, "--preset", "quick", "--teacher", str(teacher_run / "pipeline"), "--out", str(run),
-            "--eval-per-class", "0"]
+            "--eval-per-class", "0", "--overwrite"]  # not reused: trained again
     return run, run_cli(args, teacher_run.parent / f"{run.name}.log")
 
 
