@@ -108,21 +108,17 @@ class FIDFitness:
 
 
 def run_search(args) -> dict | None:
+    from accelerate import PartialState
     from tqdm.auto import tqdm
 
     from dstudio.distill.core.export import provenance, save_scheduler
-    from dstudio.distill.core.io import check_writable, save_json
+    from dstudio.distill.core.io import check_writable, run_folder_lock, save_json
+    from dstudio.distill.core.signals import stop_signals
     from dstudio.distill.core.teacher import load_teacher
+    from dstudio.distill.core.trainer import check_run_folder, clear_run, cpu_only
     from dstudio.samplers import SearchedScheduler, scheduler_from_teacher
-    from accelerate import PartialState
-
-    from dstudio.distill.core.trainer import cpu_only
     from dstudio.search import EvolutionConfig, SearchSpace, evolve
     from dstudio.search.skip import skippable_blocks
-
-    from dstudio.distill.core.io import run_folder_lock
-    from dstudio.distill.core.signals import stop_signals
-    from dstudio.distill.core.trainer import check_run_folder, clear_run
 
     state = PartialState(cpu=cpu_only())  # under `accelerate launch`, each candidate's samples are split
     out = check_writable(args.out)

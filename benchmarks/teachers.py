@@ -16,7 +16,6 @@ Writes benchmarks/results/teachers.json and its table in benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time

@@ -1,7 +1,6 @@
 """SIM (Luo et al. 2024): data-free score implicit matching, with SiD (Zhou et al. 2024) as an option."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
