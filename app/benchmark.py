@@ -103,6 +103,13 @@ def protocol_for(pipe, per_class: int = N_PER_CLASS) -> dict:
             "floor": real_floor(space, ref, shape[-1])["fid"]}
 
 
+def merge_rows(rows: list[dict], old: list[dict], date: str | None, key) -> list[dict]:
+    """This run's rows, then an earlier file's rows of every run (`key(row)`) not measured again, each keeping its
+    `measured` date (and its speed ratio, taken within its own run)."""
+    fresh = {key(r) for r in rows}
+    return rows + [{"measured": r.get("measured", date), **r} for r in old if key(r) not in fresh]
+
+
 def write_results(name: str, payload: dict) -> Path:
     from dstudio.distill.core.export import versions
     from dstudio.distill.core.io import save_json

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dstudio.app.benchmark import RESULTS, pipeline_images, protocol_for, write_results
+from dstudio.app.benchmark import RESULTS, merge_rows, pipeline_images, protocol_for, write_results
 from dstudio.app.fid import fid_of_tensor
 from dstudio.distill.core.images import save_grid
 from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_pipeline
@@ -66,15 +66,6 @@ def train(name: str, preset: str, reuse: bool) -> tuple[Path, float | None]:
     return run, seconds
 
 
-def merge_rows(rows: list[dict], old: list[dict], date: str | None) -> list[dict]:
-    """This run's rows, then the earlier file's rows of every run not measured again (each keeps its `measured`
-    date and its speed ratio, which was taken within its own run); the teacher row is always this run's."""
-    fresh = {r["name"].rsplit("-", 1)[0] for r in rows}
-    kept = [{"measured": date, **r} for r in old
-            if r["method"] != "teacher" and r["name"].rsplit("-", 1)[0] not in fresh]
-    return rows + kept
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="quick")
@@ -120,7 +111,7 @@ def main(argv=None) -> int:
     previous = RESULTS / f"distill-{args.preset}.json"
     if set(args.only) != set(RUNS) and previous.is_file():  # a partial rerun updates its rows in the table
         old = json.loads(previous.read_text())
-        rows = merge_rows(rows, old["rows"], old["date"])
+        rows = merge_rows(rows, old["rows"], old["date"], key=lambda r: r["name"].rsplit("-", 1)[0])
         for r in rows:  # the teacher's FID is deterministic on the protocol's noise: FID ratios stay comparable
             r["fid_vs_teacher"] = r["fid"] / t_row["fid"]
     write_results(f"distill-{args.preset}", {

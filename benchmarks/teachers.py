@@ -16,6 +16,7 @@ Writes benchmarks/results/teachers.json and its table in benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dstudio.app.benchmark import RESULTS, pipeline_images, protocol_for, write_results
+from dstudio.app.benchmark import RESULTS, merge_rows, pipeline_images, protocol_for, write_results
 from dstudio.app.fid import fid_of_tensor
 from dstudio.distill.core.images import collapse_reason, save_grid
 from dstudio.distill.core.teacher import load_pipeline, reference_scheduler
@@ -130,15 +131,20 @@ def main(argv=None) -> int:
             row = measure(f"{name}-{method}-1", student, 1, teacher=name, method=method,
                           train_minutes=seconds and seconds / 60)
             row["fid_vs_teacher"] = row["fid"] / t_row["fid"]
+    previous = RESULTS / "teachers.json"
+    if set(args.only) != set(ZOO) and previous.is_file():  # a partial rerun updates its teachers' rows
+        old = json.loads(previous.read_text())
+        rows = merge_rows(rows, old["rows"], old["date"], key=lambda r: r["teacher"])
     write_results("teachers", {
         "command": "python benchmarks/teachers.py" + ("" if argv is None else " " + " ".join(argv)),
         "protocol": {"per_class": args.per_class, "noise_seed": 0, "features": "mnist",
                      "reference": ref.source if proto else None},
         "teacher_training": {"steps": args.teacher_steps, "batch_size": args.teacher_batch,
-                             "options": {k: ZOO[k] for k in args.only}},
+                             "options": ZOO},
         "floor": proto and proto["floor"], "rows": rows,
         "columns": [["name", "row"], ["nfe", "NFE"], ["fid", "FID-mnist"], ["fid_vs_teacher", "x its teacher-50"],
-                    ["collapse", "collapse check"], ["train_minutes", "training minutes"]],
+                    ["collapse", "collapse check"], ["train_minutes", "training minutes"],
+                    ["measured", "earlier run"]],
         "notes": ["zoo teachers: 16x16 MNIST-5k, the shipped teacher's UNet, trained for --teacher-steps at "
                   "--teacher-batch (far shorter than the shipped teacher's 6,000 x 128: the shared CPU's budget), "
                   "so their own FIDs are well above the shipped teacher's",

@@ -32,3 +32,17 @@ def test_report_on_a_tiny_run(tiny_teacher, tmp_path, capsys):
 def test_report_bad_inputs(make, message, tmp_path, capsys):
     assert main(["report", str(make(tmp_path)), "--out", str(tmp_path / "x.html")]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "x.html").exists()
+
+
+def test_benchmark_rows_merge_keeps_only_runs_not_measured_again():
+    from dstudio.app.benchmark import merge_rows
+
+    old = [{"name": "teacher-ddim-50", "method": "teacher", "fid": 1.0},
+           {"name": "sim-1", "method": "sim", "fid": 2.0},
+           {"name": "rf-1", "method": "rectified_flow", "fid": 3.0, "measured": "2026-01-01"},
+           {"name": "rf-2", "method": "rectified_flow", "fid": 4.0, "measured": "2026-01-01"}]
+    new = [{"name": "teacher-ddim-50", "method": "teacher", "fid": 1.5}, {"name": "sim-1", "method": "sim", "fid": 5.0}]
+    merged = merge_rows(new, old, "2026-06-01", key=lambda r: r["name"].rsplit("-", 1)[0])
+    assert [(r["name"], r["fid"], r.get("measured")) for r in merged] == [
+        ("teacher-ddim-50", 1.5, None), ("sim-1", 5.0, None),
+        ("rf-1", 3.0, "2026-01-01"), ("rf-2", 4.0, "2026-01-01")]
