@@ -159,7 +159,7 @@ def refresh_results_md() -> Path:
         for note in r.get("notes", []):
             parts.append(f"- {note}")
         if r.get("plot"):
-            parts += ["", f"![{r['benchmark']}]({Path(r['plot']).relative_to(RESULTS.parent)})"]
+            parts += ["", f"![{r['benchmark']}](results/{Path(r['plot']).name})"]  # plots sit beside their JSON
         parts.append("")
     out = RESULTS.parent / "RESULTS.md"
     with atomic_path(out) as tmp:

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         "command": "python benchmarks/samplers.py" + ("" if argv is None else " " + " ".join(argv)),
         "teacher": args.teacher, "protocol": {"per_class": args.per_class, "noise_seed": 0, "features": "mnist",
                                               "reference": ref.source},
-        "floor": floor, "rows": rows, "plot": str(plot),
+        "floor": floor, "rows": rows, "plot": str(plot.relative_to(RESULTS.parent.parent)),
         "columns": [["name", "row"], ["nfe", "NFE"], ["fid", "FID-mnist"], ["fid_vs_teacher", "x DDIM-50"],
                     ["kid", "KID"], ["images_per_s", "images/s"], ["speedup", "speed vs DDIM-50"], ["error", "error"]],
         "notes": ["speed is measured in this one run; ratios are against the DDIM-50 row",
