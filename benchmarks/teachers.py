@@ -73,8 +73,7 @@ def train_teacher(name: str, steps: int | None, batch: int, reuse: bool) -> tupl
         return run, None
     args = ["teacher", "train", "--preset", "full", "--steps", str(steps), "--set", f"trainer.batch_size={batch}",
             "--set", "method.layout=diffusers", *ZOO[name], "--out", str(run)]
-    if (run / "checkpoint.pt").is_file():
-        args.append("--resume")
+    args.append("--resume" if (run / "checkpoint.pt").is_file() else "--overwrite")  # a folder without one holds nothing to keep
     return run, run_cli(args, RUNS / f"{name}.log")
 
 
