@@ -524,12 +524,11 @@ def build_app(runs: str | Path | None = "runs", teachers: tuple = (), concurrenc
     import gradio as gr
     import pandas as pd
 
-    from dstudio.distill.core.method import METHODS, get_method
+    from dstudio.distill.core.method import discover
 
-    get_method("ddpm")  # registers every method
     studio = Studio(runs or "runs", teachers, concurrency, max_jobs)
     names = studio.names()
-    distillers = sorted(n for n, c in METHODS.items() if c.is_distiller)
+    distillers = sorted(n for n, c in discover().items() if c.is_distiller)
 
     def _unavailable() -> str:
         bad = [f"- `{e.name}`: {e.error}" for e in studio.entries if not e.available]

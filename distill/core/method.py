@@ -1,12 +1,17 @@
 """The Method base: a method owns its networks, declares its update phases and computes their losses.
 
-Methods register themselves with `@register("name")`; the CLI, the app and the tests read `METHODS`,
-so a new method is one new file in distill/methods.
+Methods register themselves with `@register("name")` and are found by `discover()`: every module of
+distill/methods (and of any package named by a `dstudio.methods` entry point or $DSTUDIO_METHODS), so a new
+method is one new file. The CLI, the app, the benchmarks and the tests read the registry.
 """
 from __future__ import annotations
 
 import abc
 import contextlib
+import importlib
+import importlib.metadata
+import os
+import pkgutil
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -125,11 +130,14 @@ class Method(nn.Module, abc.ABC):
 
 METHODS: dict[str, type[Method]] = {}
 ALIASES: dict[str, str] = {}
+BUILTIN_METHODS = "dstudio.distill.methods"  # a package searched like any other: the core imports no method by name
+ENTRY_POINT_GROUP = "dstudio.methods"         # third-party packages: an entry point naming a method module or package
+ENV_VAR = "DSTUDIO_METHODS"                   # comma-separated module or package names, searched as well
 
 
 def register(name: str, *aliases: str):
     def deco(cls: type[Method]) -> type[Method]:
-        if name in METHODS:
+        if name in METHODS and METHODS[name] is not cls:
             raise RuntimeError(f"method '{name}' is registered twice")
         cls.name = name
         METHODS[name] = cls
@@ -140,9 +148,38 @@ def register(name: str, *aliases: str):
     return deco
 
 
-def get_method(name: str) -> type[Method]:
-    import dstudio.distill.methods  # noqa: F401  (methods register themselves on import)
+def _import_methods(name: str) -> None:
+    """Import a module, or every module of a package whose name does not start with '_' (they register themselves)."""
+    module = importlib.import_module(name)
+    for info in pkgutil.iter_modules(getattr(module, "__path__", [])):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{name}.{info.name}")
 
+
+def method_sources() -> list[str]:
+    """Where methods are found: the built-in package, the `dstudio.methods` entry points, then $DSTUDIO_METHODS."""
+    sources = [BUILTIN_METHODS]
+    sources += [ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)]
+    sources += [s.strip() for s in os.environ.get(ENV_VAR, "").split(",") if s.strip()]
+    return sources
+
+
+def discover() -> dict[str, type[Method]]:
+    """Every registered method, after importing every method module of every source (imports are cached)."""
+    for source in method_sources():
+        try:
+            _import_methods(source)
+        except ImportError as e:
+            missing = e.name or ""
+            if source == BUILTIN_METHODS or not (source == missing or source.startswith(missing + ".")):
+                raise  # an error inside a method module is a bug to see, not a missing source
+            raise ConfigError(f"method source '{source}' (from the {ENTRY_POINT_GROUP} entry points or "
+                              f"${ENV_VAR}) cannot be imported") from None
+    return METHODS
+
+
+def get_method(name: str) -> type[Method]:
+    discover()
     name = ALIASES.get(name, name)
     if name not in METHODS:
         raise ConfigError(f"unknown method '{name}': use one of {', '.join(sorted(METHODS))}")

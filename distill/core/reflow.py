@@ -7,7 +7,7 @@ FlowEulerScheduler in the teacher's prediction type.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -25,14 +25,16 @@ from dstudio.samplers import FlowEulerScheduler, sample_flow_euler, scheduler_fr
 
 @dataclass
 class FlowConfig:
-    pairs: str | None = None          # pair store folder (default: RUN/pairs); runs with equal settings can share one
+    pairs: str | None = field(default=None, metadata={  # runs with equal settings can share one store
+        "cli": "--pairs", "help": "reflow pair store folder (default: RUN/pairs)"})
     num_pairs: int = 5000
     shard_size: int = 500
     pair_seed: int = 0
     solver: Literal["dpmpp", "heun"] = "dpmpp"
     solver_steps: int = 25
     guidance: float = 1.0             # CFG in the teacher's ODE (InstaFlow's text pairs use > 1)
-    prompts: str | None = None        # text teachers: a file with one prompt per line
+    prompts: str | None = field(default=None, metadata={
+        "cli": "--prompts", "help": "text teachers (InstaFlow): a file with one prompt per line"})
     reflow_steps: int = 1000          # steps of the reflow phase; the remaining trainer steps distil to one step
     time_dist: Literal["u_shaped", "uniform"] = "u_shaped"
     u_shape_a: float = 4.0

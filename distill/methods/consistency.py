@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -44,8 +44,10 @@ def with_dropout(net, p: float, fresh: bool):
 @dataclass
 class ConsistencyConfig:
     data: str = "mnist"
-    target: Literal["self", "teacher"] = "self"    # iCT's stop-gradient self-target, or one teacher ODE step (CD)
-    init: Literal["scratch", "teacher"] = "scratch"  # "teacher": easy consistency tuning from the teacher's weights
+    target: Literal["self", "teacher"] = field(default="self", metadata={  # iCT's self-target, or a teacher ODE step
+        "cli": "--target", "help": "'self' (training, iCT) or 'teacher' (distillation)"})
+    init: Literal["scratch", "teacher"] = field(default="scratch", metadata={  # "teacher": easy consistency tuning
+        "cli": "--init", "help": "start from the 'teacher' or 'scratch'"})
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0

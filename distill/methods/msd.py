@@ -1,7 +1,7 @@
 """MSD (Song et al. 2024): several one-step students, each owning a partition of the classes, trained with DMD2."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -17,9 +17,10 @@ from dstudio.distill.methods.dmd2 import DMD2, DMD2Config
 
 @dataclass
 class MSDConfig(DMD2Config):
-    students: int = 4
+    students: int = field(default=4, metadata={"cli": "--students", "min": 1, "help": "number of students K"})
     partition: list[list[int]] | None = None  # None: contiguous class ranges of (nearly) equal size
-    student_width: float = 1.0                # channel multiplier; < 1 builds smaller students, TSM-initialised
+    student_width: float = field(default=1.0, metadata={  # < 1 builds smaller students, TSM-initialised
+        "cli": "--student-width", "help": "channel multiplier of smaller students (0.5: about 1/4 of the parameters)"})
     tsm_steps: int = 500                      # teacher score matching steps before distillation (smaller students)
     lr_tsm: float = 1e-4
     critics: Literal["shared", "per_student"] = "shared"  # one fake score + GAN head for all, or one per student

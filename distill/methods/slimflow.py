@@ -1,7 +1,7 @@
 """SlimFlow (Zhu et al. 2024): a small one-step student by annealing reflow, then flow-guided distillation."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -15,7 +15,7 @@ from dstudio.distill.core.score import smaller_unet
 
 @dataclass
 class SlimFlowConfig(FlowConfig):
-    student_width: float = 0.5               # channel multiplier: 0.5 gives about 1/4 of the teacher's parameters
+    student_width: float = field(default=0.5, metadata={"cli": "--student-width", "help": "channel multiplier of smaller students (0.5: about 1/4 of the parameters)"})
     anneal_steps: int | None = None          # K_warm of the beta schedule (default: half the reflow phase)
     annealing: Literal["linear", "exp", "cos"] = "linear"
     hflip: bool = True                       # joint horizontal flip of (x1, z'); off for data that is not symmetric
