@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from dstudio.distill.core.score import dmd_gradient, dmd_loss
+from dstudio.distill.methods.dmd2 import dmd_gradient, dmd_loss
 from dstudio.distill.core.trainer import Trainer, TrainerConfig
 from dstudio.distill.data import digits8
 from dstudio.distill.methods.dmd2 import DMD2, DMD2Config

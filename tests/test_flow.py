@@ -237,7 +237,7 @@ def test_text_teacher_without_prompts_is_refused(tmp_path):
 def test_rf_distillation_pairs_come_from_the_2rf_student(tiny_teacher, tmp_path):
     """gnobitab/RectifiedFlow: distil the 2-rectified flow on pairs that the 2-RF itself generates from fresh
     noise (its EMA weights, as the reference's generate_data mode loads them), not on the teacher's pairs."""
-    from dstudio.distill.core.reflow import flow_solve
+    from dstudio.distill.methods._flow import flow_solve
 
     trainer, _ = _train("rectified_flow", tiny_teacher, tmp_path, steps=2)  # reflow_steps=2: reflow only so far
     m = trainer.method

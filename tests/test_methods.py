@@ -139,3 +139,13 @@ def test_method_flags_come_from_config_metadata():
     assert flags["--student-width"]["methods"] == ["msd", "slimflow"]
     assert set(flags["--init"]["methods"]) == {"consistency", "rectified_flow"}
     assert {"--target", "--pairs", "--prompts"} <= set(flags)
+
+
+def test_a_misspelt_phase_raises(tiny_teacher):
+    """loss(phase) dispatch is strict: a phase a method does not define trains no other loss."""
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.distill.methods.sim import SIM, SIMConfig
+
+    method = SIM(SIMConfig(), teacher=load_teacher(tiny_teacher))
+    with pytest.raises(ValueError, match=r"method 'sim' has no loss for phase 'genrator' \(its phases: fake, generator\)"):
+        method.loss("genrator", 2, 0)

@@ -85,6 +85,11 @@ class Method(nn.Module, abc.ABC):
     def prepare(self, run_dir, accelerator, steps: int) -> None:
         """Called once before training (and on --resume) with the run folder and the total number of steps."""
 
+    def unknown_phase(self, phase: str) -> ValueError:
+        """The error `loss` raises for a phase it has no loss for (a misspelt Phase name must not train another loss)."""
+        names = ", ".join(p.name for p in self.phases())
+        return ValueError(f"method '{self.name}' has no loss for phase '{phase}' (its phases: {names})")
+
     def checkpoint_modules(self) -> list[str]:
         """Submodules whose state a checkpoint keeps: the trained ones, plus any a method adds (a frozen guide)."""
         return self.trainable_modules()

@@ -127,6 +127,8 @@ class Consistency(Method):
 
     def loss(self, phase: str, batch, step: int):
         """iCT, eq. 9: lambda(s_i) d(f(x + s_{i+1} eps, s_{i+1}), sg f(x + s_i eps, s_i)), lambda = 1 / (s_{i+1} - s_i)."""
+        if phase != "consistency":
+            raise self.unknown_phase(phase)
         x0, labels = batch
         cond = labels if self.kind == "class" else None
         grid = self.sigmas(step).to(x0.device)

@@ -5,15 +5,53 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from dstudio.distill.core.config import require
 from dstudio.distill.core.denoiser import append_dims, start_noise, student_prediction
 from dstudio.distill.core.export import export_image_pipeline, export_text_pipeline
 from dstudio.distill.core.method import Method, Phase, register
-from dstudio.distill.core.score import (BottleneckFeatures, DiscriminatorHead, dmd_gradient, dmd_loss, dsm_loss,
-                                sample_timesteps, trainable_copy)
+from dstudio.distill.core.score import dsm_loss, sample_timesteps, trainable_copy
 from dstudio.samplers import StudentScheduler, append_zero, discrete_timesteps, sample_multistep, scheduler_from_teacher
+
+
+def dmd_gradient(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
+    """Yin et al. 2024 (DMD2), eq. 2 as in the reference code: (p_real - p_fake) / mean_CHW |p_real|, p = x - D(x_t)."""
+    p_real, p_fake = x - x0_real, x - x0_fake
+    grad = (p_real - p_fake) / p_real.abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+    return torch.nan_to_num(grad)
+
+
+def dmd_loss(x: Tensor, grad: Tensor) -> Tensor:
+    """The stop-gradient surrogate whose gradient in x is `grad` / numel: 0.5 ||x - sg(x - grad)||^2."""
+    return 0.5 * F.mse_loss(x, (x - grad).detach())
+
+
+class BottleneckFeatures:
+    """Captures a UNet's mid-block output on every forward (the fake score's bottleneck, for the GAN head)."""
+
+    def __init__(self, unet: nn.Module):
+        self.value: Tensor | None = None
+        unet.mid_block.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.value = output[0] if isinstance(output, tuple) else output
+
+
+class DiscriminatorHead(nn.Module):
+    """DMD2's GAN classifier: a small conv stack on the fake score's bottleneck features -> one logit per image."""
+
+    def __init__(self, channels: int, width: int = 64):
+        super().__init__()
+        groups = min(32, width) if width % min(32, width) == 0 else 1
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(groups, width), nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(groups, width), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 1),
+        )
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(features.float()).squeeze(1)
 
 
 @dataclass
@@ -134,6 +172,8 @@ class DMD2(Method):
                 loss = loss + self.config.lambda_gan_generator * loss_gan
                 logs["gan_g"] = loss_gan.item()
             return loss, logs
+        if phase != "critic":
+            raise self.unknown_phase(phase)
         with torch.no_grad():
             x = self.generate(labels)
         t = sample_timesteps(len(x), self.T, device=x.device)

@@ -10,9 +10,8 @@ from torch import Tensor, nn
 from dstudio.distill.core.config import require
 from dstudio.distill.core.denoiser import append_dims
 from dstudio.distill.core.method import Phase, register
-from dstudio.distill.core.score import (BottleneckFeatures, DiscriminatorHead, sample_timesteps, smaller_unet,
-                                        trainable_copy)
-from dstudio.distill.methods.dmd2 import DMD2, DMD2Config
+from dstudio.distill.core.score import sample_timesteps, smaller_unet, trainable_copy
+from dstudio.distill.methods.dmd2 import DMD2, BottleneckFeatures, DMD2Config, DiscriminatorHead
 
 
 @dataclass
@@ -148,8 +147,10 @@ class MSD(DMD2):
         return self._routed(lambda student, idx: self.generate_with(student, labels[idx], len(idx)), labels)
 
     def loss(self, phase: str, batch, step: int):
-        if phase != "tsm":
+        if phase in ("generator", "critic"):
             return super().loss(phase, batch, step)
+        if phase != "tsm":
+            raise self.unknown_phase(phase)
         real, labels = batch  # teacher score matching: regress each small student onto the teacher on noised data
         t = sample_timesteps(len(real), self.T, device=real.device)
         sigma = self.teacher_denoiser.t_to_sigma(t).to(real.device)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from dstudio.distill.core.config import require
 from dstudio.distill.core.method import Phase, register
-from dstudio.distill.core.reflow import FlowConfig, FlowMethod
+from dstudio.distill.methods._flow import FlowConfig, FlowMethod
 from dstudio.distill.core.score import trainable_copy
 
 
@@ -47,6 +47,8 @@ class RectifiedFlow(FlowMethod):
         n = batch if isinstance(batch, int) else len(batch[0])
         if phase == "reflow":
             return self.reflow_loss(self.student, *self.pair_batch(n))
+        if phase != "distill":
+            raise self.unknown_phase(phase)
         if self.config.distill_pairs == "reflow" and self.config.reflow_steps > 0:
             if self.distill_set is None:
                 self.distill_set = self.student_pairs("pairs-2rf")

@@ -114,6 +114,8 @@ class SIM(Method):
             sigma = (torch.randn(n, device=device) * self.config.p_std + self.config.p_mean).exp()
             loss = dsm_loss(self.fake_score, x_g, sigma.clamp(*self.sigma_range).double(), labels)
             return loss, {"dsm": loss.item()}
+        if phase != "generator":
+            raise self.unknown_phase(phase)
         x_g = self.generate(labels, n)
         sigma = sid_generator_sigmas(n, self.config.t_max, *self.generator_range, device=device)
         x_t = x_g + append_dims(sigma.to(x_g.dtype), x_g.ndim) * torch.randn_like(x_g)

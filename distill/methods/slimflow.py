@@ -9,7 +9,7 @@ import torch
 from dstudio.distill.core.config import require
 from dstudio.distill.core.flow import ANNEALING, FlowView, anneal_beta, anneal_noise, joint_hflip
 from dstudio.distill.core.method import Phase, register
-from dstudio.distill.core.reflow import FlowConfig, FlowMethod
+from dstudio.distill.methods._flow import FlowConfig, FlowMethod
 from dstudio.distill.core.score import smaller_unet
 
 
@@ -88,6 +88,8 @@ class SlimFlow(FlowMethod):
         return pair_loss + guide_loss, {**logs, "guided": guide_loss.item()}
 
     def loss(self, phase: str, batch, step: int):
+        if phase not in ("reflow", "distill"):
+            raise self.unknown_phase(phase)
         z, x1, cond = self.pair_batch(batch if isinstance(batch, int) else len(batch[0]))
         if phase == "reflow":
             return self.annealing_loss(z, x1, cond, step)
