@@ -6,16 +6,6 @@ import os
 import sys
 from pathlib import Path
 
-STOCK_SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "dpmpp": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
-
-
 class UsageError(Exception):
     """Bad command-line usage: printed as one line, exit code 2 (like every distill.core.errors.UserError)."""
 
@@ -189,6 +179,8 @@ def cmd_sample(args) -> None:
     teacher = teacher_from_pipeline(pipe, str(source))
     if args.scheduler_name:
         name = args.scheduler_name
+        from dstudio.app.benchmark import STOCK_SCHEDULERS
+
         if name not in STOCK_SCHEDULERS:
             raise UsageError(f"unknown scheduler '{name}': use one of {', '.join(STOCK_SCHEDULERS)}")
         if teacher.denoiser.prediction_type == "flow":
@@ -343,6 +335,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dstudio.app.benchmark import STOCK_SCHEDULERS
     from dstudio.distill.core.method import discover
 
     methods = discover()
