@@ -8,6 +8,7 @@ import pytest
 
 from dstudio.app.cli import main
 from dstudio.distill.core import method as registry
+from dstudio.distill.core.method import Batch
 
 # A whole method in one file: a one-step student regressed onto the teacher's denoising of pure noise.
 TOY = '''
@@ -47,8 +48,8 @@ class ToyOneStep(Method):
         return [Phase("student", ("student",), lr=self.config.lr)]
 
     def loss(self, phase, batch, step):
-        labels = torch.randint(0, self.num_classes, (batch,))
-        x = start_noise(self.student, (batch, *self.shape), self.sigma)
+        labels = torch.randint(0, self.num_classes, (batch.size,))
+        x = start_noise(self.student, (batch.size, *self.shape), self.sigma)
         with torch.no_grad():
             target = self.teacher_denoiser(x, torch.tensor(self.sigma), labels)
         loss = (self.student(x, torch.tensor(self.sigma), labels) - target).pow(2).mean()
@@ -148,4 +149,4 @@ def test_a_misspelt_phase_raises(tiny_teacher):
 
     method = SIM(SIMConfig(), teacher=load_teacher(tiny_teacher))
     with pytest.raises(ValueError, match=r"method 'sim' has no loss for phase 'genrator' \(its phases: fake, generator\)"):
-        method.loss("genrator", 2, 0)
+        method.loss("genrator", Batch.data_free(2), 0)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from dstudio.distill.core.method import Batch
 from dstudio.distill.methods.sim import SIM, SIMConfig, sid_generator_loss, sim_generator_loss
 
 
@@ -99,7 +100,7 @@ def test_generator_step_builds_a_fake_score_graph_only_for_sid(tiny_teacher, los
     m.train_only(m.phases()[1])
     seen = []
     m.fake_score.model.register_forward_hook(lambda mod, args, out: seen.append(out.sample.requires_grad))
-    value, _ = m.loss("generator", 4, 0)
+    value, _ = m.loss("generator", Batch.data_free(4), 0)
     value.backward()
     assert seen == [loss == "sid"]
     assert all(p.grad is None for p in m.fake_score.parameters())

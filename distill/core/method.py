@@ -13,12 +13,12 @@ import importlib.metadata
 import os
 import pkgutil
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from dstudio.distill.core.config import ConfigError
+from dstudio.distill.core.config import ConfigError, require
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,22 @@ class Phase:
         return self.lr * min(1.0, (step - self.start + 1) / warmup_steps)
 
 
+class Batch(NamedTuple):
+    """One micro-batch: images and labels for methods that train on data (None for data-free ones) and its size."""
+
+    images: Tensor | None
+    labels: Tensor | None
+    size: int
+
+    @classmethod
+    def of(cls, images: Tensor, labels: Tensor) -> "Batch":
+        return cls(images, labels, len(images))
+
+    @classmethod
+    def data_free(cls, size: int) -> "Batch":
+        return cls(None, None, size)
+
+
 class Method(nn.Module, abc.ABC):
     """Base class. Subclasses set `name`, `Config` (a dataclass) and implement phases/loss/sample/export."""
 
@@ -59,6 +75,7 @@ class Method(nn.Module, abc.ABC):
     student_module: ClassVar[str] = "student"
     trains_on: ClassVar[str] = ""  # what it learns from, when not images (said when --data is given)
     ema = None  # the Trainer's EMA of student_net(), set when a Trainer takes the method
+    num_classes: int = 0  # class labels of the sample grids (0: unconditional)
 
     def __init__(self, config, teacher=None, data=None):
         super().__init__()
@@ -70,8 +87,8 @@ class Method(nn.Module, abc.ABC):
         """The update phases, in the order they run within a step."""
 
     @abc.abstractmethod
-    def loss(self, phase: str, batch: tuple[Tensor, Tensor] | int, step: int) -> tuple[Tensor, dict[str, float]]:
-        """(images, labels) for methods that need data, the batch size for data-free ones."""
+    def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        """The loss of `phase` on one micro-batch; a phase it does not define raises `unknown_phase(phase)`."""
 
     @abc.abstractmethod
     def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
@@ -82,8 +99,11 @@ class Method(nn.Module, abc.ABC):
         """Write the student as a diffusers pipeline folder at `path`."""
 
     # --- optional hooks ---------------------------------------------------------------------------
-    def prepare(self, run_dir, accelerator, steps: int) -> None:
+    def on_fit_start(self, run_dir, accelerator, steps: int) -> None:
         """Called once before training (and on --resume) with the run folder and the total number of steps."""
+
+    def on_phase_start(self, phase: Phase, step: int) -> None:
+        """Called before a phase's first update (at its `start` step; not again when a resume comes after it)."""
 
     def unknown_phase(self, phase: str) -> ValueError:
         """The error `loss` raises for a phase it has no loss for (a misspelt Phase name must not train another loss)."""
@@ -131,6 +151,21 @@ class Method(nn.Module, abc.ABC):
         self.requires_grad_(False)
         for p in self.phase_parameters(phase):
             p.requires_grad_(True)
+
+
+class Distiller(Method):
+    """A method that learns from a teacher: it keeps the teacher and what every distiller reads from it."""
+
+    def __init__(self, config, teacher=None, data=None):
+        super().__init__(config)
+        require(teacher is not None, f"{self.name} needs a teacher")
+        self._teacher = teacher  # not a submodule: the frozen networks a method trains against it registers itself
+        self.kind, self.num_classes, self.shape = teacher.kind, teacher.num_classes, teacher.sample_shape
+        self.source, self.teacher_scheduler = teacher.source, teacher.scheduler
+
+    def cond(self, labels: Tensor, embeddings: Tensor | None = None):
+        """The denoisers' condition for these labels (class labels, nothing, or rows of `embeddings`)."""
+        return self._teacher.cond(labels, embeddings)
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -12,7 +12,7 @@ from dstudio.distill.core.config import require
 from dstudio.distill.core.denoiser import ClippedDenoiser, DiscreteDenoiser, FlowMatchDenoiser, start_noise
 from dstudio.distill.core.export import export_image_pipeline, provenance
 from dstudio.distill.core.io import atomic_path, save_json
-from dstudio.distill.core.method import Method, Phase, register
+from dstudio.distill.core.method import Batch, Method, Phase, register
 from dstudio.distill.core.score import dsm_loss
 from dstudio.samplers import append_zero, discrete_timesteps, sample_ddim
 
@@ -117,10 +117,10 @@ class DDPM(Method):
         c = self.config
         return [Phase("denoise", ("unet",), lr=c.lr, weight_decay=c.weight_decay, grad_clip=c.grad_clip)]
 
-    def loss(self, phase: str, batch, step: int) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
         if phase != "denoise":
             raise self.unknown_phase(phase)
-        x0, labels = batch
+        x0, labels = batch.images, batch.labels
         if self.num_classes:
             drop = torch.rand(labels.shape, device=labels.device) < self.config.label_dropout
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from dstudio.distill.core.config import require
 from dstudio.distill.core.denoiser import append_dims
-from dstudio.distill.core.method import Phase, register
+from dstudio.distill.core.method import Batch, Phase, register
+from dstudio.distill.core.routed_unet import RoutedUNet2DModel, routed
 from dstudio.distill.core.score import sample_timesteps, smaller_unet, trainable_copy
 from dstudio.distill.methods.dmd2 import DMD2, BottleneckFeatures, DMD2Config, DiscriminatorHead
 
@@ -44,17 +45,6 @@ def check_partition(partition: list[list[int]], num_classes: int) -> None:
     require(owned == list(range(num_classes)), f"method.partition={partition} must give every class "
                                                f"0..{num_classes - 1} to exactly one student")
     require(all(partition), f"method.partition={partition} has a student with no classes")
-
-
-def routed(owner: Tensor, k: int, fn) -> Tensor:
-    """fn(j, idx) for each j < k on the batch entries `owner` gives it, reassembled in batch order."""
-    parts, order = [], []
-    for j in range(k):
-        idx = (owner == j).nonzero().squeeze(1)
-        if len(idx):
-            parts.append(fn(j, idx))
-            order.append(idx)
-    return torch.cat(parts)[torch.argsort(torch.cat(order))]
 
 
 class RoutedDenoiser(nn.Module):
@@ -118,7 +108,10 @@ class MSD(DMD2):
             phases.insert(0, Phase("tsm", ("student",), lr=c.lr_tsm, stop=c.tsm_steps, grad_clip=c.grad_clip))
         return phases
 
-    def prepare(self, run_dir, accelerator, steps: int) -> None:
+    def build_student(self, teacher) -> nn.Module:
+        return nn.ModuleList()  # the K students are built once the partition is known, after DMD2's critics
+
+    def on_fit_start(self, run_dir, accelerator, steps: int) -> None:
         require(not self.smaller or self.config.tsm_steps < steps,
                 f"method.tsm_steps={self.config.tsm_steps} leaves no distillation in trainer.steps={steps}: "
                 f"use fewer TSM steps or more steps (presets quick-small, full-small)")
@@ -146,12 +139,12 @@ class MSD(DMD2):
     def generate(self, labels: Tensor) -> Tensor:
         return self._routed(lambda student, idx: self.generate_with(student, labels[idx], len(idx)), labels)
 
-    def loss(self, phase: str, batch, step: int):
+    def loss(self, phase: str, batch: Batch, step: int):
         if phase in ("generator", "critic"):
             return super().loss(phase, batch, step)
         if phase != "tsm":
             raise self.unknown_phase(phase)
-        real, labels = batch  # teacher score matching: regress each small student onto the teacher on noised data
+        real, labels = batch.images, batch.labels  # teacher score matching: regress each small student onto the teacher on noised data
         t = sample_timesteps(len(real), self.T, device=real.device)
         sigma = self.teacher_denoiser.t_to_sigma(t).to(real.device)
         x_t = real + append_dims(sigma.to(real.dtype), real.ndim) * torch.randn_like(real)
@@ -171,8 +164,6 @@ class MSD(DMD2):
                             labels).clamp(-1, 1)
 
     def exported_unet(self):
-        from dstudio.distill.core.routed_unet import RoutedUNet2DModel
-
         nets = [d.model for d in self.student]
         first = nets[0].config
         routed = RoutedUNet2DModel(partition=self.partition,

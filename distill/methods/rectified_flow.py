@@ -44,7 +44,7 @@ class RectifiedFlow(FlowMethod):
                       start=c.reflow_steps)]
 
     def loss(self, phase: str, batch, step: int):
-        n = batch if isinstance(batch, int) else len(batch[0])
+        n = batch.size
         if phase == "reflow":
             return self.reflow_loss(self.student, *self.pair_batch(n))
         if phase != "distill":
