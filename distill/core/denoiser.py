@@ -234,11 +234,15 @@ class FlowDenoiser(Denoiser):
         return -out if self.noise_at_one else out
 
 
-def start_noise(denoiser: Denoiser, shape, sigma, generator=None, device=None) -> Tensor:
-    """The state a sampler starts from at noise level sigma (the teacher's terminal one for one-step students):
-    unit noise as the pipeline draws it, on the VE scale of `denoiser` (VP: z sqrt(1 + sigma^2); flow: z (1 + sigma))."""
-    z = torch.randn(tuple(shape), generator=generator, device=device)
+def start_state(denoiser: Denoiser, z: Tensor, sigma) -> Tensor:
+    """The state a sampler starts from at noise level sigma (the teacher's terminal one for one-step students) for
+    unit noise z as the pipeline draws it, on the VE scale of `denoiser` (VP: z sqrt(1 + sigma^2); flow: z (1 + sigma))."""
     return z * float(denoiser.noise_scale(float(sigma)))
+
+
+def start_noise(denoiser: Denoiser, shape, sigma, generator=None, device=None) -> Tensor:
+    """`start_state` of fresh unit noise of this shape."""
+    return start_state(denoiser, torch.randn(tuple(shape), generator=generator, device=device), sigma)
 
 
 class CFGDenoiser(WrappedDenoiser):

@@ -36,9 +36,18 @@ def sample_timesteps(n: int, num_train_timesteps: int, lo: float = 0.0, hi: floa
     return torch.randint(int(lo * T), max(int(hi * T), int(lo * T) + 1), (n,), device=device)
 
 
-def dsm_loss(denoiser: DiscreteDenoiser, x0: Tensor, sigma: Tensor, cond=None, noise: Tensor | None = None) -> Tensor:
-    """Vincent 2011 / EDM eq. 2: denoising score matching, ||D(x0 + sigma n) - x0||^2 under the backbone's own weighting."""
+def dsm_loss(denoiser, x0: Tensor, sigma: Tensor, cond=None, noise: Tensor | None = None,
+             teacher: DiscreteDenoiser | None = None) -> Tensor:
+    """Vincent 2011 / EDM eq. 2: denoising score matching, ||D(x0 + sigma n) - x0||^2 under the backbone's own weighting;
+    with `teacher`, teacher score matching (MSD): the target is the teacher's D at the same noisy input, under its
+    weighting."""
     noise = torch.randn_like(x0) if noise is None else noise
-    x0_hat = denoiser(x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * noise, sigma, cond)
-    w = append_dims(denoiser.loss_weight(sigma).to(x0.dtype), x0.ndim)
-    return (w * (x0_hat - x0) ** 2).mean()
+    x_t = x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * noise
+    target, weighting = x0, denoiser
+    if teacher is not None:
+        with torch.no_grad():
+            target = teacher(x_t, sigma, cond)
+        weighting = teacher
+    x0_hat = denoiser(x_t, sigma, cond)
+    w = append_dims(weighting.loss_weight(sigma).to(x0.dtype), x0.ndim)
+    return (w * (x0_hat - target) ** 2).mean()

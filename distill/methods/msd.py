@@ -8,10 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from dstudio.distill.core.config import require
-from dstudio.distill.core.denoiser import append_dims
 from dstudio.distill.core.method import Batch, Phase, register
 from dstudio.distill.core.routed_unet import RoutedUNet2DModel, routed
-from dstudio.distill.core.score import sample_timesteps, smaller_unet, trainable_copy
+from dstudio.distill.core.score import dsm_loss, sample_timesteps, smaller_unet, trainable_copy
 from dstudio.distill.methods.dmd2 import DMD2, BottleneckFeatures, DMD2Config, DiscriminatorHead
 
 
@@ -144,16 +143,15 @@ class MSD(DMD2):
             return super().loss(phase, batch, step)
         if phase != "tsm":
             raise self.unknown_phase(phase)
-        real, labels = batch.images, batch.labels  # teacher score matching: regress each small student onto the teacher on noised data
+        real, labels = batch.images, batch.labels  # teacher score matching: each small student onto the teacher
         t = sample_timesteps(len(real), self.T, device=real.device)
         sigma = self.teacher_denoiser.t_to_sigma(t).to(real.device)
-        x_t = real + append_dims(sigma.to(real.dtype), real.ndim) * torch.randn_like(real)
-        with torch.no_grad():
-            target = self.teacher_denoiser(x_t, sigma, labels)
-        pred = self._routed(lambda student, idx: student(x_t[idx], sigma[idx], labels[idx]), labels)
-        w = append_dims(self.teacher_denoiser.loss_weight(sigma).to(real.dtype), real.ndim)
-        loss = (w * (pred - target) ** 2).mean()
+        loss = dsm_loss(self.routed_students, real, sigma, labels, teacher=self.teacher_denoiser)
         return loss, {"tsm": loss.item()}
+
+    def routed_students(self, x: Tensor, sigma: Tensor, labels: Tensor) -> Tensor:
+        """The students as one denoiser: each sample denoised by the student that owns its label."""
+        return self._routed(lambda student, idx: student(x[idx], sigma[idx], labels[idx]), labels)
 
     def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
         from dstudio.samplers import sample_multistep
