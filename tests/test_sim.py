@@ -65,7 +65,7 @@ def test_sim_phases_and_export(tiny_teacher, tmp_path):
     m = SIM(SIMConfig(lr_generator=1e-3, lr_fake=1e-3), teacher=load_teacher(tiny_teacher))
     trainer = Trainer(m, TrainerConfig(steps=2, batch_size=8, sample_every=100, log_every=1), tmp_path)
     before = {k: [p.detach().clone() for p in getattr(m, k).parameters()] for k in ("student", "fake_score")}
-    trainer._run_phase(trainer.phases[0], [8])
+    trainer._run_phase(trainer.phases[0], [Batch.data_free(8)])
     moved = {k: any(not torch.equal(a, b) for a, b in zip(before[k], getattr(m, k).parameters())) for k in before}
     assert moved == {"student": False, "fake_score": True}
     out = trainer.fit()
