@@ -67,9 +67,9 @@ class ToyOneStep(Method):
 
 
 @contextlib.contextmanager
-def plugin_package(tmp_path, monkeypatch, name="toy_methods", files=None):
-    """A package of method files on sys.path, named by $DSTUDIO_METHODS; the registry and sys.modules are restored
-    afterwards, so nothing it registers outlives the block."""
+def plugin_package(tmp_path, monkeypatch, name="toy_methods", files=None, env=True):
+    """A package of method files on sys.path, named by $DSTUDIO_METHODS (with `env`); the registry and sys.modules
+    are restored afterwards, so nothing it registers outlives the block."""
     pkg = tmp_path / name
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
@@ -78,11 +78,12 @@ def plugin_package(tmp_path, monkeypatch, name="toy_methods", files=None):
     registry.discover()  # the built-in methods, registered before the snapshot
     saved = dict(registry.METHODS), dict(registry.ALIASES)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv(registry.ENV_VAR, name)
+    if env:
+        monkeypatch.setenv(registry.ENV_VAR, name)
     try:
         yield pkg
     finally:
-        monkeypatch.delenv(registry.ENV_VAR)
+        monkeypatch.delenv(registry.ENV_VAR, raising=False)
         for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
             del sys.modules[mod]
         registry.METHODS.clear(), registry.METHODS.update(saved[0])
@@ -110,6 +111,21 @@ def test_a_method_is_one_file(tiny_teacher, tmp_path, monkeypatch, capsys):
     assert "toy_one_step" not in registry.discover()  # nothing left in the global registry
     assert main(["distill", "toy_one_step", "--out", str(tmp_path / "gone")]) == 2
     assert "unknown method 'toy_one_step'" in capsys.readouterr().err
+
+
+def test_an_entry_point_names_a_method_package(tmp_path, monkeypatch):
+    """Third-party packages declare `[project.entry-points."dstudio.methods"]`; simulated here."""
+    import importlib.metadata
+
+    ep = importlib.metadata.EntryPoint(name="toys", value="toy_ep_methods", group=registry.ENTRY_POINT_GROUP)
+    real = importlib.metadata.entry_points
+    with monkeypatch.context() as mp:
+        mp.setattr(importlib.metadata, "entry_points",
+                   lambda **kw: [ep] if kw.get("group") == registry.ENTRY_POINT_GROUP else real(**kw))
+        with plugin_package(tmp_path, mp, name="toy_ep_methods", files={"toy.py": TOY}, env=False):
+            assert "toy_ep_methods" in registry.method_sources()
+            assert registry.get_method("toy_one_step").__module__ == "toy_ep_methods.toy"
+    assert "toy_one_step" not in registry.discover()
 
 
 def test_files_starting_with_underscore_hold_no_methods(tmp_path, monkeypatch):

@@ -199,7 +199,7 @@ def _import_methods(name: str) -> None:
 def method_sources() -> list[str]:
     """Where methods are found: the built-in package, the `dstudio.methods` entry points, then $DSTUDIO_METHODS."""
     sources = [BUILTIN_METHODS]
-    sources += [ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)]
+    sources += [ep.module for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)]
     sources += [s.strip() for s in os.environ.get(ENV_VAR, "").split(",") if s.strip()]
     return sources
 
