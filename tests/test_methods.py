@@ -119,12 +119,12 @@ def test_an_entry_point_names_a_method_package(tmp_path, monkeypatch):
 
     ep = importlib.metadata.EntryPoint(name="toys", value="toy_ep_methods", group=registry.ENTRY_POINT_GROUP)
     real = importlib.metadata.entry_points
-    with monkeypatch.context() as mp:
+    with monkeypatch.context() as mp, plugin_package(tmp_path, mp, name="toy_ep_methods", files={"toy.py": TOY},
+                                                     env=False):
         mp.setattr(importlib.metadata, "entry_points",
                    lambda **kw: [ep] if kw.get("group") == registry.ENTRY_POINT_GROUP else real(**kw))
-        with plugin_package(tmp_path, mp, name="toy_ep_methods", files={"toy.py": TOY}, env=False):
-            assert "toy_ep_methods" in registry.method_sources()
-            assert registry.get_method("toy_one_step").__module__ == "toy_ep_methods.toy"
+        assert "toy_ep_methods" in registry.method_sources()
+        assert registry.get_method("toy_one_step").__module__ == "toy_ep_methods.toy"
     assert "toy_one_step" not in registry.discover()
 
 
