@@ -15,14 +15,23 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# The stock diffusers schedulers `dstudio sample --scheduler NAME` offers: name -> class.
+STOCK_SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpmpp": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
 # Stock diffusers solvers every benchmark compares against: name -> (class, config overrides).
 STOCK_SOLVERS = {
-    "ddim": ("DDIMScheduler", {"timestep_spacing": "trailing"}),
-    "ddim-leading": ("DDIMScheduler", {"timestep_spacing": "leading", "steps_offset": 0}),
-    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                 "timestep_spacing": "trailing"}),
-    "unipc": ("UniPCMultistepScheduler", {"timestep_spacing": "trailing"}),
-    "euler": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "ddim": (STOCK_SCHEDULERS["ddim"], {"timestep_spacing": "trailing"}),
+    "ddim-leading": (STOCK_SCHEDULERS["ddim"], {"timestep_spacing": "leading", "steps_offset": 0}),
+    "dpmpp-2m": (STOCK_SCHEDULERS["dpmpp"], {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                             "timestep_spacing": "trailing"}),
+    "unipc": (STOCK_SCHEDULERS["unipc"], {"timestep_spacing": "trailing"}),
+    "euler": (STOCK_SCHEDULERS["euler"], {"timestep_spacing": "trailing"}),
 }
 RESULTS = ROOT / "benchmarks" / "results"
 N_PER_CLASS = 200
@@ -90,8 +99,9 @@ def real_floor(space, ref, resolution: int) -> dict:
     return fid_of_tensor(data.images[idx], ref, space, "mnist5k-real-2000")
 
 
-def protocol_for(pipe, per_class: int = N_PER_CLASS) -> dict:
-    """The embedded protocol for a class-conditional pipeline: labels, fixed noise, feature space, reference, floor."""
+def protocol_for(pipe, per_class: int = N_PER_CLASS, floor: bool = True) -> dict:
+    """The embedded protocol for a class-conditional pipeline: labels, fixed noise, feature space, reference and
+    (with `floor`) the real-vs-real FID floor."""
     from dstudio.app.fid import feature_space, mnist_reference
 
     cfg = pipe.unet.config
@@ -99,8 +109,10 @@ def protocol_for(pipe, per_class: int = N_PER_CLASS) -> dict:
     labels = protocol_labels(per_class=per_class)
     space = feature_space("mnist", "cpu")
     ref = mnist_reference(space, shape[-1])
-    return {"labels": labels, "noise": protocol_noise(shape, len(labels)), "space": space, "ref": ref,
-            "floor": real_floor(space, ref, shape[-1])["fid"]}
+    proto = {"labels": labels, "noise": protocol_noise(shape, len(labels)), "space": space, "ref": ref}
+    if floor:
+        proto["floor"] = real_floor(space, ref, shape[-1])["fid"]
+    return proto
 
 
 def merge_rows(rows: list[dict], old: list[dict], date: str | None, key) -> list[dict]:

@@ -6,16 +6,6 @@ import os
 import sys
 from pathlib import Path
 
-STOCK_SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "dpmpp": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
-
-
 class UsageError(Exception):
     """Bad command-line usage: printed as one line, exit code 2 (like every distill.core.errors.UserError)."""
 
@@ -70,12 +60,13 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
     fields = set(cls.Config.__dataclass_fields__)
     if args.data is not None and "data" in fields:
         mraw["data"] = args.data
-    for flag, key in METHOD_FLAGS.items():
+    for flag, entry in method_flags(METHODS).items():
+        key = entry["dest"]
         value = getattr(args, key, None)
         if value is None:
             continue
         if key not in fields:
-            raise UsageError(f"--{flag} does not apply to method '{cls.name}' (it has no method.{key})")
+            raise UsageError(f"{flag} does not apply to method '{cls.name}' (it has no method.{key})")
         mraw[key] = value
     mcfg = from_dict(cls.Config, mraw, "method.")
     out = check_writable(args.out)
@@ -188,6 +179,8 @@ def cmd_sample(args) -> None:
     teacher = teacher_from_pipeline(pipe, str(source))
     if args.scheduler_name:
         name = args.scheduler_name
+        from dstudio.app.benchmark import STOCK_SCHEDULERS
+
         if name not in STOCK_SCHEDULERS:
             raise UsageError(f"unknown scheduler '{name}': use one of {', '.join(STOCK_SCHEDULERS)}")
         if teacher.denoiser.prediction_type == "flow":
@@ -275,19 +268,49 @@ def cmd_features_train(args) -> None:
 
 
 # --- parser -----------------------------------------------------------------------------------------
-# method options with their own flag: `--student-width 0.5` is `--set method.student_width=0.5`
-METHOD_FLAGS = {"students": "students", "student-width": "student_width", "init": "init", "target": "target",
-                "pairs": "pairs", "prompts": "prompts"}
+# method options with their own flag, read from the config dataclasses' field metadata:
+# `students: int = field(default=4, metadata={"cli": "--students", "help": "...", "min": 1})`;
+# `--students 2` is `--set method.students=2`
+def method_flags(methods) -> dict[str, dict]:
+    """flag -> {"dest": the config key, "type": its parser, "help": ..., "methods": [...]} over the given methods."""
+    import dataclasses
+    import typing
+
+    flags: dict[str, dict] = {}
+    for name, cls in sorted(methods.items()):
+        hints = typing.get_type_hints(cls.Config)
+        for f in dataclasses.fields(cls.Config):
+            flag = f.metadata.get("cli")
+            if not flag:
+                continue
+            parse = _flag_type(hints[f.name], flag, f.metadata.get("min"))
+            entry = flags.setdefault(flag, {"dest": f.name, "type": parse, "helps": {}, "methods": []})
+            if entry["dest"] != f.name:
+                raise RuntimeError(f"flag {flag} names method.{entry['dest']} and method.{f.name} ({name})")
+            entry["methods"].append(name)
+            entry["helps"].setdefault(f.metadata.get("help", f"method.{f.name}"), []).append(name)
+    for entry in flags.values():
+        entry["help"] = "; ".join(f"{', '.join(names)}: {text}" for text, names in entry.pop("helps").items())
+    return flags
 
 
-def _add_method_flags(p) -> None:
-    p.add_argument("--students", type=_positive_int("--students"), default=None, help="msd: number of students K")
-    p.add_argument("--student-width", type=float, default=None,
-                   help="msd, slimflow: channel multiplier of smaller students (0.5: about 1/4 of the parameters)")
-    p.add_argument("--init", default=None, help="rectified_flow, consistency: start from the 'teacher' or 'scratch'")
-    p.add_argument("--target", default=None, help="consistency: 'self' (training, iCT) or 'teacher' (distillation)")
-    p.add_argument("--pairs", default=None, help="flow methods: reflow pair store folder (default: RUN/pairs)")
-    p.add_argument("--prompts", default=None, help="text teachers (InstaFlow): a file with one prompt per line")
+def _flag_type(tp, flag: str, low):
+    """The argparse type of a config field: integers (at least `low`), numbers, or the text as given."""
+    import types
+    import typing
+
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # `X | None`: the flag gives an X
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if tp is int:
+        return _int_at_least(flag, -sys.maxsize if low is None else low)
+    if tp is float:
+        return float
+    return str
+
+
+def _add_method_flags(p, flags: dict[str, dict]) -> None:
+    for flag, entry in flags.items():
+        p.add_argument(flag, dest=entry["dest"], type=entry["type"], default=None, help=entry["help"])
 
 
 def _add_train_args(p, default_out: str) -> None:
@@ -312,9 +335,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dstudio.distill.core.method import METHODS, get_method
+    from dstudio.app.benchmark import STOCK_SCHEDULERS
+    from dstudio.distill.core.method import discover
 
-    get_method("ddpm")  # imports and registers every method
+    methods = discover()
     parser = Parser(prog="dstudio", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
@@ -324,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(tt, "runs/teacher")
     tt.set_defaults(func=cmd_teacher_train)
 
-    distillers = sorted(n for n, c in METHODS.items() if c.is_distiller)
+    distillers = sorted(n for n, c in methods.items() if c.is_distiller)
     dp = sub.add_parser("distill", help="distill a teacher into a fast student")
     dp.add_argument("method", help=f"one of: {', '.join(distillers) or '(none yet)'}")
     dp.add_argument("--teacher", default=None, help="pipeline folder or hub id (default: the shipped MNIST teacher)")
@@ -332,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after training, FID and speed of teacher (50 DDIM steps) vs student on this many images "
                          "per class (0: skip)")
     _add_train_args(dp, "runs/distill")
-    _add_method_flags(dp)
+    _add_method_flags(dp, method_flags(methods))
     dp.set_defaults(func=cmd_distill)
 
     sp = sub.add_parser("sample", help="draw images from a teacher or an exported student")
@@ -418,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the registered methods").set_defaults(
         func=lambda a: print("\n".join(f"{n}\t{(c.__doc__ or '').strip().splitlines()[0]}"
-                                       for n, c in sorted(METHODS.items()))))
+                                       for n, c in sorted(methods.items()))))
     return parser
 
 

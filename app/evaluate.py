@@ -3,21 +3,18 @@ from __future__ import annotations
 
 import torch
 
-from dstudio.app.benchmark import pipeline_images, protocol_labels, protocol_noise
+from dstudio.app.benchmark import pipeline_images, protocol_for
 
 
 def compare(teacher_source, student_dir, per_class: int = 100, teacher_steps: int = 50) -> dict:
     """Rows for the teacher at `teacher_steps` DDIM steps and the student with its own scheduler."""
-    from dstudio.app.fid import feature_space, fid_of_tensor, mnist_reference
+    from dstudio.app.fid import fid_of_tensor
     from dstudio.distill.core.teacher import load_pipeline, reference_scheduler
 
     teacher = load_pipeline(teacher_source)
     student = load_pipeline(student_dir)
-    shape = (teacher.unet.config.in_channels, teacher.unet.config.sample_size, teacher.unet.config.sample_size)
-    labels = protocol_labels(per_class=per_class)
-    noise = protocol_noise(shape, len(labels))
-    space = feature_space("mnist", "cpu")
-    ref = mnist_reference(space, shape[-1])
+    proto = protocol_for(teacher, per_class, floor=False)
+    labels, noise, space, ref = proto["labels"], proto["noise"], proto["space"], proto["ref"]
     teacher.scheduler = reference_scheduler(teacher.scheduler)
     rows = []
     for name, pipe, steps in (("teacher", teacher, teacher_steps), ("student", student, None)):

@@ -22,7 +22,7 @@ import torch
 
 from dstudio.app.benchmark import ROOT, timed
 
-MAX_STEPS = 1000          # sampling steps in Compare
+MAX_STEPS = 100           # sampling steps in Compare (the slider's end)
 MAX_IMAGES = 16           # images per pipeline in Compare
 MAX_ROWS = 6              # pipelines compared at once
 MAX_PER_CLASS = 500       # images per class for "Compute FID"
@@ -242,23 +242,21 @@ def fid_figures(rows: list[dict]):
 
 def compute_fid(entry: Entry, per_class: int, progress=None) -> dict:
     """FID-mnist of a class-conditional pipeline on the protocol's noise (per_class images per class)."""
-    from dstudio.app.benchmark import pipeline_images, protocol_labels, protocol_noise
-    from dstudio.app.fid import feature_space, fid_of_tensor, mnist_reference
+    from dstudio.app.benchmark import pipeline_images, protocol_for
+    from dstudio.app.fid import fid_of_tensor
 
     _check(entry.available, f"pipeline '{entry.name}' is unavailable: {entry.error}")
     _check(1 <= int(per_class) <= MAX_PER_CLASS, f"images per class {per_class} is outside 1..{MAX_PER_CLASS}")
     pipe = entry.pipeline()
     _check(bool(pipe.unet.config.get("num_class_embeds")), "FID here is for class-conditional (MNIST) pipelines")
-    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-    labels = protocol_labels(per_class=int(per_class))
-    noise = protocol_noise(shape, len(labels))
+    proto = protocol_for(pipe, int(per_class), floor=False)
+    labels, noise = proto["labels"], proto["noise"]
     step = (lambda f: progress(f, desc=f"sampling {entry.name}")) if progress is not None else None
     with torch.no_grad():
         images, seconds = pipeline_images(pipe, labels, noise, None, batch_size=100, progress=step)
     if progress is not None:
         progress(1.0, desc="features and FID")
-    space = feature_space("mnist", "cpu")
-    result = fid_of_tensor(images, mnist_reference(space, shape[-1]), space, entry.name)
+    result = fid_of_tensor(images, proto["ref"], proto["space"], entry.name)
     return {"pipeline": entry.name, "fid": result["fid"], "images": len(images), "images_per_s": len(images) / seconds}
 
 
@@ -524,12 +522,11 @@ def build_app(runs: str | Path | None = "runs", teachers: tuple = (), concurrenc
     import gradio as gr
     import pandas as pd
 
-    from dstudio.distill.core.method import METHODS, get_method
+    from dstudio.distill.core.method import discover
 
-    get_method("ddpm")  # registers every method
     studio = Studio(runs or "runs", teachers, concurrency, max_jobs)
     names = studio.names()
-    distillers = sorted(n for n, c in METHODS.items() if c.is_distiller)
+    distillers = sorted(n for n, c in discover().items() if c.is_distiller)
 
     def _unavailable() -> str:
         bad = [f"- `{e.name}`: {e.error}" for e in studio.entries if not e.available]
@@ -620,7 +617,7 @@ def build_app(runs: str | Path | None = "runs", teachers: tuple = (), concurrenc
                 prompt = gr.Textbox(label="prompt (text-to-image pipelines)")
                 seed = gr.Number(value=0, precision=0, label="seed")
             with gr.Row():
-                steps = gr.Slider(0, 100, value=0, step=1, label="steps (0: the pipeline's own)")
+                steps = gr.Slider(0, MAX_STEPS, value=0, step=1, label="steps (0: the pipeline's own)")
                 guidance = gr.Slider(1.0, 8.0, value=1.0, step=0.5, label="guidance")
                 num_images = gr.Slider(1, MAX_IMAGES, value=8, step=1, label="images per pipeline")
             go = gr.Button("Generate", variant="primary")

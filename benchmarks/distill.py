@@ -45,6 +45,21 @@ RUNS = {
 }
 
 
+def check_runs(runs: dict) -> None:
+    """Every row names a registered method (a renamed or removed method fails here, not after hours of training);
+    a registered distiller without a row is named."""
+    from dstudio.distill.core.method import discover, get_method
+
+    for name, (method, _, _) in runs.items():
+        try:
+            get_method(method)
+        except ValueError as e:
+            raise SystemExit(f"benchmarks/distill.py: row '{name}': {e}") from None
+    rowless = sorted(n for n, c in discover().items() if c.is_distiller and n not in {m for m, _, _ in runs.values()})
+    if rowless:
+        print(f"benchmarks/distill.py: note: no row for method(s) {', '.join(rowless)}", file=sys.stderr)
+
+
 def params(unet) -> int:
     return sum(p.numel() for p in unet.parameters())
 
@@ -73,6 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", action="store_true", help="evaluate finished runs instead of training them again")
     p.add_argument("--per-class", type=int, default=200)
     args = p.parse_args(argv)
+    check_runs(RUNS)
 
     trained = {name: train(name, args.preset, args.reuse) for name in args.only}
 

@@ -37,9 +37,6 @@ class LabelledImages:
     def __len__(self) -> int:
         return len(self.images)
 
-    def dataset(self) -> torch.utils.data.TensorDataset:
-        return torch.utils.data.TensorDataset(self.images, self.labels)
-
     def split(self, holdout: float, seed: int = 0) -> tuple["LabelledImages", "LabelledImages"]:
         """A seeded (train, held-out) split; the same seed always gives the same split."""
         perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))

@@ -15,15 +15,13 @@ from dstudio.samplers.schedules import (
     DiscreteSigmas,
     append_zero,
     flow_sigma_to_t,
-    flow_t_to_sigma,
     karras_sigmas,
     sigmas_from_alphas_cumprod,
-    vp_scale,
 )
 
 __all__ = [
     "SAMPLERS", "DiscreteSigmas", "FlowEulerScheduler", "SearchedScheduler", "StudentScheduler", "append_zero",
-    "discrete_timesteps", "flow_sigma_to_t", "flow_t_to_sigma", "get_sampler", "karras_sigmas",
+    "discrete_timesteps", "flow_sigma_to_t", "get_sampler", "karras_sigmas",
     "sample_ddim", "sample_dpmpp_2m", "sample_euler", "sample_flow_euler", "sample_heun", "sample_multistep",
-    "scheduler_from_teacher", "sigmas_from_alphas_cumprod", "vp_scale",
+    "scheduler_from_teacher", "sigmas_from_alphas_cumprod",
 ]

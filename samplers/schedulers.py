@@ -20,10 +20,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 from diffusers.utils import logging
 
 from .samplers import SOLVERS, discrete_timesteps, dpmpp_update, parse_solver, solver_orders, unipc_update
-from .schedules import DiscreteSigmas, consistency_scalings, flow_match_alphas_cumprod
+from .schedules import PREDICTION_TYPES, DiscreteSigmas, consistency_scalings, flow_match_alphas_cumprod, x0_scalings
 
 logger = logging.get_logger(__name__)
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
@@ -68,12 +67,17 @@ def x0_from_output(prediction_type: str, model_output, sample, sigma: float) -> 
     if prediction_type == "flow":
         return sample - sigma / (1 + sigma) * model_output
     alpha = (1 + sigma**2) ** -0.5
-    x_ve = sample / alpha
-    if prediction_type == "epsilon":
-        return x_ve - sigma * model_output
-    if prediction_type == "v_prediction":
-        return alpha**2 * x_ve - sigma * alpha * model_output
-    return model_output
+    c_skip, c_out = x0_scalings(prediction_type, sigma, alpha)
+    return c_skip * (sample / alpha) + c_out * model_output
+
+
+def step_index(timesteps: torch.Tensor, timestep) -> int:
+    """Where a pipeline's first `step(timestep)` call is in the set list (diffusers' convention: the first match,
+    or the first step when the time step is not in the list)."""
+    if not len(timesteps):
+        raise ValueError("call set_timesteps before step")
+    hits = (timesteps == torch.as_tensor(timestep, device=timesteps.device).to(timesteps.dtype)).nonzero()
+    return int(hits[0]) if len(hits) else 0
 
 
 @dataclass
@@ -158,11 +162,7 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
 
     def _current(self, timestep) -> _Step:
         if self._step_index is None:
-            if not len(self.timesteps):
-                raise ValueError("call set_timesteps before step")
-            t = torch.as_tensor(timestep, device=self.timesteps.device).to(self.timesteps.dtype)
-            hits = (self.timesteps == t).nonzero()
-            self._step_index = int(hits[0]) if len(hits) else 0
+            self._step_index = step_index(self.timesteps, timestep)
         i = self._step_index
         return _Step(self._sigmas[i], self._sigmas[i + 1])
 
@@ -174,7 +174,7 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
         a = a.reshape(-1, *([1] * (original_samples.ndim - 1)))
         return a.sqrt() * original_samples + (1 - a).sqrt() * noise
 
-    def _finish(self, prev_ve, sigma_next: float, x0, return_dict: bool):
+    def _finish(self, prev_ve, sigma_next: float, return_dict: bool):
         self._step_index += 1
         prev = prev_ve / (1 + sigma_next) if self.flow_state else prev_ve * (1 + sigma_next**2) ** -0.5
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
@@ -221,7 +221,7 @@ class SearchedScheduler(_DiscreteScheduler):
         update = unipc_update if rule == "unipc" else dpmpp_update
         prev = update(x_ve, sigma, sigma_next, x0, self._history, orders[i])
         self._history = [*self._history[-2:], (sigma, x0)]
-        return self._finish(prev, sigma_next, x0, return_dict)
+        return self._finish(prev, sigma_next, return_dict)
 
 
 class StudentScheduler(_DiscreteScheduler):
@@ -275,7 +275,7 @@ class StudentScheduler(_DiscreteScheduler):
         prev = x0
         if cur.sigma_next > 0:
             prev = x0 + cur.sigma_next * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return self._finish(prev, cur.sigma_next, x0, return_dict)
+        return self._finish(prev, cur.sigma_next, return_dict)
 
 
 class FlowEulerScheduler(SchedulerMixin, ConfigMixin):
@@ -354,10 +354,7 @@ class FlowEulerScheduler(SchedulerMixin, ConfigMixin):
 
     def _index(self, timestep) -> int:
         if self._step_index is None:
-            if not len(self.timesteps):
-                raise ValueError("call set_timesteps before step")
-            hits = (self.timesteps == torch.as_tensor(timestep, device=self.timesteps.device).float()).nonzero()
-            self._step_index = int(hits[0]) if len(hits) else 0
+            self._step_index = step_index(self.timesteps, timestep)
         return self._step_index
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:

@@ -6,10 +6,22 @@ sigma_t = sqrt((1 - alphabar_t) / alphabar_t) and x_VE = x_VP / sqrt(alphabar_t)
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # a DDPM backbone's outputs, as diffusers names them
+
+
+def x0_scalings(prediction_type: str, sigma, alpha):
+    """(c_skip, c_out) with x0 = c_skip x_VE + c_out F for a DDPM backbone's output F at noise level sigma,
+    alpha = 1 / sqrt(1 + sigma^2) (EDM eq. 7's outer scalings): eps (1, -sigma), v (alpha^2, -sigma alpha),
+    sample (0, 1). Floats or tensors, as given."""
+    if prediction_type == "epsilon":
+        return 1.0, -sigma
+    if prediction_type == "v_prediction":
+        return alpha**2, -sigma * alpha
+    return 0.0, 1.0
 
 
 MIN_ALPHABAR = 1e-10  # sigma <= 1e5: a terminal-SNR-0 step is read as pure noise at this finite sigma
@@ -86,12 +98,6 @@ class DiscreteSigmas:
         return self.t_to_sigma(torch.as_tensor(timesteps, dtype=torch.float64))
 
 
-def flow_t_to_sigma(t: Tensor) -> Tensor:
-    """Rectified flow x_t = t x1 + (1 - t) z is x0 + sigma z on the VE scale after dividing by t."""
-    t = torch.as_tensor(t, dtype=torch.float64)
-    return (1 - t) / t
-
-
 def flow_sigma_to_t(sigma: Tensor) -> Tensor:
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
     return 1 / (1 + sigma)
@@ -99,13 +105,6 @@ def flow_sigma_to_t(sigma: Tensor) -> Tensor:
 
 def append_zero(sigmas: Tensor) -> Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)])
-
-
-def vp_scale(sigma) -> float | Tensor:
-    """1 / sqrt(1 + sigma^2): the factor from the VE state to the DDPM (VP) state."""
-    if isinstance(sigma, Tensor):
-        return (1 + sigma**2).rsqrt()
-    return 1 / math.sqrt(1 + sigma**2)
 
 
 def consistency_scalings(sigma, sigma_data: float = 0.5, sigma_min: float = 0.002):

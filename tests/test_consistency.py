@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from dstudio.distill.core.method import Batch
 from dstudio.distill.methods.consistency import discretisation_steps, index_probabilities
 from dstudio.samplers import karras_sigmas
 from dstudio.samplers.schedules import consistency_scalings
@@ -58,7 +59,7 @@ def test_huber_constant_and_loss_on_fixed_tensors(method):
     method.total_steps = 80
     x0, labels = torch.randn(5, 1, 8, 8), torch.arange(5)
     torch.manual_seed(3)
-    loss, logs = method.loss("consistency", (x0, labels), step=10)  # K' = 10: N = 21
+    loss, logs = method.loss("consistency", Batch.of(x0, labels), step=10)  # K' = 10: N = 21
     assert logs["N"] == 21
     torch.manual_seed(3)
     grid = karras_sigmas(21, 0.002, 80.0).flip(0)
@@ -154,7 +155,7 @@ def test_dropout_defaults_and_the_same_mask_in_both_branches(tiny_teacher):
         d.register_forward_hook(lambda mod, args, out: masks.append((out == 0) & (args[0] != 0)))
     m.total_steps = 80
     torch.manual_seed(0)
-    m.loss("consistency", (torch.randn(6, 1, 8, 8), torch.arange(6)), step=10)
+    m.loss("consistency", Batch.of(torch.randn(6, 1, 8, 8), torch.arange(6)), step=10)
     target, online = masks[:len(drops)], masks[len(drops):]
     assert len(online) == len(drops) and any(t.any() for t in target)  # units were dropped
     for a, b in zip(target, online):

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from dstudio.distill.core.score import dmd_gradient, dmd_loss
+from dstudio.distill.core.method import Batch
 from dstudio.distill.core.trainer import Trainer, TrainerConfig
 from dstudio.distill.data import digits8
-from dstudio.distill.methods.dmd2 import DMD2, DMD2Config
+from dstudio.distill.methods.dmd2 import DMD2, DMD2Config, dmd_gradient, dmd_loss
 
 
 def gaussian_denoiser(x_t, mu, s, sigma):
@@ -166,7 +166,7 @@ def test_gan_head_noise_levels_span_all_steps_and_differ_for_real_and_fake(dmd2)
     dmd2.fake_score.register_forward_pre_hook(lambda mod, args: seen.append(args[1].detach().clone()))
     real, labels = digits8(8).images[:300], digits8(8).labels[:300]
     torch.manual_seed(0)
-    dmd2.loss("critic", (real, labels), 0)
+    dmd2.loss("critic", Batch.of(real, labels), 0)
     assert len(seen) == 3  # DSM, then the head on the fake images, then on the real ones
     t_fake, t_real = (dmd2.schedule.sigma_to_t(s.double()).round().long() for s in seen[1:])
     assert not torch.equal(t_fake, t_real)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from dstudio.distill.core.config import ConfigError
+from dstudio.distill.core.method import Batch
 from dstudio.distill.methods.msd import MSD, MSDConfig, check_partition, contiguous_partition
 
 
@@ -87,7 +88,7 @@ def test_per_student_critics_see_only_their_students_classes(teacher, tmp_path):
     data = digits8(8)
     trainer = Trainer(m, TrainerConfig(steps=1, batch_size=8, sample_every=100), tmp_path, data=data)
     mine = data.labels < 3  # classes 0, 1, 2 belong to student 0
-    batch = (data.images[mine][:8], data.labels[mine][:8])
+    batch = Batch.of(data.images[mine][:8], data.labels[mine][:8])
     critic = [ph for ph in trainer.phases if ph.name == "critic"][0]
     before = [[p.detach().clone() for p in nn.parameters()] for nn in (*m.fake_score.nets, *m.head)]
     trainer._run_phase(critic, [batch])

@@ -17,6 +17,7 @@ class ToyConfig:
     lr: float = 0.1
     nan_at: int = -1
     nan_grad_at: int = -1
+    start_b: int = 0
 
 
 class ToyTwoPhase(Method):
@@ -36,7 +37,13 @@ class ToyTwoPhase(Method):
 
     def phases(self):
         return [Phase("critic", ("critic",), lr=self.config.lr),
-                Phase("student", ("student",), lr=self.config.lr, every=self.config.every_b)]
+                Phase("student", ("student",), lr=self.config.lr, every=self.config.every_b, start=self.config.start_b)]
+
+    def on_fit_start(self, run_dir, accelerator, steps):
+        self.calls.append(("fit", steps))
+
+    def on_phase_start(self, phase, step):
+        self.calls.append(("start", phase.name, step))
 
     def loss(self, phase, batch, step):
         self.calls.append((step, phase))
@@ -86,8 +93,21 @@ def test_phases_touch_only_their_parameters(tmp_path):
 def test_update_ratio_is_honoured(tmp_path):
     method = ToyTwoPhase(ToyConfig(every_b=3))
     Trainer(method, TrainerConfig(steps=7, batch_size=4), tmp_path, data=digits8(8)).fit(export=False)
-    assert [s for s, p in method.calls if p == "critic"] == list(range(7))
-    assert [s for s, p in method.calls if p == "student"] == [0, 3, 6]
+    assert [c[0] for c in method.calls if c[-1] == "critic"] == list(range(7))
+    assert [c[0] for c in method.calls if c[-1] == "student"] == [0, 3, 6]
+
+
+def test_hooks_run_at_the_fit_and_at_each_phase_start_but_not_again_on_resume(tmp_path):
+    method = ToyTwoPhase(ToyConfig(start_b=3))
+    Trainer(method, TrainerConfig(steps=5, batch_size=4, checkpoint_every=2), tmp_path, data=digits8(8)).fit(
+        export=False)
+    hooks = [c for c in method.calls if c[0] in ("fit", "start")]
+    assert hooks == [("fit", 5), ("start", "critic", 0), ("start", "student", 3)]
+    # a resume after step 4 starts inside both phases: on_fit_start again, no phase start
+    resumed = ToyTwoPhase(ToyConfig(start_b=3))
+    Trainer(resumed, TrainerConfig(steps=6, batch_size=4, checkpoint_every=2), tmp_path, data=digits8(8)).fit(
+        resume=True, export=False)
+    assert [c for c in resumed.calls if c[0] in ("fit", "start")] == [("fit", 6)]
 
 
 def test_divergence_stops_with_step_phase_and_term(tmp_path):

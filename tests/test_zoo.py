@@ -8,6 +8,7 @@ import torch
 
 from dstudio.distill.core.denoiser import ClippedDenoiser, FlowMatchDenoiser, start_noise, student_prediction
 from dstudio.distill.core.images import collapse_reason
+from dstudio.distill.core.method import discover
 from dstudio.distill.core.teacher import TeacherError, load_teacher
 from dstudio.distill.core.trainer import Trainer, TrainerConfig
 from dstudio.distill.data import digits8
@@ -21,7 +22,7 @@ ZOO = {  # name: teacher training options (all on 8x8 digits, saved as DDPMPipel
     "flow": dict(objective="flow_matching", flow_shift=2.0),
     "eps-uncond": dict(prediction_type="epsilon", beta_schedule="linear", conditional=False),
 }
-METHODS = {  # name: (config overrides, trainer steps) so that every phase runs at least once
+METHODS = {  # name: (config overrides, trainer steps) so that every phase runs at least once; others: defaults, 2
     "dmd2": (dict(data="digits", critic_ratio=1, lr_generator=1e-3, lr_critic=1e-3, head_width=8), 2),
     "msd": (dict(data="digits", students=2, student_width=0.5, tsm_steps=1, critic_ratio=1, head_width=8), 2),
     "sim": (dict(lr_generator=1e-3, lr_fake=1e-3), 2),
@@ -163,14 +164,14 @@ def _make(method_name, teacher, data):
     from dstudio.distill.core.method import get_method
 
     cls = get_method(method_name)
-    overrides, steps = METHODS[method_name]
+    overrides, steps = METHODS.get(method_name, ({}, 2))
     torch.manual_seed(0)
     method = cls(from_dict(cls.Config, overrides), teacher=teacher, data=data if cls.needs_data else None)
     return method, steps
 
 
 @pytest.mark.parametrize("teacher_name", list(ZOO))
-@pytest.mark.parametrize("method_name", list(METHODS))
+@pytest.mark.parametrize("method_name", sorted(n for n, c in discover().items() if c.is_distiller))
 def test_every_method_on_every_zoo_teacher(method_name, teacher_name, zoo, data, tmp_path):
     from diffusers import DiffusionPipeline
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import sys
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,7 @@ def _config_dir() -> Path:
 
 
 CONFIG_DIR = _config_dir()
+DEFAULT_PRESET = "quick"
 
 
 class ConfigError(UserError):
@@ -115,6 +117,10 @@ def load_preset(method: str, preset: str, data: str = "mnist") -> dict:
     path = CONFIG_DIR / f"{method}_{data}.yaml"
     if not path.is_file():  # user folders and sets without their own presets start from the MNIST ones
         path = CONFIG_DIR / f"{method}_mnist.yaml"
+    if not path.is_file() and preset == DEFAULT_PRESET:  # a method without presets runs on its config defaults
+        print(f"dstudio: note: {method} has no presets in configs/: '{preset}' means its config defaults",
+              file=sys.stderr)
+        return {}
     presets = yaml.safe_load(path.read_text()) if path.is_file() else {}
     if preset not in presets:
         raise ConfigError(f"unknown preset '{preset}' for {method} on {data}: use one of "

@@ -10,10 +10,8 @@ import abc
 import torch
 from torch import Tensor, nn
 
-from dstudio.samplers.schedules import (DiscreteSigmas, consistency_scalings, flow_match_alphas_cumprod,
-                                        flow_sigma_to_t)
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from dstudio.samplers.schedules import (PREDICTION_TYPES, DiscreteSigmas, consistency_scalings,
+                                        flow_match_alphas_cumprod, flow_sigma_to_t, x0_scalings)
 
 
 def student_prediction(teacher_prediction: str) -> str:
@@ -105,11 +103,9 @@ class DiscreteDenoiser(Denoiser):
 
     def scalings(self, sigma: Tensor):
         alpha = (1 + sigma**2).rsqrt()
-        if self.prediction_type == "epsilon":
-            return torch.ones_like(sigma), -sigma, alpha
-        if self.prediction_type == "v_prediction":
-            return alpha**2, -sigma * alpha, alpha
-        return torch.zeros_like(sigma), torch.ones_like(sigma), alpha
+        c_skip, c_out = (torch.as_tensor(c, dtype=sigma.dtype, device=sigma.device).expand_as(sigma)
+                         for c in x0_scalings(self.prediction_type, sigma, alpha))
+        return c_skip, c_out, alpha
 
     def c_noise(self, sigma: Tensor) -> Tensor:
         return self.schedule.sigma_to_t(sigma).to(sigma.device)
@@ -238,11 +234,15 @@ class FlowDenoiser(Denoiser):
         return -out if self.noise_at_one else out
 
 
-def start_noise(denoiser: Denoiser, shape, sigma, generator=None, device=None) -> Tensor:
-    """The state a sampler starts from at noise level sigma (the teacher's terminal one for one-step students):
-    unit noise as the pipeline draws it, on the VE scale of `denoiser` (VP: z sqrt(1 + sigma^2); flow: z (1 + sigma))."""
-    z = torch.randn(tuple(shape), generator=generator, device=device)
+def start_state(denoiser: Denoiser, z: Tensor, sigma) -> Tensor:
+    """The state a sampler starts from at noise level sigma (the teacher's terminal one for one-step students) for
+    unit noise z as the pipeline draws it, on the VE scale of `denoiser` (VP: z sqrt(1 + sigma^2); flow: z (1 + sigma))."""
     return z * float(denoiser.noise_scale(float(sigma)))
+
+
+def start_noise(denoiser: Denoiser, shape, sigma, generator=None, device=None) -> Tensor:
+    """`start_state` of fresh unit noise of this shape."""
+    return start_state(denoiser, torch.randn(tuple(shape), generator=generator, device=device), sigma)
 
 
 class CFGDenoiser(WrappedDenoiser):

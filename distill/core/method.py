@@ -1,19 +1,24 @@
 """The Method base: a method owns its networks, declares its update phases and computes their losses.
 
-Methods register themselves with `@register("name")`; the CLI, the app and the tests read `METHODS`,
-so a new method is one new file in distill/methods.
+Methods register themselves with `@register("name")` and are found by `discover()`: every module of
+distill/methods (and of any package named by a `dstudio.methods` entry point or $DSTUDIO_METHODS), so a new
+method is one new file. The CLI, the app, the benchmarks and the tests read the registry.
 """
 from __future__ import annotations
 
 import abc
 import contextlib
+import importlib
+import importlib.metadata
+import os
+import pkgutil
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from dstudio.distill.core.config import ConfigError
+from dstudio.distill.core.config import ConfigError, require
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,22 @@ class Phase:
         return self.lr * min(1.0, (step - self.start + 1) / warmup_steps)
 
 
+class Batch(NamedTuple):
+    """One micro-batch: images and labels for methods that train on data (None for data-free ones) and its size."""
+
+    images: Tensor | None
+    labels: Tensor | None
+    size: int
+
+    @classmethod
+    def of(cls, images: Tensor, labels: Tensor) -> "Batch":
+        return cls(images, labels, len(images))
+
+    @classmethod
+    def data_free(cls, size: int) -> "Batch":
+        return cls(None, None, size)
+
+
 class Method(nn.Module, abc.ABC):
     """Base class. Subclasses set `name`, `Config` (a dataclass) and implement phases/loss/sample/export."""
 
@@ -54,6 +75,7 @@ class Method(nn.Module, abc.ABC):
     student_module: ClassVar[str] = "student"
     trains_on: ClassVar[str] = ""  # what it learns from, when not images (said when --data is given)
     ema = None  # the Trainer's EMA of student_net(), set when a Trainer takes the method
+    num_classes: int = 0  # class labels of the sample grids (0: unconditional)
 
     def __init__(self, config, teacher=None, data=None):
         super().__init__()
@@ -65,8 +87,8 @@ class Method(nn.Module, abc.ABC):
         """The update phases, in the order they run within a step."""
 
     @abc.abstractmethod
-    def loss(self, phase: str, batch: tuple[Tensor, Tensor] | int, step: int) -> tuple[Tensor, dict[str, float]]:
-        """(images, labels) for methods that need data, the batch size for data-free ones."""
+    def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        """The loss of `phase` on one micro-batch; a phase it does not define raises `unknown_phase(phase)`."""
 
     @abc.abstractmethod
     def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
@@ -77,8 +99,16 @@ class Method(nn.Module, abc.ABC):
         """Write the student as a diffusers pipeline folder at `path`."""
 
     # --- optional hooks ---------------------------------------------------------------------------
-    def prepare(self, run_dir, accelerator, steps: int) -> None:
+    def on_fit_start(self, run_dir, accelerator, steps: int) -> None:
         """Called once before training (and on --resume) with the run folder and the total number of steps."""
+
+    def on_phase_start(self, phase: Phase, step: int) -> None:
+        """Called before a phase's first update (at its `start` step; not again when a resume comes after it)."""
+
+    def unknown_phase(self, phase: str) -> ValueError:
+        """The error `loss` raises for a phase it has no loss for (a misspelt Phase name must not train another loss)."""
+        names = ", ".join(p.name for p in self.phases())
+        return ValueError(f"method '{self.name}' has no loss for phase '{phase}' (its phases: {names})")
 
     def checkpoint_modules(self) -> list[str]:
         """Submodules whose state a checkpoint keeps: the trained ones, plus any a method adds (a frozen guide)."""
@@ -123,13 +153,31 @@ class Method(nn.Module, abc.ABC):
             p.requires_grad_(True)
 
 
+class Distiller(Method):
+    """A method that learns from a teacher: it keeps the teacher and what every distiller reads from it."""
+
+    def __init__(self, config, teacher=None, data=None):
+        super().__init__(config)
+        require(teacher is not None, f"{self.name} needs a teacher")
+        self._teacher = teacher  # not a submodule: the frozen networks a method trains against it registers itself
+        self.kind, self.num_classes, self.shape = teacher.kind, teacher.num_classes, teacher.sample_shape
+        self.source, self.teacher_scheduler = teacher.source, teacher.scheduler
+
+    def cond(self, labels: Tensor, embeddings: Tensor | None = None):
+        """The denoisers' condition for these labels (class labels, nothing, or rows of `embeddings`)."""
+        return self._teacher.cond(labels, embeddings)
+
+
 METHODS: dict[str, type[Method]] = {}
 ALIASES: dict[str, str] = {}
+BUILTIN_METHODS = "dstudio.distill.methods"  # a package searched like any other: the core imports no method by name
+ENTRY_POINT_GROUP = "dstudio.methods"         # third-party packages: an entry point naming a method module or package
+ENV_VAR = "DSTUDIO_METHODS"                   # comma-separated module or package names, searched as well
 
 
 def register(name: str, *aliases: str):
     def deco(cls: type[Method]) -> type[Method]:
-        if name in METHODS:
+        if name in METHODS and METHODS[name] is not cls:
             raise RuntimeError(f"method '{name}' is registered twice")
         cls.name = name
         METHODS[name] = cls
@@ -140,9 +188,38 @@ def register(name: str, *aliases: str):
     return deco
 
 
-def get_method(name: str) -> type[Method]:
-    import dstudio.distill.methods  # noqa: F401  (methods register themselves on import)
+def _import_methods(name: str) -> None:
+    """Import a module, or every module of a package whose name does not start with '_' (they register themselves)."""
+    module = importlib.import_module(name)
+    for info in pkgutil.iter_modules(getattr(module, "__path__", [])):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{name}.{info.name}")
 
+
+def method_sources() -> list[str]:
+    """Where methods are found: the built-in package, the `dstudio.methods` entry points, then $DSTUDIO_METHODS."""
+    sources = [BUILTIN_METHODS]
+    sources += [ep.module for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)]
+    sources += [s.strip() for s in os.environ.get(ENV_VAR, "").split(",") if s.strip()]
+    return sources
+
+
+def discover() -> dict[str, type[Method]]:
+    """Every registered method, after importing every method module of every source (imports are cached)."""
+    for source in method_sources():
+        try:
+            _import_methods(source)
+        except ImportError as e:
+            missing = e.name or ""
+            if source == BUILTIN_METHODS or not (source == missing or source.startswith(missing + ".")):
+                raise  # an error inside a method module is a bug to see, not a missing source
+            raise ConfigError(f"method source '{source}' (from the {ENTRY_POINT_GROUP} entry points or "
+                              f"${ENV_VAR}) cannot be imported") from None
+    return METHODS
+
+
+def get_method(name: str) -> type[Method]:
+    discover()
     name = ALIASES.get(name, name)
     if name not in METHODS:
         raise ConfigError(f"unknown method '{name}': use one of {', '.join(sorted(METHODS))}")

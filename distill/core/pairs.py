@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from dstudio.distill.core.denoiser import start_state
 from dstudio.distill.core.errors import UserError
 from dstudio.distill.core.io import atomic_path, drop_stale_temps, save_torch
 from dstudio.distill.core.signals import Stopped, received
@@ -36,7 +37,7 @@ def solve_teacher_ode(teacher, z: Tensor, cond, solver: str = "dpmpp", steps: in
     d = teacher.denoiser
     sigmas = append_zero(d.schedule.timesteps_to_sigmas(discrete_timesteps(teacher.num_train_timesteps, steps)))
     sigmas = sigmas.to(z.device)
-    x = z * float(d.noise_scale(float(sigmas[0])))  # unit noise in the teacher's own state at its noisiest step
+    x = start_state(d, z, sigmas[0])  # unit noise in the teacher's own state at its noisiest step
     return get_sampler(solver)(teacher.for_sampling(guidance), x, sigmas, cond)
 
 

@@ -12,6 +12,17 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 
+def routed(owner: torch.Tensor, k: int, fn) -> torch.Tensor:
+    """fn(j, idx) for each j < k on the batch entries `owner` gives it, reassembled in batch order."""
+    parts, order = [], []
+    for j in range(k):
+        idx = (owner == j).nonzero().squeeze(1)
+        if len(idx):
+            parts.append(fn(j, idx))
+            order.append(idx)
+    return torch.cat(parts)[torch.argsort(torch.cat(order))]
+
+
 class RoutedUNet2DModel(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, partition: list[list[int]], student_configs: list[dict], sample_size: int = 16,
@@ -30,9 +41,6 @@ class RoutedUNet2DModel(ModelMixin, ConfigMixin):
         if timestep.ndim == 0:
             timestep = timestep.expand(len(sample))
         owner = self.route.to(sample.device)[class_labels]
-        out = torch.empty_like(sample)
-        for k, student in enumerate(self.students):
-            mask = owner == k
-            if mask.any():
-                out[mask] = student(sample[mask], timestep[mask], class_labels=class_labels[mask]).sample.to(out.dtype)
+        out = routed(owner, len(self.students), lambda k, idx: self.students[k](
+            sample[idx], timestep[idx], class_labels=class_labels[idx]).sample.to(sample.dtype))
         return UNet2DOutput(sample=out) if return_dict else (out,)

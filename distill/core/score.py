@@ -1,10 +1,10 @@
-"""What score-distillation methods share (DMD2, SIM, MSD): the fake score, its DSM loss, the GAN head, the DMD gradient."""
+"""What score-distillation methods share (DMD2, SIM, MSD, teacher training): trainable teacher copies, smaller
+students, training times and the one denoising score matching loss."""
 from __future__ import annotations
 
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dstudio.distill.core.denoiser import DiscreteDenoiser, append_dims
@@ -36,48 +36,18 @@ def sample_timesteps(n: int, num_train_timesteps: int, lo: float = 0.0, hi: floa
     return torch.randint(int(lo * T), max(int(hi * T), int(lo * T) + 1), (n,), device=device)
 
 
-def dsm_loss(denoiser: DiscreteDenoiser, x0: Tensor, sigma: Tensor, cond=None, noise: Tensor | None = None) -> Tensor:
-    """Vincent 2011 / EDM eq. 2: denoising score matching, ||D(x0 + sigma n) - x0||^2 under the backbone's own weighting."""
+def dsm_loss(denoiser, x0: Tensor, sigma: Tensor, cond=None, noise: Tensor | None = None,
+             teacher: DiscreteDenoiser | None = None) -> Tensor:
+    """Vincent 2011 / EDM eq. 2: denoising score matching, ||D(x0 + sigma n) - x0||^2 under the backbone's own weighting;
+    with `teacher`, teacher score matching (MSD): the target is the teacher's D at the same noisy input, under its
+    weighting."""
     noise = torch.randn_like(x0) if noise is None else noise
-    x0_hat = denoiser(x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * noise, sigma, cond)
-    w = append_dims(denoiser.loss_weight(sigma).to(x0.dtype), x0.ndim)
-    return (w * (x0_hat - x0) ** 2).mean()
-
-
-def dmd_gradient(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
-    """Yin et al. 2024 (DMD2), eq. 2 as in the reference code: (p_real - p_fake) / mean_CHW |p_real|, p = x - D(x_t)."""
-    p_real, p_fake = x - x0_real, x - x0_fake
-    grad = (p_real - p_fake) / p_real.abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
-    return torch.nan_to_num(grad)
-
-
-def dmd_loss(x: Tensor, grad: Tensor) -> Tensor:
-    """The stop-gradient surrogate whose gradient in x is `grad` / numel: 0.5 ||x - sg(x - grad)||^2."""
-    return 0.5 * F.mse_loss(x, (x - grad).detach())
-
-
-class BottleneckFeatures:
-    """Captures a UNet's mid-block output on every forward (the fake score's bottleneck, for the GAN head)."""
-
-    def __init__(self, unet: nn.Module):
-        self.value: Tensor | None = None
-        unet.mid_block.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        self.value = output[0] if isinstance(output, tuple) else output
-
-
-class DiscriminatorHead(nn.Module):
-    """DMD2's GAN classifier: a small conv stack on the fake score's bottleneck features -> one logit per image."""
-
-    def __init__(self, channels: int, width: int = 64):
-        super().__init__()
-        groups = min(32, width) if width % min(32, width) == 0 else 1
-        self.net = nn.Sequential(
-            nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(groups, width), nn.SiLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(groups, width), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 1),
-        )
-
-    def forward(self, features: Tensor) -> Tensor:
-        return self.net(features.float()).squeeze(1)
+    x_t = x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * noise
+    target, weighting = x0, denoiser
+    if teacher is not None:
+        with torch.no_grad():
+            target = teacher(x_t, sigma, cond)
+        weighting = teacher
+    x0_hat = denoiser(x_t, sigma, cond)
+    w = append_dims(weighting.loss_weight(sigma).to(x0.dtype), x0.ndim)
+    return (w * (x0_hat - target) ** 2).mean()

@@ -5,6 +5,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -25,13 +26,16 @@ class TeacherError(UserError):
     """The given path or id is not a teacher dstudio can use; the message says what would be."""
 
 
+TeacherKind = Literal["class", "uncond", "text"]  # class-conditional, unconditional, text-to-image
+
+
 @dataclass
 class Teacher:
     """A frozen pretrained pipeline seen as a Denoiser over sigma, with what is needed to condition and decode."""
 
     pipeline: object
     denoiser: DiscreteDenoiser
-    kind: str  # "class", "uncond" or "text"
+    kind: TeacherKind
     num_classes: int
     sample_shape: tuple[int, int, int]
     source: str
@@ -60,6 +64,17 @@ class Teacher:
         """The guided denoiser as the teacher's own scheduler samples it: clip_sample / thresholding applied to x0."""
         guided = self.guided(guidance_scale)
         return ClippedDenoiser(guided, **self.clipping) if self.clipping else guided
+
+    def cond(self, labels: Tensor, embeddings: Tensor | None = None):
+        """The denoiser's condition for a batch's labels: the labels themselves for a class-conditional teacher,
+        None for an unconditional one, and for a text teacher the rows of `embeddings` (prompt embeddings) they index."""
+        if self.kind == "class":
+            return labels
+        if self.kind == "text":
+            if embeddings is None:
+                raise ValueError("a text-to-image teacher's condition needs the prompt embeddings the labels index")
+            return embeddings[labels.to(embeddings.device)]
+        return None
 
     def check_class(self, label: int) -> int:
         if self.kind != "class":

@@ -24,7 +24,7 @@ from dstudio.distill.core.config import require, to_dict
 from dstudio.distill.core.errors import UserError
 from dstudio.distill.core.images import collapse_reason, save_grid
 from dstudio.distill.core.io import append_line, atomic_path, drop_stale_temps, run_folder_lock, save_torch
-from dstudio.distill.core.method import Method, Phase
+from dstudio.distill.core.method import Batch, Method, Phase
 from dstudio.distill.core.signals import Stopped, stop_requested, stop_signals
 
 CHECKPOINT = "checkpoint.pt"
@@ -143,7 +143,7 @@ class BatchStream:
     def _order(self) -> Tensor:
         return torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed + self.epoch))
 
-    def next(self, device) -> tuple[Tensor, Tensor]:
+    def next(self, device) -> Batch:
         need = self.batch_size * self.world
         order, idx, have = self._order(), [], 0
         while have < need:
@@ -155,7 +155,7 @@ class BatchStream:
                 self.epoch, self.pos = self.epoch + 1, 0
                 order = self._order()
         idx = torch.cat(idx)[self.rank::self.world]
-        return self.data.images[idx].to(device), self.data.labels[idx].to(device)
+        return Batch.of(self.data.images[idx].to(device), self.data.labels[idx].to(device))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
@@ -372,7 +372,7 @@ class Trainer:
 
     def sample_grid(self, path: Path) -> None:
         m = self.method
-        n_cls = max(getattr(m, "num_classes", 0), 1)
+        n_cls = max(m.num_classes, 1)
         labels = torch.arange(n_cls).repeat_interleave(self.config.grid_per_class).to(self.accelerator.device)
         gen = torch.Generator(self.accelerator.device).manual_seed(self.config.seed)
         rng = torch.get_rng_state()
@@ -402,7 +402,7 @@ class Trainer:
 
     def _fit(self, state: dict | None, export: bool) -> None:
         cfg = self.config
-        self.method.prepare(self.run_dir, self.accelerator, self.config.steps)
+        self.method.on_fit_start(self.run_dir, self.accelerator, self.config.steps)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log_file = self.run_dir / "log.jsonl"
         if state is not None:
@@ -422,12 +422,14 @@ class Trainer:
         t0 = time.time()
         with bar:  # closed (its line ended) before an error or the stop message is printed
             while self.step < cfg.steps:
-                # data-free methods get the per-process batch size instead of a batch
-                batches = [self.stream.next(self.accelerator.device) if self.stream else self.config.batch_size
-                           for _ in range(cfg.grad_accum)]
+                # data-free methods get a batch of the per-process size without images
+                batches = [self.stream.next(self.accelerator.device) if self.stream
+                           else Batch.data_free(self.config.batch_size) for _ in range(cfg.grad_accum)]
                 logs = {}
                 for phase in self.phases:
                     if phase.active(self.step):
+                        if self.step == phase.start:
+                            self.method.on_phase_start(phase, self.step)
                         logs.update(self._run_phase(phase, batches))
                 self.ema.update(self.method.student_net(), self.step)
                 self.step += 1

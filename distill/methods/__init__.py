@@ -1,2 +1,4 @@
-"""Every method registers itself on import; adding a method is adding a module here."""
-from dstudio.distill.methods import consistency, ddpm, dmd2, msd, rectified_flow, sim, slimflow  # noqa: F401
+"""The built-in methods: one module each, found by dstudio.distill.core.method.discover (no list to edit here).
+
+Modules whose name starts with '_' hold what several methods share and are not searched for methods.
+"""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -12,7 +12,7 @@ from dstudio.distill.core.config import require
 from dstudio.distill.core.denoiser import ConsistencyDenoiser, append_dims, start_noise
 from dstudio.distill.core.export import export_image_pipeline
 from dstudio.distill.core.losses import ict_huber_c, pseudo_huber
-from dstudio.distill.core.method import Method, Phase, register
+from dstudio.distill.core.method import Batch, Distiller, Phase, register
 from dstudio.distill.core.score import trainable_copy
 from dstudio.samplers import StudentScheduler, karras_sigmas, sample_multistep, scheduler_from_teacher
 
@@ -44,8 +44,10 @@ def with_dropout(net, p: float, fresh: bool):
 @dataclass
 class ConsistencyConfig:
     data: str = "mnist"
-    target: Literal["self", "teacher"] = "self"    # iCT's stop-gradient self-target, or one teacher ODE step (CD)
-    init: Literal["scratch", "teacher"] = "scratch"  # "teacher": easy consistency tuning from the teacher's weights
+    target: Literal["self", "teacher"] = field(default="self", metadata={  # iCT's self-target, or a teacher ODE step
+        "cli": "--target", "help": "'self' (training, iCT) or 'teacher' (distillation)"})
+    init: Literal["scratch", "teacher"] = field(default="scratch", metadata={  # "teacher": easy consistency tuning
+        "cli": "--init", "help": "start from the 'teacher' or 'scratch'"})
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
@@ -74,20 +76,17 @@ class ConsistencyConfig:
 
 
 @register("consistency", "ict")
-class Consistency(Method):
+class Consistency(Distiller):
     """iCT: f(x + s_{i+1} eps, s_{i+1}) -> sg f(x + s_i eps, s_i), weighted 1 / (s_{i+1} - s_i), pseudo-Huber."""
 
     Config = ConsistencyConfig
 
     def __init__(self, config: ConsistencyConfig, teacher=None, data=None):
-        super().__init__(config)
-        require(teacher is not None, "consistency needs a teacher pipeline for its architecture and time steps")
+        super().__init__(config, teacher, data)  # the teacher gives the architecture and the time steps
         if config.init == "teacher" or config.target == "teacher":
             require(teacher.denoiser.prediction_type == "v_prediction",
                     f"--init teacher / --target teacher need a v-prediction teacher (its backbone is EDM-"
                     f"preconditioned); '{teacher.source}' predicts {teacher.denoiser.prediction_type}")
-        self.kind, self.num_classes, self.shape = teacher.kind, teacher.num_classes, teacher.sample_shape
-        self.teacher_scheduler, self.source = teacher.scheduler, teacher.source
         net = with_dropout(trainable_copy(teacher.unet), self.dropout_rate(config), config.init == "scratch")
         sd = config.sigma_data or (1.0 if config.init == "teacher" else 0.5)
         self.sigma_data = sd
@@ -102,7 +101,7 @@ class Consistency(Method):
             return config.dropout
         return 0.3 if config.init == "scratch" else 0.0
 
-    def prepare(self, run_dir, accelerator, steps: int) -> None:
+    def on_fit_start(self, run_dir, accelerator, steps: int) -> None:
         self.total_steps = steps
 
     def phases(self) -> list[Phase]:
@@ -123,10 +122,11 @@ class Consistency(Method):
         d = (x_next - self.teacher_denoiser(x_next, sigma_next, cond)) / dims(sigma_next)
         return x_next + dims(sigma - sigma_next) * d
 
-    def loss(self, phase: str, batch, step: int):
+    def loss(self, phase: str, batch: Batch, step: int):
         """iCT, eq. 9: lambda(s_i) d(f(x + s_{i+1} eps, s_{i+1}), sg f(x + s_i eps, s_i)), lambda = 1 / (s_{i+1} - s_i)."""
-        x0, labels = batch
-        cond = labels if self.kind == "class" else None
+        if phase != "consistency":
+            raise self.unknown_phase(phase)
+        x0, cond = batch.images, self.cond(batch.labels)
         grid = self.sigmas(step).to(x0.device)
         i = torch.multinomial(index_probabilities(grid, self.config.p_mean, self.config.p_std), len(x0),
                               replacement=True).to(x0.device)
@@ -152,8 +152,7 @@ class Consistency(Method):
         sched = self.student.schedule
         sigmas = torch.cat([sched.t_to_sigma(torch.tensor(self.export_timesteps(steps))), torch.zeros(1)])
         x = start_noise(self.student, (len(labels), *self.shape), sigmas[0], generator, labels.device)
-        return sample_multistep(self.student, x, sigmas.to(x.device), labels if self.kind == "class" else None,
-                                generator).clamp(-1, 1)
+        return sample_multistep(self.student, x, sigmas.to(x.device), self.cond(labels), generator).clamp(-1, 1)
 
     def export(self, path) -> None:
         sched = scheduler_from_teacher(StudentScheduler, self.teacher_scheduler, prediction_type="consistency",

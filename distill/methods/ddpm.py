@@ -12,7 +12,8 @@ from dstudio.distill.core.config import require
 from dstudio.distill.core.denoiser import ClippedDenoiser, DiscreteDenoiser, FlowMatchDenoiser, start_noise
 from dstudio.distill.core.export import export_image_pipeline, provenance
 from dstudio.distill.core.io import atomic_path, save_json
-from dstudio.distill.core.method import Method, Phase, register
+from dstudio.distill.core.method import Batch, Method, Phase, register
+from dstudio.distill.core.score import dsm_loss
 from dstudio.samplers import append_zero, discrete_timesteps, sample_ddim
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -116,19 +117,17 @@ class DDPM(Method):
         c = self.config
         return [Phase("denoise", ("unet",), lr=c.lr, weight_decay=c.weight_decay, grad_clip=c.grad_clip)]
 
-    def loss(self, phase: str, batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        x0, labels = batch
+    def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        if phase != "denoise":
+            raise self.unknown_phase(phase)
+        x0, labels = batch.images, batch.labels
         if self.num_classes:
             drop = torch.rand(labels.shape, device=labels.device) < self.config.label_dropout
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         else:
             labels = None
         t = torch.randint(0, self.config.num_train_timesteps, (len(x0),), device=x0.device)
-        sigma = self.denoiser.t_to_sigma(t).to(x0.device)
-        eps = torch.randn_like(x0)
-        x0_hat = self.denoiser(x0 + sigma.view(-1, 1, 1, 1).to(x0.dtype) * eps, sigma, labels)
-        w = self.denoiser.loss_weight(sigma).to(x0.dtype).view(-1, 1, 1, 1)
-        loss = (w * (x0_hat - x0) ** 2).mean()
+        loss = dsm_loss(self.denoiser, x0, self.denoiser.t_to_sigma(t).to(x0.device), labels)
         return loss, {"loss": loss.item()}
 
     def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:

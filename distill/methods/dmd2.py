@@ -5,15 +5,53 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from dstudio.distill.core.config import require
 from dstudio.distill.core.denoiser import append_dims, start_noise, student_prediction
 from dstudio.distill.core.export import export_image_pipeline, export_text_pipeline
-from dstudio.distill.core.method import Method, Phase, register
-from dstudio.distill.core.score import (BottleneckFeatures, DiscriminatorHead, dmd_gradient, dmd_loss, dsm_loss,
-                                sample_timesteps, trainable_copy)
+from dstudio.distill.core.method import Batch, Distiller, Phase, register
+from dstudio.distill.core.score import dsm_loss, sample_timesteps, trainable_copy
 from dstudio.samplers import StudentScheduler, append_zero, discrete_timesteps, sample_multistep, scheduler_from_teacher
+
+
+def dmd_gradient(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
+    """Yin et al. 2024 (DMD2), eq. 2 as in the reference code: (p_real - p_fake) / mean_CHW |p_real|, p = x - D(x_t)."""
+    p_real, p_fake = x - x0_real, x - x0_fake
+    grad = (p_real - p_fake) / p_real.abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+    return torch.nan_to_num(grad)
+
+
+def dmd_loss(x: Tensor, grad: Tensor) -> Tensor:
+    """The stop-gradient surrogate whose gradient in x is `grad` / numel: 0.5 ||x - sg(x - grad)||^2."""
+    return 0.5 * F.mse_loss(x, (x - grad).detach())
+
+
+class BottleneckFeatures:
+    """Captures a UNet's mid-block output on every forward (the fake score's bottleneck, for the GAN head)."""
+
+    def __init__(self, unet: nn.Module):
+        self.value: Tensor | None = None
+        unet.mid_block.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.value = output[0] if isinstance(output, tuple) else output
+
+
+class DiscriminatorHead(nn.Module):
+    """DMD2's GAN classifier: a small conv stack on the fake score's bottleneck features -> one logit per image."""
+
+    def __init__(self, channels: int, width: int = 64):
+        super().__init__()
+        groups = min(32, width) if width % min(32, width) == 0 else 1
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(groups, width), nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(groups, width), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 1),
+        )
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(features.float()).squeeze(1)
 
 
 @dataclass
@@ -45,33 +83,34 @@ class DMD2Config:
 
 
 @register("dmd2")
-class DMD2(Method):
+class DMD2(Distiller):
     """Yin et al. 2024 (DMD2), Alg. 1: G <- DMD gradient + lambda_G GAN; fake score <- DSM + lambda_D GAN, R:1."""
 
     Config = DMD2Config
     text_teachers = True
 
     def __init__(self, config: DMD2Config, teacher=None, data=None):
-        super().__init__(config)
-        require(teacher is not None, "dmd2 needs a teacher")
+        super().__init__(config, teacher, data)
         require(not config.gan or data is not None, "dmd2 with the GAN loss needs real data (method.gan=false: none)")
         require(config.num_steps <= teacher.num_train_timesteps,
                 f"method.num_steps={config.num_steps} exceeds the teacher's {teacher.num_train_timesteps} steps")
-        self.teacher_scheduler, self.kind, self._teacher = teacher.scheduler, teacher.kind, teacher
         if teacher.kind == "text":  # the captions of the real images are the prompts
             require(data is not None and data.captions, "dmd2 on a text-to-image teacher needs a captioned image "
                                                          "folder: --data FOLDER with metadata.jsonl")
             self.register_buffer("caption_emb", teacher.encode_prompts(data.captions), persistent=False)
-        self.num_classes, self.shape = teacher.num_classes, teacher.sample_shape
         self.T, self.schedule = teacher.num_train_timesteps, teacher.denoiser.schedule
         self.real_score = teacher.guided(config.guidance)
-        self.student = teacher.denoiser.student(trainable_copy(teacher.unet))
+        self.student = self.build_student(teacher)
         self.fake_score = teacher.denoiser.like(trainable_copy(teacher.unet))
         self.bottleneck = BottleneckFeatures(self.fake_score.model)
         self.head = DiscriminatorHead(teacher.unet.config.block_out_channels[-1], config.head_width)
         self.timesteps = discrete_timesteps(self.T, config.num_steps, "trailing")
         self.register_buffer("student_sigmas", append_zero(teacher.denoiser.t_to_sigma(
             torch.tensor(self.timesteps))).float(), persistent=False)
+
+    def build_student(self, teacher) -> nn.Module:
+        """The one-step (or few-step) student: a trainable copy of the teacher in the students' parameterisation."""
+        return teacher.denoiser.student(trainable_copy(teacher.unet))
 
     def phases(self) -> list[Phase]:
         c = self.config
@@ -85,11 +124,9 @@ class DMD2(Method):
         return start_noise(self.fake_score, (n, *self.shape), self.student_sigmas[0], generator,
                            self.student_sigmas.device)  # the fake score keeps the students' state convention
 
-    def cond(self, labels: Tensor):
+    def cond(self, labels: Tensor, embeddings: Tensor | None = None):
         """The denoisers' condition for a batch's labels: class labels, or the embeddings of the captions they index."""
-        if self.kind == "text":
-            return self.caption_emb[labels.to(self.caption_emb.device)]
-        return labels if self.kind == "class" else None
+        return super().cond(labels, self.caption_emb if self.kind == "text" else embeddings)
 
     def generate(self, labels: Tensor) -> Tensor:
         return self.generate_with(self.student, self.cond(labels), len(labels))
@@ -117,8 +154,8 @@ class DMD2(Method):
     def gan_active(self, step: int) -> bool:
         return self.config.gan
 
-    def loss(self, phase: str, batch, step: int):
-        real, labels = batch
+    def loss(self, phase: str, batch: Batch, step: int):
+        real, labels = batch.images, batch.labels
         cond = self.cond(labels)
         if phase == "generator":
             x = self.generate(labels)
@@ -134,6 +171,8 @@ class DMD2(Method):
                 loss = loss + self.config.lambda_gan_generator * loss_gan
                 logs["gan_g"] = loss_gan.item()
             return loss, logs
+        if phase != "critic":
+            raise self.unknown_phase(phase)
         with torch.no_grad():
             x = self.generate(labels)
         t = sample_timesteps(len(x), self.T, device=x.device)

@@ -1,25 +1,25 @@
 """MSD (Song et al. 2024): several one-step students, each owning a partition of the classes, trained with DMD2."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from dstudio.distill.core.config import require
-from dstudio.distill.core.denoiser import append_dims
-from dstudio.distill.core.method import Phase, register
-from dstudio.distill.core.score import (BottleneckFeatures, DiscriminatorHead, sample_timesteps, smaller_unet,
-                                        trainable_copy)
-from dstudio.distill.methods.dmd2 import DMD2, DMD2Config
+from dstudio.distill.core.method import Batch, Phase, register
+from dstudio.distill.core.routed_unet import RoutedUNet2DModel, routed
+from dstudio.distill.core.score import dsm_loss, sample_timesteps, smaller_unet, trainable_copy
+from dstudio.distill.methods.dmd2 import DMD2, BottleneckFeatures, DMD2Config, DiscriminatorHead
 
 
 @dataclass
 class MSDConfig(DMD2Config):
-    students: int = 4
+    students: int = field(default=4, metadata={"cli": "--students", "min": 1, "help": "number of students K"})
     partition: list[list[int]] | None = None  # None: contiguous class ranges of (nearly) equal size
-    student_width: float = 1.0                # channel multiplier; < 1 builds smaller students, TSM-initialised
+    student_width: float = field(default=1.0, metadata={  # < 1 builds smaller students, TSM-initialised
+        "cli": "--student-width", "help": "channel multiplier of smaller students (0.5: about 1/4 of the parameters)"})
     tsm_steps: int = 500                      # teacher score matching steps before distillation (smaller students)
     lr_tsm: float = 1e-4
     critics: Literal["shared", "per_student"] = "shared"  # one fake score + GAN head for all, or one per student
@@ -44,17 +44,6 @@ def check_partition(partition: list[list[int]], num_classes: int) -> None:
     require(owned == list(range(num_classes)), f"method.partition={partition} must give every class "
                                                f"0..{num_classes - 1} to exactly one student")
     require(all(partition), f"method.partition={partition} has a student with no classes")
-
-
-def routed(owner: Tensor, k: int, fn) -> Tensor:
-    """fn(j, idx) for each j < k on the batch entries `owner` gives it, reassembled in batch order."""
-    parts, order = [], []
-    for j in range(k):
-        idx = (owner == j).nonzero().squeeze(1)
-        if len(idx):
-            parts.append(fn(j, idx))
-            order.append(idx)
-    return torch.cat(parts)[torch.argsort(torch.cat(order))]
 
 
 class RoutedDenoiser(nn.Module):
@@ -118,7 +107,10 @@ class MSD(DMD2):
             phases.insert(0, Phase("tsm", ("student",), lr=c.lr_tsm, stop=c.tsm_steps, grad_clip=c.grad_clip))
         return phases
 
-    def prepare(self, run_dir, accelerator, steps: int) -> None:
+    def build_student(self, teacher) -> nn.Module:
+        return nn.ModuleList()  # the K students are built once the partition is known, after DMD2's critics
+
+    def on_fit_start(self, run_dir, accelerator, steps: int) -> None:
         require(not self.smaller or self.config.tsm_steps < steps,
                 f"method.tsm_steps={self.config.tsm_steps} leaves no distillation in trainer.steps={steps}: "
                 f"use fewer TSM steps or more steps (presets quick-small, full-small)")
@@ -146,19 +138,20 @@ class MSD(DMD2):
     def generate(self, labels: Tensor) -> Tensor:
         return self._routed(lambda student, idx: self.generate_with(student, labels[idx], len(idx)), labels)
 
-    def loss(self, phase: str, batch, step: int):
-        if phase != "tsm":
+    def loss(self, phase: str, batch: Batch, step: int):
+        if phase in ("generator", "critic"):
             return super().loss(phase, batch, step)
-        real, labels = batch  # teacher score matching: regress each small student onto the teacher on noised data
+        if phase != "tsm":
+            raise self.unknown_phase(phase)
+        real, labels = batch.images, batch.labels  # teacher score matching: each small student onto the teacher
         t = sample_timesteps(len(real), self.T, device=real.device)
         sigma = self.teacher_denoiser.t_to_sigma(t).to(real.device)
-        x_t = real + append_dims(sigma.to(real.dtype), real.ndim) * torch.randn_like(real)
-        with torch.no_grad():
-            target = self.teacher_denoiser(x_t, sigma, labels)
-        pred = self._routed(lambda student, idx: student(x_t[idx], sigma[idx], labels[idx]), labels)
-        w = append_dims(self.teacher_denoiser.loss_weight(sigma).to(real.dtype), real.ndim)
-        loss = (w * (pred - target) ** 2).mean()
+        loss = dsm_loss(self.routed_students, real, sigma, labels, teacher=self.teacher_denoiser)
         return loss, {"tsm": loss.item()}
+
+    def routed_students(self, x: Tensor, sigma: Tensor, labels: Tensor) -> Tensor:
+        """The students as one denoiser: each sample denoised by the student that owns its label."""
+        return self._routed(lambda student, idx: student(x[idx], sigma[idx], labels[idx]), labels)
 
     def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
         from dstudio.samplers import sample_multistep
@@ -169,8 +162,6 @@ class MSD(DMD2):
                             labels).clamp(-1, 1)
 
     def exported_unet(self):
-        from dstudio.distill.core.routed_unet import RoutedUNet2DModel
-
         nets = [d.model for d in self.student]
         first = nets[0].config
         routed = RoutedUNet2DModel(partition=self.partition,

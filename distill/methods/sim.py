@@ -11,7 +11,7 @@ from dstudio.distill.core.config import require
 from dstudio.distill.core.denoiser import append_dims, start_noise
 from dstudio.distill.core.export import export_image_pipeline
 from dstudio.distill.core.losses import ict_huber_c
-from dstudio.distill.core.method import Method, Phase, register
+from dstudio.distill.core.method import Batch, Distiller, Phase, register
 from dstudio.distill.core.score import dsm_loss, trainable_copy
 from dstudio.samplers import StudentScheduler, scheduler_from_teacher
 
@@ -67,17 +67,14 @@ class SIMConfig:
 
 
 @register("sim")
-class SIM(Method):
+class SIM(Distiller):
     """Luo et al. 2024 (SIM), Alg. 1: fake score by DSM on generator samples, generator through both scores, 1:1."""
 
     Config = SIMConfig
     needs_data = False
 
     def __init__(self, config: SIMConfig, teacher=None, data=None):
-        super().__init__(config)
-        require(teacher is not None, "sim needs a teacher")
-        self.teacher_scheduler, self.kind = teacher.scheduler, teacher.kind
-        self.num_classes, self.shape = teacher.num_classes, teacher.sample_shape
+        super().__init__(config, teacher, data)
         self.real_score = teacher.guided(config.guidance)
         self.student = teacher.denoiser.student(trainable_copy(teacher.unet))
         self.fake_score = teacher.denoiser.like(trainable_copy(teacher.unet))
@@ -104,8 +101,8 @@ class SIM(Method):
         x = start_noise(self.student, (n, *self.shape), self.sigma_g, generator, device)
         return self.student(x, torch.tensor(self.sigma_g, device=device), labels)
 
-    def loss(self, phase: str, batch, step: int):
-        n = batch if isinstance(batch, int) else len(batch[0])
+    def loss(self, phase: str, batch: Batch, step: int):
+        n = batch.size
         device = self.anchor.device
         labels = self._labels(n, device)
         if phase == "fake":
@@ -114,6 +111,8 @@ class SIM(Method):
             sigma = (torch.randn(n, device=device) * self.config.p_std + self.config.p_mean).exp()
             loss = dsm_loss(self.fake_score, x_g, sigma.clamp(*self.sigma_range).double(), labels)
             return loss, {"dsm": loss.item()}
+        if phase != "generator":
+            raise self.unknown_phase(phase)
         x_g = self.generate(labels, n)
         sigma = sid_generator_sigmas(n, self.config.t_max, *self.generator_range, device=device)
         x_t = x_g + append_dims(sigma.to(x_g.dtype), x_g.ndim) * torch.randn_like(x_g)
@@ -127,7 +126,7 @@ class SIM(Method):
         return loss, {self.config.loss: loss.item()}
 
     def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
-        return self.generate(labels if self.kind == "class" else None, len(labels), generator).clamp(-1, 1)
+        return self.generate(self.cond(labels), len(labels), generator).clamp(-1, 1)
 
     def export(self, path) -> None:
         # one step from pure noise at the time step whose sigma is sigma_init

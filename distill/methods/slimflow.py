@@ -1,7 +1,7 @@
 """SlimFlow (Zhu et al. 2024): a small one-step student by annealing reflow, then flow-guided distillation."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -9,13 +9,13 @@ import torch
 from dstudio.distill.core.config import require
 from dstudio.distill.core.flow import ANNEALING, FlowView, anneal_beta, anneal_noise, joint_hflip
 from dstudio.distill.core.method import Phase, register
-from dstudio.distill.core.reflow import FlowConfig, FlowMethod
+from dstudio.distill.methods._flow import FlowConfig, FlowMethod
 from dstudio.distill.core.score import smaller_unet
 
 
 @dataclass
 class SlimFlowConfig(FlowConfig):
-    student_width: float = 0.5               # channel multiplier: 0.5 gives about 1/4 of the teacher's parameters
+    student_width: float = field(default=0.5, metadata={"cli": "--student-width", "help": "channel multiplier of smaller students (0.5: about 1/4 of the parameters)"})
     anneal_steps: int | None = None          # K_warm of the beta schedule (default: half the reflow phase)
     annealing: Literal["linear", "exp", "cos"] = "linear"
     hflip: bool = True                       # joint horizontal flip of (x1, z'); off for data that is not symmetric
@@ -47,7 +47,6 @@ class SlimFlow(FlowMethod):
         self.student = teacher.denoiser.student(smaller_unet(teacher.unet, config.student_width))
         self.guide = teacher.denoiser.student(smaller_unet(teacher.unet, config.student_width))
         self.guide.requires_grad_(False)
-        self.guide.register_buffer("ready", torch.tensor(False))  # set when distillation copies the 2-RF in
 
     def checkpoint_modules(self) -> list[str]:
         return [*self.trainable_modules(), "guide"]
@@ -57,6 +56,11 @@ class SlimFlow(FlowMethod):
         return [Phase("reflow", ("student",), lr=c.lr, betas=c.betas, grad_clip=c.grad_clip, stop=c.reflow_steps),
                 Phase("distill", ("student",), lr=c.lr_distill, betas=c.betas, grad_clip=c.grad_clip,
                       start=c.reflow_steps)]
+
+    def on_phase_start(self, phase: Phase, step: int) -> None:
+        if phase.name == "distill":  # the reference loads the 2-RF checkpoint's EMA weights as the guide
+            with self.averaged_student() as net:
+                self.guide.load_state_dict(net.state_dict())
 
     def annealing_loss(self, z, x1, cond, step: int):
         """SlimFlow, annealing reflow: ||v(x_t, t) - (x1 - z')||^2, z' = sqrt(1 - beta_k^2) z_pair + beta_k eps,
@@ -73,9 +77,6 @@ class SlimFlow(FlowMethod):
     def guided_loss(self, z, x1, cond):
         """SlimFlow, flow-guided distillation: d(z + v(z), x1_pair) + d(z~ + v(z~), x^1), where
         x_t' = z~ + t' v(z~) and x^1 = x_t' + (1 - t') v_guide(x_t', t'), t' ~ U[0.2, 0.8]."""
-        if not bool(self.guide.ready):  # the reference loads the 2-RF checkpoint's EMA weights as the guide
-            with self.averaged_student() as net:
-                self.guide.load_state_dict({**net.state_dict(), "ready": torch.tensor(True)})
         pair_loss, logs = self.one_step_loss(self.student, z, x1, cond)
         z_new = torch.randn_like(z)
         lo, hi = self.config.guide_t
@@ -88,7 +89,9 @@ class SlimFlow(FlowMethod):
         return pair_loss + guide_loss, {**logs, "guided": guide_loss.item()}
 
     def loss(self, phase: str, batch, step: int):
-        z, x1, cond = self.pair_batch(batch if isinstance(batch, int) else len(batch[0]))
+        if phase not in ("reflow", "distill"):
+            raise self.unknown_phase(phase)
+        z, x1, cond = self.pair_batch(batch.size)
         if phase == "reflow":
             return self.annealing_loss(z, x1, cond, step)
         return self.guided_loss(z, x1, cond)

@@ -7,7 +7,7 @@ FlowEulerScheduler in the teacher's prediction type.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -18,21 +18,23 @@ from dstudio.distill.core.config import require
 from dstudio.distill.core.errors import UserError
 from dstudio.distill.core.flow import FlowView, sample_u_shaped, sample_uniform
 from dstudio.distill.core.losses import lpips_distance, load_lpips, rfpp_premetric
-from dstudio.distill.core.method import Method
+from dstudio.distill.core.method import Distiller
 from dstudio.distill.core.pairs import SOLVERS, PairStore, PairStoreError
 from dstudio.samplers import FlowEulerScheduler, sample_flow_euler, scheduler_from_teacher
 
 
 @dataclass
 class FlowConfig:
-    pairs: str | None = None          # pair store folder (default: RUN/pairs); runs with equal settings can share one
+    pairs: str | None = field(default=None, metadata={  # runs with equal settings can share one store
+        "cli": "--pairs", "help": "reflow pair store folder (default: RUN/pairs)"})
     num_pairs: int = 5000
     shard_size: int = 500
     pair_seed: int = 0
     solver: Literal["dpmpp", "heun"] = "dpmpp"
     solver_steps: int = 25
     guidance: float = 1.0             # CFG in the teacher's ODE (InstaFlow's text pairs use > 1)
-    prompts: str | None = None        # text teachers: a file with one prompt per line
+    prompts: str | None = field(default=None, metadata={
+        "cli": "--prompts", "help": "text teachers (InstaFlow): a file with one prompt per line"})
     reflow_steps: int = 1000          # steps of the reflow phase; the remaining trainer steps distil to one step
     time_dist: Literal["u_shaped", "uniform"] = "u_shaped"
     u_shape_a: float = 4.0
@@ -75,7 +77,7 @@ def flow_solve(denoiser, z: Tensor, cond, steps: int) -> Tensor:
     return sample_flow_euler(view, z, view.euler_times(steps), cond)
 
 
-class FlowMethod(Method):
+class FlowMethod(Distiller):
     """Shared machinery; subclasses build `self.student` (a Denoiser) and define phases and losses."""
 
     Config = FlowConfig
@@ -83,12 +85,8 @@ class FlowMethod(Method):
     trains_on = "pairs (noise, sample) from its teacher's ODE (--pairs folder)"
 
     def __init__(self, config: FlowConfig, teacher=None, data=None):
-        super().__init__(config)
-        require(teacher is not None, f"{self.name} needs a teacher")
-        self.kind, self.num_classes, self.shape = teacher.kind, teacher.num_classes, teacher.sample_shape
-        self.source, self.teacher_scheduler = teacher.source, teacher.scheduler
+        super().__init__(config, teacher, data)
         self.teacher_denoiser = teacher.denoiser  # a frozen submodule: moves to the device with the method
-        self._teacher = teacher
         self.prompts = read_prompts(config.prompts) if teacher.kind == "text" else None
         if config.pairs and Path(config.pairs).exists() and not Path(config.pairs).is_dir():
             raise PairStoreError(f"pair store '{config.pairs}' is a file: give a folder (it is created if missing)")
@@ -118,7 +116,7 @@ class FlowMethod(Method):
             self._prompt_emb = self._teacher.encode_prompts(self.prompts).cpu()
         return self._prompt_emb
 
-    def prepare(self, run_dir, accelerator, steps: int) -> None:
+    def on_fit_start(self, run_dir, accelerator, steps: int) -> None:
         self._run_dir, self._accelerator = Path(run_dir), accelerator
         root = Path(self.config.pairs) if self.config.pairs else Path(run_dir) / "pairs"
         self.pairs = self.filled_store(PairStore(root, self.pair_spec()))
@@ -143,7 +141,7 @@ class FlowMethod(Method):
         Liu et al. 2023 distil k-rectified flow on pairs k-RF generates (gnobitab/RectifiedFlow, README).
         A store this run already completed is loaded as it is (on --resume, the weights have moved on)."""
         if self._accelerator is None:
-            raise RuntimeError("prepare() has not been called")
+            raise RuntimeError("on_fit_start() has not been called")
         c = self.config
         spec = {**self.pair_spec(), "source": f"{self.name} student (EMA) after {c.reflow_steps} reflow steps",
                 "solver": "euler", "seed": c.pair_seed + 1}
@@ -158,7 +156,7 @@ class FlowMethod(Method):
     def pair_batch(self, n: int, pairs: dict[str, Tensor | None] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         pairs = self.pairs if pairs is None else pairs
         if pairs is None:
-            raise RuntimeError("prepare() has not generated the pairs")
+            raise RuntimeError("on_fit_start() has not generated the pairs")
         device = self.teacher_denoiser.alphas_cumprod.device
         idx = torch.randint(0, len(pairs["z"]), (n,))
         cond = pairs["cond"]
@@ -214,12 +212,11 @@ class FlowMethod(Method):
 
     # --- sampling and export ----------------------------------------------------------------------
     def grid_cond(self, labels: Tensor):
-        if self.kind == "class":
-            return labels
+        """The sample grids' condition: the labels, or the first prompt for every image of a text teacher."""
         if self.kind == "text":
             emb = self.prompt_embeddings()[:1].to(labels.device)
             return emb.expand(len(labels), *emb.shape[1:])
-        return None
+        return self.cond(labels)
 
     @torch.no_grad()
     def sample(self, labels: Tensor, generator: torch.Generator, steps: int | None = None) -> Tensor:
