@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dstudio.app.cli import main
-from dstudio.search import Candidate, EvolutionConfig, SearchSpace, evolve
+from dstudio.search import Budget, Candidate, EvolutionConfig, SearchSpace, block_costs, evolve
 from dstudio.search.skip import SkippingDenoiser, skippable_blocks, skipping
 
 
@@ -76,23 +76,93 @@ def test_interrupted_search_resumes_without_reevaluating(tmp_path):
     assert resumed.best_fitness == uninterrupted.best_fitness
 
 
-def test_stage_two_budget_opens_gradually_and_skip_sets_mutate():
-    """The compute budget forces skipping: generation g skips exactly min(5, ceil(5 (g + 1) / 5)) block-steps."""
-    space = SearchSpace(100, 4, blocks=("a", "b", "c"), max_skipped=5)
+COSTS = {"a": 0.1, "b": 0.2, "c": 0.05}
+
+
+def test_budget_is_the_compute_executed_over_all_steps():
+    """Hand-computed: each step costs 1 - the share its skipped blocks save; steps may be traded for skips."""
+    space = SearchSpace(100, 4, blocks=("a", "b", "c"), costs=COSTS, min_steps=3, max_steps=5)
+    c = Candidate((90, 50, 10), (frozenset("ab"), frozenset(), frozenset("c")))
+    assert space.compute(c) == pytest.approx(0.7 + 1.0 + 0.95)
+    five = Candidate((90, 70, 50, 30, 10), (frozenset("b"),) * 5)  # 5 steps, 20% skipped: 4.0 NFE
+    assert space.compute(five) == pytest.approx(4.0) and space.valid(five, 4.0) and not space.valid(five, 3.9)
+    lighter = Candidate(five.steps, (frozenset("ac"),) * 5)  # 15% skipped: 4.25 NFE, over a 4-NFE budget
+    assert not space.valid(lighter, 4.0) and space.valid(lighter, 4.25)
+    assert space.compute(Candidate((9, 5, 1, 0), (frozenset(),) * 4)) == 4.0
+    assert SearchSpace(100, 4).compute(Candidate((90, 60, 30, 5))) == 4.0  # stage one: one forward per step
+    budget = Budget(3.0, start=4.0, stages=4)
+    assert [budget.at(g) for g in range(6)] == pytest.approx([3.75, 3.5, 3.25, 3.0, 3.0, 3.0])
+    with pytest.raises(ValueError, match="block 'c' has no cost"):
+        SearchSpace(100, 4, blocks=("a", "c"), costs={"a": 0.1})
+
+
+def test_operators_keep_candidates_within_the_budget_and_change_the_step_count():
+    space = SearchSpace(100, 4, blocks=("a", "b", "c"), costs=COSTS, min_steps=3, max_steps=6,
+                        solvers=("unipc-2", "dpmpp-2m"))
+    rng, budget = random.Random(0), 4.0
+    pool = [space.repair(space.uniform(), rng, budget)]
+    for _ in range(300):
+        a, b = rng.choice(pool), rng.choice(pool)
+        for c in (space.random(rng, budget), space.mutate(a, rng, budget), space.crossover(a, b, rng, budget)):
+            assert c is not None and space.valid(c, budget), c
+            assert space.compute(c) <= budget + 1e-9 and len(c.skips) == len(c.steps)
+            pool.append(c)
+    counts = {len(c.steps) for c in pool}
+    assert counts == {3, 4, 5, 6}  # 6 steps fit 4 NFE only by skipping a third of each forward
+    assert any(len(c.steps) == 5 and space.compute(c) > 3.5 for c in pool)
+    assert space.repair(Candidate((90, 60, 30, 5), (frozenset(),) * 4), rng, 4 * 0.6) is None  # cannot fit
+
+
+def test_stage_two_budget_opens_gradually_and_trades_skips_for_steps():
+    """Every candidate of generation g executes at most budget.at(g); the result meets the final budget; the budget
+    is passed in, never written into the caller's space; skip sets mutate and candidates take an extra step."""
+    space = SearchSpace(100, 4, blocks=("a", "b", "c"), costs=COSTS, min_steps=3, max_steps=5)
+    before = dict(vars(space))
+    budget = Budget(3.2, start=4.0, stages=3)
     cfg = EvolutionConfig(population=12, generations=6, top_k=4, mutations=6, crossovers=3, seed=0)
     stage1 = Candidate((90, 60, 30, 5))
-    result = evolve(target_distance((90, 60, 30, 5)), space, cfg, init=[stage1])
+    result = evolve(target_distance((90, 60, 30, 5)), space, cfg, budget, init=[stage1])
+    assert vars(space) == before
     for h in result.history:
-        assert Candidate.from_json(h["candidate"]).n_skipped == min(5, h["generation"] + 1)
-    assert result.best.n_skipped == 5  # the result meets the final budget, however good earlier ones scored
-    skip_sets = {tuple(map(tuple, h["candidate"]["skips"])) for h in result.history}
-    assert len(skip_sets) > 20  # skip sets are mutated and crossed, not only the steps
-    assert result.history[0]["candidate"]["steps"] == [90, 60, 30, 5] or \
-        any(h["candidate"]["steps"] == [90, 60, 30, 5] for h in result.history[:2])
+        c = Candidate.from_json(h["candidate"])
+        assert h["compute"] == pytest.approx(space.compute(c)) and space.compute(c) <= budget.at(h["generation"]) + 1e-9
+    # the stage-one result enters repaired to the first generation's budget, 3.2 + 0.8 x 2/3
+    assert any(h["candidate"]["steps"] == [90, 60, 30, 5] and 3.6 < h["compute"] <= 3.2 + 0.8 * 2 / 3 + 1e-9
+               for h in result.history[:3])
+    assert space.compute(result.best) <= 3.2 + 1e-9 and result.extra["compute_nfe"] == space.compute(result.best)
+    assert result.extra["budget_nfe"] == 3.2
+    assert len({tuple(map(tuple, h["candidate"]["skips"])) for h in result.history}) > 20
+    assert {len(h["candidate"]["steps"]) for h in result.history} == {3, 4, 5}
     with pytest.raises(ValueError, match="nfe=0 must be in 1..100"):
         SearchSpace(100, 0)
-    with pytest.raises(ValueError, match="exceeds the 4 x 3 block-steps"):
-        SearchSpace(100, 4, blocks=("a", "b", "c"), max_skipped=13)
+    with pytest.raises(ValueError, match="sum to less than one full forward"):
+        SearchSpace(100, 4, blocks=("a", "b"), costs={"a": 0.5, "b": 0.5})
+
+
+def test_block_costs_count_multiply_accumulates_by_hand():
+    """A one-level UNet at 4x4 with 8 channels: every layer's MACs by hand (3x3 conv: 16 pixels x 9 x in x out)."""
+    from diffusers import UNet2DModel
+
+    from dstudio.search.cost import module_macs
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=4, in_channels=1, out_channels=1, block_out_channels=(8,), layers_per_block=1,
+                       down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=4)
+    blocks = skippable_blocks(unet)
+    assert blocks == ["down_blocks.0.resnets.0", "up_blocks.0.resnets.0", "up_blocks.0.resnets.1",
+                      "mid_block.attentions.0", "mid_block.resnets.0", "mid_block.resnets.1"]
+    conv3 = lambda cin, cout: 16 * 9 * cin * cout  # noqa: E731
+    resnet = conv3(8, 8) + 32 * 8 + conv3(8, 8)  # conv1, time embedding projection (32 -> 8), conv2
+    up = conv3(16, 8) + 32 * 8 + conv3(8, 8)  # input: 8 channels + the 8-channel skip connection
+    shortcut = 16 * 16 * 8  # the 1x1 shortcut 16 -> 8 still runs when the block is skipped
+    attention = 4 * 16 * 8 * 8 + 2 * 16 * 16 * 8  # q, k, v, out projections; Q K^T and A V over 16 tokens
+    total = conv3(1, 8) + (8 * 32 + 32 * 32) + resnet + (2 * resnet + attention) + 2 * (up + shortcut) + conv3(8, 1)
+    run = lambda: unet(torch.zeros(1, 1, 4, 4), 10)  # noqa: E731
+    assert sum(module_macs(unet, run).values()) == total
+    costs = block_costs(unet, blocks, run)
+    assert costs == pytest.approx({"down_blocks.0.resnets.0": resnet / total, "mid_block.resnets.0": resnet / total,
+                                   "mid_block.resnets.1": resnet / total, "mid_block.attentions.0": attention / total,
+                                   "up_blocks.0.resnets.0": up / total, "up_blocks.0.resnets.1": up / total})
 
 
 def test_skipping_is_identity_and_restores(tiny_teacher):
@@ -121,7 +191,9 @@ def test_skipping_is_identity_and_restores(tiny_teacher):
 @pytest.mark.parametrize("args, message", [
     (["--nfe", "0"], "--nfe 0 must be in 1..1000"),
     (["--nfe", "1001"], "--nfe 1001 must be in 1..1000"),
-    (["--skip-blocks", "--skip-budget", "0"], "allows no skipped block"),
+    (["--skip-blocks", "--skip-budget", "1"], "--skip-budget 1.0 must be in [0, 1)"),
+    (["--skip-blocks", "--max-steps", "3"], "--max-steps 3 must be in 4..1000"),
+    (["--skip-blocks", "--skip-budget", "0.99"], "below the"),
 ])
 def test_search_cli_bad_input(args, message, tiny_teacher, tmp_path, capsys):
     assert main(["search", "--teacher", str(tiny_teacher), "--out", str(tmp_path / "s"), *args]) == 2
@@ -167,10 +239,12 @@ def test_search_and_skipping_on_a_text_to_image_unet(tmp_path):
                             z * (1 + sigmas[0] ** 2).sqrt(), sigmas, cond)
         return float((x - ref).pow(2).mean())
 
-    space = SearchSpace(t.num_train_timesteps, 2, tuple(blocks), max_skipped=2)
+    costs = block_costs(t.unet, blocks, lambda: t.denoiser(z[:1], 3.0, cond[:1]))
+    assert all(c > 0 for c in costs.values()) and sum(costs.values()) < 1
+    space = SearchSpace(t.num_train_timesteps, 2, tuple(blocks), costs, max_steps=3)
     result = evolve(objective, space, EvolutionConfig(population=4, generations=2, top_k=2, mutations=2,
-                                                      crossovers=1))
-    assert result.evaluations >= 5 and space.valid(result.best)
+                                                      crossovers=1), budget=1.8)
+    assert result.evaluations >= 5 and space.valid(result.best, 1.8)
 
 
 def test_solver_is_part_of_the_candidate():
@@ -277,6 +351,8 @@ def test_eval_cache_returns_the_stored_output_and_evicts_least_recent():
 
 
 def test_stage_two_cli_exports_the_skipping_pipeline_and_times_it(tiny_teacher, tmp_path):
+    from dstudio.distill.core.teacher import load_teacher
+
     out = tmp_path / "s2"
     assert main(["search", "--teacher", str(tiny_teacher), "--nfe", "2", "--skip-blocks", "--skip-budget", "0.5",
                  "--num-samples", "20", "--population", "3", "--generations", "1", "--top-k", "2",
@@ -285,5 +361,9 @@ def test_stage_two_cli_exports_the_skipping_pipeline_and_times_it(tiny_teacher, 
     index = json.loads((out / "pipeline" / "model_index.json").read_text())
     best = Candidate.from_json(record["best"])
     assert index["skips"] == {str(t): sorted(s) for t, s in zip(best.steps, best.skips) if s} and best.n_skipped > 0
+    # --skip-budget 0.5 of 2 NFE: the result executes at most 1.0 full forward, in 1 to 3 steps, blocks by their MACs
+    assert record["budget_nfe"] == 1.0 and record["compute_nfe"] <= 1.0 + 1e-9 and 1 <= len(best.steps) <= 3
+    assert set(record["block_costs"]) == set(skippable_blocks(load_teacher(tiny_teacher).unet))
+    assert all(h["compute"] <= 2.0 + 1e-9 for h in record["history"])
     speed = record["pipeline_speed"]
     assert speed["images"] == 4 and speed["speedup"] == speed["images_per_s"] / speed["unskipped_images_per_s"] > 0
