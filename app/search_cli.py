@@ -125,9 +125,6 @@ def run_search(args) -> dict | None:
     if args.resume and not (out / SEARCH_STATE).is_file():
         raise ValueError(f"--resume: no {SEARCH_STATE} in '{out}'; start without --resume")
     teacher = load_teacher(args.teacher, device=state.device)
-    if teacher.denoiser.prediction_type == "flow":
-        raise ValueError(f"teacher '{args.teacher}' is a flow-matching model: the searched schedule is a DDPM-family "
-                         f"SearchedScheduler, so `dstudio search` takes DDPM-family teachers only")
     init = []
     if args.init:
         import json
@@ -167,7 +164,7 @@ def run_search(args) -> dict | None:
     speed = None
     if any(best.skips):
         export_skip_pipeline(teacher, best, sched, out / "pipeline", source=str(args.teacher))
-        speed = pipeline_speedup(out / "pipeline", fitness.labels[:args.speed_images],
+        speed = pipeline_speedup(out / "pipeline", fitness.labels[:args.speed_images] if fitness.conditional else None,
                                  fitness.noise[:args.speed_images], state.device)
     record = provenance(teacher=str(args.teacher), nfe=args.nfe, solvers=list(space.solvers),
                         num_samples=args.num_samples, screen_samples=args.screen_samples, promote=args.promote,
@@ -175,7 +172,7 @@ def run_search(args) -> dict | None:
                         skip_blocks=bool(space.blocks), block_costs=space.costs, skip_budget=args.skip_budget,
                         steps_range=[space.min_steps, space.max_steps], config=vars(cfg),
                         cpu_seconds=time.process_time() - cpu0, cache_hit_rate=fitness.cache.hits / max(1, fitness.cache.calls),
-                        stock=stock_recipe(best.solver, list(best.steps)), pipeline_speed=speed, **result.to_json())
+                        stock=stock_recipe(best.solver, list(best.steps), teacher.scheduler.config), pipeline_speed=speed, **result.to_json())
     save_json(record, out / "search.json")
     _plot(result.best_per_generation, out / "search.png", args.nfe)
     return record
@@ -217,9 +214,15 @@ def search_space(teacher, args, solvers) -> tuple:
     return SearchSpace(T, nfe, blocks, costs, min_steps, max_steps, solvers=tuple(solvers)), budget
 
 
-def skips_by_timestep(candidate) -> dict[str, list[str]]:
-    """A stage-two candidate's skip sets keyed by time step, as the exported pipeline reads them."""
-    return {str(t): sorted(s) for t, s in zip(candidate.steps, candidate.skips) if s}
+def skips_by_timestep(candidate, scheduler) -> dict[str, list[str]]:
+    """A stage-two candidate's skip sets keyed by the model time step the pipeline sees at each step (rounded, as the
+    exported pipeline reads them: the grid index for DDPM teachers, s T for flow-matching ones)."""
+    scheduler.set_timesteps(timesteps=list(candidate.steps))
+    keys = [str(int(round(float(t)))) for t in scheduler.timesteps]
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"steps {list(candidate.steps)} give the model the same rounded time twice ({keys}): "
+                         f"their skip sets cannot be told apart in the exported pipeline")
+    return {k: sorted(s) for k, s in zip(keys, candidate.skips) if s}
 
 
 def export_skip_pipeline(teacher, candidate, scheduler, path: Path, **info) -> Path:
@@ -227,12 +230,12 @@ def export_skip_pipeline(teacher, candidate, scheduler, path: Path, **info) -> P
     the skips when run (`DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`)."""
     from dstudio.distill.core.export import export_image_pipeline
 
-    return export_image_pipeline(teacher.unet, scheduler, path, skips=skips_by_timestep(candidate),
+    return export_image_pipeline(teacher.unet, scheduler, path, skips=skips_by_timestep(candidate, scheduler),
                                  kind="searched schedule with skipped blocks (AutoDiffusion stage two)",
                                  candidate=candidate.to_json(), **info)
 
 
-def pipeline_speedup(folder: Path, labels: torch.Tensor, noise: torch.Tensor, device, repeats: int = 3) -> dict:
+def pipeline_speedup(folder: Path, labels: torch.Tensor | None, noise: torch.Tensor, device, repeats: int = 3) -> dict:
     """Images/s of the exported stage-two folder, loaded as plain diffusers loads it, with its skips and with them
     switched off (the same steps and solver), alternated `repeats` times, best of each (timing noise is one-sided)."""
     from diffusers import DiffusionPipeline
@@ -246,20 +249,29 @@ def pipeline_speedup(folder: Path, labels: torch.Tensor, noise: torch.Tensor, de
     for _ in range(repeats):
         for name, value in (("skipped", skips), ("unskipped", None)):
             pipe.register_to_config(skips=value)
-            _, dt = timed(pipe, class_labels=labels.to(device), latents=noise.to(device), output_type="pt")
+            _, dt = timed(pipe, batch_size=len(noise), class_labels=None if labels is None else labels.to(device),
+                          latents=noise.to(device), output_type="pt")
             seconds[name].append(dt)
-    rate = {k: len(labels) / min(v) for k, v in seconds.items()}
-    return {"images": len(labels), "images_per_s": rate["skipped"], "unskipped_images_per_s": rate["unskipped"],
+    rate = {k: len(noise) / min(v) for k, v in seconds.items()}
+    return {"images": len(noise), "images_per_s": rate["skipped"], "unskipped_images_per_s": rate["unskipped"],
             "speedup": rate["skipped"] / rate["unskipped"]}
 
 
-def stock_recipe(solver: str, steps: list[int]) -> dict | None:
+def stock_recipe(solver: str, steps: list[int], teacher_config) -> dict | None:
     """How a stock diffusers scheduler runs a searched list, where one can: DPM-Solver++ takes `timesteps=` in
-    set_timesteps (a pipeline that passes them through, e.g. Stable Diffusion's); DDIM and UniPC (DDPM models) take no
-    custom list in diffusers, so those run through the exported SearchedScheduler."""
+    set_timesteps (a pipeline that passes them through, e.g. Stable Diffusion's); on a flow-matching teacher DDIM is
+    FlowMatchEulerDiscreteScheduler's Euler step at `sigmas=` u_k = (k + 1) / T (it applies its shift to them). DDIM
+    and UniPC on DDPM models, and the multistep solvers on flow models, take no custom list in diffusers: those run
+    through the exported SearchedScheduler."""
     from dstudio.samplers.samplers import parse_solver
 
     rule, order = parse_solver(solver)
+    if "beta_schedule" not in teacher_config and "shift" in teacher_config:  # FlowMatchEulerDiscreteScheduler
+        if order > 1:
+            return None
+        T = teacher_config["num_train_timesteps"]
+        return {"class": "FlowMatchEulerDiscreteScheduler", "config": {},
+                "set_timesteps": {"sigmas": [(k + 1) / T for k in steps]}}
     if rule != "dpmpp" or order == 1:
         return None
     return {"class": "DPMSolverMultistepScheduler", "config": {"algorithm_type": "dpmsolver++", "solver_order": order,

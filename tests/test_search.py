@@ -367,3 +367,75 @@ def test_stage_two_cli_exports_the_skipping_pipeline_and_times_it(tiny_teacher, 
     assert all(h["compute"] <= 2.0 + 1e-9 for h in record["history"])
     speed = record["pipeline_speed"]
     assert speed["images"] == 4 and speed["speedup"] == speed["images_per_s"] / speed["unskipped_images_per_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def flow_teacher(tmp_path_factory):
+    """A tiny flow-matching teacher (shift 2, FlowMatchEulerDiscreteScheduler), as `dstudio teacher train
+    --set method.objective=flow_matching` makes one, trained for two steps."""
+    from dstudio.distill.core.trainer import Trainer, TrainerConfig
+    from dstudio.distill.data import digits8
+    from dstudio.distill.methods.ddpm import DDPM, DDPMConfig
+
+    torch.manual_seed(0)
+    data = digits8(8)
+    cfg = DDPMConfig(data="digits", resolution=8, channels=(8, 16), grid_steps=2, layout="diffusers",
+                     objective="flow_matching", flow_shift=2.0)
+    trainer = Trainer(DDPM(cfg, data=data), TrainerConfig(steps=2, batch_size=16, sample_every=100,
+                                                          checkpoint_every=100), tmp_path_factory.mktemp("flow"), data=data)
+    return trainer.fit()
+
+
+def _loop(unet, scheduler, z, labels, **set_timesteps):
+    scheduler.set_timesteps(**set_timesteps)
+    x = z
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+            x = scheduler.step(unet(x_in, t, class_labels=labels).sample, t, x).prev_sample
+    return x
+
+
+def test_searched_scheduler_runs_a_flow_teacher_in_its_own_time(flow_teacher):
+    """Flow teachers are searched in their noise fraction s in (0, 1]: DDIM over the list is stock
+    FlowMatchEulerDiscreteScheduler run with `sigmas=` u_k = (k + 1) / T, and every solver's SearchedScheduler draws
+    what the pure sampler draws from the teacher's denoiser."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from dstudio.app.search_cli import stock_recipe
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.samplers import SearchedScheduler, append_zero, get_sampler, scheduler_from_teacher
+
+    t = load_teacher(flow_teacher)
+    steps = [990, 700, 420, 150, 30]
+    z, labels = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([1, 5, 9])
+    sigmas = append_zero(t.denoiser.t_to_sigma(torch.tensor(steps)))
+    recipe = stock_recipe("ddim", steps, t.scheduler.config)
+    assert recipe["class"] == "FlowMatchEulerDiscreteScheduler" and stock_recipe("unipc-2", steps, t.scheduler.config) is None
+    stock = _loop(t.unet, FlowMatchEulerDiscreteScheduler.from_config(t.scheduler.config), z, labels,
+                  **recipe["set_timesteps"])
+    for solver in ("ddim", "unipc-2", "dpmpp-3m"):
+        sched = scheduler_from_teacher(SearchedScheduler, t.scheduler, timesteps=steps, solver=solver)
+        assert sched.config.prediction_type == "flow" and sched.config.flow_shift == 2.0
+        with torch.no_grad():
+            pure = get_sampler(solver)(t.denoiser, z.double() * (1 + sigmas[0]), sigmas, labels).float()
+        ours = _loop(t.unet, sched, z, labels)
+        torch.testing.assert_close(ours, pure, rtol=1e-4, atol=1e-4)
+        if solver == "ddim":
+            torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-4)
+
+
+def test_search_cli_on_a_flow_matching_teacher(flow_teacher, tmp_path):
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.samplers import SearchedScheduler
+
+    out = tmp_path / "s"
+    assert main(["search", "--teacher", str(flow_teacher), "--nfe", "3", "--solver", "ddim", "unipc-2",
+                 "--num-samples", "20", "--screen-samples", "10", "--population", "4", "--generations", "2",
+                 "--top-k", "2", "--out", str(out)]) == 0
+    record = json.loads((out / "search.json").read_text())
+    sched = SearchedScheduler.from_pretrained(out / "scheduler")
+    assert sched.config.timesteps == record["best"]["steps"] and sched.config.prediction_type == "flow"
+    pipe = load_teacher(flow_teacher).pipeline
+    pipe.scheduler = sched
+    assert len(pipe(class_labels=[1, 2], output_type="pt").images) == 2
