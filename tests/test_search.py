@@ -200,14 +200,19 @@ def test_search_cli_bad_input(args, message, tiny_teacher, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
+def search_cli(teacher, out, *args) -> dict:
+    """`dstudio search --top-k 2 ARGS` on a tiny teacher; the search.json it writes."""
+    assert main(["search", "--teacher", str(teacher), "--top-k", "2", "--out", str(out), *args]) == 0
+    return json.loads((out / "search.json").read_text())
+
+
 def test_search_cli_writes_a_scheduler_that_plugs_in(tiny_teacher, tmp_path):
     from dstudio.distill.core.teacher import load_teacher
     from dstudio.samplers import SearchedScheduler
 
     out = tmp_path / "s"
-    assert main(["search", "--teacher", str(tiny_teacher), "--nfe", "3", "--num-samples", "40", "--screen-samples",
-                 "20", "--population", "4", "--generations", "2", "--top-k", "2", "--out", str(out)]) == 0
-    record = json.loads((out / "search.json").read_text())
+    record = search_cli(tiny_teacher, out, "--nfe", "3", "--num-samples", "40", "--screen-samples", "20",
+                        "--population", "4", "--generations", "2")
     assert len(record["history"]) >= record["evaluations"] >= 5 and (out / "search.png").is_file()
     sched = SearchedScheduler.from_pretrained(out / "scheduler")
     assert sched.config.timesteps == record["best"]["steps"] and sched.config.solver == record["best"]["solver"]
@@ -354,10 +359,8 @@ def test_stage_two_cli_exports_the_skipping_pipeline_and_times_it(tiny_teacher, 
     from dstudio.distill.core.teacher import load_teacher
 
     out = tmp_path / "s2"
-    assert main(["search", "--teacher", str(tiny_teacher), "--nfe", "2", "--skip-blocks", "--skip-budget", "0.5",
-                 "--num-samples", "20", "--population", "3", "--generations", "1", "--top-k", "2",
-                 "--speed-images", "4", "--out", str(out)]) == 0
-    record = json.loads((out / "search.json").read_text())
+    record = search_cli(tiny_teacher, out, "--nfe", "2", "--skip-blocks", "--skip-budget", "0.5", "--num-samples", "20",
+                        "--population", "3", "--generations", "1", "--speed-images", "4")
     index = json.loads((out / "pipeline" / "model_index.json").read_text())
     best = Candidate.from_json(record["best"])
     assert index["skips"] == {str(t): sorted(s) for t, s in zip(best.steps, best.skips) if s} and best.n_skipped > 0
@@ -430,10 +433,8 @@ def test_search_cli_on_a_flow_matching_teacher(flow_teacher, tmp_path):
     from dstudio.samplers import SearchedScheduler
 
     out = tmp_path / "s"
-    assert main(["search", "--teacher", str(flow_teacher), "--nfe", "3", "--solver", "ddim", "unipc-2",
-                 "--num-samples", "20", "--screen-samples", "10", "--population", "4", "--generations", "2",
-                 "--top-k", "2", "--out", str(out)]) == 0
-    record = json.loads((out / "search.json").read_text())
+    record = search_cli(flow_teacher, out, "--nfe", "3", "--solver", "ddim", "unipc-2", "--num-samples", "20",
+                        "--screen-samples", "10", "--population", "4", "--generations", "2")
     sched = SearchedScheduler.from_pretrained(out / "scheduler")
     assert sched.config.timesteps == record["best"]["steps"] and sched.config.prediction_type == "flow"
     pipe = load_teacher(flow_teacher).pipeline
