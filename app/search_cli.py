@@ -171,8 +171,10 @@ def run_search(args) -> dict | None:
                         features=args.features, reference=fitness.ref.source, noise_seed=fitness.noise_seed,
                         skip_blocks=bool(space.blocks), block_costs=space.costs, skip_budget=args.skip_budget,
                         steps_range=[space.min_steps, space.max_steps], config=vars(cfg),
-                        cpu_seconds=time.process_time() - cpu0, cache_hit_rate=fitness.cache.hits / max(1, fitness.cache.calls),
-                        stock=stock_recipe(best.solver, list(best.steps), teacher.scheduler.config), pipeline_speed=speed, **result.to_json())
+                        cpu_seconds=time.process_time() - cpu0,
+                        cache_hit_rate=fitness.cache.hits / max(1, fitness.cache.calls),
+                        stock=stock_recipe(best.solver, list(best.steps), teacher.scheduler.config),
+                        pipeline_speed=speed, **result.to_json())
     save_json(record, out / "search.json")
     _plot(result.best_per_generation, out / "search.png", args.nfe)
     return record

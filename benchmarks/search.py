@@ -39,6 +39,7 @@ from dstudio.app.search_cli import FIDFitness, export_skip_pipeline, pipeline_sp
 from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_teacher
 from dstudio.samplers import SearchedScheduler, scheduler_from_teacher
 from dstudio.search import Candidate, EvolutionConfig, evolve
+from teachers import Unconditional  # benchmarks/teachers.py: labels dropped for unconditional pipelines
 
 SOLVERS = ["unipc-2", "unipc-3", "dpmpp-2m", "dpmpp-3m"]
 # stock solvers not in benchmarks/samplers.py: name -> (class, overrides)
@@ -46,10 +47,11 @@ EXTRA_STOCK = {"dpmpp-3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "d
                                                              "timestep_spacing": "trailing"}),
                "unipc-3": ("UniPCMultistepScheduler", {"solver_order": 3, "timestep_spacing": "trailing"})}
 _FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+_DPMPP = {**_FLOW, "algorithm_type": "dpmsolver++"}
 FLOW_STOCK = {"euler": ("FlowMatchEulerDiscreteScheduler", {}),  # the flow teacher's own scheduler (= DDIM)
-              "dpmpp-2m": ("DPMSolverMultistepScheduler", {**_FLOW, "algorithm_type": "dpmsolver++", "solver_order": 2}),
+              "dpmpp-2m": ("DPMSolverMultistepScheduler", {**_DPMPP, "solver_order": 2}),
               "unipc": ("UniPCMultistepScheduler", {**_FLOW, "solver_order": 2}),
-              "dpmpp-3m": ("DPMSolverMultistepScheduler", {**_FLOW, "algorithm_type": "dpmsolver++", "solver_order": 3}),
+              "dpmpp-3m": ("DPMSolverMultistepScheduler", {**_DPMPP, "solver_order": 3}),
               "unipc-3": ("UniPCMultistepScheduler", {**_FLOW, "solver_order": 3})}
 COLUMNS = [["name", "row"], ["nfe", "NFE"], ["compute_nfe", "executed NFE"], ["fid", "FID-mnist"],
            ["fid_vs_teacher", "x teacher-50"], ["fid_vs_unipc", "x stock UniPC"],
@@ -90,16 +92,6 @@ def stock(name: str, teacher):
     return stock_scheduler(name, base)
 
 
-class Unconditional:
-    """An unconditional pipeline called like a class-conditional one (the protocol's labels are dropped)."""
-
-    def __init__(self, pipe):
-        self.pipe = pipe
-
-    def __call__(self, class_labels=None, **kwargs):
-        return self.pipe(batch_size=len(class_labels), **kwargs)
-
-
 def run_search(fitness, space, cfg, state: Path, budget=None, init=None, label: str = "search"):
     def progress(gen, i, best):
         print(f"{label}: generation {gen + 1}/{cfg.generations}, candidate {i}: best {best:.4f}", file=sys.stderr,
@@ -125,7 +117,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-budget", type=float, default=0.0,
                    help="stage two: share of --nfe's compute to save (0: same compute, skips pay for extra steps)")
     p.add_argument("--max-steps", type=int, default=None, help="stage two: most steps (default: --nfe + 1)")
-    p.add_argument("--speed-images", type=int, default=250, help="stage two: images the pipeline's speed-up is timed on")
+    p.add_argument("--speed-images", type=int, default=250, help="stage two: images its speed-up is timed on")
     p.add_argument("--check-reuse", action="store_true", help="re-measure stock UniPC to check the reused FIDs")
     p.add_argument("--baseline-candidates", type=int, default=6,
                    help="candidates scored the old way (DDIM, 500 images each, no halving or cache) for candidates/min")
@@ -248,7 +240,7 @@ def main(argv=None) -> int:
             if name in solvers:  # else it runs the same orders as a stock row above at this NFE
                 rows.append(rescore(f"{name}-{nfe}", name, nfe, stock(name, teacher)))
                 write()
-        if args.baseline_candidates:  # candidates per CPU-minute, the old way: DDIM only, 500 images, no halving or cache
+        if args.baseline_candidates:  # candidates per CPU-minute the old way: DDIM, 500 images, no halving or cache
             old = FIDFitness(teacher, 500, cache_mb=0)
             sample = [Candidate.from_json(h["candidate"]) for h in result.history[:args.baseline_candidates]]
             c0 = time.process_time()

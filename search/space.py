@@ -90,7 +90,8 @@ class SearchSpace:
         if self.blocks:
             missing = [b for b in self.blocks if b not in self.costs]
             if missing:
-                raise ValueError(f"block '{missing[0]}' has no cost: give costs for every block (search.cost.block_costs)")
+                raise ValueError(f"block '{missing[0]}' has no cost: give costs for every block "
+                                 f"(search.cost.block_costs)")
             bad = [b for b in self.blocks if not 0 <= self.costs[b] < 1]
             if bad or sum(self.costs[b] for b in self.blocks) >= 1:
                 raise ValueError(f"block costs must be >= 0 and sum to less than one full forward: {self.costs}")
