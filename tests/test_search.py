@@ -113,6 +113,21 @@ def test_operators_keep_candidates_within_the_budget_and_change_the_step_count()
     assert space.repair(Candidate((90, 60, 30, 5), (frozenset(),) * 4), rng, 4 * 0.6) is None  # cannot fit
 
 
+def test_evolve_parts_take_the_budget_and_return_unseen_candidates_within_it():
+    from dstudio.search import breed, initial_population
+
+    space = SearchSpace(100, 4, blocks=("a", "b", "c"), costs=COSTS, min_steps=3, max_steps=5)
+    rng, seen = random.Random(1), set()
+    cfg = EvolutionConfig(population=12, generations=1, top_k=4, mutations=6, crossovers=3)
+    first = initial_population(space, 3.5, rng, 12, seen, init=[Candidate((90, 60, 30, 5))])
+    assert len(first) == 12 and {c.key() for c in first} == seen
+    assert Candidate((90, 60, 30, 5)).steps in {c.steps for c in first}  # the init, repaired to the budget
+    children = breed(space, 3.2, first[:4], rng, cfg, seen)
+    assert len(children) == 12 and not {c.key() for c in children} & {c.key() for c in first}
+    assert all(space.valid(c, b) for b, cs in ((3.5, first), (3.2, children)) for c in cs)
+    assert max(space.compute(c) for c in children) <= 3.2 + 1e-9 < max(space.compute(c) for c in first)
+
+
 def test_stage_two_budget_opens_gradually_and_trades_skips_for_steps():
     """Every candidate of generation g executes at most budget.at(g); the result meets the final budget; the budget
     is passed in, never written into the caller's space; skip sets mutate and candidates take an extra step."""
