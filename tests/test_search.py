@@ -325,25 +325,30 @@ def test_fid_fitness_skips_every_chunk_and_caching_changes_nothing(tiny_teacher)
     assert chunked.cache.hits > 0
 
 
-def test_stage_two_pipeline_folder_applies_the_skips(tiny_teacher, tmp_path):
-    """Issue 17.2: the exported folder skips the searched blocks at their steps, drawing what the search sampled."""
+@pytest.mark.parametrize("teacher_name", ["tiny_teacher", "flow_teacher"])
+def test_stage_two_pipeline_folder_applies_the_skips(teacher_name, request, tmp_path):
+    """Issue 17.2: the exported folder skips the searched blocks at their steps, drawing what the search sampled
+    (a flow teacher's steps are keyed by the model time s T its pipeline sees)."""
     from diffusers import DiffusionPipeline
 
     from dstudio.app.search_cli import export_skip_pipeline
-    from dstudio.distill.core.teacher import load_teacher, load_pipeline
+    from dstudio.distill.core.teacher import load_pipeline, load_teacher
     from dstudio.samplers import SearchedScheduler, append_zero, get_sampler, scheduler_from_teacher
 
-    t = load_teacher(tiny_teacher)
+    t = load_teacher(request.getfixturevalue(teacher_name))
     names = skippable_blocks(t.unet)
-    c = Candidate((999, 600, 300), (frozenset(names[:2]), frozenset(), frozenset(names[2:3])), "unipc-2")
+    c = Candidate((990, 600, 300), (frozenset(names[:2]), frozenset(), frozenset(names[2:3])), "unipc-2")
     sched = scheduler_from_teacher(SearchedScheduler, t.scheduler, timesteps=list(c.steps), solver=c.solver)
     export_skip_pipeline(t, c, sched, tmp_path / "pipeline")
+    index = json.loads((tmp_path / "pipeline" / "model_index.json").read_text())
+    assert sorted(index["skips"]) == (["463", "995"] if teacher_name == "flow_teacher" else ["300", "990"])
     z, labels = torch.randn(3, *t.sample_shape, generator=torch.Generator().manual_seed(5)), torch.tensor([0, 4, 7])
     sigmas = append_zero(t.denoiser.t_to_sigma(torch.tensor(c.steps)).float())
+    x = z * t.denoiser.noise_scale(sigmas[0]).float()  # unit noise in the teacher's own state (VP or flow)
     with torch.no_grad():
-        searched = get_sampler(c.solver)(SkippingDenoiser(t.denoiser, t.unet, sigmas[:-1], c.skips),
-                                         z * (1 + sigmas[0] ** 2).sqrt(), sigmas, labels).clamp(-1, 1)
-        unskipped = get_sampler(c.solver)(t.denoiser, z * (1 + sigmas[0] ** 2).sqrt(), sigmas, labels).clamp(-1, 1)
+        searched = get_sampler(c.solver)(SkippingDenoiser(t.denoiser, t.unet, sigmas[:-1], c.skips), x, sigmas,
+                                         labels).clamp(-1, 1)
+        unskipped = get_sampler(c.solver)(t.denoiser, x, sigmas, labels).clamp(-1, 1)
     for pipe in (DiffusionPipeline.from_pretrained(tmp_path / "pipeline", trust_remote_code=True),
                  load_pipeline(tmp_path / "pipeline")):
         out = pipe(class_labels=labels, latents=z, output_type="pt").images * 2 - 1
