@@ -132,13 +132,13 @@ def run_search(args) -> dict | None:
         from dstudio.search.space import Candidate
 
         init = [Candidate.from_json(json.loads(Path(args.init).read_text())["best"])]
+    fitness = FIDFitness(teacher, args.num_samples, features=args.features, seed=args.seed, ref=args.ref,
+                         device=state.device, rank=state.process_index, world=state.num_processes,
+                         rungs=[args.screen_samples], promote=args.promote)  # first: it names teachers it cannot score
     space, budget = search_space(teacher, args, [*(c.solver for c in init), *args.solver])
     cfg = EvolutionConfig(population=args.population, generations=args.generations, top_k=args.top_k,
                           mutations=min(25, args.population // 2), crossovers=min(15, args.population // 4),
                           seed=args.seed)
-    fitness = FIDFitness(teacher, args.num_samples, features=args.features, seed=args.seed, ref=args.ref,
-                         device=state.device, rank=state.process_index, world=state.num_processes,
-                         rungs=[args.screen_samples], promote=args.promote)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
