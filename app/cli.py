@@ -397,7 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="solvers the search may pick (part of each candidate); default: the best stock ones")
     se.add_argument("--skip-blocks", action="store_true", help="stage two: also search per-step skipped UNet blocks")
     se.add_argument("--skip-budget", type=float, default=0.3,
-                    help="stage two: the fraction of (steps x skippable blocks) to skip, reached gradually")
+                    help="stage two: the share of --nfe's compute to save (budget: nfe x (1 - this) full forwards, "
+                         "reached gradually; 0 trades skipped blocks for extra steps at --nfe's compute)")
+    se.add_argument("--max-steps", type=_positive_int("--max-steps"), default=None,
+                    help="stage two: the most steps a candidate may take within the budget (default: --nfe + 1)")
     se.add_argument("--ref", default="mnist", help="FID reference: mnist, a .npz statistics file or an image folder")
     se.add_argument("--features", default="mnist", choices=["inception", "mnist"])
     se.add_argument("--init", default=None, help="a search.json whose best candidate seeds the population")

@@ -117,8 +117,7 @@ def run_search(args) -> dict | None:
     from dstudio.distill.core.teacher import load_teacher
     from dstudio.distill.core.trainer import check_run_folder, clear_run, cpu_only
     from dstudio.samplers import SearchedScheduler, scheduler_from_teacher
-    from dstudio.search import EvolutionConfig, SearchSpace, evolve
-    from dstudio.search.skip import skippable_blocks
+    from dstudio.search import EvolutionConfig, evolve
 
     state = PartialState(cpu=cpu_only())  # under `accelerate launch`, each candidate's samples are split
     out = check_writable(args.out)
@@ -126,17 +125,6 @@ def run_search(args) -> dict | None:
     if args.resume and not (out / SEARCH_STATE).is_file():
         raise ValueError(f"--resume: no {SEARCH_STATE} in '{out}'; start without --resume")
     teacher = load_teacher(args.teacher, device=state.device)
-    T = teacher.num_train_timesteps
-    if teacher.denoiser.prediction_type == "flow":
-        raise ValueError(f"teacher '{args.teacher}' is a flow-matching model: the searched schedule is a DDPM-family "
-                         f"SearchedScheduler, so `dstudio search` takes DDPM-family teachers only")
-    if not 1 <= args.nfe <= T:
-        raise ValueError(f"--nfe {args.nfe} must be in 1..{T} (the teacher's training steps)")
-    blocks = tuple(skippable_blocks(teacher.unet)) if args.skip_blocks else ()
-    max_skipped = int(args.skip_budget * len(blocks) * args.nfe) if blocks else 0
-    if args.skip_blocks and max_skipped < 1:
-        raise ValueError(f"--skip-budget {args.skip_budget} allows no skipped block over {args.nfe} steps x "
-                         f"{len(blocks)} blocks; use a value in (0, 1]")
     init = []
     if args.init:
         import json
@@ -144,16 +132,13 @@ def run_search(args) -> dict | None:
         from dstudio.search.space import Candidate
 
         init = [Candidate.from_json(json.loads(Path(args.init).read_text())["best"])]
-    from dstudio.samplers.samplers import distinct_solvers
-
-    solvers = tuple(distinct_solvers(dict.fromkeys([*(c.solver for c in init), *args.solver]), args.nfe))
-    space = SearchSpace(T, args.nfe, blocks, max_skipped, solvers=solvers)
+    fitness = FIDFitness(teacher, args.num_samples, features=args.features, seed=args.seed, ref=args.ref,
+                         device=state.device, rank=state.process_index, world=state.num_processes,
+                         rungs=[args.screen_samples], promote=args.promote)  # first: it names teachers it cannot score
+    space, budget = search_space(teacher, args, [*(c.solver for c in init), *args.solver])
     cfg = EvolutionConfig(population=args.population, generations=args.generations, top_k=args.top_k,
                           mutations=min(25, args.population // 2), crossovers=min(15, args.population // 4),
                           seed=args.seed)
-    fitness = FIDFitness(teacher, args.num_samples, features=args.features, seed=args.seed, ref=args.ref,
-                         device=state.device, rank=state.process_index, world=state.num_processes,
-                         rungs=[args.screen_samples], promote=args.promote)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
@@ -169,7 +154,7 @@ def run_search(args) -> dict | None:
     with bar, run_folder_lock(out) if state.is_main_process else contextlib.nullcontext(), stop_signals():
         if getattr(args, "overwrite", False) and state.is_main_process:
             clear_run(out, SEARCH_MARKERS + ("search.png", "pipeline"))
-        result = evolve(fitness, space, cfg, checkpoint=out / SEARCH_STATE, resume=args.resume, init=init,
+        result = evolve(fitness, space, cfg, budget, checkpoint=out / SEARCH_STATE, resume=args.resume, init=init,
                         progress=progress if state.is_main_process else None, write=state.is_main_process)
     if not state.is_main_process:
         return None
@@ -179,22 +164,67 @@ def run_search(args) -> dict | None:
     speed = None
     if any(best.skips):
         export_skip_pipeline(teacher, best, sched, out / "pipeline", source=str(args.teacher))
-        speed = pipeline_speedup(out / "pipeline", fitness.labels[:args.speed_images],
+        speed = pipeline_speedup(out / "pipeline", fitness.labels[:args.speed_images] if fitness.conditional else None,
                                  fitness.noise[:args.speed_images], state.device)
-    record = provenance(teacher=str(args.teacher), nfe=args.nfe, solvers=list(solvers), num_samples=args.num_samples,
-                        screen_samples=args.screen_samples, promote=args.promote,
+    record = provenance(teacher=str(args.teacher), nfe=args.nfe, solvers=list(space.solvers),
+                        num_samples=args.num_samples, screen_samples=args.screen_samples, promote=args.promote,
                         features=args.features, reference=fitness.ref.source, noise_seed=fitness.noise_seed,
-                        skip_blocks=bool(blocks), blocks=list(blocks), max_skipped=max_skipped, config=vars(cfg),
-                        cpu_seconds=time.process_time() - cpu0, cache_hit_rate=fitness.cache.hits / max(1, fitness.cache.calls),
-                        stock=stock_recipe(best.solver, list(best.steps)), pipeline_speed=speed, **result.to_json())
+                        skip_blocks=bool(space.blocks), block_costs=space.costs, skip_budget=args.skip_budget,
+                        steps_range=[space.min_steps, space.max_steps], config=vars(cfg),
+                        cpu_seconds=time.process_time() - cpu0,
+                        cache_hit_rate=fitness.cache.hits / max(1, fitness.cache.calls),
+                        stock=stock_recipe(best.solver, list(best.steps), teacher.scheduler.config),
+                        pipeline_speed=speed, **result.to_json())
     save_json(record, out / "search.json")
     _plot(result.best_per_generation, out / "search.png", args.nfe)
     return record
 
 
-def skips_by_timestep(candidate) -> dict[str, list[str]]:
-    """A stage-two candidate's skip sets keyed by time step, as the exported pipeline reads them."""
-    return {str(t): sorted(s) for t, s in zip(candidate.steps, candidate.skips) if s}
+def search_space(teacher, args, solvers) -> tuple:
+    """`dstudio search`'s space and compute budget. Stage one: `--nfe` steps, budget `--nfe` full forwards. Stage two
+    (`--skip-blocks`): per-step skipped blocks weighted by the compute they save (search.cost.block_costs), a budget of
+    `--nfe` x (1 - `--skip-budget`) full forwards opened gradually from `--nfe`, and `--nfe` - 1 .. `--max-steps`
+    steps, so skipped blocks can pay for an extra step."""
+    from dstudio.samplers.samplers import distinct_solvers
+    from dstudio.search import Budget, SearchSpace, block_costs
+    from dstudio.search.skip import skippable_blocks
+
+    T, nfe = teacher.num_train_timesteps, args.nfe
+    if not 1 <= nfe <= T:
+        raise ValueError(f"--nfe {nfe} must be in 1..{T} (the teacher's training steps)")
+    if not args.skip_blocks:
+        return SearchSpace(T, nfe, solvers=tuple(distinct_solvers(dict.fromkeys(solvers), nfe))), Budget(float(nfe))
+    if not 0 <= args.skip_budget < 1:
+        raise ValueError(f"--skip-budget {args.skip_budget} must be in [0, 1): the share of --nfe's compute to save")
+    max_steps = nfe + 1 if args.max_steps is None else args.max_steps
+    if not nfe <= max_steps <= T:
+        raise ValueError(f"--max-steps {max_steps} must be in {nfe}..{T} (--nfe up to the teacher's training steps)")
+    blocks = tuple(skippable_blocks(teacher.unet))
+    if not blocks:
+        raise ValueError("--skip-blocks: this teacher's UNet has no skippable block (resolution-keeping resnets, "
+                         "attention)")
+    x = torch.zeros(1, *teacher.sample_shape, device=teacher.unet.device)
+    cond = torch.zeros(1, dtype=torch.long, device=x.device) if teacher.kind == "class" else None
+    costs = block_costs(teacher.unet, blocks, lambda: teacher.denoiser(x, 1.0, cond))
+    budget = Budget(nfe * (1 - args.skip_budget), start=float(nfe))
+    min_steps = max(1, nfe - 1)
+    fastest = min_steps * (1 - sum(costs.values()))
+    if fastest > budget.final:
+        raise ValueError(f"--skip-budget {args.skip_budget} leaves {budget.final:.2f} NFE, below the {fastest:.2f} "
+                         f"of {min_steps} steps with every block skipped")
+    solvers = distinct_solvers(dict.fromkeys(solvers), range(min_steps, max_steps + 1))
+    return SearchSpace(T, nfe, blocks, costs, min_steps, max_steps, solvers=tuple(solvers)), budget
+
+
+def skips_by_timestep(candidate, scheduler) -> dict[str, list[str]]:
+    """A stage-two candidate's skip sets keyed by the model time step the pipeline sees at each step (rounded, as the
+    exported pipeline reads them: the grid index for DDPM teachers, s T for flow-matching ones)."""
+    scheduler.set_timesteps(timesteps=list(candidate.steps))
+    keys = [str(int(round(float(t)))) for t in scheduler.timesteps]
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"steps {list(candidate.steps)} give the model the same rounded time twice ({keys}): "
+                         f"their skip sets cannot be told apart in the exported pipeline")
+    return {k: sorted(s) for k, s in zip(keys, candidate.skips) if s}
 
 
 def export_skip_pipeline(teacher, candidate, scheduler, path: Path, **info) -> Path:
@@ -202,12 +232,12 @@ def export_skip_pipeline(teacher, candidate, scheduler, path: Path, **info) -> P
     the skips when run (`DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`)."""
     from dstudio.distill.core.export import export_image_pipeline
 
-    return export_image_pipeline(teacher.unet, scheduler, path, skips=skips_by_timestep(candidate),
+    return export_image_pipeline(teacher.unet, scheduler, path, skips=skips_by_timestep(candidate, scheduler),
                                  kind="searched schedule with skipped blocks (AutoDiffusion stage two)",
                                  candidate=candidate.to_json(), **info)
 
 
-def pipeline_speedup(folder: Path, labels: torch.Tensor, noise: torch.Tensor, device, repeats: int = 3) -> dict:
+def pipeline_speedup(folder: Path, labels: torch.Tensor | None, noise: torch.Tensor, device, repeats: int = 3) -> dict:
     """Images/s of the exported stage-two folder, loaded as plain diffusers loads it, with its skips and with them
     switched off (the same steps and solver), alternated `repeats` times, best of each (timing noise is one-sided)."""
     from diffusers import DiffusionPipeline
@@ -221,20 +251,29 @@ def pipeline_speedup(folder: Path, labels: torch.Tensor, noise: torch.Tensor, de
     for _ in range(repeats):
         for name, value in (("skipped", skips), ("unskipped", None)):
             pipe.register_to_config(skips=value)
-            _, dt = timed(pipe, class_labels=labels.to(device), latents=noise.to(device), output_type="pt")
+            _, dt = timed(pipe, batch_size=len(noise), class_labels=None if labels is None else labels.to(device),
+                          latents=noise.to(device), output_type="pt")
             seconds[name].append(dt)
-    rate = {k: len(labels) / min(v) for k, v in seconds.items()}
-    return {"images": len(labels), "images_per_s": rate["skipped"], "unskipped_images_per_s": rate["unskipped"],
+    rate = {k: len(noise) / min(v) for k, v in seconds.items()}
+    return {"images": len(noise), "images_per_s": rate["skipped"], "unskipped_images_per_s": rate["unskipped"],
             "speedup": rate["skipped"] / rate["unskipped"]}
 
 
-def stock_recipe(solver: str, steps: list[int]) -> dict | None:
+def stock_recipe(solver: str, steps: list[int], teacher_config) -> dict | None:
     """How a stock diffusers scheduler runs a searched list, where one can: DPM-Solver++ takes `timesteps=` in
-    set_timesteps (a pipeline that passes them through, e.g. Stable Diffusion's); DDIM and UniPC (DDPM models) take no
-    custom list in diffusers, so those run through the exported SearchedScheduler."""
+    set_timesteps (a pipeline that passes them through, e.g. Stable Diffusion's); on a flow-matching teacher DDIM is
+    FlowMatchEulerDiscreteScheduler's Euler step at `sigmas=` u_k = (k + 1) / T (it applies its shift to them). DDIM
+    and UniPC on DDPM models, and the multistep solvers on flow models, take no custom list in diffusers: those run
+    through the exported SearchedScheduler."""
     from dstudio.samplers.samplers import parse_solver
 
     rule, order = parse_solver(solver)
+    if "beta_schedule" not in teacher_config and "shift" in teacher_config:  # FlowMatchEulerDiscreteScheduler
+        if order > 1:
+            return None
+        T = teacher_config["num_train_timesteps"]
+        return {"class": "FlowMatchEulerDiscreteScheduler", "config": {},
+                "set_timesteps": {"sigmas": [(k + 1) / T for k in steps]}}
     if rule != "dpmpp" or order == 1:
         return None
     return {"class": "DPMSolverMultistepScheduler", "config": {"algorithm_type": "dpmsolver++", "solver_order": order,
@@ -269,7 +308,8 @@ def cmd_search(args) -> None:
         raise UsageError(str(e)) from None
     if record is None:  # not the main process of a launch
         return
-    print(f"best {args.nfe}-NFE schedule {record['best']['steps']} with {record['best']['solver']}: FID-mnist "
+    print(f"best {args.nfe}-NFE schedule {record['best']['steps']} with {record['best']['solver']} "
+          f"({record['compute_nfe']:.2f} NFE executed): FID-mnist "
           f"{record['best_fitness']:.4f} on {args.num_samples} images ({record['evaluations']} candidates, "
           f"{time.time() - t0:.0f} s, {record['cpu_seconds'] / 60:.1f} CPU-min); wrote {args.out}/scheduler, "
           f"{args.out}/search.json")

@@ -80,13 +80,15 @@ def solver_orders(n: int, order: int, rule: str = "dpmpp") -> list[int]:
     return [1 if i == n - 1 else min(order, i + 1) for i in range(n)]
 
 
-def distinct_solvers(names, n: int) -> list[str]:
-    """`names` less those that run the same update at every one of n steps as an earlier one (at 4 steps the
-    lowered orders make DPM-Solver++ 3M run 2M's orders 1, 2, 2, 1, and UniPC-3 UniPC-2's)."""
+def distinct_solvers(names, n) -> list[str]:
+    """`names` less those that run the same update at every one of n steps (or at every step count in `n`, an
+    iterable) as an earlier one (at 4 steps the lowered orders make DPM-Solver++ 3M run 2M's orders 1, 2, 2, 1, and
+    UniPC-3 UniPC-2's)."""
+    counts = [n] if isinstance(n, int) else list(n)
     seen, out = set(), []
     for name in names:
         rule, order = parse_solver(name)
-        key = (rule, tuple(solver_orders(n, order, rule)))
+        key = (rule, tuple(tuple(solver_orders(k, order, rule)) for k in counts))
         if key not in seen:
             seen.add(key)
             out.append(name)

@@ -95,7 +95,10 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
 
     def _setup(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type, timesteps,
                flow_shift=None):
-        if prediction_type != "flow" or flow_shift is None:
+        self.flow_state = prediction_type == "flow"
+        if self.flow_state and flow_shift is None:
+            raise ValueError('prediction_type "flow" needs flow_shift (the flow-matching teacher\'s shift)')
+        if not self.flow_state:
             check_prediction_type(prediction_type)
         if timesteps is not None:
             check_timesteps(timesteps, num_train_timesteps)
@@ -174,6 +177,10 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
         a = a.reshape(-1, *([1] * (original_samples.ndim - 1)))
         return a.sqrt() * original_samples + (1 - a).sqrt() * noise
 
+    def _to_ve(self, sample, sigma: float):
+        """The pipeline's state (VP, or the flow state) at noise level sigma -> the VE state x0 + sigma eps."""
+        return sample * (1 + sigma) if self.flow_state else sample * (1 + sigma**2) ** 0.5
+
     def _finish(self, prev_ve, sigma_next: float, return_dict: bool):
         self._step_index += 1
         prev = prev_ve / (1 + sigma_next) if self.flow_state else prev_ve * (1 + sigma_next**2) ** -0.5
@@ -181,21 +188,25 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
 
 
 class SearchedScheduler(_DiscreteScheduler):
-    """A DDPM-family schedule run at an arbitrary, stored list of time steps with any solver of
+    """A DDPM-family or flow-matching schedule run at an arbitrary, stored list of time steps with any solver of
     `samplers.SOLVERS`: DDIM, DPM-Solver++ 2M/3M ("dpmpp" is 2M) or UniPC-1/2/3 (bh2; "unipc" is order 2).
 
     `timesteps` (strictly decreasing, in [0, num_train_timesteps)) is what `set_timesteps()` applies; without it the
-    scheduler falls back to a uniform list with `timestep_spacing`.
+    scheduler falls back to a uniform list with `timestep_spacing`. With `prediction_type="flow"` and `flow_shift`
+    the model is a flow-matching velocity model on FlowMatchEulerDiscreteScheduler's grid: step k is the noise
+    fraction s_k = shift u / (1 + (shift - 1) u), u = (k + 1) / T, the model sees s T and the flow state (DDIM is then
+    that scheduler's Euler step, which runs the same list through `set_timesteps(sigmas=[u_k])`).
     """
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas: list[float] | None = None,
                  prediction_type: str = "epsilon", timesteps: list[int] | None = None, solver: str = "ddim",
-                 set_alpha_to_one: bool = True, timestep_spacing: str = "trailing"):
+                 set_alpha_to_one: bool = True, timestep_spacing: str = "trailing", flow_shift: float | None = None):
         if solver not in SOLVERS:
             raise ValueError(f"solver '{solver}' is not one of {', '.join(SOLVERS)}")
-        self._setup(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type, timesteps)
+        self._setup(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type, timesteps,
+                    flow_shift)
         self._reset()
 
     def _reset(self):
@@ -212,7 +223,7 @@ class SearchedScheduler(_DiscreteScheduler):
         i, sigma, sigma_next = self._step_index, cur.sigma, cur.sigma_next
         rule, order = parse_solver(self.config.solver)
         orders = solver_orders(self.num_inference_steps, order, rule)
-        x_ve = sample * (1 + sigma**2) ** 0.5
+        x_ve = self._to_ve(sample, sigma)
         x0 = self._x0(model_output, sample, sigma)
         if rule == "unipc" and self._last is not None:
             x_ve = unipc_update(self._last, self._sigmas[i - 1], sigma, self._history[-1][1], self._history[:-1],
@@ -244,9 +255,6 @@ class StudentScheduler(_DiscreteScheduler):
                  sigma_data: float = 0.5, sigma_min: float = 0.002, num_inference_steps: int | None = None,
                  flow_shift: float | None = None):
         consistency = prediction_type == "consistency"
-        self.flow_state = prediction_type == "flow"
-        if self.flow_state and flow_shift is None:
-            raise ValueError('prediction_type "flow" needs flow_shift (the flow-matching teacher\'s shift)')
         self._setup(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                     "sample" if consistency else prediction_type, timesteps, flow_shift)
 

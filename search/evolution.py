@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from dstudio.search.space import Candidate, SearchSpace
+from dstudio.search.space import Budget, Candidate, SearchSpace
 
 
 @dataclass
@@ -19,7 +19,6 @@ class EvolutionConfig:
     mutations: int = 25
     crossovers: int = 15
     seed: int = 0
-    budget_steps: int = 5  # stage two opens the skip budget by max/5 per generation
 
     def validate(self) -> None:
         for k in ("population", "generations", "top_k"):
@@ -46,13 +45,61 @@ class SearchResult:
                 "history": self.history, **self.extra}
 
 
-def _unique(make, seen: set[str], space: SearchSpace, tries: int = 100) -> Candidate | None:
+def _unique(make, seen: set[str], space: SearchSpace, budget: float, tries: int = 100) -> Candidate | None:
+    """A candidate from `make()` that fits `budget` and is not in `seen` (then added to it); None after `tries`."""
     for _ in range(tries):
         c = make()
-        if space.valid(c) and c.key() not in seen:
+        if c is not None and space.valid(c, budget) and c.key() not in seen:
             seen.add(c.key())
             return c
     return None
+
+
+def _fill(new: list[Candidate], size: int, space: SearchSpace, budget: float, rng: random.Random,
+          seen: set[str]) -> list[Candidate]:
+    """`new` topped up with random candidates to `size` (the paper's random part of every population)."""
+    while len(new) < size:
+        c = _unique(lambda: space.random(rng, budget), seen, space, budget)
+        if c is None:
+            break
+        new.append(c)
+    return new
+
+
+def initial_population(space: SearchSpace, budget: float, rng: random.Random, size: int, seen: set[str],
+                       init: list[Candidate] | None = None) -> list[Candidate]:
+    """AutoDiffusion's first population: every solver's stock uniform list and the `init` candidates (repaired to
+    the budget), mutations of the last `init` (else of the first uniform) up to half, the rest random."""
+    new: list[Candidate] = []
+    for c in [*space.uniforms(), *(init or [])]:
+        c = space.repair(c, rng, budget)
+        if c is not None and space.valid(c, budget) and c.key() not in seen:
+            seen.add(c.key())
+            new.append(c)
+    base = new[-1] if init and new else (new[0] if new else space.random(rng, budget))
+    while base is not None and len(new) < 1 + size // 2:
+        c = _unique(lambda: space.mutate(base, rng, budget), seen, space, budget)
+        if c is None:
+            break
+        new.append(c)
+    return _fill(new, size, space, budget, rng, seen)
+
+
+def breed(space: SearchSpace, budget: float, parents: list[Candidate], rng: random.Random, cfg: EvolutionConfig,
+          seen: set[str]) -> list[Candidate]:
+    """One generation's new candidates (Li et al. 2023, Alg. 1): `cfg.mutations` mutants and `cfg.crossovers`
+    children of the parents, the rest random; every one unseen and within the budget."""
+    new: list[Candidate] = []
+    for _ in range(cfg.mutations):
+        c = _unique(lambda: space.mutate(rng.choice(parents), rng, budget), seen, space, budget)
+        if c is not None:
+            new.append(c)
+    for _ in range(cfg.crossovers):
+        c = _unique(lambda: space.crossover(*rng.sample(parents, 2) if len(parents) > 1 else parents * 2, rng, budget),
+                    seen, space, budget)
+        if c is not None:
+            new.append(c)
+    return _fill(new, cfg.population, space, budget, rng, seen)
 
 
 def _rungs(objective) -> int:
@@ -60,16 +107,62 @@ def _rungs(objective) -> int:
     return len(getattr(objective, "rungs", None) or [None])
 
 
-def evolve(objective: Callable[[Candidate], float], space: SearchSpace, config: EvolutionConfig | None = None,
-           checkpoint: str | Path | None = None, resume: bool = False, init: list[Candidate] | None = None,
-           progress: Callable[[int, int, float], None] | None = None, write: bool = True) -> SearchResult:
-    """Minimise `objective` over `space`. Never evaluates a candidate twice at one fidelity; with `checkpoint` saves
-    every generation atomically and `resume=True` continues after the last complete one.
+class Scores:
+    """Every scoring so far: per candidate its score at rung 0, 1, ...; ranked by the highest rung reached, then by
+    the score there, so parents and the result come from the most reliable scores."""
 
-    Successive halving (Li et al. 2018, Hyperband's inner loop) when the objective has `rungs` (e.g. image counts,
-    cheapest first): every new candidate is scored at rung 0, and after each generation the `promote` best at each
-    rung (over the whole history) are re-scored at the next. Candidates rank by the highest rung they reached, then
-    by their score there, so parents and the result come from the most reliable scores.
+    def __init__(self, history: list[dict] | None = None):
+        self.history: list[dict] = []
+        self.scores: dict[str, list[float]] = {}
+        self.cands: dict[str, Candidate] = {}
+        for h in history or []:
+            self.add(h)
+
+    def add(self, h: dict) -> None:
+        c = Candidate.from_json(h["candidate"])
+        self.cands[c.key()] = c
+        self.scores.setdefault(c.key(), []).append(h["fitness"])
+        self.history.append(h)
+
+    def rank(self, key: str) -> tuple[int, float]:
+        return -len(self.scores[key]), self.scores[key][-1]
+
+    def ranked(self, keys=None) -> list[str]:
+        return sorted(self.scores if keys is None else keys, key=self.rank)
+
+
+def evaluate(objective, candidates: list[Candidate], generation: int, scores: Scores, space: SearchSpace,
+             budget: float, promote: int = 3, progress: Callable[[int, int, float], None] | None = None) -> None:
+    """Score every new candidate at rung 0, then successive halving (Li et al. 2018, Hyperband's inner loop) when the
+    objective has `rungs` (e.g. image counts, cheapest first; called as objective(c, rung=r)): the `promote` best
+    at each rung, over the whole history and within the budget, are re-scored at the next."""
+    n_rungs = _rungs(objective)
+
+    def score(c: Candidate, rung: int, done: int) -> None:
+        t = time.time()
+        f = float(objective(c, rung=rung) if n_rungs > 1 else objective(c))
+        scores.add({"generation": generation, "candidate": c.to_json(), "fitness": f, "rung": rung,
+                    "compute": round(space.compute(c), 6), "seconds": round(time.time() - t, 3)})
+        if progress:
+            progress(generation, done, scores.scores[scores.ranked()[0]][-1])
+
+    for i, c in enumerate(candidates):
+        score(c, 0, i + 1)
+    for rung in range(1, n_rungs):
+        below = sorted((k for k, v in scores.scores.items() if len(v) >= rung and space.valid(scores.cands[k], budget)),
+                       key=lambda k: scores.scores[k][rung - 1])
+        for k in below[:promote]:
+            if len(scores.scores[k]) == rung:
+                score(scores.cands[k], rung, len(candidates))
+
+
+def evolve(objective: Callable[[Candidate], float], space: SearchSpace, config: EvolutionConfig | None = None,
+           budget: Budget | float | None = None, checkpoint: str | Path | None = None, resume: bool = False,
+           init: list[Candidate] | None = None, progress: Callable[[int, int, float], None] | None = None,
+           write: bool = True) -> SearchResult:
+    """Minimise `objective` over `space` within the compute `budget` (a `Budget`, a number of full forwards, or
+    None: `space.nfe`). Never evaluates a candidate twice at one fidelity; with `checkpoint` saves every generation
+    atomically and `resume=True` continues after the last complete one.
 
     Processes that share one objective (its samples split across them) run this same deterministic loop;
     all read a checkpoint to resume, only the one with `write=True` saves it.
@@ -79,96 +172,45 @@ def evolve(objective: Callable[[Candidate], float], space: SearchSpace, config: 
 
     cfg = config or EvolutionConfig()
     cfg.validate()
+    budget = budget if isinstance(budget, Budget) else Budget(float(space.nfe if budget is None else budget))
+    budget = replace(budget, stages=min(budget.stages, cfg.generations))  # fully open by the last generation
     rng = random.Random(cfg.seed)
-    n_rungs, promote = _rungs(objective), max(1, int(getattr(objective, "promote", 3)))
-    scores: dict[str, list[float]] = {}  # key -> score at rung 0, 1, ...
-    cands: dict[str, Candidate] = {}
-    history: list[dict] = []
-    best_per_gen: list[float] = []
+    promote = max(1, int(getattr(objective, "promote", 3)))
+    scores, best_per_gen = Scores(), []
     start_gen, t0, spent = 0, time.time(), 0.0
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt and write:
         drop_stale_temps(ckpt)
     if resume and ckpt and ckpt.is_file():
         state = json.loads(ckpt.read_text())
-        history, best_per_gen, start_gen, spent = (state["history"], state["best_per_generation"],
-                                                   state["generation"], state["seconds"])
-        for h in history:
-            c = Candidate.from_json(h["candidate"])
-            cands[c.key()] = c
-            scores.setdefault(c.key(), []).append(h["fitness"])
+        scores = Scores(state["history"])
+        best_per_gen, start_gen, spent = state["best_per_generation"], state["generation"], state["seconds"]
         rng.setstate(_rng_from_json(state["rng"]))
-    max_skipped = space.max_skipped
-
-    def rank(k: str) -> tuple[int, float]:
-        return -len(scores[k]), scores[k][-1]
-
-    def score(gen: int, c: Candidate, rung: int, done: int) -> None:
-        t = time.time()
-        f = float(objective(c, rung=rung) if n_rungs > 1 else objective(c))
-        cands[c.key()] = c
-        scores.setdefault(c.key(), []).append(f)
-        history.append({"generation": gen, "candidate": c.to_json(), "fitness": f, "rung": rung,
-                        "seconds": round(time.time() - t, 3)})
-        if progress:
-            progress(gen, done, scores[min(scores, key=rank)][-1])
 
     for gen in range(start_gen, cfg.generations):
-        if space.blocks:  # stage two: the skip budget opens gradually
-            space.budget_now = min(max_skipped, -(-max_skipped * (gen + 1) // cfg.budget_steps))
-        seen = set(scores)
-        new: list[Candidate] = []
-        if not scores:
-            first = [space.fit(c, rng) for c in [*space.uniforms(), *(init or [])]]
-            for c in first:
-                if space.valid(c) and c.key() not in seen:
-                    seen.add(c.key())
-                    new.append(c)
-            base = new[-1] if init and new else (new[0] if new else space.fit(space.uniform(), rng))
-            while len(new) < 1 + cfg.population // 2:
-                c = _unique(lambda: space.mutate(base, rng), seen, space)
-                if c is None:
-                    break
-                new.append(c)
+        now = budget.at(gen)
+        seen = set(scores.scores)
+        if not scores.scores:
+            new = initial_population(space, now, rng, cfg.population, seen, init)
         else:
-            ranked = sorted(scores, key=rank)
-            parents = [cands[k] for k in ranked[:cfg.top_k]]
-            for _ in range(cfg.mutations):
-                c = _unique(lambda: space.mutate(rng.choice(parents), rng), seen, space)
-                if c is not None:
-                    new.append(c)
-            for _ in range(cfg.crossovers):
-                c = _unique(lambda: space.crossover(*rng.sample(parents, 2) if len(parents) > 1 else parents * 2, rng),
-                            seen, space)
-                if c is not None:
-                    new.append(c)
-        while len(new) < cfg.population:
-            c = _unique(lambda: space.random(rng), seen, space)
-            if c is None:
-                break
-            new.append(c)
-
-        for i, c in enumerate(new):
-            score(gen, c, 0, i + 1)
-        for rung in range(1, n_rungs):  # successive halving: the best `promote` of the rung below move up
-            below = sorted((k for k in scores if len(scores[k]) >= rung and space.valid(cands[k])),
-                           key=lambda k: scores[k][rung - 1])
-            for k in below[:promote]:
-                if len(scores[k]) == rung:
-                    score(gen, cands[k], rung, len(new))
-        best_per_gen.append(scores[min(scores, key=rank)][-1])
+            parents = [scores.cands[k] for k in scores.ranked()[:cfg.top_k]]
+            new = breed(space, now, parents, rng, cfg, seen)
+        evaluate(objective, new, gen, scores, space, now, promote, progress)
+        best_per_gen.append(scores.scores[scores.ranked()[0]][-1])
         if ckpt and write:
-            save_json({"generation": gen + 1, "history": history, "best_per_generation": best_per_gen,
+            save_json({"generation": gen + 1, "history": scores.history, "best_per_generation": best_per_gen,
                        "seconds": spent + time.time() - t0, "rng": _rng_to_json(rng.getstate())}, ckpt)
         if ckpt and (signum := stop_requested()):  # SIGTERM/SIGINT/SIGUSR1: stop with this generation saved
             raise Stopped(f"stopped after generation {gen + 1}; rerun with --resume", signum)
 
-    # stage two: only candidates that meet the final (fully opened) budget can be the result
-    final = [k for k in scores if space.valid(cands[k])] or list(scores)
-    best_key = min(final, key=rank)
-    return SearchResult(cands[best_key], scores[best_key][-1], history, best_per_gen, spent + time.time() - t0,
-                        evaluations=len(scores), extra={"best_rung": len(scores[best_key]) - 1,
-                                                        "scorings": len(history)})
+    # only candidates within the final (fully opened) budget can be the result
+    final = [k for k in scores.scores if space.valid(scores.cands[k], budget.final)] or list(scores.scores)
+    best_key = scores.ranked(final)[0]
+    best = scores.cands[best_key]
+    return SearchResult(best, scores.scores[best_key][-1], scores.history, best_per_gen, spent + time.time() - t0,
+                        evaluations=len(scores.scores),
+                        extra={"best_rung": len(scores.scores[best_key]) - 1, "scorings": len(scores.history),
+                               "compute_nfe": space.compute(best), "budget_nfe": budget.final})
 
 
 def _rng_to_json(state) -> list:

@@ -193,7 +193,7 @@ CASES = [
     ("report {bad_json}", "is not valid JSON"),
     ("search --teacher {tiny} --nfe 0", "--nfe 0 must be in 1..1000"),
     ("search --teacher {tiny} --nfe 5000", "--nfe 5000 must be in 1..1000"),
-    ("search --teacher {tiny} --skip-blocks --skip-budget 0", "allows no skipped block"),
+    ("search --teacher {tiny} --skip-blocks --skip-budget 1", "--skip-budget 1.0 must be in [0, 1)"),
 ]
 
 

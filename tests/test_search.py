@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dstudio.app.cli import main
-from dstudio.search import Candidate, EvolutionConfig, SearchSpace, evolve
+from dstudio.search import Budget, Candidate, EvolutionConfig, SearchSpace, block_costs, evolve
 from dstudio.search.skip import SkippingDenoiser, skippable_blocks, skipping
 
 
@@ -76,23 +76,108 @@ def test_interrupted_search_resumes_without_reevaluating(tmp_path):
     assert resumed.best_fitness == uninterrupted.best_fitness
 
 
-def test_stage_two_budget_opens_gradually_and_skip_sets_mutate():
-    """The compute budget forces skipping: generation g skips exactly min(5, ceil(5 (g + 1) / 5)) block-steps."""
-    space = SearchSpace(100, 4, blocks=("a", "b", "c"), max_skipped=5)
+COSTS = {"a": 0.1, "b": 0.2, "c": 0.05}
+
+
+def test_budget_is_the_compute_executed_over_all_steps():
+    """Hand-computed: each step costs 1 - the share its skipped blocks save; steps may be traded for skips."""
+    space = SearchSpace(100, 4, blocks=("a", "b", "c"), costs=COSTS, min_steps=3, max_steps=5)
+    c = Candidate((90, 50, 10), (frozenset("ab"), frozenset(), frozenset("c")))
+    assert space.compute(c) == pytest.approx(0.7 + 1.0 + 0.95)
+    five = Candidate((90, 70, 50, 30, 10), (frozenset("b"),) * 5)  # 5 steps, 20% skipped: 4.0 NFE
+    assert space.compute(five) == pytest.approx(4.0) and space.valid(five, 4.0) and not space.valid(five, 3.9)
+    lighter = Candidate(five.steps, (frozenset("ac"),) * 5)  # 15% skipped: 4.25 NFE, over a 4-NFE budget
+    assert not space.valid(lighter, 4.0) and space.valid(lighter, 4.25)
+    assert space.compute(Candidate((9, 5, 1, 0), (frozenset(),) * 4)) == 4.0
+    assert SearchSpace(100, 4).compute(Candidate((90, 60, 30, 5))) == 4.0  # stage one: one forward per step
+    budget = Budget(3.0, start=4.0, stages=4)
+    assert [budget.at(g) for g in range(6)] == pytest.approx([3.75, 3.5, 3.25, 3.0, 3.0, 3.0])
+    with pytest.raises(ValueError, match="block 'c' has no cost"):
+        SearchSpace(100, 4, blocks=("a", "c"), costs={"a": 0.1})
+
+
+def test_operators_keep_candidates_within_the_budget_and_change_the_step_count():
+    space = SearchSpace(100, 4, blocks=("a", "b", "c"), costs=COSTS, min_steps=3, max_steps=6,
+                        solvers=("unipc-2", "dpmpp-2m"))
+    rng, budget = random.Random(0), 4.0
+    pool = [space.repair(space.uniform(), rng, budget)]
+    for _ in range(300):
+        a, b = rng.choice(pool), rng.choice(pool)
+        for c in (space.random(rng, budget), space.mutate(a, rng, budget), space.crossover(a, b, rng, budget)):
+            assert c is not None and space.valid(c, budget), c
+            assert space.compute(c) <= budget + 1e-9 and len(c.skips) == len(c.steps)
+            pool.append(c)
+    counts = {len(c.steps) for c in pool}
+    assert counts == {3, 4, 5, 6}  # 6 steps fit 4 NFE only by skipping a third of each forward
+    assert any(len(c.steps) == 5 and space.compute(c) > 3.5 for c in pool)
+    assert space.repair(Candidate((90, 60, 30, 5), (frozenset(),) * 4), rng, 4 * 0.6) is None  # cannot fit
+
+
+def test_evolve_parts_take_the_budget_and_return_unseen_candidates_within_it():
+    from dstudio.search import breed, initial_population
+
+    space = SearchSpace(100, 4, blocks=("a", "b", "c"), costs=COSTS, min_steps=3, max_steps=5)
+    rng, seen = random.Random(1), set()
+    cfg = EvolutionConfig(population=12, generations=1, top_k=4, mutations=6, crossovers=3)
+    first = initial_population(space, 3.5, rng, 12, seen, init=[Candidate((90, 60, 30, 5))])
+    assert len(first) == 12 and {c.key() for c in first} == seen
+    assert Candidate((90, 60, 30, 5)).steps in {c.steps for c in first}  # the init, repaired to the budget
+    children = breed(space, 3.2, first[:4], rng, cfg, seen)
+    assert len(children) == 12 and not {c.key() for c in children} & {c.key() for c in first}
+    assert all(space.valid(c, b) for b, cs in ((3.5, first), (3.2, children)) for c in cs)
+    assert max(space.compute(c) for c in children) <= 3.2 + 1e-9 < max(space.compute(c) for c in first)
+
+
+def test_stage_two_budget_opens_gradually_and_trades_skips_for_steps():
+    """Every candidate of generation g executes at most budget.at(g); the result meets the final budget; the budget
+    is passed in, never written into the caller's space; skip sets mutate and candidates take an extra step."""
+    space = SearchSpace(100, 4, blocks=("a", "b", "c"), costs=COSTS, min_steps=3, max_steps=5)
+    before = dict(vars(space))
+    budget = Budget(3.2, start=4.0, stages=3)
     cfg = EvolutionConfig(population=12, generations=6, top_k=4, mutations=6, crossovers=3, seed=0)
     stage1 = Candidate((90, 60, 30, 5))
-    result = evolve(target_distance((90, 60, 30, 5)), space, cfg, init=[stage1])
+    result = evolve(target_distance((90, 60, 30, 5)), space, cfg, budget, init=[stage1])
+    assert vars(space) == before
     for h in result.history:
-        assert Candidate.from_json(h["candidate"]).n_skipped == min(5, h["generation"] + 1)
-    assert result.best.n_skipped == 5  # the result meets the final budget, however good earlier ones scored
-    skip_sets = {tuple(map(tuple, h["candidate"]["skips"])) for h in result.history}
-    assert len(skip_sets) > 20  # skip sets are mutated and crossed, not only the steps
-    assert result.history[0]["candidate"]["steps"] == [90, 60, 30, 5] or \
-        any(h["candidate"]["steps"] == [90, 60, 30, 5] for h in result.history[:2])
+        c = Candidate.from_json(h["candidate"])
+        assert h["compute"] == pytest.approx(space.compute(c)) and space.compute(c) <= budget.at(h["generation"]) + 1e-9
+    # the stage-one result enters repaired to the first generation's budget, 3.2 + 0.8 x 2/3
+    assert any(h["candidate"]["steps"] == [90, 60, 30, 5] and 3.6 < h["compute"] <= 3.2 + 0.8 * 2 / 3 + 1e-9
+               for h in result.history[:3])
+    assert space.compute(result.best) <= 3.2 + 1e-9 and result.extra["compute_nfe"] == space.compute(result.best)
+    assert result.extra["budget_nfe"] == 3.2
+    assert len({tuple(map(tuple, h["candidate"]["skips"])) for h in result.history}) > 20
+    assert {len(h["candidate"]["steps"]) for h in result.history} == {3, 4, 5}
     with pytest.raises(ValueError, match="nfe=0 must be in 1..100"):
         SearchSpace(100, 0)
-    with pytest.raises(ValueError, match="exceeds the 4 x 3 block-steps"):
-        SearchSpace(100, 4, blocks=("a", "b", "c"), max_skipped=13)
+    with pytest.raises(ValueError, match="sum to less than one full forward"):
+        SearchSpace(100, 4, blocks=("a", "b"), costs={"a": 0.5, "b": 0.5})
+
+
+def test_block_costs_count_multiply_accumulates_by_hand():
+    """A one-level UNet at 4x4 with 8 channels: every layer's MACs by hand (3x3 conv: 16 pixels x 9 x in x out)."""
+    from diffusers import UNet2DModel
+
+    from dstudio.search.cost import module_macs
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=4, in_channels=1, out_channels=1, block_out_channels=(8,), layers_per_block=1,
+                       down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=4)
+    blocks = skippable_blocks(unet)
+    assert blocks == ["down_blocks.0.resnets.0", "up_blocks.0.resnets.0", "up_blocks.0.resnets.1",
+                      "mid_block.attentions.0", "mid_block.resnets.0", "mid_block.resnets.1"]
+    conv3 = lambda cin, cout: 16 * 9 * cin * cout  # noqa: E731
+    resnet = conv3(8, 8) + 32 * 8 + conv3(8, 8)  # conv1, time embedding projection (32 -> 8), conv2
+    up = conv3(16, 8) + 32 * 8 + conv3(8, 8)  # input: 8 channels + the 8-channel skip connection
+    shortcut = 16 * 16 * 8  # the 1x1 shortcut 16 -> 8 still runs when the block is skipped
+    attention = 4 * 16 * 8 * 8 + 2 * 16 * 16 * 8  # q, k, v, out projections; Q K^T and A V over 16 tokens
+    total = conv3(1, 8) + (8 * 32 + 32 * 32) + resnet + (2 * resnet + attention) + 2 * (up + shortcut) + conv3(8, 1)
+    run = lambda: unet(torch.zeros(1, 1, 4, 4), 10)  # noqa: E731
+    assert sum(module_macs(unet, run).values()) == total
+    costs = block_costs(unet, blocks, run)
+    assert costs == pytest.approx({"down_blocks.0.resnets.0": resnet / total, "mid_block.resnets.0": resnet / total,
+                                   "mid_block.resnets.1": resnet / total, "mid_block.attentions.0": attention / total,
+                                   "up_blocks.0.resnets.0": up / total, "up_blocks.0.resnets.1": up / total})
 
 
 def test_skipping_is_identity_and_restores(tiny_teacher):
@@ -121,11 +206,19 @@ def test_skipping_is_identity_and_restores(tiny_teacher):
 @pytest.mark.parametrize("args, message", [
     (["--nfe", "0"], "--nfe 0 must be in 1..1000"),
     (["--nfe", "1001"], "--nfe 1001 must be in 1..1000"),
-    (["--skip-blocks", "--skip-budget", "0"], "allows no skipped block"),
+    (["--skip-blocks", "--skip-budget", "1"], "--skip-budget 1.0 must be in [0, 1)"),
+    (["--skip-blocks", "--max-steps", "3"], "--max-steps 3 must be in 4..1000"),
+    (["--skip-blocks", "--skip-budget", "0.99"], "below the"),
 ])
 def test_search_cli_bad_input(args, message, tiny_teacher, tmp_path, capsys):
     assert main(["search", "--teacher", str(tiny_teacher), "--out", str(tmp_path / "s"), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def search_cli(teacher, out, *args) -> dict:
+    """`dstudio search --top-k 2 ARGS` on a tiny teacher; the search.json it writes."""
+    assert main(["search", "--teacher", str(teacher), "--top-k", "2", "--out", str(out), *args]) == 0
+    return json.loads((out / "search.json").read_text())
 
 
 def test_search_cli_writes_a_scheduler_that_plugs_in(tiny_teacher, tmp_path):
@@ -133,9 +226,8 @@ def test_search_cli_writes_a_scheduler_that_plugs_in(tiny_teacher, tmp_path):
     from dstudio.samplers import SearchedScheduler
 
     out = tmp_path / "s"
-    assert main(["search", "--teacher", str(tiny_teacher), "--nfe", "3", "--num-samples", "40", "--screen-samples",
-                 "20", "--population", "4", "--generations", "2", "--top-k", "2", "--out", str(out)]) == 0
-    record = json.loads((out / "search.json").read_text())
+    record = search_cli(tiny_teacher, out, "--nfe", "3", "--num-samples", "40", "--screen-samples", "20",
+                        "--population", "4", "--generations", "2")
     assert len(record["history"]) >= record["evaluations"] >= 5 and (out / "search.png").is_file()
     sched = SearchedScheduler.from_pretrained(out / "scheduler")
     assert sched.config.timesteps == record["best"]["steps"] and sched.config.solver == record["best"]["solver"]
@@ -167,10 +259,12 @@ def test_search_and_skipping_on_a_text_to_image_unet(tmp_path):
                             z * (1 + sigmas[0] ** 2).sqrt(), sigmas, cond)
         return float((x - ref).pow(2).mean())
 
-    space = SearchSpace(t.num_train_timesteps, 2, tuple(blocks), max_skipped=2)
+    costs = block_costs(t.unet, blocks, lambda: t.denoiser(z[:1], 3.0, cond[:1]))
+    assert all(c > 0 for c in costs.values()) and sum(costs.values()) < 1
+    space = SearchSpace(t.num_train_timesteps, 2, tuple(blocks), costs, max_steps=3)
     result = evolve(objective, space, EvolutionConfig(population=4, generations=2, top_k=2, mutations=2,
-                                                      crossovers=1))
-    assert result.evaluations >= 5 and space.valid(result.best)
+                                                      crossovers=1), budget=1.8)
+    assert result.evaluations >= 5 and space.valid(result.best, 1.8)
 
 
 def test_solver_is_part_of_the_candidate():
@@ -231,25 +325,30 @@ def test_fid_fitness_skips_every_chunk_and_caching_changes_nothing(tiny_teacher)
     assert chunked.cache.hits > 0
 
 
-def test_stage_two_pipeline_folder_applies_the_skips(tiny_teacher, tmp_path):
-    """Issue 17.2: the exported folder skips the searched blocks at their steps, drawing what the search sampled."""
+@pytest.mark.parametrize("teacher_name", ["tiny_teacher", "flow_teacher"])
+def test_stage_two_pipeline_folder_applies_the_skips(teacher_name, request, tmp_path):
+    """Issue 17.2: the exported folder skips the searched blocks at their steps, drawing what the search sampled
+    (a flow teacher's steps are keyed by the model time s T its pipeline sees)."""
     from diffusers import DiffusionPipeline
 
     from dstudio.app.search_cli import export_skip_pipeline
-    from dstudio.distill.core.teacher import load_teacher, load_pipeline
+    from dstudio.distill.core.teacher import load_pipeline, load_teacher
     from dstudio.samplers import SearchedScheduler, append_zero, get_sampler, scheduler_from_teacher
 
-    t = load_teacher(tiny_teacher)
+    t = load_teacher(request.getfixturevalue(teacher_name))
     names = skippable_blocks(t.unet)
-    c = Candidate((999, 600, 300), (frozenset(names[:2]), frozenset(), frozenset(names[2:3])), "unipc-2")
+    c = Candidate((990, 600, 300), (frozenset(names[:2]), frozenset(), frozenset(names[2:3])), "unipc-2")
     sched = scheduler_from_teacher(SearchedScheduler, t.scheduler, timesteps=list(c.steps), solver=c.solver)
     export_skip_pipeline(t, c, sched, tmp_path / "pipeline")
+    index = json.loads((tmp_path / "pipeline" / "model_index.json").read_text())
+    assert sorted(index["skips"]) == (["463", "995"] if teacher_name == "flow_teacher" else ["300", "990"])
     z, labels = torch.randn(3, *t.sample_shape, generator=torch.Generator().manual_seed(5)), torch.tensor([0, 4, 7])
     sigmas = append_zero(t.denoiser.t_to_sigma(torch.tensor(c.steps)).float())
+    x = z * t.denoiser.noise_scale(sigmas[0]).float()  # unit noise in the teacher's own state (VP or flow)
     with torch.no_grad():
-        searched = get_sampler(c.solver)(SkippingDenoiser(t.denoiser, t.unet, sigmas[:-1], c.skips),
-                                         z * (1 + sigmas[0] ** 2).sqrt(), sigmas, labels).clamp(-1, 1)
-        unskipped = get_sampler(c.solver)(t.denoiser, z * (1 + sigmas[0] ** 2).sqrt(), sigmas, labels).clamp(-1, 1)
+        searched = get_sampler(c.solver)(SkippingDenoiser(t.denoiser, t.unet, sigmas[:-1], c.skips), x, sigmas,
+                                         labels).clamp(-1, 1)
+        unskipped = get_sampler(c.solver)(t.denoiser, x, sigmas, labels).clamp(-1, 1)
     for pipe in (DiffusionPipeline.from_pretrained(tmp_path / "pipeline", trust_remote_code=True),
                  load_pipeline(tmp_path / "pipeline")):
         out = pipe(class_labels=labels, latents=z, output_type="pt").images * 2 - 1
@@ -277,13 +376,88 @@ def test_eval_cache_returns_the_stored_output_and_evicts_least_recent():
 
 
 def test_stage_two_cli_exports_the_skipping_pipeline_and_times_it(tiny_teacher, tmp_path):
+    from dstudio.distill.core.teacher import load_teacher
+
     out = tmp_path / "s2"
-    assert main(["search", "--teacher", str(tiny_teacher), "--nfe", "2", "--skip-blocks", "--skip-budget", "0.5",
-                 "--num-samples", "20", "--population", "3", "--generations", "1", "--top-k", "2",
-                 "--speed-images", "4", "--out", str(out)]) == 0
-    record = json.loads((out / "search.json").read_text())
+    record = search_cli(tiny_teacher, out, "--nfe", "2", "--skip-blocks", "--skip-budget", "0.5", "--num-samples", "20",
+                        "--population", "3", "--generations", "1", "--speed-images", "4")
     index = json.loads((out / "pipeline" / "model_index.json").read_text())
     best = Candidate.from_json(record["best"])
     assert index["skips"] == {str(t): sorted(s) for t, s in zip(best.steps, best.skips) if s} and best.n_skipped > 0
+    # --skip-budget 0.5 of 2 NFE: the result executes at most 1.0 full forward, in 1 to 3 steps, blocks by their MACs
+    assert record["budget_nfe"] == 1.0 and record["compute_nfe"] <= 1.0 + 1e-9 and 1 <= len(best.steps) <= 3
+    assert set(record["block_costs"]) == set(skippable_blocks(load_teacher(tiny_teacher).unet))
+    assert all(h["compute"] <= 2.0 + 1e-9 for h in record["history"])
     speed = record["pipeline_speed"]
     assert speed["images"] == 4 and speed["speedup"] == speed["images_per_s"] / speed["unskipped_images_per_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def flow_teacher(tmp_path_factory):
+    """A tiny flow-matching teacher (shift 2, FlowMatchEulerDiscreteScheduler), as `dstudio teacher train
+    --set method.objective=flow_matching` makes one, trained for two steps."""
+    from dstudio.distill.core.trainer import Trainer, TrainerConfig
+    from dstudio.distill.data import digits8
+    from dstudio.distill.methods.ddpm import DDPM, DDPMConfig
+
+    torch.manual_seed(0)
+    data = digits8(8)
+    cfg = DDPMConfig(data="digits", resolution=8, channels=(8, 16), grid_steps=2, layout="diffusers",
+                     objective="flow_matching", flow_shift=2.0)
+    trainer = Trainer(DDPM(cfg, data=data), TrainerConfig(steps=2, batch_size=16, sample_every=100, checkpoint_every=100),
+                      tmp_path_factory.mktemp("flow"), data=data)
+    return trainer.fit()
+
+
+def _loop(unet, scheduler, z, labels, **set_timesteps):
+    scheduler.set_timesteps(**set_timesteps)
+    x = z
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+            x = scheduler.step(unet(x_in, t, class_labels=labels).sample, t, x).prev_sample
+    return x
+
+
+def test_searched_scheduler_runs_a_flow_teacher_in_its_own_time(flow_teacher):
+    """Flow teachers are searched in their noise fraction s in (0, 1]: DDIM over the list is stock
+    FlowMatchEulerDiscreteScheduler run with `sigmas=` u_k = (k + 1) / T, and every solver's SearchedScheduler draws
+    what the pure sampler draws from the teacher's denoiser."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from dstudio.app.search_cli import stock_recipe
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.samplers import SearchedScheduler, append_zero, get_sampler, scheduler_from_teacher
+
+    t = load_teacher(flow_teacher)
+    steps = [990, 700, 420, 150, 30]
+    z, labels = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([1, 5, 9])
+    sigmas = append_zero(t.denoiser.t_to_sigma(torch.tensor(steps)))
+    recipe = stock_recipe("ddim", steps, t.scheduler.config)
+    assert recipe["class"] == "FlowMatchEulerDiscreteScheduler"
+    assert stock_recipe("unipc-2", steps, t.scheduler.config) is None  # diffusers' flow UniPC takes no custom list
+    stock = _loop(t.unet, FlowMatchEulerDiscreteScheduler.from_config(t.scheduler.config), z, labels,
+                  **recipe["set_timesteps"])
+    for solver in ("ddim", "unipc-2", "dpmpp-3m"):
+        sched = scheduler_from_teacher(SearchedScheduler, t.scheduler, timesteps=steps, solver=solver)
+        assert sched.config.prediction_type == "flow" and sched.config.flow_shift == 2.0
+        with torch.no_grad():
+            pure = get_sampler(solver)(t.denoiser, z.double() * (1 + sigmas[0]), sigmas, labels).float()
+        ours = _loop(t.unet, sched, z, labels)
+        torch.testing.assert_close(ours, pure, rtol=1e-4, atol=1e-4)
+        if solver == "ddim":
+            torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-4)
+
+
+def test_search_cli_on_a_flow_matching_teacher(flow_teacher, tmp_path):
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.samplers import SearchedScheduler
+
+    out = tmp_path / "s"
+    record = search_cli(flow_teacher, out, "--nfe", "3", "--solver", "ddim", "unipc-2", "--num-samples", "20",
+                        "--screen-samples", "10", "--population", "4", "--generations", "2")
+    sched = SearchedScheduler.from_pretrained(out / "scheduler")
+    assert sched.config.timesteps == record["best"]["steps"] and sched.config.prediction_type == "flow"
+    pipe = load_teacher(flow_teacher).pipeline
+    pipe.scheduler = sched
+    assert len(pipe(class_labels=[1, 2], output_type="pt").images) == 2
