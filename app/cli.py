@@ -277,7 +277,7 @@ def cmd_features_train(args) -> None:
 # --- parser -----------------------------------------------------------------------------------------
 # method options with their own flag: `--student-width 0.5` is `--set method.student_width=0.5`
 METHOD_FLAGS = {"students": "students", "student-width": "student_width", "init": "init", "target": "target",
-                "pairs": "pairs", "prompts": "prompts"}
+                "pairs": "pairs", "prompts": "prompts", "lora-rank": "lora_rank"}
 
 
 def _add_method_flags(p) -> None:
@@ -288,6 +288,9 @@ def _add_method_flags(p) -> None:
     p.add_argument("--target", default=None, help="consistency: 'self' (training, iCT) or 'teacher' (distillation)")
     p.add_argument("--pairs", default=None, help="flow methods: reflow pair store folder (default: RUN/pairs)")
     p.add_argument("--prompts", default=None, help="text teachers (InstaFlow): a file with one prompt per line")
+    p.add_argument("--lora-rank", type=_non_negative_int("--lora-rank"), default=None,
+                   help="dmd2, msd, sim, consistency, rectified_flow: LoRA students and fake scores of this rank over "
+                        "the teacher's own weights (0: full copies)")
 
 
 def _add_train_args(p, default_out: str) -> None:

@@ -10,6 +10,7 @@ from torch import Tensor
 from dstudio.distill.core.config import require
 from dstudio.distill.core.denoiser import append_dims, start_noise, student_prediction
 from dstudio.distill.core.export import export_image_pipeline, export_text_pipeline
+from dstudio.distill.core.lora import LoraOptions
 from dstudio.distill.core.method import Method, Phase, register
 from dstudio.distill.core.score import (BottleneckFeatures, DiscriminatorHead, dmd_gradient, dmd_loss, dsm_loss,
                                 sample_timesteps, trainable_copy)
@@ -17,7 +18,7 @@ from dstudio.samplers import StudentScheduler, append_zero, discrete_timesteps, 
 
 
 @dataclass
-class DMD2Config:
+class DMD2Config(LoraOptions):
     data: str = "mnist"                  # real images for the GAN loss
     num_steps: int = 1                   # 1: one-step; more: few-step student trained with backward simulation
     guidance: float = 1.0                # classifier-free guidance on the real score only
@@ -65,8 +66,8 @@ class DMD2(Method):
         self.num_classes, self.shape = teacher.num_classes, teacher.sample_shape
         self.T, self.schedule = teacher.num_train_timesteps, teacher.denoiser.schedule
         self.real_score = teacher.guided(config.guidance)
-        self.student = teacher.denoiser.student(trainable_copy(teacher.unet))
-        self.fake_score = teacher.denoiser.like(trainable_copy(teacher.unet))
+        self.student = teacher.denoiser.student(trainable_copy(teacher.unet, "student", config))
+        self.fake_score = teacher.denoiser.like(trainable_copy(teacher.unet, "fake_score", config))
         self.bottleneck = BottleneckFeatures(self.fake_score.model)
         self.head = DiscriminatorHead(teacher.unet.config.block_out_channels[-1], config.head_width)
         self.timesteps = discrete_timesteps(self.T, config.num_steps, "trailing")
