@@ -91,3 +91,41 @@ def test_text_teacher_conditions_are_computed_once(tmp_path):
     for phase in ("generator", "critic"):
         m.loss(phase, batch, 0)[0].backward()
     assert calls == []
+
+
+def _memory_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
+    spec = importlib.util.spec_from_file_location("memory_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_benchmark_accounting_counts_the_adapters():
+    from diffusers import UNet2DConditionModel
+
+    from dstudio.distill.core.lora import DEFAULT_TARGETS, LoraOptions, adapter_view
+
+    bench = _memory_benchmark()
+    unet = UNet2DConditionModel(**bench.TINY_UNET)
+    view = adapter_view(unet, "student", LoraOptions(lora_rank=4))
+    assert bench.lora_parameter_count(unet.__class__(**bench.TINY_UNET), 4, DEFAULT_TARGETS) == \
+        sum(p.numel() for p in view.parameters())
+    sd15 = bench.accounting(bench.SD15_UNET, 64)
+    assert sd15["unet_parameters"] == 859_520_964  # SD 1.5's UNet
+    assert sd15["lora_gb"] < 0.4 * sd15["full_gb"]
+
+
+def test_memory_benchmark_smoke(tmp_path):
+    """--tiny runs a variant in a capped subprocess and records it; a variant over its cap is recorded as failed."""
+    bench = _memory_benchmark()
+    ok = bench.main(["--tiny", "--steps", "1", "--variants", "lora", "--rank", "4", "--out", str(tmp_path / "m.json")])
+    row = ok["rows"]["lora"]
+    assert row["status"] == "ok", row
+    assert 0 < row["trainable_parameters"] < row["total_parameters"] and row["peak_rss_gb"] > 0
+    failed = bench.main(["--tiny", "--steps", "1", "--variants", "full", "--cap-gb", "0.3",
+                         "--out", str(tmp_path / "f.json")])
+    assert failed["rows"]["full"]["status"] == "failed" and failed["rows"]["full"]["reason"]
