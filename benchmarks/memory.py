@@ -175,7 +175,8 @@ def run_capped(args, variant: str) -> dict:
     if r.returncode == 0 and line:
         return {"status": "ok", "wall_seconds": round(time.time() - t0, 1), **json.loads(line[7:])}
     tail = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1:] or [f"exit code {r.returncode}"]
-    return {"status": "failed", "reason": tail[0][-300:], "cap_gb": args.cap_gb, "wall_seconds": round(time.time() - t0, 1)}
+    return {"status": "failed", "reason": tail[0][-300:], "cap_gb": args.cap_gb,
+            "wall_seconds": round(time.time() - t0, 1)}
 
 
 def main(argv=None) -> dict:

@@ -95,7 +95,8 @@ def time_pass(p: Pass, autocast) -> float:
     from dstudio.distill.core.lora import adapter_active
 
     args, kwargs = _detached(p.args), _detached(p.kwargs)
-    lora = adapter_active(p.module, p.adapter) if hasattr(p.module, "_dstudio_lora_layers") else contextlib.nullcontext()
+    shared = hasattr(p.module, "_dstudio_lora_layers")
+    lora = adapter_active(p.module, p.adapter) if shared else contextlib.nullcontext()
     _sync()
     t0 = time.perf_counter()
     with lora, torch.set_grad_enabled(p.grad), autocast:
@@ -233,7 +234,8 @@ def main(argv=None) -> dict:
         rows[name] = {"loop": loop_overhead(method, trainer, args.steps),
                       "export": export_efficiency(method, trainer, run, args.export_batch, args.repeats)}
         print(name, json.dumps(rows[name]), file=sys.stderr, flush=True)
-    result = {"command": " ".join(["python", "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])]),
+    given = argv if argv is not None else sys.argv[1:]
+    result = {"command": " ".join(["python", "benchmarks/throughput.py", *given]),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "threads": torch.get_num_threads(), "versions": versions(), "preset": args.preset,
