@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parent
 RUNS = {
     "dmd2": ("dmd2", ["--preset", "{preset}"], [1]),
     "dmd2-4step": ("dmd2", ["--preset", "{preset}", "--set", "method.num_steps=4"], [4]),
+    # LoRA student and fake score over the teacher's own weights (alpha = rank)
+    "dmd2-lora16": ("dmd2", ["--preset", "{preset}", "--lora-rank", "16"], [1]),
+    "dmd2-lora64": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64"], [1]),
     "sim": ("sim", ["--preset", "{preset}"], [1]),
     "msd-k1": ("msd", ["--preset", "{preset}", "--students", "1"], [1]),
     "msd-k2": ("msd", ["--preset", "{preset}", "--students", "2"], [1]),

@@ -89,14 +89,26 @@ def ship_classes(pipeline, folder: Path) -> None:
     index_path.write_text(json.dumps(index, indent=2) + "\n")
 
 
-def export_pipeline(pipeline, path: str | Path, **info) -> Path:
-    """Write `pipeline` as a folder that plain `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` loads."""
+def export_pipeline(pipeline, path: str | Path, lora=None, **info) -> Path:
+    """Write `pipeline` as a folder that plain `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` loads;
+    a LoRA student's adapter (an AdapterView) also goes to `path/lora/`, for `load_lora_weights` on the teacher."""
     path = Path(path)
     with atomic_path(path, is_dir=True) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
         ship_classes(pipeline, tmp)
+        if lora is not None:
+            from dstudio.distill.core.lora import save_lora
+
+            save_lora(lora, tmp / "lora")
         save_json(provenance(**info), tmp / "dstudio.json")
     return path
+
+
+def _unet_and_lora(unet):
+    """A LoRA student's fused backbone and its adapter view; any other backbone as it is, and None."""
+    from dstudio.distill.core.lora import AdapterView, fused_unet
+
+    return fused_unet(unet), (unet if isinstance(unet, AdapterView) else None)
 
 
 def export_image_pipeline(unet, scheduler, path: str | Path, skips: dict | None = None, **info) -> Path:
@@ -104,7 +116,8 @@ def export_image_pipeline(unet, scheduler, path: str | Path, skips: dict | None 
     ({"<timestep>": [block names]}, stage two of a search) are stored for the pipeline to apply."""
     from dstudio.distill.core.pipeline_dstudio import DStudioPipeline
 
-    return export_pipeline(DStudioPipeline(unet=unet, scheduler=scheduler, skips=skips), path, **info)
+    unet, lora = _unet_and_lora(unet)
+    return export_pipeline(DStudioPipeline(unet=unet, scheduler=scheduler, skips=skips), path, lora=lora, **info)
 
 
 def export_text_pipeline(pipeline, unet, scheduler, path: str | Path, **info) -> Path:
@@ -112,11 +125,12 @@ def export_text_pipeline(pipeline, unet, scheduler, path: str | Path, **info) ->
     scheduler (also how a teacher travels with a searched schedule: pass its own unet)."""
     import warnings
 
+    unet, lora = _unet_and_lora(unet)
     components = {**pipeline.components, "unet": unet, "scheduler": scheduler}
     with warnings.catch_warnings():  # "no safety checker": a tiny or user-provided pipeline may not have one
         warnings.simplefilter("ignore")
         student = type(pipeline)(**components)
-    return export_pipeline(student, path, **info)
+    return export_pipeline(student, path, lora=lora, **info)
 
 
 def save_scheduler(scheduler, path: str | Path) -> Path:

@@ -8,10 +8,14 @@ import torch
 from torch import Tensor, nn
 
 from dstudio.distill.core.denoiser import DiscreteDenoiser, append_dims
+from dstudio.distill.core.lora import adapter_view, lora_rank
 
 
-def trainable_copy(unet: nn.Module) -> nn.Module:
-    """A trainable copy of a frozen teacher backbone (fake score, or a student initialised from the teacher)."""
+def trainable_copy(unet: nn.Module, role: str = "student", lora=None) -> nn.Module:
+    """A trainable copy of a frozen teacher backbone (fake score, or a student initialised from the teacher); with
+    `lora.lora_rank` > 0 a LoRA adapter named after `role` over the teacher's own weights (distill/core/lora.py)."""
+    if lora_rank(lora):
+        return adapter_view(unet, role, lora)
     net = copy.deepcopy(unet)
     net.requires_grad_(True)
     net.train()

@@ -24,6 +24,7 @@ from dstudio.distill.core.config import require, to_dict
 from dstudio.distill.core.errors import UserError
 from dstudio.distill.core.images import collapse_reason, save_grid
 from dstudio.distill.core.io import append_line, atomic_path, drop_stale_temps, run_folder_lock, save_torch
+from dstudio.distill.core.memory import cast_frozen, enable_gradient_checkpointing, frozen_dtype
 from dstudio.distill.core.method import Batch, Method, Phase
 from dstudio.distill.core.signals import Stopped, stop_requested, stop_signals
 
@@ -34,7 +35,8 @@ RUN_OUTPUTS = (CHECKPOINT, "pipeline", "log.jsonl", "samples", "config.yaml", "e
 # Config keys a --resume may change: run length, logging, learning rates. Any other difference changes the
 # networks or what they learn, and is refused.
 RESUMABLE_TRAINER_KEYS = {"steps", "batch_size", "grad_accum", "ema_decay", "log_every", "sample_every",
-                          "checkpoint_every", "grid_per_class", "mixed_precision", "cpu", "deterministic"}
+                          "checkpoint_every", "grid_per_class", "mixed_precision", "cpu", "deterministic",
+                          "gradient_checkpointing"}
 RESUMABLE_METHOD_KEYS = {"pairs"}
 
 
@@ -82,6 +84,10 @@ class TrainerConfig:
     grid_per_class: int = 8
     cpu: bool = False
     deterministic: bool = False  # torch.use_deterministic_algorithms: same seed + config -> same student, slower
+    gradient_checkpointing: bool = False  # recompute the trained UNets' activations in backward (less memory)
+    # the weights no phase trains (the teacher, a LoRA run's shared base): float32, or kept in bf16 / fp16
+    # ("auto": mixed_precision's dtype when it is on)
+    frozen_dtype: Literal["float32", "bf16", "fp16", "auto"] = "float32"
 
     def validate(self) -> None:
         require(self.steps > 0, f"trainer.steps={self.steps} must be > 0")
@@ -91,6 +97,9 @@ class TrainerConfig:
         require(0 <= self.ema_decay < 1, f"trainer.ema_decay={self.ema_decay} must be in [0, 1)")
         for key in ("log_every", "sample_every", "checkpoint_every", "grid_per_class"):
             require(getattr(self, key) > 0, f"trainer.{key}={getattr(self, key)} must be > 0")
+        require(self.frozen_dtype in ("float32", "auto") or self.mixed_precision != "no",
+                f"trainer.frozen_dtype={self.frozen_dtype} needs trainer.mixed_precision=bf16 or fp16 (the float32 "
+                f"trained weights meet the frozen ones under autocast)")
 
 
 class DivergenceError(RuntimeError):
@@ -266,6 +275,10 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu or cpu_only(),
                                        kwargs_handlers=[ddp])
         self.method = method.to(self.accelerator.device)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(method)
+        dtype = frozen_dtype(config.frozen_dtype, config.mixed_precision)
+        self.frozen_cast = dtype is not None and cast_frozen(method, dtype) > 0  # then grids sample under autocast
         self.phases = method.phases()
         optimizers = [torch.optim.AdamW(method.phase_parameters(ph), lr=ph.lr, betas=ph.betas,
                                         weight_decay=ph.weight_decay) for ph in self.phases]
@@ -377,8 +390,9 @@ class Trainer:
         gen = torch.Generator(self.accelerator.device).manual_seed(self.config.seed)
         rng = torch.get_rng_state()
         m.eval()
-        with torch.no_grad(), self.ema.applied(m.student_net()):
-            images = m.sample(labels, gen)
+        autocast = self.accelerator.autocast() if self.frozen_cast else contextlib.nullcontext()
+        with torch.no_grad(), self.ema.applied(m.student_net()), autocast:
+            images = m.sample(labels, gen).float()
         m.train()
         torch.set_rng_state(rng)
         save_grid(images, path, nrow=self.config.grid_per_class)
@@ -387,6 +401,20 @@ class Trainer:
             self.collapse_warnings.append(f"step {self.step}: {reason}")
             tqdm.write(f"dstudio: warning: step {self.step}: the student's samples look collapsed ({reason}); "
                        f"see {path}", file=sys.stderr)
+
+    def train_step(self) -> dict[str, float]:
+        """Step `self.step`: its micro-batches, each active phase (hooks on a phase's first step), the EMA update."""
+        # data-free methods get a batch of the per-process size without images
+        batches = [self.stream.next(self.accelerator.device) if self.stream
+                   else Batch.data_free(self.config.batch_size) for _ in range(self.config.grad_accum)]
+        logs = {}
+        for phase in self.phases:
+            if phase.active(self.step):
+                if self.step == phase.start:
+                    self.method.on_phase_start(phase, self.step)
+                logs.update(self._run_phase(phase, batches))
+        self.ema.update(self.method.student_net(), self.step)
+        return logs
 
     def fit(self, resume: bool = False, export: bool = True, overwrite: bool = False) -> Path | None:
         """Train (a fresh run needs a folder without a run, or `overwrite`), checkpoint, export. A SIGTERM, SIGINT
@@ -422,16 +450,7 @@ class Trainer:
         t0 = time.time()
         with bar:  # closed (its line ended) before an error or the stop message is printed
             while self.step < cfg.steps:
-                # data-free methods get a batch of the per-process size without images
-                batches = [self.stream.next(self.accelerator.device) if self.stream
-                           else Batch.data_free(self.config.batch_size) for _ in range(cfg.grad_accum)]
-                logs = {}
-                for phase in self.phases:
-                    if phase.active(self.step):
-                        if self.step == phase.start:
-                            self.method.on_phase_start(phase, self.step)
-                        logs.update(self._run_phase(phase, batches))
-                self.ema.update(self.method.student_net(), self.step)
+                logs = self.train_step()
                 self.step += 1
                 bar.update(1)
                 if self.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):

@@ -12,6 +12,7 @@ from dstudio.distill.core.config import require
 from dstudio.distill.core.denoiser import ConsistencyDenoiser, append_dims, start_noise
 from dstudio.distill.core.export import export_image_pipeline
 from dstudio.distill.core.losses import ict_huber_c, pseudo_huber
+from dstudio.distill.core.lora import LoraOptions
 from dstudio.distill.core.method import Batch, Distiller, Phase, register
 from dstudio.distill.core.score import trainable_copy
 from dstudio.samplers import StudentScheduler, karras_sigmas, sample_multistep, scheduler_from_teacher
@@ -42,7 +43,7 @@ def with_dropout(net, p: float, fresh: bool):
 
 
 @dataclass
-class ConsistencyConfig:
+class ConsistencyConfig(LoraOptions):
     data: str = "mnist"
     target: Literal["self", "teacher"] = field(default="self", metadata={  # iCT's self-target, or a teacher ODE step
         "cli": "--target", "help": "'self' (training, iCT) or 'teacher' (distillation)"})
@@ -87,7 +88,10 @@ class Consistency(Distiller):
             require(teacher.denoiser.prediction_type == "v_prediction",
                     f"--init teacher / --target teacher need a v-prediction teacher (its backbone is EDM-"
                     f"preconditioned); '{teacher.source}' predicts {teacher.denoiser.prediction_type}")
-        net = with_dropout(trainable_copy(teacher.unet), self.dropout_rate(config), config.init == "scratch")
+        require(not config.lora_rank or (config.init == "teacher" and self.dropout_rate(config) == 0),
+                "method.lora_rank > 0 adapts the teacher's own weights: it needs --init teacher and method.dropout=0")
+        net = with_dropout(trainable_copy(teacher.unet, "student", config), self.dropout_rate(config),
+                           config.init == "scratch")
         sd = config.sigma_data or (1.0 if config.init == "teacher" else 0.5)
         self.sigma_data = sd
         self.student = ConsistencyDenoiser(net, teacher.denoiser.schedule, sd, config.sigma_min, config.sigma_max)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from dstudio.distill.core.config import require
 from dstudio.distill.core.denoiser import append_dims, start_noise, student_prediction
 from dstudio.distill.core.export import export_image_pipeline, export_text_pipeline
+from dstudio.distill.core.lora import LoraOptions
 from dstudio.distill.core.method import Batch, Distiller, Phase, register
 from dstudio.distill.core.score import dsm_loss, sample_timesteps, trainable_copy
 from dstudio.samplers import StudentScheduler, append_zero, discrete_timesteps, sample_multistep, scheduler_from_teacher
@@ -55,7 +56,7 @@ class DiscriminatorHead(nn.Module):
 
 
 @dataclass
-class DMD2Config:
+class DMD2Config(LoraOptions):
     data: str = "mnist"                  # real images for the GAN loss
     num_steps: int = 1                   # 1: one-step; more: few-step student trained with backward simulation
     guidance: float = 1.0                # classifier-free guidance on the real score only
@@ -101,7 +102,7 @@ class DMD2(Distiller):
         self.T, self.schedule = teacher.num_train_timesteps, teacher.denoiser.schedule
         self.real_score = teacher.guided(config.guidance)
         self.student = self.build_student(teacher)
-        self.fake_score = teacher.denoiser.like(trainable_copy(teacher.unet))
+        self.fake_score = teacher.denoiser.like(trainable_copy(teacher.unet, "fake_score", config))
         self.bottleneck = BottleneckFeatures(self.fake_score.model)
         self.head = DiscriminatorHead(teacher.unet.config.block_out_channels[-1], config.head_width)
         self.timesteps = discrete_timesteps(self.T, config.num_steps, "trailing")
@@ -110,7 +111,7 @@ class DMD2(Distiller):
 
     def build_student(self, teacher) -> nn.Module:
         """The one-step (or few-step) student: a trainable copy of the teacher in the students' parameterisation."""
-        return teacher.denoiser.student(trainable_copy(teacher.unet))
+        return teacher.denoiser.student(trainable_copy(teacher.unet, "student", self.config))
 
     def phases(self) -> list[Phase]:
         c = self.config

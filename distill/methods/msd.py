@@ -30,6 +30,8 @@ class MSDConfig(DMD2Config):
         require(self.dm_steps >= 0, f"method.dm_steps={self.dm_steps} must be >= 0")
         require(self.students >= 1, f"method.students={self.students} must be >= 1")
         require(0 < self.student_width <= 1, f"method.student_width={self.student_width} must be in (0, 1]")
+        require(not self.lora_rank or self.student_width == 1, "method.lora_rank > 0 adapts the teacher's own weights: "
+                                                              "it needs full-width students (--student-width 1)")
         require(self.tsm_steps >= 0, f"method.tsm_steps={self.tsm_steps} must be >= 0")
 
 
@@ -86,12 +88,13 @@ class MSD(DMD2):
             route[classes] = k
         self.register_buffer("route", route, persistent=False)
         make = (lambda: smaller_unet(teacher.unet, config.student_width)) if config.student_width < 1 \
-            else (lambda: trainable_copy(teacher.unet))
+            else (lambda: trainable_copy(teacher.unet, "student", config))
         self.student = nn.ModuleList(teacher.denoiser.student(make()) for _ in partition)
         self.smaller = config.student_width < 1
         self.gan_start = (config.tsm_steps if self.smaller else 0) + config.dm_steps
         if config.critics == "per_student":  # each student's fake score and GAN head see only its classes
-            self.fake_score = RoutedDenoiser([teacher.denoiser.like(trainable_copy(teacher.unet)) for _ in partition],
+            self.fake_score = RoutedDenoiser([teacher.denoiser.like(trainable_copy(teacher.unet, "fake_score", config))
+                                              for _ in partition],
                                              route)
             self.head = nn.ModuleList(DiscriminatorHead(teacher.unet.config.block_out_channels[-1], config.head_width)
                                       for _ in partition)
@@ -162,7 +165,9 @@ class MSD(DMD2):
                             labels).clamp(-1, 1)
 
     def exported_unet(self):
-        nets = [d.model for d in self.student]
+        from dstudio.distill.core.lora import fused_unet
+
+        nets = [fused_unet(d.model) for d in self.student]
         first = nets[0].config
         routed = RoutedUNet2DModel(partition=self.partition,
                                    student_configs=[{k: v for k, v in dict(n.config).items() if not k.startswith("_")}

@@ -11,6 +11,7 @@ from dstudio.distill.core.config import require
 from dstudio.distill.core.denoiser import append_dims, start_noise
 from dstudio.distill.core.export import export_image_pipeline
 from dstudio.distill.core.losses import ict_huber_c
+from dstudio.distill.core.lora import LoraOptions
 from dstudio.distill.core.method import Batch, Distiller, Phase, register
 from dstudio.distill.core.score import dsm_loss, trainable_copy
 from dstudio.samplers import StudentScheduler, scheduler_from_teacher
@@ -44,7 +45,7 @@ def sid_generator_loss(x_g: Tensor, y_real: Tensor, y_fake: Tensor, alpha: float
 
 
 @dataclass
-class SIMConfig:
+class SIMConfig(LoraOptions):
     loss: Literal["sim", "sid"] = "sim"
     huber_c: float | None = None      # None: 0.00054 * sqrt(C*H*W), iCT's constant (Song & Dhariwal 2023)
     sid_alpha: float = 1.2
@@ -76,8 +77,8 @@ class SIM(Distiller):
     def __init__(self, config: SIMConfig, teacher=None, data=None):
         super().__init__(config, teacher, data)
         self.real_score = teacher.guided(config.guidance)
-        self.student = teacher.denoiser.student(trainable_copy(teacher.unet))
-        self.fake_score = teacher.denoiser.like(trainable_copy(teacher.unet))
+        self.student = teacher.denoiser.student(trainable_copy(teacher.unet, "student", config))
+        self.fake_score = teacher.denoiser.like(trainable_copy(teacher.unet, "fake_score", config))
         lo, hi = teacher.denoiser.sigma_min, teacher.denoiser.sigma_max
         self.sigma_range = (lo, hi)
         self.generator_range = (max(lo, 2e-3), min(hi, 80.0))  # SiD's EDM range, inside the teacher's

@@ -1,0 +1,214 @@
+"""DMD2's memory on an SD1.5-shaped UNet: full trainable copies against LoRA adapters over the one frozen base.
+
+    python benchmarks/memory.py [--steps 3] [--rank 64] [--cap-gb 22] [--variants full lora] [--tiny]
+
+Each variant runs in a fresh subprocess (its address space capped at --cap-gb with RLIMIT_AS on a CPU machine, so
+a variant that does not fit fails inside its own process instead of taking the machine down): DMD2 on diffusers'
+SD 1.5 UNet2DConditionModel config (random weights, 64x64 latents, batch 1, critic_ratio 1 so every step runs
+both phases, the Trainer's own phase step), then its peak memory (process peak RSS; torch.cuda.max_memory_allocated
+on a GPU), trainable and total parameters and seconds per step. Beside each run, and alone for an SDXL-shaped UNet
+(built on the meta device, nothing allocated), the accounting: float32 bytes of the weights, gradients, AdamW
+states and the student's EMA. `--tiny` runs a tiny UNet of the same kinds of blocks (a smoke test).
+Writes benchmarks/results/memory.json (`--tiny`: memory-tiny.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+GB = 1024 ** 3
+
+# diffusers' Stable Diffusion 1.5 UNet (runwayml/stable-diffusion-v1-5, unet/config.json)
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, act_fn="silu", center_input_sample=False,
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1, norm_eps=1e-5)
+# diffusers' SDXL base UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    use_linear_projection=True, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0)
+# the smoke test's UNet: the same block kinds, tiny
+TINY_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
+
+
+def lora_parameter_count(unet, rank: int, targets) -> int:
+    """Parameters of one peft LoRA adapter of rank r: r (in + out) per Linear, r (in k^2 + out) per Conv2d."""
+    from torch import nn
+
+    n = 0
+    for name, m in unet.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if isinstance(m, nn.Linear):
+            n += rank * (m.in_features + m.out_features)
+        elif isinstance(m, nn.Conv2d):
+            n += rank * (m.in_channels * m.kernel_size[0] * m.kernel_size[1] + m.out_channels)
+    return n
+
+
+def accounting(unet_config: dict, rank: int) -> dict:
+    """Float32 bytes DMD2 holds for its networks (no activations): weights, gradients, AdamW's two states, the EMA.
+
+    Full copies: teacher + student + fake score (3P), gradients and AdamW of the two trained ones (2P + 4P), the
+    student's EMA (P). LoRA: the one base (P) and two adapters of L each with gradients, AdamW and the EMA (9L)."""
+    from diffusers import UNet2DConditionModel
+
+    from dstudio.distill.core.lora import DEFAULT_TARGETS
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config)
+    p = sum(t.numel() for t in unet.parameters())
+    lo = lora_parameter_count(unet, rank, DEFAULT_TARGETS)
+    full, lora = 10 * p, p + 9 * lo
+    return {"unet_parameters": p, "lora_parameters": lo, "rank": rank,
+            "full_gb": round(4 * full / GB, 2), "lora_gb": round(4 * lora / GB, 2),
+            "lora_bf16_base_gb": round((2 * p + 4 * 9 * lo) / GB, 2), "lora_over_full": round(lora / full, 3)}
+
+
+def build_teacher(unet_config: dict):
+    """A StableDiffusionPipeline-shaped teacher around a random UNet (a tiny VAE and a one-layer text encoder of
+    the UNet's cross-attention width; neither is used by a training step: conditions are encoded once)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    sys.path.insert(0, str(ROOT.parent / "tests"))
+    from tiny_sd import write_tokenizer
+
+    from dstudio.distill.core.teacher import teacher_from_pipeline
+
+    import tempfile
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(Path(tempfile.mkdtemp()) / "tok"))
+    width = unet_config["cross_attention_dim"]
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+        num_attention_heads=8 if width % 8 == 0 else 2, max_position_embeddings=8, projection_dim=16))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=UNet2DConditionModel(**unet_config), scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return teacher_from_pipeline(pipe, "sd-shaped")
+
+
+def run_variant(unet_config: dict, rank: int, steps: int, run_dir: Path) -> dict:
+    """DMD2 for `steps` Trainer phase steps at batch 1; peak memory, parameters and seconds per step."""
+    from dstudio.distill.core.trainer import Trainer, TrainerConfig
+    from dstudio.distill.data import LabelledImages
+    from dstudio.distill.methods.dmd2 import DMD2, DMD2Config
+
+    teacher = build_teacher(unet_config)
+    size = unet_config["sample_size"]
+    captions = ["a photo of a cat", "a red dog"]
+    data = LabelledImages(images=torch.randn(2, 4, size, size), labels=torch.tensor([0, 1]), class_names=[],
+                          name="random-latents", captions=captions)
+    torch.manual_seed(0)
+    method = DMD2(DMD2Config(critic_ratio=1, lora_rank=rank), teacher=teacher, data=data)
+    trainer = Trainer(method, TrainerConfig(steps=steps, batch_size=1), run_dir, data=data)
+    times = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        trainer.step = step
+        trainer.train_step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    trained = {id(p) for ph in method.phases() for p in method.phase_parameters(ph)}
+    out = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 2),
+           "trainable_parameters": sum(p.numel() for p in method.parameters() if id(p) in trained),
+           "total_parameters": sum(p.numel() for p in {id(p): p for m in (method, teacher.unet)
+                                                       for p in m.parameters()}.values()),
+           "step_seconds": [round(t, 2) for t in times],
+           "step_seconds_after_first": round(sum(times[1:]) / max(1, len(times) - 1), 2)}
+    if torch.cuda.is_available():
+        out["cuda_max_allocated_gb"] = round(torch.cuda.max_memory_allocated() / GB, 2)
+    return out
+
+
+def child(args) -> None:
+    import tempfile
+
+    config = TINY_UNET if args.tiny else SD15_UNET
+    result = run_variant(config, args.rank if args.variant == "lora" else 0, args.steps, Path(tempfile.mkdtemp()))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_capped(args, variant: str) -> dict:
+    """One variant in a fresh subprocess, its address space capped on CPU machines; a failure is recorded."""
+    cmd = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--rank", str(args.rank)]
+    cmd += ["--tiny"] if args.tiny else []
+    cap = int(args.cap_gb * GB)
+
+    def limit():
+        if not torch.cuda.is_available():  # CUDA reserves more virtual memory than any cap would allow
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if r.returncode == 0 and line:
+        return {"status": "ok", "wall_seconds": round(time.time() - t0, 1), **json.loads(line[7:])}
+    tail = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1:] or [f"exit code {r.returncode}"]
+    return {"status": "failed", "reason": tail[0][-300:], "cap_gb": args.cap_gb,
+            "wall_seconds": round(time.time() - t0, 1)}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--cap-gb", type=float, default=22.0, help="address-space cap per variant (CPU machines)")
+    p.add_argument("--variants", nargs="*", choices=("full", "lora"), default=["full", "lora"])
+    p.add_argument("--tiny", action="store_true", help="a tiny UNet of the same block kinds (smoke test)")
+    p.add_argument("--out", default=None, help="result file (default: benchmarks/results/memory[-tiny].json)")
+    p.add_argument("--child", choices=("full", "lora"), default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        args.variant = args.child
+        return child(args)
+    from dstudio.distill.core.export import versions
+
+    shape = TINY_UNET if args.tiny else SD15_UNET
+    rows = {v: {**run_capped(args, v), "accounting_gb": accounting(shape, args.rank)["full_gb" if v == "full"
+                                                                                      else "lora_gb"]}
+            for v in args.variants}
+    if "full" in rows and "lora" in rows and rows["full"]["status"] == rows["lora"]["status"] == "ok":
+        rows["lora_over_full_peak"] = round(rows["lora"]["peak_rss_gb"] / rows["full"]["peak_rss_gb"], 3)
+    result = {"command": " ".join(["python", "benchmarks/memory.py", *(argv if argv is not None else sys.argv[1:])]),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(),
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "versions": versions(), "unet": "tiny" if args.tiny else "sd15", "steps": args.steps,
+              "batch_size": 1, "rows": rows, "accounting": {"sd15": accounting(SD15_UNET, args.rank),
+                                                             "sdxl": accounting(SDXL_UNET, args.rank)}}
+    from dstudio.distill.core.io import save_json
+
+    out = Path(args.out) if args.out else ROOT / "results" / ("memory-tiny.json" if args.tiny else "memory.json")
+    save_json(result, out)
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

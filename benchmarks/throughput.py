@@ -1,0 +1,244 @@
+"""Where the time goes: each method's training step against the network passes it makes, and the exported
+one-step pipeline against its bare UNet forward.
+
+    python benchmarks/throughput.py [--methods dmd2 sim ...] [--steps 5] [--batch-size 64] [--lora-rank 0]
+
+Per method (the quick preset on the shipped teacher, or --teacher/--data): a few Trainer phase steps, each timed
+whole; during each step every backbone call (the UNets, a LoRA base with the adapter that was on, the GAN head)
+is recorded, then replayed alone with the same inputs and the same autocast: forward, plus backward of its output
+when it ran with gradients. overhead = step time / sum of its passes' times (1.00: the loop adds nothing).
+Then the exported pipeline at 1 NFE: images/s of the pipeline call against the bare UNet forward on the same
+batch (efficiency = UNet time / pipeline time). Writes benchmarks/results/throughput.json (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent
+METHODS = ("dmd2", "sim", "msd", "consistency", "rectified_flow", "slimflow")
+# what only shortens set-up (pair stores), or keeps the measured steps inside one phase (reflow)
+SETUP = {"rectified_flow": ["method.num_pairs=256", "method.reflow_steps=100000", "method.lpips=false"],
+         "slimflow": ["method.num_pairs=256", "method.reflow_steps=100000", "method.lpips=false"],
+         "consistency": ["method.init=teacher"]}
+TINY = {"dmd2": ["method.head_width=8"], "msd": ["method.students=2", "method.head_width=8"],
+        "rectified_flow": ["method.num_pairs=8", "method.shard_size=8", "method.solver_steps=2"],
+        "slimflow": ["method.num_pairs=8", "method.shard_size=8", "method.solver_steps=2"]}
+
+
+@dataclass
+class Pass:
+    """One recorded backbone call: the module, its inputs, whether it ran with gradients, the LoRA adapter on."""
+
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    grad: bool
+    adapter: str | None = None
+    seconds: float = field(default=0.0)
+
+
+def backbones(method: nn.Module) -> list[nn.Module]:
+    """The modules whose calls are network passes: diffusers models (outermost only) and GAN heads."""
+    from diffusers import ModelMixin
+
+    from dstudio.distill.methods.dmd2 import DiscriminatorHead
+
+    out = []
+    for m in method.modules():
+        if isinstance(m, (ModelMixin, DiscriminatorHead)) and not any(m in set(o.modules()) for o in out):
+            out.append(m)
+    return out
+
+
+@contextlib.contextmanager
+def recording(modules: list[nn.Module], passes: list[Pass]):
+    def hook(module, args, kwargs):
+        passes.append(Pass(module, args, kwargs, torch.is_grad_enabled(), getattr(module, "_dstudio_adapter", None)))
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().requires_grad_(value.requires_grad and value.is_floating_point())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+def _output_tensor(out):
+    out = out.sample if hasattr(out, "sample") else out
+    return out[0] if isinstance(out, tuple) else out
+
+
+def time_pass(p: Pass, autocast) -> float:
+    """The pass alone: forward (and backward of its output when it ran with gradients), synchronised."""
+    from dstudio.distill.core.lora import adapter_active
+
+    args, kwargs = _detached(p.args), _detached(p.kwargs)
+    shared = hasattr(p.module, "_dstudio_lora_layers")
+    lora = adapter_active(p.module, p.adapter) if shared else contextlib.nullcontext()
+    _sync()
+    t0 = time.perf_counter()
+    with lora, torch.set_grad_enabled(p.grad), autocast:
+        out = _output_tensor(p.module(*args, **kwargs))
+    if p.grad and out.requires_grad:
+        out.float().sum().backward()
+    _sync()
+    seconds = time.perf_counter() - t0
+    for param in p.module.parameters():
+        param.grad = None
+    return seconds
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build(name: str, args):
+    """The method, its Trainer and data, as `dstudio distill NAME --preset P` builds them."""
+    from dstudio.distill.core.config import from_dict, load_preset, merge_overrides
+    from dstudio.distill.core.method import get_method
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.distill.core.trainer import Trainer, TrainerConfig
+    from dstudio.distill.data import load_data
+
+    cls = get_method(name)
+    sets = SETUP.get(name, []) + (TINY.get(name, []) if args.tiny else []) + (args.set or [])
+    if args.lora_rank:
+        sets.append(f"method.lora_rank={args.lora_rank}")
+    raw = merge_overrides(load_preset(cls.name, args.preset, args.data), sets)
+    mraw = dict(raw.get("method") or {})
+    if "data" in cls.Config.__dataclass_fields__:
+        mraw["data"] = args.data
+    teacher = load_teacher(args.teacher)
+    data = None
+    if cls.needs_data:
+        data = teacher.to_model_space(load_data(args.data, teacher.pixel_shape[-1], teacher.pixel_shape[0]))
+    torch.manual_seed(0)
+    method = cls(from_dict(cls.Config, mraw, "method."), teacher=teacher, data=data)
+    run = Path(tempfile.mkdtemp(prefix=f"throughput-{name}-"))
+    tcfg = TrainerConfig(steps=args.steps + 1, batch_size=args.batch_size, sample_every=10 ** 9,
+                         checkpoint_every=10 ** 9, mixed_precision=args.mixed_precision)
+    trainer = Trainer(method, tcfg, run, data=data)
+    method.on_fit_start(run, trainer.accelerator, tcfg.steps)
+    return method, trainer, run
+
+
+def step(trainer, k: int) -> None:
+    """The Trainer's step k as its loop runs it (logging and checkpoints aside)."""
+    trainer.step = k
+    trainer.train_step()
+
+
+def loop_overhead(method, trainer, steps: int) -> dict:
+    modules = backbones(method)
+    step(trainer, 0)  # warm-up (allocations, lazy initialisation)
+    step_s, pass_s, counts = [], [], []
+    for k in range(1, steps + 1):
+        passes: list[Pass] = []
+        with recording(modules, passes):
+            _sync()
+            t0 = time.perf_counter()
+            step(trainer, k)
+            _sync()
+            step_s.append(time.perf_counter() - t0)
+        pass_s.append(sum(time_pass(p, trainer.accelerator.autocast()) for p in passes))
+        counts.append(len(passes))
+    return {"step_seconds": round(sum(step_s) / steps, 4), "passes_seconds": round(sum(pass_s) / steps, 4),
+            "passes_per_step": counts, "overhead": round(sum(step_s) / sum(pass_s), 3)}
+
+
+def export_efficiency(method, trainer, run: Path, batch: int, repeats: int) -> dict | None:
+    """Images/s of the exported pipeline at 1 NFE against its bare UNet forward on the same batch."""
+    from dstudio.distill.core.teacher import load_pipeline
+
+    if getattr(method, "kind", "class") != "class":
+        return None
+    with trainer.ema.applied(method.student_net()):
+        method.export(run / "pipeline")
+    pipe = load_pipeline(run / "pipeline", trainer.accelerator.device)
+    labels = torch.arange(batch, device=trainer.accelerator.device) % max(method.num_classes, 1)
+    pipe.scheduler.set_timesteps(1)
+    t = pipe.scheduler.timesteps[:1].expand(batch).to(trainer.accelerator.device)
+    unet = pipe.unet
+    x = torch.randn(batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
+                    device=trainer.accelerator.device)
+
+    def timed(fn) -> float:
+        fn()
+        runs = []
+        for _ in range(repeats):
+            _sync()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fn()
+            _sync()
+            runs.append(time.perf_counter() - t0)
+        return statistics.median(runs)
+
+    pipe_s = timed(lambda: pipe(class_labels=labels.tolist(), num_inference_steps=1, output_type="pt",
+                                generator=torch.Generator().manual_seed(0)))
+    unet_s = timed(lambda: unet(x, t, class_labels=labels))
+    return {"batch": batch, "pipeline_images_per_s": round(batch / pipe_s, 1),
+            "unet_images_per_s": round(batch / unet_s, 1), "efficiency": round(unet_s / pipe_s, 3)}
+
+
+def main(argv=None) -> dict:
+    from dstudio.distill.core.export import versions
+    from dstudio.distill.core.io import save_json
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS))
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--teacher", default=None, help="default: the shipped teacher")
+    p.add_argument("--data", default="mnist")
+    p.add_argument("--steps", type=int, default=5, help="measured steps per method (after one warm-up step)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--export-batch", type=int, default=500)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--lora-rank", type=int, default=0)
+    p.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
+    p.add_argument("--set", action="append", help="a config override for every method, e.g. method.critic_ratio=1")
+    p.add_argument("--tiny", action="store_true", help="smoke-test settings (tiny pair stores and heads)")
+    p.add_argument("--out", default=str(ROOT / "results" / "throughput.json"))
+    args = p.parse_args(argv)
+    rows = {}
+    for name in args.methods:
+        method, trainer, run = build(name, args)
+        rows[name] = {"loop": loop_overhead(method, trainer, args.steps),
+                      "export": export_efficiency(method, trainer, run, args.export_batch, args.repeats)}
+        print(name, json.dumps(rows[name]), file=sys.stderr, flush=True)
+    given = argv if argv is not None else sys.argv[1:]
+    result = {"command": " ".join(["python", "benchmarks/throughput.py", *given]),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(),
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "threads": torch.get_num_threads(), "versions": versions(), "preset": args.preset,
+              "batch_size": args.batch_size, "rows": rows}
+    save_json(result, args.out)
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""benchmarks/throughput.py on tiny settings: every pass of a step is recorded and timed alone, and the export's
+pipeline is timed against its bare UNet (figures are the benchmark's business; here: they exist and add up)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+    spec = importlib.util.spec_from_file_location("throughput_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("method,rank,passes", [("dmd2", 4, 11), ("rectified_flow", 0, 1)])
+def test_throughput_smoke(tiny_teacher, tmp_path, method, rank, passes):
+    out = tmp_path / "t.json"
+    result = _bench().main(["--tiny", "--methods", method, "--teacher", str(tiny_teacher), "--data", "digits",
+                            "--steps", "1", "--batch-size", "4", "--export-batch", "4", "--repeats", "1",
+                            "--lora-rank", str(rank), "--set", "method.critic_ratio=1" if method == "dmd2" else
+                            "trainer.seed=0", "--out", str(out)])
+    row = result["rows"][method]
+    assert row["loop"]["passes_per_step"] == [passes]
+    assert row["loop"]["step_seconds"] > 0 and row["loop"]["passes_seconds"] > 0 and row["loop"]["overhead"] > 0
+    assert row["export"]["pipeline_images_per_s"] > 0 and 0 < row["export"]["efficiency"]
+    assert out.is_file()
