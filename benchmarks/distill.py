@@ -4,7 +4,8 @@ images/s against the teacher at 50 DDIM steps, all measured in one run of this s
     python benchmarks/distill.py [--preset quick|full] [--only NAME ...] [--reuse]
 
 Each row trains `dstudio distill METHOD --preset P` into benchmarks/runs/P/NAME (kept out of git) unless
---reuse finds a finished run there, then samples the exported pipeline on the protocol's noise.
+--reuse finds a finished run there (an interrupted one, --reuse continues from its checkpoint), then samples the
+exported pipeline on the protocol's noise.
 Writes benchmarks/results/distill-P.json and its table in benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from dstudio.app.benchmark import RESULTS, merge_rows, pipeline_images, protocol_for, write_results
 from dstudio.app.fid import fid_of_tensor
 from dstudio.distill.core.images import save_grid
+from dstudio.distill.core.io import atomic_path
 from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_pipeline
 
 ROOT = Path(__file__).resolve().parent
@@ -68,19 +70,27 @@ def params(unet) -> int:
 
 
 def train(name: str, preset: str, reuse: bool) -> tuple[Path, float | None]:
+    """Train row `name` (with `reuse`: evaluate its finished run, or continue its interrupted one); its training seconds."""
     method, extra, _ = RUNS[name]
     run = ROOT / "runs" / preset / name
+    record = run / "bench.json"
+    earlier = json.loads(record.read_text())["train_seconds"] if record.is_file() else 0.0
     if reuse and (run / "pipeline" / "model_index.json").is_file():
-        return run, json.loads((run / "bench.json").read_text())["train_seconds"] if (run / "bench.json").is_file() else None
+        return run, earlier or None
+    resume = reuse and (run / "checkpoint.pt").is_file()
+    if not resume:
+        record.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "dstudio.app.cli", "distill", method, *[a.format(preset=preset) for a in extra],
-           "--out", str(run), "--eval-per-class", "0", "--overwrite"]  # a row measured again is trained again
+           "--out", str(run), "--eval-per-class", "0",
+           "--resume" if resume else "--overwrite"]  # a row measured again is trained again
     print(" ".join(cmd), file=sys.stderr)
     t0 = time.time()
     run.parent.mkdir(parents=True, exist_ok=True)
-    with open(run.parent / f"{name}.log", "w") as log:
+    with open(run.parent / f"{name}.log", "a" if resume else "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
-    seconds = time.time() - t0
-    (run / "bench.json").write_text(json.dumps({"train_seconds": seconds, "command": " ".join(cmd[2:])}))
+    seconds = (earlier if resume else 0.0) + time.time() - t0
+    with atomic_path(record) as tmp:
+        tmp.write_text(json.dumps({"train_seconds": seconds, "command": " ".join(cmd[2:])}))
     return run, seconds
 
 
@@ -88,7 +98,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="quick")
     p.add_argument("--only", nargs="+", choices=list(RUNS), default=list(RUNS))
-    p.add_argument("--reuse", action="store_true", help="evaluate finished runs instead of training them again")
+    p.add_argument("--reuse", action="store_true",
+                   help="evaluate finished runs instead of training them again, and continue interrupted ones")
     p.add_argument("--per-class", type=int, default=200)
     args = p.parse_args(argv)
     check_runs(RUNS)
