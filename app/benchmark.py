@@ -122,16 +122,18 @@ def merge_rows(rows: list[dict], old: list[dict], date: str | None, key) -> list
     return rows + [{"measured": r.get("measured", date), **r} for r in old if key(r) not in fresh]
 
 
-def write_results(name: str, payload: dict) -> Path:
+def write_results(name: str, payload: dict, path: Path | None = None) -> dict:
+    """Write results/NAME.json (or `path`) with date, machine and versions, and rebuild RESULTS.md; the payload."""
     from dstudio.distill.core.export import versions
     from dstudio.distill.core.io import save_json
 
     payload = {"benchmark": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "machine": machine(), "versions": versions(), **payload}
-    path = RESULTS / f"{name}.json"
+    path = Path(path) if path else RESULTS / f"{name}.json"
     save_json(payload, path)
-    refresh_results_md()
-    return path
+    if path.resolve().parent == RESULTS.resolve():
+        refresh_results_md()
+    return payload
 
 
 def rows_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:

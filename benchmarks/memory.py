@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -188,24 +187,34 @@ def main(argv=None) -> dict:
     if args.child:
         args.variant = args.child
         return child(args)
-    from dstudio.distill.core.export import versions
+    from dstudio.app.benchmark import write_results
 
     shape = TINY_UNET if args.tiny else SD15_UNET
-    rows = {v: {**run_capped(args, v), "accounting_gb": accounting(shape, args.rank)["full_gb" if v == "full"
-                                                                                      else "lora_gb"]}
-            for v in args.variants}
-    if "full" in rows and "lora" in rows and rows["full"]["status"] == rows["lora"]["status"] == "ok":
-        rows["lora_over_full_peak"] = round(rows["lora"]["peak_rss_gb"] / rows["full"]["peak_rss_gb"], 3)
-    result = {"command": " ".join(["python", "benchmarks/memory.py", *(argv if argv is not None else sys.argv[1:])]),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(),
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "versions": versions(), "unet": "tiny" if args.tiny else "sd15", "steps": args.steps,
-              "batch_size": 1, "rows": rows, "accounting": {"sd15": accounting(SD15_UNET, args.rank),
-                                                             "sdxl": accounting(SDXL_UNET, args.rank)}}
-    from dstudio.distill.core.io import save_json
-
-    out = Path(args.out) if args.out else ROOT / "results" / ("memory-tiny.json" if args.tiny else "memory.json")
-    save_json(result, out)
+    rows = [{"name": v, **run_capped(args, v), "accounting_gb": accounting(shape, args.rank)["full_gb" if v == "full"
+                                                                                            else "lora_gb"]}
+            for v in args.variants]
+    by_name = {r["name"]: r for r in rows}
+    ratio = None
+    if {"full", "lora"} <= by_name.keys() and by_name["full"]["status"] == by_name["lora"]["status"] == "ok":
+        ratio = round(by_name["lora"]["peak_rss_gb"] / by_name["full"]["peak_rss_gb"], 3)
+    books = {"sd15": accounting(SD15_UNET, args.rank), "sdxl": accounting(SDXL_UNET, args.rank)}
+    notes = [f"{k}: {a['unet_parameters'] / 1e6:.1f}M UNet parameters, {a['lora_parameters'] / 1e6:.1f}M per rank-"
+             f"{a['rank']} adapter; float32 weights + gradients + AdamW + EMA: {a['full_gb']} GB with full copies, "
+             f"{a['lora_gb']} GB with adapters ({a['lora_over_full']}x; {a['lora_bf16_base_gb']} GB with the base in "
+             f"bf16)" for k, a in books.items()]
+    notes += [f"{r['name']}: failed under its {r['cap_gb']} GB address-space cap: {r['reason']}"
+              for r in rows if r["status"] != "ok"]
+    name = "memory-tiny" if args.tiny else "memory"
+    given = argv if argv is not None else sys.argv[1:]
+    result = write_results(name, {
+        "command": " ".join(["python", "benchmarks/memory.py", *given]),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "unet": "tiny" if args.tiny else "sd15", "steps": args.steps, "batch_size": 1, "rows": rows,
+        "lora_over_full_peak": ratio, "accounting": books, "notes": notes,
+        "columns": [["name", "variant"], ["status", "status"], ["peak_rss_gb", "peak RSS GB"],
+                    ["cuda_max_allocated_gb", "CUDA peak GB"], ["accounting_gb", "weights+grads+Adam+EMA GB"],
+                    ["trainable_parameters", "trainable"], ["total_parameters", "total parameters"],
+                    ["step_seconds_after_first", "s/step"]]}, path=args.out)
     print(json.dumps(result, indent=1))
     return result
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent
 METHODS = ("dmd2", "sim", "msd", "consistency", "rectified_flow", "slimflow")
 # what only shortens set-up (pair stores), or keeps the measured steps inside one phase (reflow)
 SETUP = {"rectified_flow": ["method.num_pairs=256", "method.reflow_steps=100000", "method.lpips=false"],
@@ -205,8 +203,7 @@ def export_efficiency(method, trainer, run: Path, batch: int, repeats: int) -> d
 
 
 def main(argv=None) -> dict:
-    from dstudio.distill.core.export import versions
-    from dstudio.distill.core.io import save_json
+    from dstudio.app.benchmark import write_results
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS))
@@ -221,21 +218,26 @@ def main(argv=None) -> dict:
     p.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
     p.add_argument("--set", action="append", help="a config override for every method, e.g. method.critic_ratio=1")
     p.add_argument("--tiny", action="store_true", help="smoke-test settings (tiny pair stores and heads)")
-    p.add_argument("--out", default=str(ROOT / "results" / "throughput.json"))
+    p.add_argument("--out", default=None, help="result file (default: benchmarks/results/throughput.json)")
     args = p.parse_args(argv)
-    rows = {}
+    rows = []
     for name in args.methods:
         method, trainer, run = build(name, args)
-        rows[name] = {"loop": loop_overhead(method, trainer, args.steps),
-                      "export": export_efficiency(method, trainer, run, args.export_batch, args.repeats)}
-        print(name, json.dumps(rows[name]), file=sys.stderr, flush=True)
+        rows.append({"name": name, **loop_overhead(method, trainer, args.steps),
+                     **(export_efficiency(method, trainer, run, args.export_batch, args.repeats) or {})})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     given = argv if argv is not None else sys.argv[1:]
-    result = {"command": " ".join(["python", "benchmarks/throughput.py", *given]),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(),
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "threads": torch.get_num_threads(), "versions": versions(), "preset": args.preset,
-              "batch_size": args.batch_size, "rows": rows}
-    save_json(result, args.out)
+    result = write_results("throughput", {
+        "command": " ".join(["python", "benchmarks/throughput.py", *given]),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "preset": args.preset, "batch_size": args.batch_size, "lora_rank": args.lora_rank, "rows": rows,
+        "columns": [["name", "method"], ["step_seconds", "s/step"], ["passes_seconds", "its passes alone, s"],
+                    ["overhead", "step / passes"], ["passes_per_step", "passes"],
+                    ["pipeline_images_per_s", "1-NFE pipeline images/s"], ["unet_images_per_s", "UNet images/s"],
+                    ["efficiency", "pipeline / UNet"]],
+        "notes": ["overhead: the Trainer's step time over the sum of the network passes it made, each replayed alone "
+                  "in the same run (forward and backward, as recorded); efficiency: the exported pipeline's images/s "
+                  "at 1 NFE over its bare UNet forward's on the same batch"]}, path=args.out)
     print(json.dumps(result, indent=1))
     return result
 
