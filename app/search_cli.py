@@ -156,6 +156,9 @@ def run_search(args) -> dict | None:
             clear_run(out, SEARCH_MARKERS + ("search.png", "pipeline"))
         result = evolve(fitness, space, cfg, budget, checkpoint=out / SEARCH_STATE, resume=args.resume, init=init,
                         progress=progress if state.is_main_process else None, write=state.is_main_process)
+    if state.num_processes > 1:  # the search's collectives are over: a rank that exits with a live group can abort
+        state.wait_for_everyone()
+        state.destroy_process_group()
     if not state.is_main_process:
         return None
     best = result.best

@@ -33,6 +33,8 @@ RUNS = {
     # LoRA student and fake score over the teacher's own weights (alpha = rank)
     "dmd2-lora16": ("dmd2", ["--preset", "{preset}", "--lora-rank", "16"], [1]),
     "dmd2-lora64": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64"], [1]),
+    "dmd2-lora64-lr2e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", "--set", "method.lr_generator=2e-3",
+                                    "--set", "method.lr_critic=2e-3"], [1]),
     "sim": ("sim", ["--preset", "{preset}"], [1]),
     "msd-k1": ("msd", ["--preset", "{preset}", "--students", "1"], [1]),
     "msd-k2": ("msd", ["--preset", "{preset}", "--students", "2"], [1]),
