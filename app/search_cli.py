@@ -207,7 +207,7 @@ def search_space(teacher, args, solvers) -> tuple:
         raise ValueError("--skip-blocks: this teacher's UNet has no skippable block (resolution-keeping resnets, "
                          "attention)")
     x = torch.zeros(1, *teacher.sample_shape, device=teacher.unet.device)
-    cond = torch.zeros(1, dtype=torch.long, device=x.device) if teacher.kind == "class" else None
+    cond = teacher.cond(torch.zeros(1, dtype=torch.long, device=x.device))
     costs = block_costs(teacher.unet, blocks, lambda: teacher.denoiser(x, 1.0, cond))
     budget = Budget(nfe * (1 - args.skip_budget), start=float(nfe))
     min_steps = max(1, nfe - 1)
