@@ -37,12 +37,14 @@ TINY = {"dmd2": ["method.head_width=8"], "msd": ["method.students=2", "method.he
 
 @dataclass
 class Pass:
-    """One recorded backbone call: the module, its inputs, whether it ran with gradients, the LoRA adapter on."""
+    """One recorded backbone call: the module, its inputs, whether it ran with gradients, which of its parameters
+    were trainable then (the phase's), the LoRA adapter on."""
 
     module: nn.Module
     args: tuple
     kwargs: dict
     grad: bool
+    trainable: frozenset
     adapter: str | None = None
     seconds: float = field(default=0.0)
 
@@ -63,7 +65,9 @@ def backbones(method: nn.Module) -> list[nn.Module]:
 @contextlib.contextmanager
 def recording(modules: list[nn.Module], passes: list[Pass]):
     def hook(module, args, kwargs):
-        passes.append(Pass(module, args, kwargs, torch.is_grad_enabled(), getattr(module, "_dstudio_adapter", None)))
+        trainable = frozenset(p for p in module.parameters() if p.requires_grad)
+        passes.append(Pass(module, args, kwargs, torch.is_grad_enabled(), trainable,
+                           getattr(module, "_dstudio_adapter", None)))
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
     try:
@@ -88,6 +92,21 @@ def _output_tensor(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+@contextlib.contextmanager
+def trainable_as_recorded(p: Pass):
+    """The parameters that were trainable when the pass ran, and only those (the phase has changed since)."""
+    params = list(p.module.parameters())
+    before = [q.requires_grad for q in params]
+    for q in params:
+        q.requires_grad_(q in p.trainable)
+    try:
+        yield
+    finally:
+        for q, flag in zip(params, before):
+            q.requires_grad_(flag)
+            q.grad = None
+
+
 def time_pass(p: Pass, autocast) -> float:
     """The pass alone: forward (and backward of its output when it ran with gradients), synchronised."""
     from dstudio.distill.core.lora import adapter_active
@@ -95,17 +114,15 @@ def time_pass(p: Pass, autocast) -> float:
     args, kwargs = _detached(p.args), _detached(p.kwargs)
     shared = hasattr(p.module, "_dstudio_lora_layers")
     lora = adapter_active(p.module, p.adapter) if shared else contextlib.nullcontext()
-    _sync()
-    t0 = time.perf_counter()
-    with lora, torch.set_grad_enabled(p.grad), autocast:
-        out = _output_tensor(p.module(*args, **kwargs))
-    if p.grad and out.requires_grad:
-        out.float().sum().backward()
-    _sync()
-    seconds = time.perf_counter() - t0
-    for param in p.module.parameters():
-        param.grad = None
-    return seconds
+    with trainable_as_recorded(p):
+        _sync()
+        t0 = time.perf_counter()
+        with lora, torch.set_grad_enabled(p.grad), autocast:
+            out = _output_tensor(p.module(*args, **kwargs))
+        if p.grad and out.requires_grad:
+            out.float().sum().backward()
+        _sync()
+        return time.perf_counter() - t0
 
 
 def _sync() -> None:

@@ -66,6 +66,27 @@ def test_lora_dmd2_trains_adapters_over_the_frozen_teacher(fresh_teacher, tmp_pa
     assert (folder / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_lora_student_beside_a_full_fake_score(fresh_teacher, tmp_path):
+    """`lora_fake_score=False` (DMD2's own LoRA recipe): the student is an adapter over the teacher's weights, the
+    fake score a full trainable copy; both train, the shared base does not change."""
+    from dstudio.distill.methods.dmd2 import DMD2, DMD2Config
+
+    teacher = fresh_teacher
+    base_before = _frozen(teacher.unet)
+    torch.manual_seed(0)
+    m = DMD2(DMD2Config(data="digits", critic_ratio=1, head_width=8, lora_rank=4, lora_fake_score=False),
+             teacher=teacher, data=digits8(8))
+    assert isinstance(m.student.model, AdapterView) and not isinstance(m.fake_score.model, AdapterView)
+    assert m.fake_score.model is not teacher.unet and not any(".lora_" in k for k in m.fake_score.model.state_dict())
+    fake_before = [p.detach().clone() for p in m.fake_score.model.parameters()]
+    adapters_before = [p.detach().clone() for p in m.student_net().parameters()]
+    trainer, _ = _fit(m, tmp_path / "run", steps=2)
+    after = _frozen(teacher.unet)
+    assert all(torch.equal(after[k], base_before[k]) for k in base_before)
+    assert any(not torch.equal(a, b) for a, b in zip(adapters_before, m.student_net().parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(fake_before, m.fake_score.model.parameters()))
+
+
 def test_lora_rectified_flow(fresh_teacher, tmp_path):
     from dstudio.distill.methods.rectified_flow import RectifiedFlow
 

@@ -38,3 +38,23 @@ def test_throughput_smoke(tiny_teacher, tmp_path, method, rank, passes):
     assert row["step_seconds"] > 0 and row["passes_seconds"] > 0 and row["overhead"] > 0
     assert row["pipeline_images_per_s"] > 0 and 0 < row["efficiency"]
     assert json.loads(out.read_text())["rows"] == result["rows"]
+
+
+def test_replay_backpropagates_into_the_parameters_trainable_when_the_pass_ran():
+    """A critic pass recorded in the critic phase is replayed after the Trainer has moved on to the generator
+    phase (the critic frozen): the replay must still compute its parameter gradients, or the step's passes are
+    under-counted (SIM's step read 1.3-1.4x its passes for that reason), and leave the flags as it found them."""
+    import torch
+
+    bench = _bench()
+    net = torch.nn.Linear(3, 3)
+    passes = []
+    with bench.recording([net], passes):
+        net(torch.randn(2, 3))            # critic phase: trainable, input without gradient
+    grads = []
+    net.weight.register_hook(grads.append)
+    net.requires_grad_(False)             # the phase changes before the replay
+    (p,) = passes
+    assert p.grad and p.trainable == frozenset(net.parameters())
+    assert bench.time_pass(p, torch.autocast("cpu", enabled=False)) > 0
+    assert len(grads) == 1 and not net.weight.requires_grad and net.weight.grad is None

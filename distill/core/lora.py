@@ -10,6 +10,7 @@ dict with `unet.` keys that diffusers' `load_lora_weights` reads).
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from dataclasses import dataclass, field
 
@@ -19,7 +20,10 @@ from torch import nn
 from dstudio.distill.core.config import require
 
 # diffusers UNets: attention projections, and the convolutions / time projections of the resnets
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj")
+# the modules DMD2's own LoRA adapts (tianweiy/DMD2, sd_unified_model.py): attention, feed-forward, resnets (their
+# shortcuts too), resamplers and time projections
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                   "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
@@ -32,6 +36,8 @@ class LoraOptions:
         "help": "LoRA students and fake scores of this rank over the teacher's own weights (0: full copies)"})
     lora_alpha: float | None = None     # None: the rank (scale alpha / r = 1)
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # module-name suffixes that get adapters
+    lora_fake_score: bool = True        # False: a full trainable fake score beside the adapter student (DMD2's
+                                        # own LoRA recipe: more memory, a closer fake score)
 
     def __post_init__(self) -> None:
         require(self.lora_rank >= 0, f"method.lora_rank={self.lora_rank} must be >= 0 (0: full copies)")
@@ -146,19 +152,26 @@ def _base_key(key: str) -> str | None:
 
 
 @torch.no_grad()
+def plain_copy(base: nn.Module, delta: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A new plain backbone (no adapters) with `base`'s own weights, plus `delta` {module path: dW}: in float32
+    when `base` carries adapters, else a deep copy."""
+    if not lora_layers(base):
+        return copy.deepcopy(base)
+    plain = type(base).from_config(base.config)
+    state = {k2: v.float() for k, v in base.state_dict().items() if (k2 := _base_key(k)) is not None}
+    for path, dw in (delta or {}).items():
+        state[f"{path}.weight"] = state[f"{path}.weight"] + dw.float()
+    plain.load_state_dict(state)
+    return plain.to(next(base.parameters()).device)
+
+
+@torch.no_grad()
 def fused_unet(net: nn.Module) -> nn.Module:
     """A plain backbone with the view's adapter merged (W + (alpha / r) B A), in float32; other modules as they are."""
     if not isinstance(net, AdapterView):
         return net
-    base = net.base
-    fused = type(base).from_config(base.config)
-    state = {k2: v.float() for k, v in base.state_dict().items() if (k2 := _base_key(k)) is not None}
-    for path, layer in lora_layers(base).items():
-        if net.adapter_name in layer.lora_A:
-            w = layer.get_base_layer().weight
-            state[f"{path}.weight"] = w.float() + layer.get_delta_weight(net.adapter_name).float()
-    fused.load_state_dict(state)
-    return fused.to(next(net.parameters()).device)
+    return plain_copy(net.base, {path: layer.get_delta_weight(net.adapter_name)
+                                 for path, layer in lora_layers(net.base).items() if net.adapter_name in layer.lora_A})
 
 
 def lora_state(net: AdapterView) -> dict[str, torch.Tensor]:

@@ -2,21 +2,20 @@
 students, training times and the one denoising score matching loss."""
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 
 from dstudio.distill.core.denoiser import DiscreteDenoiser, append_dims
-from dstudio.distill.core.lora import adapter_view, lora_rank
+from dstudio.distill.core.lora import adapter_view, lora_rank, plain_copy
 
 
 def trainable_copy(unet: nn.Module, role: str = "student", lora=None) -> nn.Module:
     """A trainable copy of a frozen teacher backbone (fake score, or a student initialised from the teacher); with
-    `lora.lora_rank` > 0 a LoRA adapter named after `role` over the teacher's own weights (distill/core/lora.py)."""
-    if lora_rank(lora):
+    `lora.lora_rank` > 0 a LoRA adapter named after `role` over the teacher's own weights (distill/core/lora.py),
+    except a fake score under `lora.lora_fake_score=False`."""
+    if lora_rank(lora) and (role != "fake_score" or lora.lora_fake_score):
         return adapter_view(unet, role, lora)
-    net = copy.deepcopy(unet)
+    net = plain_copy(unet)  # without the adapters a LoRA student may already have put on `unet`
     net.requires_grad_(True)
     net.train()
     return net

@@ -116,8 +116,9 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        for s, p in zip(self.shadow, module.parameters()):
-            s.lerp_(p.detach().to(s.dtype), 1 - d)
+        params = [p.detach().to(s.dtype) for s, p in zip(self.shadow, module.parameters())]
+        if params:
+            torch._foreach_lerp_(self.shadow, params, 1 - d)
 
     @contextlib.contextmanager
     def applied(self, module: nn.Module):
@@ -280,8 +281,9 @@ class Trainer:
         dtype = frozen_dtype(config.frozen_dtype, config.mixed_precision)
         self.frozen_cast = dtype is not None and cast_frozen(method, dtype) > 0  # then grids sample under autocast
         self.phases = method.phases()
+        # foreach: one kernel per op over all tensors, on CPUs too (torch picks it by default on CUDA only)
         optimizers = [torch.optim.AdamW(method.phase_parameters(ph), lr=ph.lr, betas=ph.betas,
-                                        weight_decay=ph.weight_decay) for ph in self.phases]
+                                        weight_decay=ph.weight_decay, foreach=True) for ph in self.phases]
         # `model` is what runs the losses (DDP-wrapped on many processes); `method` stays the plain module.
         self.model, *optimizers = self.accelerator.prepare(self.method, *optimizers)
         self.optimizers = {ph.name: opt for ph, opt in zip(self.phases, optimizers)}
