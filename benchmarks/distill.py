@@ -6,7 +6,7 @@ images/s against the teacher at 50 DDIM steps, all measured in one run of this s
 Each row trains `dstudio distill METHOD --preset P` into benchmarks/runs/P/NAME (kept out of git) unless
 --reuse finds a finished run there (an interrupted one, --reuse continues from its checkpoint), then samples the
 exported pipeline on the protocol's noise.
-Writes benchmarks/results/distill-P.json and its table in benchmarks/RESULTS.md.
+Writes benchmarks/results/distill-P.json (grids in benchmarks/results/distill-P/) and its table in benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     import diffusers
 
     teacher.scheduler = diffusers.DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing")
-    grids = RESULTS / "distill"
+    grids = RESULTS / f"distill-{args.preset}"  # one folder per preset: rows share names across presets
     rows = []
 
     def measure(name, pipe, nfe, **extra):
