@@ -6,7 +6,8 @@ images/s against the teacher at 50 DDIM steps, all measured in one run of this s
 Each row trains `dstudio distill METHOD --preset P` into benchmarks/runs/P/NAME (kept out of git) unless
 --reuse finds a finished run there (an interrupted one, --reuse continues from its checkpoint), then samples the
 exported pipeline on the protocol's noise.
-Writes benchmarks/results/distill-P.json (grids in benchmarks/results/distill-P/) and its table in benchmarks/RESULTS.md.
+Writes benchmarks/results/distill-P.json (grids in benchmarks/results/distill-P/) and its table in
+benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -27,7 +28,13 @@ from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_pipeline
 
 ROOT = Path(__file__).resolve().parent
 NARROW = "method.lora_targets=[to_q,to_k,to_v,to_out.0,conv1,conv2,time_emb_proj]"
-LR2E3 = ["--set", "method.lr_generator=2e-3", "--set", "method.lr_critic=2e-3"]
+
+
+def lrs(value: str) -> list[str]:
+    """One learning rate for the generator and the critic."""
+    return ["--set", f"method.lr_generator={value}", "--set", f"method.lr_critic={value}"]
+
+
 # name: (method, extra CLI arguments, NFEs to measure); `{preset}` is --preset
 RUNS = {
     "dmd2": ("dmd2", ["--preset", "{preset}"], [1]),
@@ -36,17 +43,17 @@ RUNS = {
     # (the default), or on the narrower set dstudio first used (attention and resnet convolutions)
     "dmd2-lora16": ("dmd2", ["--preset", "{preset}", "--lora-rank", "16"], [1]),
     "dmd2-lora64": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64"], [1]),
-    "dmd2-lora64-lr2e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", *LR2E3], [1]),
-    "dmd2-lora64-lr3e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", "--set", "method.lr_generator=3e-3",
-                                    "--set", "method.lr_critic=3e-3"], [1]),
+    "dmd2-lora64-lr2e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", *lrs("2e-3")], [1]),
+    "dmd2-lora64-lr3e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", *lrs("3e-3")], [1]),
     "dmd2-lora16-narrow": ("dmd2", ["--preset", "{preset}", "--lora-rank", "16", "--set", NARROW], [1]),
     "dmd2-lora64-narrow": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", "--set", NARROW], [1]),
-    "dmd2-lora64-narrow-lr2e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", "--set", NARROW, *LR2E3], [1]),
+    "dmd2-lora64-narrow-lr2e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", "--set", NARROW,
+                                           *lrs("2e-3")], [1]),
     "dmd2-lora64-narrow-a128-lr2e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", "--set", NARROW,
-                                                "--set", "method.lora_alpha=128", *LR2E3], [1]),
+                                                "--set", "method.lora_alpha=128", *lrs("2e-3")], [1]),
     # DMD2's own LoRA recipe: the student an adapter, the fake score a full trainable copy (more memory)
     "dmd2-lora64-fullfake-lr2e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", "--set",
-                                             "method.lora_fake_score=false", *LR2E3], [1]),
+                                             "method.lora_fake_score=false", *lrs("2e-3")], [1]),
     "sim": ("sim", ["--preset", "{preset}"], [1]),
     "msd-k1": ("msd", ["--preset", "{preset}", "--students", "1"], [1]),
     "msd-k2": ("msd", ["--preset", "{preset}", "--students", "2"], [1]),

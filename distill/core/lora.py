@@ -19,7 +19,6 @@ from torch import nn
 
 from dstudio.distill.core.config import require
 
-# diffusers UNets: attention projections, and the convolutions / time projections of the resnets
 # the modules DMD2's own LoRA adapts (tianweiy/DMD2, sd_unified_model.py): attention, feed-forward, resnets (their
 # shortcuts too), resamplers and time projections
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
