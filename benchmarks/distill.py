@@ -46,6 +46,9 @@ RUNS = {
     "dmd2-lora64-lr2e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", *lrs("2e-3")], [1]),
     "dmd2-lora16-lr2e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "16", *lrs("2e-3")], [1]),
     "dmd2-lora64-lr1.5e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", *lrs("1.5e-3")], [1]),
+    # LoRA+ (Hayou et al. 2024): the B factors at 4x the A factors' learning rate
+    "dmd2-lora64-plus4-lr1e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", *lrs("1e-3"), "--set",
+                                          "method.lora_plus_ratio=4"], [1]),
     "dmd2-lora64-lr3e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", *lrs("3e-3")], [1]),
     "dmd2-lora16-narrow": ("dmd2", ["--preset", "{preset}", "--lora-rank", "16", "--set", NARROW], [1]),
     "dmd2-lora64-narrow": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", "--set", NARROW], [1]),

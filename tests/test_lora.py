@@ -87,6 +87,30 @@ def test_lora_student_beside_a_full_fake_score(fresh_teacher, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(fake_before, m.fake_score.model.parameters()))
 
 
+def test_lora_plus_trains_b_at_ratio_times_the_rate_of_a(fresh_teacher, tmp_path):
+    """LoRA+ (Hayou et al. 2024): B in its own optimiser group at `lora_plus_ratio` x the phase's rate. Adam's first
+    step moves every parameter with a gradient by its lr, and at B = 0 only B has one: |B| = ratio x lr (the fake
+    score's, whose denoising loss has a gradient at step 0; the student's distribution matching has none yet)."""
+    from dstudio.distill.methods.dmd2 import DMD2, DMD2Config
+
+    torch.manual_seed(0)
+    lr, ratio = 1e-3, 16.0
+    m = DMD2(DMD2Config(data="digits", critic_ratio=1, head_width=8, lr_generator=lr, lr_critic=lr, gan=False,
+                        weight_decay=0.0, lora_rank=4, lora_plus_ratio=ratio), teacher=fresh_teacher, data=digits8(8))
+    fake = m.fake_score.model
+    a_before = {n: p.detach().clone() for n, p in fake.named_parameters() if "lora_A" in n}
+    trainer, _ = _fit(m, tmp_path / "run", steps=1)
+    for phase, view in (("critic", fake), ("generator", m.student.model)):
+        groups = trainer.optimizers[phase].param_groups
+        b_ids = {id(p) for n, p in view.named_parameters() if "lora_B" in n}
+        assert [g["lr_scale"] for g in groups if {id(p) for p in g["params"]} >= b_ids] == [ratio]
+        assert not any(b_ids & {id(p) for p in g["params"]} for g in groups if g["lr_scale"] != ratio)
+        assert all(g["lr"] == pytest.approx(lr * g["lr_scale"]) for g in groups)
+    b = torch.cat([p.detach().flatten() for n, p in fake.named_parameters() if "lora_B" in n])
+    assert b.abs().max().item() == pytest.approx(ratio * lr, rel=1e-3)
+    assert all(torch.equal(p, a_before[n]) for n, p in fake.named_parameters() if "lora_A" in n)
+
+
 def test_lora_rectified_flow(fresh_teacher, tmp_path):
     from dstudio.distill.methods.rectified_flow import RectifiedFlow
 
@@ -160,5 +184,7 @@ def test_lora_options_checked(capsys):
         from_dict(DMD2Config, {"lora_rank": -1})
     with pytest.raises(ConfigError, match="lora_alpha"):
         from_dict(DMD2Config, {"lora_rank": 4, "lora_alpha": 0})
+    with pytest.raises(ConfigError, match="lora_plus_ratio=0"):
+        from_dict(DMD2Config, {"lora_rank": 4, "lora_plus_ratio": 0})
     assert main(["distill", "slimflow", "--lora-rank", "4"]) == 2
     assert "--lora-rank does not apply to method 'slimflow'" in capsys.readouterr().err

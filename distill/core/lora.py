@@ -37,11 +37,13 @@ class LoraOptions:
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # module-name suffixes that get adapters
     lora_fake_score: bool = True        # False: a full trainable fake score beside the adapter student (DMD2's
                                         # own LoRA recipe: more memory, a closer fake score)
+    lora_plus_ratio: float = 1.0        # LoRA+ (Hayou et al. 2024): the B factors' learning rate over the A factors'
 
     def __post_init__(self) -> None:
         require(self.lora_rank >= 0, f"method.lora_rank={self.lora_rank} must be >= 0 (0: full copies)")
         require(self.lora_alpha is None or self.lora_alpha > 0, f"method.lora_alpha={self.lora_alpha} must be > 0")
         require(len(self.lora_targets) > 0, "method.lora_targets must name at least one module")
+        require(self.lora_plus_ratio > 0, f"method.lora_plus_ratio={self.lora_plus_ratio} must be > 0 (1: plain LoRA)")
 
 
 def lora_rank(config) -> int:
@@ -105,10 +107,11 @@ class AdapterView(nn.Module):
     Its parameters (and state_dict) are the adapter's alone; attributes it lacks (config, mid_block, dtype, ...)
     are the backbone's."""
 
-    def __init__(self, base: nn.Module, name: str):
+    def __init__(self, base: nn.Module, name: str, plus_ratio: float = 1.0):
         super().__init__()
         object.__setattr__(self, "base", base)  # not a submodule: its weights are the teacher's
         self.adapter_name = name
+        self.plus_ratio = plus_ratio
         self.adapter = nn.ModuleDict({
             _key(path): nn.ModuleDict({"lora_A": layer.lora_A[name], "lora_B": layer.lora_B[name]})
             for path, layer in lora_layers(base).items() if name in layer.lora_A})
@@ -131,6 +134,10 @@ class AdapterView(nn.Module):
     def lora_config(self):
         return self.base._dstudio_lora_configs[self.adapter_name]
 
+    def lr_scales(self) -> dict[int, float]:
+        """{id(parameter): learning-rate scale}: LoRA+ (Hayou et al. 2024, Alg. 1) trains B at `plus_ratio` x A's rate."""
+        return {id(p): self.plus_ratio for name, p in self.adapter.named_parameters() if ".lora_B." in f".{name}"}
+
 
 def adapter_view(unet: nn.Module, role: str, config) -> AdapterView:
     """A LoRA adapter named after `role` (numbered when taken: MSD's K students) over `unet` itself."""
@@ -140,7 +147,7 @@ def adapter_view(unet: nn.Module, role: str, config) -> AdapterView:
         name, k = f"{role}_{k}", k + 1
     alpha = config.lora_alpha if config.lora_alpha is not None else float(config.lora_rank)
     inject_adapter(unet, name, config.lora_rank, alpha, config.lora_targets)
-    return AdapterView(unet, name)
+    return AdapterView(unet, name, getattr(config, "lora_plus_ratio", 1.0))
 
 
 def _base_key(key: str) -> str | None:

@@ -140,6 +140,19 @@ class Method(nn.Module, abc.ABC):
                     params.append(p)
         return params
 
+    def param_groups(self, phase: Phase) -> list[dict]:
+        """The phase's parameters as optimiser groups, one per learning-rate scale (`lr_scale`, e.g. LoRA+'s B)."""
+        scales: dict[int, float] = {}
+        for name in phase.modules:
+            module = getattr(self, name)
+            for m in module.modules():
+                if hasattr(m, "lr_scales"):
+                    scales.update(m.lr_scales())
+        groups: dict[float, list] = {}
+        for p in self.phase_parameters(phase):
+            groups.setdefault(scales.get(id(p), 1.0), []).append(p)
+        return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
+
     def trainable_modules(self) -> list[str]:
         names = []
         for phase in self.phases():

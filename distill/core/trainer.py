@@ -282,7 +282,7 @@ class Trainer:
         self.frozen_cast = dtype is not None and cast_frozen(method, dtype) > 0  # then grids sample under autocast
         self.phases = method.phases()
         # foreach: one kernel per op over all tensors, on CPUs too (torch picks it by default on CUDA only)
-        optimizers = [torch.optim.AdamW(method.phase_parameters(ph), lr=ph.lr, betas=ph.betas,
+        optimizers = [torch.optim.AdamW(method.param_groups(ph), lr=ph.lr, betas=ph.betas,
                                         weight_decay=ph.weight_decay, foreach=True) for ph in self.phases]
         # `model` is what runs the losses (DDP-wrapped on many processes); `method` stays the plain module.
         self.model, *optimizers = self.accelerator.prepare(self.method, *optimizers)
@@ -345,7 +345,8 @@ class Trainer:
                             f"was the teacher changed? --overwrite starts over") from None
         for phase in self.phases:  # a resume may change learning rates: the phase's own settings win
             for group in self.optimizers[phase.name].param_groups:
-                group.update(lr=phase.lr, betas=phase.betas, weight_decay=phase.weight_decay)
+                group.update(lr=phase.lr * group.get("lr_scale", 1.0), betas=phase.betas,
+                             weight_decay=phase.weight_decay)
         self.ema.load_state_dict(state["ema"])
         if self.stream and state["stream"]:
             self.stream.load_state_dict(state["stream"])
@@ -380,7 +381,7 @@ class Trainer:
                 f"non-finite gradient at step {self.step}, phase '{phase.name}' (loss {loss.item():.4g}); the last "
                 f"good checkpoint is kept in {self.run_dir}: rerun with --resume and a lower learning rate")
         for group in opt.param_groups:  # a function of the step alone: nothing to checkpoint
-            group["lr"] = phase.lr_at(self.step, self.config.warmup_steps)
+            group["lr"] = phase.lr_at(self.step, self.config.warmup_steps) * group.get("lr_scale", 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return {f"{phase.name}/{k}": v for k, v in logs.items()}
