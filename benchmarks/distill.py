@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parent
 NARROW = "method.lora_targets=[to_q,to_k,to_v,to_out.0,conv1,conv2,time_emb_proj]"
 
 
-def lrs(value: str) -> list[str]:
-    """One learning rate for the generator and the critic."""
-    return ["--set", f"method.lr_generator={value}", "--set", f"method.lr_critic={value}"]
+def lrs(generator: str, critic: str | None = None) -> list[str]:
+    """The generator's and the critic's learning rates (one for both unless `critic` is given)."""
+    return ["--set", f"method.lr_generator={generator}", "--set", f"method.lr_critic={critic or generator}"]
 
 
 # name: (method, extra CLI arguments, NFEs to measure); `{preset}` is --preset
@@ -46,6 +46,10 @@ RUNS = {
     "dmd2-lora64-lr2e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", *lrs("2e-3")], [1]),
     "dmd2-lora16-lr2e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "16", *lrs("2e-3")], [1]),
     "dmd2-lora64-lr1.5e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", *lrs("1.5e-3")], [1]),
+    "dmd2-lora64-lr2e-3-critic1e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", *lrs("2e-3", "1e-3")],
+                                      [1]),
+    "dmd2-lora64-lr2e-3-critic3e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", *lrs("2e-3", "3e-3")],
+                                      [1]),
     # LoRA+ (Hayou et al. 2024): the B factors at 4x the A factors' learning rate
     "dmd2-lora64-plus4-lr1e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", *lrs("1e-3"), "--set",
                                           "method.lora_plus_ratio=4"], [1]),
@@ -59,6 +63,8 @@ RUNS = {
     # DMD2's own LoRA recipe: the student an adapter, the fake score a full trainable copy (more memory)
     "dmd2-lora64-fullfake-lr2e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", "--set",
                                              "method.lora_fake_score=false", *lrs("2e-3")], [1]),
+    "dmd2-lora64-fullfake-lr2e-3-critic5e-4": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", "--set",
+                                                        "method.lora_fake_score=false", *lrs("2e-3", "5e-4")], [1]),
     "sim": ("sim", ["--preset", "{preset}"], [1]),
     "msd-k1": ("msd", ["--preset", "{preset}", "--students", "1"], [1]),
     "msd-k2": ("msd", ["--preset", "{preset}", "--students", "2"], [1]),
