@@ -9,7 +9,8 @@ The search runs with `dstudio search`'s defaults (solver part of the candidate; 
 images from noise seed 1000, the leaders re-scored on 1,000) and scores its candidates on its own noise; every
 row here is re-scored on the protocol's 2,000 images from fresh noise (seed 0). Stock rows already measured by
 benchmarks/samplers.py (same teacher, noise and code path: FIDs are deterministic) are reused for their FID, and
-one of them (UniPC) is re-measured here to check that (`--check-reuse`).
+one of them (UniPC) is re-measured here to check that (`--check-reuse`); on another teacher, the 50-step row of
+this script's run at another NFE on that teacher is reused.
 
 `--teacher` takes any MNIST-16 teacher dstudio loads: the zoo's (`python benchmarks/teachers.py` trains them into
 benchmarks/runs/zoo/NAME/pipeline), unconditional ones included (their rows drop the labels), and flow-matching
@@ -159,17 +160,24 @@ def main(argv=None) -> int:
     ddim_row = f"euler-{nfe}" if flow else f"ddim-{nfe}"  # Euler on a flow model is DDIM
     names = [("euler", 50), ("euler", nfe), ("dpmpp-2m", nfe), ("unipc", nfe)] if flow else \
         [("ddim", 50), ("ddim", nfe), ("ddim-leading", nfe), ("dpmpp-2m", nfe), ("unipc", nfe), ("euler", nfe)]
-    reused = {}
+    reused, source = {}, ""
     if default:
         previous = json.loads((RESULTS / "samplers.json").read_text())
-        reused = {r["name"]: r for r in previous["rows"]}
+        reused, source = {r["name"]: r for r in previous["rows"]}, "benchmarks/samplers.py " + previous["date"]
+    else:  # another NFE's run on this teacher measured its 50-step row (the slowest) on the same noise
+        for path in sorted(RESULTS.glob(f"search-*{tag}.json")):
+            previous = json.loads(path.read_text())
+            done = {r["name"]: r for r in previous["rows"] if "reused" not in r}
+            if previous.get("teacher") == args.teacher and teacher_row in done:
+                reused = {f"{names[0][0]}-50": done[teacher_row]}
+                source = f"{previous['command']} {previous['date']}"
+                break
     rows = []
     for solver, n in names:
         name = teacher_row if n == 50 else f"{solver}-{n}"
         if f"{solver}-{n}" in reused:
             r = reused[f"{solver}-{n}"]
-            rows.append({"name": name, "sampler": r["sampler"], "nfe": r["nfe"], "fid": r["fid"],
-                         "reused": "benchmarks/samplers.py " + previous["date"]})
+            rows.append({"name": name, "sampler": r["sampler"], "nfe": r["nfe"], "fid": r["fid"], "reused": source})
         else:
             rows.append(rescore(name, solver, n, stock(solver, teacher)))
     check = None
