@@ -267,8 +267,10 @@ def stock_recipe(solver: str, steps: list[int], teacher_config) -> dict | None:
     set_timesteps (a pipeline that passes them through, e.g. Stable Diffusion's); on a flow-matching teacher DDIM is
     FlowMatchEulerDiscreteScheduler's Euler step at `sigmas=` u_k = (k + 1) / T (it applies its shift to them). DDIM
     and UniPC on DDPM models, and the multistep solvers on flow models, take no custom list in diffusers: those run
-    through the exported SearchedScheduler."""
+    through the exported SearchedScheduler, as does DPM-Solver++ on a teacher with clip_sample (which diffusers'
+    DPM-Solver++ lacks; its dynamic thresholding is DDIM's and travels)."""
     from dstudio.samplers.samplers import parse_solver
+    from dstudio.samplers.schedules import clipping_of
 
     rule, order = parse_solver(solver)
     if "beta_schedule" not in teacher_config and "shift" in teacher_config:  # FlowMatchEulerDiscreteScheduler
@@ -277,11 +279,14 @@ def stock_recipe(solver: str, steps: list[int], teacher_config) -> dict | None:
         T = teacher_config["num_train_timesteps"]
         return {"class": "FlowMatchEulerDiscreteScheduler", "config": {},
                 "set_timesteps": {"sigmas": [(k + 1) / T for k in steps]}}
-    if rule != "dpmpp" or order == 1:
+    clipping = clipping_of(teacher_config) or {}
+    if rule != "dpmpp" or order == 1 or "clip_range" in clipping:
         return None
-    return {"class": "DPMSolverMultistepScheduler", "config": {"algorithm_type": "dpmsolver++", "solver_order": order,
-                                                                "final_sigmas_type": "zero"},
-            "set_timesteps": {"timesteps": steps}}
+    config = {"algorithm_type": "dpmsolver++", "solver_order": order, "final_sigmas_type": "zero"}
+    if clipping:
+        config.update({k: teacher_config[k] for k in ("thresholding", "dynamic_thresholding_ratio", "sample_max_value")
+                       if k in teacher_config})
+    return {"class": "DPMSolverMultistepScheduler", "config": config, "set_timesteps": {"timesteps": steps}}
 
 
 def _plot(best: list[float], path: Path, nfe: int) -> None:

@@ -20,7 +20,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 from diffusers.utils import logging
 
 from .samplers import SOLVERS, discrete_timesteps, dpmpp_update, parse_solver, solver_orders, unipc_update
-from .schedules import PREDICTION_TYPES, DiscreteSigmas, consistency_scalings, flow_match_alphas_cumprod, x0_scalings
+from .schedules import (PREDICTION_TYPES, DiscreteSigmas, clip_x0, clipping_of, consistency_scalings,
+                        flow_match_alphas_cumprod, x0_scalings)
 
 logger = logging.get_logger(__name__)
 
@@ -195,19 +196,27 @@ class SearchedScheduler(_DiscreteScheduler):
     scheduler falls back to a uniform list with `timestep_spacing`. With `prediction_type="flow"` and `flow_shift`
     the model is a flow-matching velocity model on FlowMatchEulerDiscreteScheduler's grid: step k is the noise
     fraction s_k = shift u / (1 + (shift - 1) u), u = (k + 1) / T, the model sees s T and the flow state (DDIM is then
-    that scheduler's Euler step, which runs the same list through `set_timesteps(sigmas=[u_k])`).
+    that scheduler's Euler step, which runs the same list through `set_timesteps(sigmas=[u_k])`). `clip_sample` /
+    `thresholding` (DDIMScheduler's keys, copied from the teacher's scheduler) clip every solver's x0, as DPM-Solver++
+    and UniPC threshold theirs (DDIM then runs as DDIMScheduler with `use_clipped_model_output=True`).
     """
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas: list[float] | None = None,
                  prediction_type: str = "epsilon", timesteps: list[int] | None = None, solver: str = "ddim",
-                 set_alpha_to_one: bool = True, timestep_spacing: str = "trailing", flow_shift: float | None = None):
+                 set_alpha_to_one: bool = True, timestep_spacing: str = "trailing", flow_shift: float | None = None,
+                 clip_sample: bool = False, clip_sample_range: float = 1.0, thresholding: bool = False,
+                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0):
         if solver not in SOLVERS:
             raise ValueError(f"solver '{solver}' is not one of {', '.join(SOLVERS)}")
         self._setup(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type, timesteps,
                     flow_shift)
+        self._clipping = clipping_of(self.config) or {}
         self._reset()
+
+    def _x0(self, model_output, sample, sigma: float) -> torch.Tensor:
+        return clip_x0(super()._x0(model_output, sample, sigma), **self._clipping)
 
     def _reset(self):
         self._history: list[tuple[float, torch.Tensor]] = []  # (sigma, x0) of the steps taken
@@ -396,7 +405,8 @@ def scheduler_from_teacher(cls, teacher_scheduler, **overrides):
         cfg = {"num_train_timesteps": config["num_train_timesteps"], "flow_shift": float(config["shift"]),
                "prediction_type": "flow", "noise_at_one": True}
     else:
-        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                "clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value")
         cfg = {k: config[k] for k in keys if k in config}
         if config.get("rescale_betas_zero_snr"):  # the betas diffusers rescaled, recovered from its alphas_cumprod
             a = teacher_scheduler.alphas_cumprod.double()

@@ -27,6 +27,30 @@ def x0_scalings(prediction_type: str, sigma, alpha):
 MIN_ALPHABAR = 1e-10  # sigma <= 1e5: a terminal-SNR-0 step is read as pure noise at this finite sigma
 
 
+def clipping_of(config) -> dict | None:
+    """A diffusers DDPM/DDIM scheduler config's x0 clipping as `clip_x0` kwargs: dynamic thresholding if set, else
+    clip_sample to [-clip_sample_range, range] (None: no clipping)."""
+    if config.get("thresholding"):
+        return {"threshold_ratio": float(config.get("dynamic_thresholding_ratio", 0.995)),
+                "max_value": float(config.get("sample_max_value", 1.0))}
+    if config.get("clip_sample"):
+        return {"clip_range": float(config.get("clip_sample_range", 1.0))}
+    return None
+
+
+def clip_x0(x0: Tensor, clip_range: float | None = None, threshold_ratio: float | None = None,
+            max_value: float = 1.0) -> Tensor:
+    """x0 as diffusers' DDPM/DDIM step uses it: dynamic thresholding (Saharia et al. 2022, sec. 2.3: s =
+    max(1, quantile(|x0|, ratio)) clamped to max_value, x0 <- clip(x0, s) / s), else clip_sample to [-r, r]."""
+    if threshold_ratio is not None:
+        s = torch.quantile(x0.abs().flatten(1).float(), threshold_ratio, dim=1)
+        s = s.clamp(1, max_value).to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+        return torch.maximum(torch.minimum(x0, s), -s) / s
+    if clip_range is not None:
+        return x0.clamp(-clip_range, clip_range)
+    return x0
+
+
 def flow_match_alphas_cumprod(num_train_timesteps: int, shift: float = 1.0) -> Tensor:
     """diffusers' FlowMatchEulerDiscreteScheduler grid as a DDPM-style alphabar: step i has noise fraction
     s_i = shift u / (1 + (shift - 1) u), u = (i + 1) / T, i.e. x_s = (1 - s) x0 + s eps = x_VE / (1 + sigma) with

@@ -110,3 +110,53 @@ def test_solvers_with_the_same_orders_at_n_steps_are_searched_once():
     assert solver_orders(4, 3) == solver_orders(4, 2) == [1, 2, 2, 1]
     assert distinct_solvers(names, 4) == ["unipc-2", "dpmpp-2m"]
     assert distinct_solvers(names, 8) == names
+
+
+@pytest.mark.parametrize("clip", [dict(clip_sample=True, clip_sample_range=0.3),
+                                  dict(thresholding=True, dynamic_thresholding_ratio=0.6, sample_max_value=1.5)])
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp-2m", "unipc-2", "unipc-3"])
+def test_searched_scheduler_clips_x0_as_the_search_scores_a_clipping_teacher(teacher, solver, clip):
+    """A teacher whose scheduler clips x0 (clip_sample / thresholding) is searched through its clipped denoiser
+    (`Teacher.for_sampling`); the exported SearchedScheduler, built from that scheduler, must run the same solve."""
+    from diffusers import DDPMScheduler
+
+    from dstudio.distill.core.denoiser import ClippedDenoiser
+    from dstudio.samplers.schedules import clipping_of
+
+    clipping_teacher = DDPMScheduler.from_config({**teacher.scheduler.config, **clip})
+    steps = STEPS[1]
+    sched = scheduler_from_teacher(SearchedScheduler, clipping_teacher, timesteps=steps, solver=solver)
+    assert {k: sched.config[k] for k in clip} == clip  # saved with the scheduler: a loaded folder clips too
+    sched.set_timesteps()
+    z, labels = data()
+    sigmas = append_zero(teacher.denoiser.t_to_sigma(torch.tensor(steps)))
+    clipped = ClippedDenoiser(teacher.denoiser, **clipping_of(clipping_teacher.config))
+    with torch.no_grad():
+        via_scheduler = run_loop(teacher.unet, sched, z, labels)
+        searched = get_sampler(solver)(clipped, z.double() * (1 + sigmas[0] ** 2).sqrt(), sigmas, labels).float()
+    torch.testing.assert_close(via_scheduler, searched, rtol=1e-4, atol=1e-4)
+    assert (via_scheduler - pure(teacher, solver, steps, z, labels)).abs().max() > 1e-2  # the clipping is active
+
+
+def test_stock_recipe_carries_thresholding_and_refuses_clip_sample(teacher):
+    """search.json's stock DPM-Solver++ recipe runs the searched solve on a thresholding teacher (diffusers'
+    DPM-Solver++ thresholds x0 as DDIM does); it has no clip_sample, so a clip_sample teacher gets no recipe."""
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+
+    from dstudio.app.search_cli import stock_recipe
+
+    steps = STEPS[1]
+    thresholding = DDPMScheduler.from_config({**teacher.scheduler.config, "thresholding": True,
+                                              "dynamic_thresholding_ratio": 0.6, "sample_max_value": 1.5})
+    recipe = stock_recipe("dpmpp-2m", steps, thresholding.config)
+    stock = DPMSolverMultistepScheduler.from_config(thresholding.config, **recipe["config"])
+    stock.set_timesteps(**recipe["set_timesteps"])
+    ours = scheduler_from_teacher(SearchedScheduler, thresholding, timesteps=steps, solver="dpmpp-2m")
+    ours.set_timesteps()
+    z, labels = data()
+    with torch.no_grad():
+        torch.testing.assert_close(run_loop(teacher.unet, stock, z, labels), run_loop(teacher.unet, ours, z, labels),
+                                   rtol=1e-4, atol=1e-4)
+    clip = DDPMScheduler.from_config({**teacher.scheduler.config, "clip_sample": True})
+    assert stock_recipe("dpmpp-2m", steps, clip.config) is None
+    assert stock_recipe("dpmpp-2m", steps, teacher.scheduler.config)["config"].get("thresholding") is None

@@ -10,7 +10,7 @@ import abc
 import torch
 from torch import Tensor, nn
 
-from dstudio.samplers.schedules import (PREDICTION_TYPES, DiscreteSigmas, consistency_scalings,
+from dstudio.samplers.schedules import (PREDICTION_TYPES, DiscreteSigmas, clip_x0, consistency_scalings,
                                         flow_match_alphas_cumprod, flow_sigma_to_t, x0_scalings)
 
 
@@ -164,8 +164,7 @@ class WrappedDenoiser(nn.Module):
 
 
 class ClippedDenoiser(WrappedDenoiser):
-    """The x0 a diffusers DDPM-family scheduler would use when sampling: clip_sample to [-r, r], or dynamic
-    thresholding (Saharia et al. 2022, sec. 2.3: s = max(1, quantile(|x0|, ratio)) clamped to max, x0 <- clip(x0, s) / s)."""
+    """The x0 a diffusers DDPM-family scheduler would use when sampling (`clip_x0`: clip_sample or thresholding)."""
 
     def __init__(self, denoiser: nn.Module, clip_range: float | None = None, threshold_ratio: float | None = None,
                  max_value: float = 1.0):
@@ -174,14 +173,7 @@ class ClippedDenoiser(WrappedDenoiser):
         self.threshold_ratio, self.max_value = threshold_ratio, max_value
 
     def forward(self, x: Tensor, sigma: Tensor | float, cond=None) -> Tensor:
-        x0 = self.denoiser(x, sigma, cond)
-        if self.threshold_ratio is not None:
-            s = torch.quantile(x0.abs().flatten(1).float(), self.threshold_ratio, dim=1)
-            s = append_dims(s.clamp(1, self.max_value).to(x0.dtype), x0.ndim)
-            x0 = torch.maximum(torch.minimum(x0, s), -s) / s
-        elif self.clip_range is not None:
-            x0 = x0.clamp(-self.clip_range, self.clip_range)
-        return x0
+        return clip_x0(self.denoiser(x, sigma, cond), self.clip_range, self.threshold_ratio, self.max_value)
 
 
 class ConsistencyDenoiser(Denoiser):

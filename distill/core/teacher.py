@@ -13,6 +13,7 @@ from torch import Tensor
 from dstudio.distill.core.denoiser import (PREDICTION_TYPES, CFGDenoiser, ClippedDenoiser, DiscreteDenoiser,
                                            FlowMatchDenoiser)
 from dstudio.distill.core.errors import UserError
+from dstudio.samplers.schedules import clipping_of
 
 DEFAULT_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "mnist16-teacher"
 SUPPORTED = ("DDPMPipeline-style: a UNet2DModel (unconditional or class-conditional) + a DDPM-family scheduler "
@@ -287,7 +288,7 @@ def teacher_from_pipeline(pipe, source: str = "<pipeline>") -> Teacher:
         p.requires_grad_(False)
     unet.eval()
     denoiser = _teacher_denoiser(unet, scheduler, source)
-    clipping = _clipping(scheduler.config)
+    clipping = clipping_of(scheduler.config)
     size = unet.config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     shape = (unet.config.in_channels, h, w)
@@ -332,16 +333,6 @@ def _teacher_denoiser(unet, scheduler, source: str) -> DiscreteDenoiser:
         raise TeacherError(f"scheduler {type(scheduler).__name__} of '{source}' has prediction_type "
                            f"'{prediction_type}', which dstudio cannot use; use one of {', '.join(PREDICTION_TYPES)}")
     return DiscreteDenoiser(unet, scheduler.alphas_cumprod, prediction_type)
-
-
-def _clipping(cfg) -> dict | None:
-    """diffusers' DDPM/DDIM step: dynamic thresholding if set, else clip_sample to [-clip_sample_range, range]."""
-    if cfg.get("thresholding"):
-        return {"threshold_ratio": float(cfg.get("dynamic_thresholding_ratio", 0.995)),
-                "max_value": float(cfg.get("sample_max_value", 1.0))}
-    if cfg.get("clip_sample"):
-        return {"clip_range": float(cfg.get("clip_sample_range", 1.0))}
-    return None
 
 
 def reference_scheduler(scheduler):
