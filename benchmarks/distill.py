@@ -44,11 +44,12 @@ RUNS = {
     "dmd2-lora16": ("dmd2", ["--preset", "{preset}", "--lora-rank", "16"], [1]),
     "dmd2-lora64": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64"], [1]),
     "dmd2-lora64-lr2e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", *lrs("2e-3")], [1]),
-    "dmd2-lora16-lr2e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "16", *lrs("2e-3")], [1]),
     "dmd2-lora64-lr1.5e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", *lrs("1.5e-3")], [1]),
     "dmd2-lora64-lr2e-3-critic1e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", *lrs("2e-3", "1e-3")],
                                       [1]),
     "dmd2-lora64-lr2e-3-critic3e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", *lrs("2e-3", "3e-3")],
+                                      [1]),
+    "dmd2-lora16-lr2e-3-critic3e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "16", *lrs("2e-3", "3e-3")],
                                       [1]),
     # LoRA+ (Hayou et al. 2024): the B factors at 4x the A factors' learning rate
     "dmd2-lora64-plus4-lr1e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", *lrs("1e-3"), "--set",
