@@ -284,8 +284,8 @@ def stock_recipe(solver: str, steps: list[int], teacher_config) -> dict | None:
         return None
     config = {"algorithm_type": "dpmsolver++", "solver_order": order, "final_sigmas_type": "zero"}
     if clipping:
-        config.update({k: teacher_config[k] for k in ("thresholding", "dynamic_thresholding_ratio", "sample_max_value")
-                       if k in teacher_config})
+        config.update(thresholding=True, dynamic_thresholding_ratio=clipping["threshold_ratio"],
+                      sample_max_value=clipping["max_value"])
     return {"class": "DPMSolverMultistepScheduler", "config": config, "set_timesteps": {"timesteps": steps}}
 
 

@@ -20,7 +20,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 from diffusers.utils import logging
 
 from .samplers import SOLVERS, discrete_timesteps, dpmpp_update, parse_solver, solver_orders, unipc_update
-from .schedules import (PREDICTION_TYPES, DiscreteSigmas, clip_x0, clipping_of, consistency_scalings,
+from .schedules import (PREDICTION_TYPES, DiscreteSigmas, append_dims, clip_x0, clipping_of, consistency_scalings,
                         flow_match_alphas_cumprod, x0_scalings)
 
 logger = logging.get_logger(__name__)
@@ -175,7 +175,7 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
 
     def add_noise(self, original_samples, noise, timesteps) -> torch.Tensor:
         a = self.alphas_cumprod.to(original_samples.device)[timesteps.long()].to(original_samples.dtype)
-        a = a.reshape(-1, *([1] * (original_samples.ndim - 1)))
+        a = append_dims(a, original_samples.ndim)
         return a.sqrt() * original_samples + (1 - a).sqrt() * noise
 
     def _to_ve(self, sample, sigma: float):

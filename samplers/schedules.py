@@ -27,6 +27,11 @@ def x0_scalings(prediction_type: str, sigma, alpha):
 MIN_ALPHABAR = 1e-10  # sigma <= 1e5: a terminal-SNR-0 step is read as pure noise at this finite sigma
 
 
+def append_dims(x: Tensor, ndim: int) -> Tensor:
+    """x with trailing singleton dimensions up to `ndim` (per-sample scalars against images)."""
+    return x.reshape(x.shape + (1,) * (ndim - x.ndim))
+
+
 def clipping_of(config) -> dict | None:
     """A diffusers DDPM/DDIM scheduler config's x0 clipping as `clip_x0` kwargs: dynamic thresholding if set, else
     clip_sample to [-clip_sample_range, range] (None: no clipping)."""
@@ -44,7 +49,7 @@ def clip_x0(x0: Tensor, clip_range: float | None = None, threshold_ratio: float 
     max(1, quantile(|x0|, ratio)) clamped to max_value, x0 <- clip(x0, s) / s), else clip_sample to [-r, r]."""
     if threshold_ratio is not None:
         s = torch.quantile(x0.abs().flatten(1).float(), threshold_ratio, dim=1)
-        s = s.clamp(1, max_value).to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+        s = append_dims(s.clamp(1, max_value).to(x0.dtype), x0.ndim)
         return torch.maximum(torch.minimum(x0, s), -s) / s
     if clip_range is not None:
         return x0.clamp(-clip_range, clip_range)

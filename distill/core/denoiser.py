@@ -10,8 +10,8 @@ import abc
 import torch
 from torch import Tensor, nn
 
-from dstudio.samplers.schedules import (PREDICTION_TYPES, DiscreteSigmas, clip_x0, consistency_scalings,
-                                        flow_match_alphas_cumprod, flow_sigma_to_t, x0_scalings)
+from dstudio.samplers.schedules import (PREDICTION_TYPES, DiscreteSigmas, append_dims, clip_x0,
+                                        consistency_scalings, flow_match_alphas_cumprod, flow_sigma_to_t, x0_scalings)
 
 
 def student_prediction(teacher_prediction: str) -> str:
@@ -23,10 +23,6 @@ def student_prediction(teacher_prediction: str) -> str:
     sigma (2e4 for cosine betas, 1e5 at zero terminal SNR). v, x0 ("sample") and flow velocities are bounded already.
     """
     return "v_prediction" if teacher_prediction == "epsilon" else teacher_prediction
-
-
-def append_dims(x: Tensor, ndim: int) -> Tensor:
-    return x.reshape(x.shape + (1,) * (ndim - x.ndim))
 
 
 def call_backbone(model: nn.Module, x: Tensor, t: Tensor, cond) -> Tensor:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from dstudio.distill.core.config import require
+from dstudio.distill.core.denoiser import append_dims
 from dstudio.distill.core.errors import UserError
 from dstudio.distill.core.flow import FlowView, sample_u_shaped, sample_uniform
 from dstudio.distill.core.losses import lpips_distance, load_lpips, rfpp_premetric
@@ -187,7 +188,7 @@ class FlowMethod(Distiller):
         sec. 4): d(v_hat(x_t, t), x1 - z), x_t = t x1 + (1 - t) z; with LPIPS, t d + LPIPS(x1_hat, x1)."""
         view = FlowView(student)
         t = self.sample_t(view, len(z), z.device)
-        tt = t.to(z.dtype).reshape(-1, *([1] * (z.ndim - 1)))
+        tt = append_dims(t.to(z.dtype), z.ndim)
         x_t = tt * x1 + (1 - tt) * z
         x1_hat = view.x1_hat(x_t, t, cond)
         v_hat = (x1_hat - x_t) / (1 - tt)

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 
 from dstudio.distill.core.config import require
+from dstudio.distill.core.denoiser import append_dims
 from dstudio.distill.core.flow import ANNEALING, FlowView, anneal_beta, anneal_noise, joint_hflip
 from dstudio.distill.core.method import Phase, register
 from dstudio.distill.methods._flow import FlowConfig, FlowMethod
@@ -82,7 +83,7 @@ class SlimFlow(FlowMethod):
         lo, hi = self.config.guide_t
         t = lo + (hi - lo) * torch.rand(len(z), device=z.device, dtype=torch.float64)
         with torch.no_grad():
-            tt = t.to(z.dtype).reshape(-1, *([1] * (z.ndim - 1)))
+            tt = append_dims(t.to(z.dtype), z.ndim)
             x_t = (1 - tt) * z_new + tt * FlowView(self.student).one_step(z_new, cond)
             x1_guide = FlowView(self.guide).x1_hat(x_t, t, cond)
         guide_loss, _ = self.one_step_loss(self.student, z_new, x1_guide, cond)
