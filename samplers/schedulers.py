@@ -251,7 +251,8 @@ class StudentScheduler(_DiscreteScheduler):
     list [999, 749, 499, 249] for four; with a stored list, n fewer steps run its first n, and `num_inference_steps`
     sets the default. `prediction_type="consistency"` reads the model as a consistency function
     with the boundary-respecting scalings of Song et al. 2023 (`sigma_data`, `sigma_min`), like diffusers'
-    LCMScheduler applies its boundary condition inside the scheduler. `flow_shift` set: the steps are those of a
+    LCMScheduler applies its boundary condition inside the scheduler; other students clip x0 as their teacher's
+    scheduler does (DDIMScheduler's `clip_sample` / `thresholding` keys). `flow_shift` set: the steps are those of a
     flow-matching teacher (FlowMatchEulerDiscreteScheduler with that shift); with `prediction_type="flow"` the model is
     a flow-matching velocity model, sees s T and the flow state x_s = (1 - s) x0 + s eps (pure noise at s = 1).
     """
@@ -262,10 +263,12 @@ class StudentScheduler(_DiscreteScheduler):
                  prediction_type: str = "epsilon", timesteps: list[int] | None = None,
                  set_alpha_to_one: bool = True, timestep_spacing: str = "trailing",
                  sigma_data: float = 0.5, sigma_min: float = 0.002, num_inference_steps: int | None = None,
-                 flow_shift: float | None = None):
+                 flow_shift: float | None = None, clip_sample: bool = False, clip_sample_range: float = 1.0,
+                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0):
         consistency = prediction_type == "consistency"
         self._setup(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                     "sample" if consistency else prediction_type, timesteps, flow_shift)
+        self._clipping = {} if consistency else clipping_of(self.config) or {}
 
     prefix_steps = True  # denoise-and-renoise: the first n steps of a stored list are an n-step sampler
 
@@ -281,7 +284,7 @@ class StudentScheduler(_DiscreteScheduler):
 
     def _x0(self, model_output, sample, sigma: float) -> torch.Tensor:
         if self.config.prediction_type != "consistency":
-            return super()._x0(model_output, sample, sigma)
+            return clip_x0(super()._x0(model_output, sample, sigma), **self._clipping)
         c_skip, c_out, _ = consistency_scalings(sigma, self.config.sigma_data, self.config.sigma_min)
         return c_skip * sample * math.sqrt(1 + sigma**2) + c_out * model_output
 
@@ -303,7 +306,8 @@ class FlowEulerScheduler(SchedulerMixin, ConfigMixin):
     whose models predict z - x1 = -v). With a DDPM prediction type (epsilon, v_prediction, sample) and the betas of
     its schedule, the model is a DDPM-parameterised flow student (dstudio's rectified-flow students keep their
     teacher's parameterisation): at flow time t it sees the VP state at sigma = (1 - t) / t and its DDPM time step,
-    and its x0 estimate x1_hat gives v = (x1_hat - x_t) / (1 - t).
+    and its x0 estimate x1_hat gives v = (x1_hat - x_t) / (1 - t). `sigma_max` is the student's noisiest level (t = 0
+    is read there), and x1_hat is clipped as the teacher's scheduler clips x0 (`clip_sample` / `thresholding`).
     """
 
     order = 1
@@ -313,7 +317,9 @@ class FlowEulerScheduler(SchedulerMixin, ConfigMixin):
     def __init__(self, num_train_timesteps: int = 1000, timesteps: list[float] | None = None,
                  num_inference_steps: int = 1, noise_at_one: bool = False, prediction_type: str = "flow",
                  beta_start: float = 0.0001, beta_end: float = 0.02, beta_schedule: str = "linear",
-                 trained_betas: list[float] | None = None):
+                 trained_betas: list[float] | None = None, sigma_max: float | None = None, clip_sample: bool = False,
+                 clip_sample_range: float = 1.0, thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                 sample_max_value: float = 1.0):
         if timesteps is not None:
             ts = list(map(float, timesteps))
             if not ts or any(not 0 <= t < 1 for t in ts) or any(a >= b for a, b in zip(ts, ts[1:])):
@@ -326,6 +332,7 @@ class FlowEulerScheduler(SchedulerMixin, ConfigMixin):
             betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
             self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
             self.schedule = DiscreteSigmas(self.alphas_cumprod)
+        self._clipping = clipping_of(self.config) or {}
         self._ts: list[float] = []
         self._sigmas: list[float] = []
         self.timesteps = torch.tensor([])
@@ -362,7 +369,7 @@ class FlowEulerScheduler(SchedulerMixin, ConfigMixin):
         if self.schedule is None:
             model_t = [(1 - t if self.config.noise_at_one else t) * self.config.num_train_timesteps for t in ts]
         else:
-            lo, hi = self.schedule.sigma_min, self.schedule.sigma_max
+            lo, hi = self.schedule.sigma_min, self.config.sigma_max or self.schedule.sigma_max
             self._sigmas = [min(max((1 - t) / t, lo), hi) if t > 0 else hi for t in ts]
             model_t = self.schedule.sigma_to_t(torch.tensor(self._sigmas, dtype=torch.float64)).tolist()
         self.timesteps = torch.tensor(model_t, dtype=torch.float32).to(device)
@@ -389,7 +396,8 @@ class FlowEulerScheduler(SchedulerMixin, ConfigMixin):
         else:
             sigma = self._sigmas[i]
             x_vp = sample * ((1 + sigma) / math.sqrt(1 + sigma**2))
-            v = (x0_from_output(self.config.prediction_type, model_output, x_vp, sigma) - sample) / (1 - t)
+            x1 = clip_x0(x0_from_output(self.config.prediction_type, model_output, x_vp, sigma), **self._clipping)
+            v = (x1 - sample) / (1 - t)
         prev = sample + (t_next - t) * v
         self._step_index += 1
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)

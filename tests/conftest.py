@@ -19,3 +19,38 @@ def tiny_teacher(tmp_path_factory):
     run = tmp_path_factory.mktemp("tiny-teacher")
     cfg = TrainerConfig(steps=2, batch_size=16, sample_every=100, checkpoint_every=100)
     return Trainer(method, cfg, run, data=data).fit()
+
+
+ZOO = {  # name: teacher training options (all on 8x8 digits, saved as DDPMPipeline folders)
+    "eps-cosine-clip": dict(prediction_type="epsilon", beta_schedule="squaredcos_cap_v2", clip_sample=True),
+    "v-zero-snr": dict(prediction_type="v_prediction", beta_schedule="scaled_linear", beta_start=0.00085,
+                       beta_end=0.012, rescale_betas_zero_snr=True),
+    "sample-linear": dict(prediction_type="sample", beta_schedule="linear"),
+    "flow": dict(objective="flow_matching", flow_shift=2.0),
+    "eps-uncond": dict(prediction_type="epsilon", beta_schedule="linear", conditional=False),
+}
+
+
+@pytest.fixture(scope="session")
+def data():
+    """sklearn's 8x8 digits, the fastest tests' data set."""
+    from dstudio.distill.data import digits8
+
+    return digits8(8)
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory, data):
+    """Tiny zoo teachers trained for two steps each (seconds), as DDPMPipeline folders."""
+    from dstudio.distill.core.trainer import Trainer, TrainerConfig
+    from dstudio.distill.methods.ddpm import DDPM, DDPMConfig
+
+    root = tmp_path_factory.mktemp("zoo")
+    out = {}
+    for name, options in ZOO.items():
+        torch.manual_seed(0)
+        cfg = DDPMConfig(data="digits", resolution=8, channels=(8, 16), grid_steps=2, layout="diffusers", **options)
+        trainer = Trainer(DDPM(cfg, data=data), TrainerConfig(steps=2, batch_size=16, sample_every=100,
+                                                              checkpoint_every=100), root / name, data=data)
+        out[name] = trainer.fit()
+    return out

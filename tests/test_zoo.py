@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from dstudio.distill.core.denoiser import ClippedDenoiser, FlowMatchDenoiser, start_noise, student_prediction
+from conftest import ZOO
+from dstudio.distill.core.denoiser import ClippedDenoiser, FlowMatchDenoiser, start_noise
 from dstudio.distill.core.images import collapse_reason
 from dstudio.distill.core.method import discover
 from dstudio.distill.core.teacher import TeacherError, load_teacher
@@ -14,14 +15,6 @@ from dstudio.distill.core.trainer import Trainer, TrainerConfig
 from dstudio.distill.data import digits8
 from dstudio.distill.methods.ddpm import DDPM, DDPMConfig
 
-ZOO = {  # name: teacher training options (all on 8x8 digits, saved as DDPMPipeline folders)
-    "eps-cosine-clip": dict(prediction_type="epsilon", beta_schedule="squaredcos_cap_v2", clip_sample=True),
-    "v-zero-snr": dict(prediction_type="v_prediction", beta_schedule="scaled_linear", beta_start=0.00085,
-                       beta_end=0.012, rescale_betas_zero_snr=True),
-    "sample-linear": dict(prediction_type="sample", beta_schedule="linear"),
-    "flow": dict(objective="flow_matching", flow_shift=2.0),
-    "eps-uncond": dict(prediction_type="epsilon", beta_schedule="linear", conditional=False),
-}
 METHODS = {  # name: (config overrides, trainer steps) so that every phase runs at least once; others: defaults, 2
     "dmd2": (dict(data="digits", critic_ratio=1, lr_generator=1e-3, lr_critic=1e-3, head_width=8), 2),
     "msd": (dict(data="digits", students=2, student_width=0.5, tsm_steps=1, critic_ratio=1, head_width=8), 2),
@@ -30,25 +23,6 @@ METHODS = {  # name: (config overrides, trainer steps) so that every phase runs 
     "slimflow": (dict(num_pairs=8, shard_size=8, solver_steps=2, reflow_steps=1, lpips=False), 2),
     "consistency": (dict(data="digits", s0=2, s1=4), 2),
 }
-
-
-@pytest.fixture(scope="module")
-def data():
-    return digits8(8)
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory, data):
-    """Tiny zoo teachers trained for two steps each (seconds), as DDPMPipeline folders."""
-    root = tmp_path_factory.mktemp("zoo")
-    out = {}
-    for name, options in ZOO.items():
-        torch.manual_seed(0)
-        cfg = DDPMConfig(data="digits", resolution=8, channels=(8, 16), grid_steps=2, layout="diffusers", **options)
-        trainer = Trainer(DDPM(cfg, data=data), TrainerConfig(steps=2, batch_size=16, sample_every=100,
-                                                              checkpoint_every=100), root / name, data=data)
-        out[name] = trainer.fit()
-    return out
 
 
 def test_zoo_folders_are_diffusers_ddpm_pipelines(zoo):
@@ -121,7 +95,7 @@ def test_flow_match_denoiser_matches_the_diffusers_euler_step(zoo):
         torch.testing.assert_close(x0, ref, atol=1e-3 if s == 1 else 1e-5, rtol=0)
 
 
-def test_clipping_and_student_parameterisation():
+def test_clipping_and_noise_scale():
     from dstudio.distill.core.denoiser import DiscreteDenoiser
 
     class Wild(torch.nn.Module):
@@ -132,11 +106,9 @@ def test_clipping_and_student_parameterisation():
     assert clipped(torch.ones(1, 1, 2, 2), 1.0).max() == 1.0
     thr = ClippedDenoiser(Wild(), threshold_ratio=0.5, max_value=2.0)
     assert thr(torch.ones(1, 1, 2, 2), 1.0).max() == 1.0  # clip to s = 2, divide by s
-    assert student_prediction("epsilon") == "v_prediction"
-    assert [student_prediction(p) for p in ("v_prediction", "sample", "flow")] == ["v_prediction", "sample", "flow"]
     unet = torch.nn.Identity()
     d = DiscreteDenoiser(unet, torch.linspace(0.99, 1e-9, 10), "epsilon")
-    assert d.student(unet).prediction_type == "v_prediction"
+    assert d.student(unet).prediction_type == "epsilon"  # students keep their teacher's parameterisation
     x = start_noise(d, (4, 1, 8, 8), d.sigma_max, torch.Generator().manual_seed(0))
     assert x.std() > 0.5 * d.sigma_max  # unit noise on the VE scale at the terminal sigma
 

@@ -14,15 +14,11 @@ from dstudio.samplers.schedules import (PREDICTION_TYPES, DiscreteSigmas, append
                                         consistency_scalings, flow_match_alphas_cumprod, flow_sigma_to_t, x0_scalings)
 
 
-def student_prediction(teacher_prediction: str) -> str:
-    """The output a student learns, chosen for the student: v instead of eps, else the teacher's own.
-
-    v is EDM's preconditioning with sigma_data = 1 (c_skip = 1 / (1 + sigma^2), c_out = -sigma / sqrt(1 + sigma^2)):
-    equal to eps as sigma -> 0, so a student copied from an eps teacher starts as the teacher where eps is well
-    conditioned, and bounded at the terminal sigma, where an eps student's x0 = x - sigma eps multiplies its error by
-    sigma (2e4 for cosine betas, 1e5 at zero terminal SNR). v, x0 ("sample") and flow velocities are bounded already.
-    """
-    return "v_prediction" if teacher_prediction == "epsilon" else teacher_prediction
+# The largest gain |c_out| = |dx0 / dF| a student's backbone output may have where the student starts: Stable
+# Diffusion 1.5's terminal sigma (14.6), where DMD2's SD students start. An eps backbone's x0 = x - sigma eps has
+# gain sigma (157 at the last step of linear betas, 2e4 of capped cosine ones), so its students start at the
+# noisiest step within that gain; v, x0 and flow backbones have gain <= 1 and start at the teacher's last step.
+MAX_START_GAIN = 14.62
 
 
 def call_backbone(model: nn.Module, x: Tensor, t: Tensor, cond) -> Tensor:
@@ -37,10 +33,14 @@ def call_backbone(model: nn.Module, x: Tensor, t: Tensor, cond) -> Tensor:
 
 
 class Denoiser(nn.Module, abc.ABC):
-    """Base adapter: subclasses define `scalings(sigma) -> (c_skip, c_out, c_in)` and `c_noise(sigma)`."""
+    """Base adapter: subclasses define `scalings(sigma) -> (c_skip, c_out, c_in)` and `c_noise(sigma)`.
+
+    `clipping` (clip_x0 kwargs, a student of a clipping teacher) clips x0 as the teacher's scheduler does when it
+    samples, straight-through in backward so that a clipped pixel still learns."""
 
     sigma_min: float
     sigma_max: float
+    clipping: dict | None = None
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -60,7 +60,10 @@ class Denoiser(nn.Module, abc.ABC):
             sigma = sigma.expand(x.shape[0])
         c_skip, c_out, c_in = (append_dims(c.to(x.dtype), x.ndim) for c in self.scalings(sigma))
         F = call_backbone(self.model, x * c_in, self.c_noise(sigma).to(x.dtype), cond)
-        return c_skip * x + c_out * F
+        x0 = c_skip * x + c_out * F
+        if self.clipping:
+            x0 = x0 + (clip_x0(x0, **self.clipping) - x0).detach()
+        return x0
 
     def noise_scale(self, sigma) -> Tensor:
         """Pure noise on the VE scale: a unit-Gaussian state z of the model's own (VP) kind is x = z sqrt(1 + sigma^2)."""
@@ -92,9 +95,17 @@ class DiscreteDenoiser(Denoiser):
         """The same schedule over another backbone (a fake score), in this or another parameterisation."""
         return DiscreteDenoiser(model, self.alphas_cumprod, prediction_type or self.prediction_type)
 
-    def student(self, model: nn.Module) -> "DiscreteDenoiser":
-        """The same schedule over a student backbone, in the parameterisation chosen for students."""
-        return self.like(model, student_prediction(self.prediction_type))
+    def student(self, model: nn.Module, clipping: dict | None = None) -> "DiscreteDenoiser":
+        """A student over `model`: this parameterisation and the teacher's sampling clip, so a copy of the teacher's
+        backbone is exactly the teacher as sampled, at every level from its own sigma_max (`start_t`) down."""
+        out = self.like(model)
+        out.clipping, out.sigma_max = clipping, float(self.t_to_sigma(torch.tensor(self.start_t())))
+        return out
+
+    def start_t(self) -> int:
+        """The noisiest training step whose x0 gain on the backbone output |c_out| is at most MAX_START_GAIN."""
+        gain = self.scalings(self.schedule.sigmas)[1].abs()
+        return int((gain <= MAX_START_GAIN).nonzero().max())
 
 
     def scalings(self, sigma: Tensor):

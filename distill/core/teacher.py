@@ -66,6 +66,11 @@ class Teacher:
         guided = self.guided(guidance_scale)
         return ClippedDenoiser(guided, **self.clipping) if self.clipping else guided
 
+    def student(self, model) -> DiscreteDenoiser:
+        """A trainable backbone (a copy of the teacher's, or a smaller one) as a student denoiser: the teacher's
+        parameterisation and sampling clip, from its `start_t` down (a copy of the teacher starts as the teacher)."""
+        return self.denoiser.student(model, self.clipping)
+
     def cond(self, labels: Tensor, embeddings: Tensor | None = None):
         """The denoiser's condition for a batch's labels: the labels themselves for a class-conditional teacher,
         None for an unconditional one, and for a text teacher the rows of `embeddings` (prompt embeddings) they index."""

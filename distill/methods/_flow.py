@@ -1,8 +1,8 @@
 """The base of the rectified-flow methods (rectified flow / InstaFlow, SlimFlow): pairs, times, premetric, export.
 
-Students keep their teacher's DDPM parameterisation and are read as flows through FlowView, so a student
-initialised from the teacher starts as the teacher's own probability-flow ODE; exports run with
-FlowEulerScheduler in the teacher's prediction type.
+Students keep their teacher's parameterisation and sampling clip (Teacher.student) and are read as flows through
+FlowView, so a student initialised from the teacher starts exactly as the teacher's own probability-flow ODE, from
+its `start_t` down; exports run with FlowEulerScheduler in the teacher's prediction type.
 """
 from __future__ import annotations
 
@@ -230,7 +230,8 @@ class FlowMethod(Distiller):
 
         sched = scheduler_from_teacher(FlowEulerScheduler, self.teacher_scheduler,
                                        num_inference_steps=self.config.export_steps,
-                                       prediction_type=self.student_net().prediction_type)
+                                       prediction_type=self.student_net().prediction_type,
+                                       sigma_max=self.student_net().sigma_max)
         info = {"method": self.name, "teacher": self.source, "pairs": self.pair_spec()}
         if self.kind == "text":
             export_text_pipeline(self._teacher.pipeline, self.student_net().model, sched, path, **info)

@@ -52,7 +52,7 @@ class ConsistencyConfig(LoraOptions):
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
-    sigma_data: float | None = None  # None: 0.5 (iCT), or 1.0 when starting from a v-prediction teacher (its own)
+    sigma_data: float = 0.5          # iCT's boundary scalings, from scratch (from the teacher f is its own denoiser)
     s0: int = 10
     s1: int = 1280
     p_mean: float = -1.1
@@ -70,7 +70,7 @@ class ConsistencyConfig(LoraOptions):
         require(1 <= self.s0 <= self.s1, f"method.s0={self.s0} and method.s1={self.s1} must satisfy 1 <= s0 <= s1")
         require(self.lr > 0, f"method.lr={self.lr} must be > 0")
         require(self.p_std > 0, f"method.p_std={self.p_std} must be > 0")
-        require(self.sigma_data is None or self.sigma_data > 0, f"method.sigma_data={self.sigma_data} must be > 0")
+        require(self.sigma_data > 0, f"method.sigma_data={self.sigma_data} must be > 0")
         require(self.dropout is None or 0 <= self.dropout < 1, f"method.dropout={self.dropout} must be in [0, 1)")
         require(self.sigma_min < self.mid_sigma < self.sigma_max,
                 f"method.mid_sigma={self.mid_sigma} must lie between sigma_min and sigma_max")
@@ -84,18 +84,19 @@ class Consistency(Distiller):
 
     def __init__(self, config: ConsistencyConfig, teacher=None, data=None):
         super().__init__(config, teacher, data)  # the teacher gives the architecture and the time steps
-        if config.init == "teacher" or config.target == "teacher":
-            require(teacher.denoiser.prediction_type == "v_prediction",
-                    f"--init teacher / --target teacher need a v-prediction teacher (its backbone is EDM-"
-                    f"preconditioned); '{teacher.source}' predicts {teacher.denoiser.prediction_type}")
         require(not config.lora_rank or (config.init == "teacher" and self.dropout_rate(config) == 0),
                 "method.lora_rank > 0 adapts the teacher's own weights: it needs --init teacher and method.dropout=0")
         net = with_dropout(trainable_copy(teacher.unet, "student", config), self.dropout_rate(config),
                            config.init == "scratch")
-        sd = config.sigma_data or (1.0 if config.init == "teacher" else 0.5)
-        self.sigma_data = sd
-        self.student = ConsistencyDenoiser(net, teacher.denoiser.schedule, sd, config.sigma_min, config.sigma_max)
-        self.teacher_denoiser = teacher.denoiser if config.target == "teacher" else None
+        if config.init == "teacher":  # f is the teacher's own denoiser (f(x, sigma_min) = x up to sigma_min eps), as ECT
+            self.student = teacher.student(net)
+            lo, hi = self.student.sigma_min, self.student.sigma_max
+        else:  # iCT's boundary-respecting scalings over a fresh backbone
+            self.student = ConsistencyDenoiser(net, teacher.denoiser.schedule, config.sigma_data, config.sigma_min,
+                                               config.sigma_max)
+            lo, hi = 0.0, float("inf")
+        self.sigma_range = (max(config.sigma_min, lo), min(config.sigma_max, hi))
+        self.teacher_denoiser = teacher.for_sampling() if config.target == "teacher" else None
         self.c = config.huber_c or ict_huber_c(self.shape)
         self.total_steps = 1
 
@@ -116,7 +117,7 @@ class Consistency(Distiller):
         """The Karras grid (rho = 7) of N(k) points, ascending."""
         c = self.config
         n = discretisation_steps(step, self.total_steps, c.s0, c.s1)
-        return karras_sigmas(n, c.sigma_min, c.sigma_max, c.rho).flip(0)
+        return karras_sigmas(n, *self.sigma_range, c.rho).flip(0)
 
     def target_point(self, x_next: Tensor, sigma_next: Tensor, sigma: Tensor, x0: Tensor, noise: Tensor, cond):
         """CT: x + s_i eps with the same eps (iCT); CD: one Euler step of the teacher's ODE from s_{i+1} to s_i."""
@@ -147,7 +148,7 @@ class Consistency(Distiller):
 
     def export_timesteps(self, steps: int) -> list[int]:
         c = self.config
-        wanted = [c.sigma_max, c.mid_sigma][:steps]
+        wanted = [self.sigma_range[1], c.mid_sigma][:steps]
         ts = self.student.schedule.sigma_to_t(torch.tensor(wanted, dtype=torch.float64)).round().long().tolist()
         return sorted(set(ts), reverse=True)
 
@@ -159,8 +160,9 @@ class Consistency(Distiller):
         return sample_multistep(self.student, x, sigmas.to(x.device), self.cond(labels), generator).clamp(-1, 1)
 
     def export(self, path) -> None:
-        sched = scheduler_from_teacher(StudentScheduler, self.teacher_scheduler, prediction_type="consistency",
-                                       timesteps=self.export_timesteps(2), num_inference_steps=1,
-                                       sigma_data=self.sigma_data, sigma_min=self.config.sigma_min)
+        own = {"prediction_type": self.student.prediction_type} if self.config.init == "teacher" else {
+            "prediction_type": "consistency", "sigma_data": self.config.sigma_data, "sigma_min": self.config.sigma_min}
+        sched = scheduler_from_teacher(StudentScheduler, self.teacher_scheduler, timesteps=self.export_timesteps(2),
+                                       num_inference_steps=1, **own)
         export_image_pipeline(self.student.model, sched, path, method=self.name, target=self.config.target,
                               init=self.config.init)

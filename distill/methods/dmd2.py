@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dstudio.distill.core.config import require
-from dstudio.distill.core.denoiser import append_dims, start_noise, student_prediction
+from dstudio.distill.core.denoiser import append_dims, start_noise
 from dstudio.distill.core.export import export_image_pipeline, export_text_pipeline
 from dstudio.distill.core.lora import LoraOptions
 from dstudio.distill.core.method import Batch, Distiller, Phase, register
@@ -93,8 +93,9 @@ class DMD2(Distiller):
     def __init__(self, config: DMD2Config, teacher=None, data=None):
         super().__init__(config, teacher, data)
         require(not config.gan or data is not None, "dmd2 with the GAN loss needs real data (method.gan=false: none)")
-        require(config.num_steps <= teacher.num_train_timesteps,
-                f"method.num_steps={config.num_steps} exceeds the teacher's {teacher.num_train_timesteps} steps")
+        self.start_t = teacher.denoiser.start_t()
+        require(config.num_steps <= self.start_t + 1, f"method.num_steps={config.num_steps} exceeds the "
+                                                      f"{self.start_t + 1} steps a student of this teacher can take")
         if teacher.kind == "text":  # the captions of the real images are the prompts
             require(data is not None and data.captions, "dmd2 on a text-to-image teacher needs a captioned image "
                                                          "folder: --data FOLDER with metadata.jsonl")
@@ -105,13 +106,13 @@ class DMD2(Distiller):
         self.fake_score = teacher.denoiser.like(trainable_copy(teacher.unet, "fake_score", config))
         self.bottleneck = BottleneckFeatures(self.fake_score.model)
         self.head = DiscriminatorHead(teacher.unet.config.block_out_channels[-1], config.head_width)
-        self.timesteps = discrete_timesteps(self.T, config.num_steps, "trailing")
+        self.timesteps = discrete_timesteps(self.start_t + 1, config.num_steps, "trailing")
         self.register_buffer("student_sigmas", append_zero(teacher.denoiser.t_to_sigma(
             torch.tensor(self.timesteps))).float(), persistent=False)
 
     def build_student(self, teacher) -> nn.Module:
         """The one-step (or few-step) student: a trainable copy of the teacher in the students' parameterisation."""
-        return teacher.denoiser.student(trainable_copy(teacher.unet, "student", self.config))
+        return teacher.student(trainable_copy(teacher.unet, "student", self.config))
 
     def phases(self) -> list[Phase]:
         c = self.config
@@ -188,7 +189,9 @@ class DMD2(Distiller):
         return loss, logs
 
     def real_score_sigma(self, n: int, device) -> Tensor:
-        t = sample_timesteps(n, self.T, self.config.t_min, self.config.t_max, device)
+        """t ~ U[t_min T, t_max T), never noisier than the student's first step (an eps teacher's x0 gain caps it)."""
+        t_max = min(self.config.t_max, (self.start_t + 1) / self.T)
+        t = sample_timesteps(n, self.T, self.config.t_min, t_max, device)
         return self.schedule.t_to_sigma(t).to(device)
 
     def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
@@ -201,7 +204,7 @@ class DMD2(Distiller):
 
     def export(self, path) -> None:
         sched = scheduler_from_teacher(StudentScheduler, self.teacher_scheduler, timesteps=self.timesteps,
-                                       prediction_type=student_prediction(self._teacher.denoiser.prediction_type))
+                                       prediction_type=self._teacher.denoiser.prediction_type)
         info = dict(method=self.name, teacher=self._teacher.source, num_steps=self.config.num_steps,
                     guidance=self.config.guidance)
         if self.kind == "text":

@@ -77,16 +77,17 @@ class SIM(Distiller):
     def __init__(self, config: SIMConfig, teacher=None, data=None):
         super().__init__(config, teacher, data)
         self.real_score = teacher.guided(config.guidance)
-        self.student = teacher.denoiser.student(trainable_copy(teacher.unet, "student", config))
+        self.student = teacher.student(trainable_copy(teacher.unet, "student", config))
         self.fake_score = teacher.denoiser.like(trainable_copy(teacher.unet, "fake_score", config))
         lo, hi = teacher.denoiser.sigma_min, teacher.denoiser.sigma_max
         self.sigma_range = (lo, hi)
-        self.generator_range = (max(lo, 2e-3), min(hi, 80.0))  # SiD's EDM range, inside the teacher's
+        self.generator_range = (max(lo, 2e-3), min(self.student.sigma_max, 80.0))  # SiD's EDM range, inside the student's
         self.register_buffer("anchor", torch.zeros(()), persistent=False)  # follows the method's device
         self.c = config.huber_c or ict_huber_c(self.shape)
         # The exported pipeline starts from unit noise at an integer step: train exactly that input,
         # unit noise at sigma_g = sigma(t_g), t_g the step nearest to sigma_init.
-        self.student_t = int(round(float(teacher.denoiser.sigma_to_t(torch.tensor(config.sigma_init)))))
+        self.student_t = min(int(round(float(teacher.denoiser.sigma_to_t(torch.tensor(config.sigma_init))))),
+                             teacher.denoiser.start_t())
         self.sigma_g = float(teacher.denoiser.t_to_sigma(torch.tensor(self.student_t)))
 
     def phases(self) -> list[Phase]:

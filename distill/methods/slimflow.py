@@ -45,8 +45,8 @@ class SlimFlow(FlowMethod):
 
     def __init__(self, config: SlimFlowConfig, teacher=None, data=None):
         super().__init__(config, teacher, data)
-        self.student = teacher.denoiser.student(smaller_unet(teacher.unet, config.student_width))
-        self.guide = teacher.denoiser.student(smaller_unet(teacher.unet, config.student_width))
+        self.student = teacher.student(smaller_unet(teacher.unet, config.student_width))
+        self.guide = teacher.student(smaller_unet(teacher.unet, config.student_width))
         self.guide.requires_grad_(False)
 
     def checkpoint_modules(self) -> list[str]:
