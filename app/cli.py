@@ -39,8 +39,8 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
     from dstudio.distill.core.io import check_writable
     from dstudio.distill.core.method import METHODS, get_method
     from dstudio.distill.core.teacher import load_teacher
-    from dstudio.distill.core.trainer import (CHECKPOINT, Trainer, TrainerConfig, check_resume, check_run_folder,
-                                              read_checkpoint)
+    from dstudio.distill.core.checkpoint import CHECKPOINT, check_resume, check_run_folder, read_checkpoint
+    from dstudio.distill.core.trainer import Trainer, TrainerConfig
     from dstudio.distill.data import load_data
 
     cls = get_method(method_name)

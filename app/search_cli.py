@@ -112,10 +112,11 @@ def run_search(args) -> dict | None:
     from tqdm.auto import tqdm
 
     from dstudio.distill.core.export import provenance, save_scheduler
+    from dstudio.distill.core.checkpoint import check_run_folder, clear_run
     from dstudio.distill.core.io import check_writable, run_folder_lock, save_json
     from dstudio.distill.core.signals import stop_signals
     from dstudio.distill.core.teacher import load_teacher
-    from dstudio.distill.core.trainer import check_run_folder, clear_run, cpu_only
+    from dstudio.distill.core.trainer import cpu_only
     from dstudio.samplers import SearchedScheduler, scheduler_from_teacher
     from dstudio.search import EvolutionConfig, evolve
 

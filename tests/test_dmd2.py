@@ -56,7 +56,7 @@ def test_phases_touch_only_their_networks(dmd2, tmp_path):
     nets = {"student": dmd2.student, "fake_score": dmd2.fake_score, "head": dmd2.head, "teacher": dmd2.real_score}
     for phase, trained in ((trainer.phases[0], {"student"}), (trainer.phases[1], {"fake_score", "head"})):
         before = {k: _snap(v) for k, v in nets.items()}
-        trainer._run_phase(phase, [batch])
+        trainer.run_phase(phase, [batch])
         for k, v in nets.items():
             assert _moved(before[k], v) == (k in trained), (phase.name, k)
 
@@ -166,7 +166,7 @@ def test_gan_head_noise_levels_span_all_steps_and_differ_for_real_and_fake(dmd2)
     dmd2.fake_score.register_forward_pre_hook(lambda mod, args: seen.append(args[1].detach().clone()))
     real, labels = digits8(8).images[:300], digits8(8).labels[:300]
     torch.manual_seed(0)
-    dmd2.loss("critic", Batch.of(real, labels), 0)
+    dmd2.critic_loss(Batch.of(real, labels), 0)
     assert len(seen) == 3  # DSM, then the head on the fake images, then on the real ones
     t_fake, t_real = (dmd2.schedule.sigma_to_t(s.double()).round().long() for s in seen[1:])
     assert not torch.equal(t_fake, t_real)

@@ -9,7 +9,6 @@ from torch import nn
 
 from dstudio.distill.core.flow import FlowView, anneal_beta, anneal_noise, sample_u_shaped, u_shaped_density
 from dstudio.distill.core.losses import ict_huber_c, pseudo_huber, rfpp_huber_c, rfpp_premetric
-from dstudio.distill.core.method import Batch
 
 SMOKE = {"num_pairs": 24, "shard_size": 10, "solver_steps": 3, "reflow_steps": 2}
 
@@ -245,8 +244,9 @@ def test_rf_distillation_pairs_come_from_the_2rf_student(tiny_teacher, tmp_path)
         for s in trainer.ema.shadow:
             s.add_(0.01 * torch.randn_like(s))
     live = [p.detach().clone() for p in m.student.parameters()]
-    m.loss("distill", Batch.data_free(6), 2)
-    got = m.distill_set
+    source = m.phase("distill").batches()  # what the Trainer opens at the distillation's first step
+    got = source.pairs
+    assert got is m.distill_set and source.next(4, "cpu").z.shape == (4, *m.shape)
     assert (tmp_path / "pairs-2rf" / "manifest.json").is_file() and len(got["z"]) == SMOKE["num_pairs"]
     assert not torch.equal(got["z"], m.pairs["z"])  # fresh noise, not the teacher pairs' noise
     torch.testing.assert_close(got["cond"], m.pairs["cond"])  # balanced classes, as the teacher's pairs

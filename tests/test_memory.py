@@ -33,9 +33,9 @@ def _dmd2(tiny_teacher, rank):
 def _grads(m, phase):
     torch.manual_seed(1)
     batch = Batch.of(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))
-    m.train_only(next(p for p in m.phases() if p.name == phase))
+    m.train_only(m.phase(phase))
     m.zero_grad(set_to_none=True)
-    m.loss(phase, batch, 0)[0].backward()
+    m.phase(phase).loss(batch, 0)[0].backward()
     return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
@@ -90,7 +90,7 @@ def test_text_teacher_conditions_are_computed_once(tmp_path):
         module.register_forward_hook(lambda *a, name=type(module).__name__: calls.append(name))
     batch = Batch.of(data.images[:2], torch.tensor([0, 1]))
     for phase in ("generator", "critic"):
-        m.loss(phase, batch, 0)[0].backward()
+        m.phase(phase).loss(batch, 0)[0].backward()
     assert calls == []
 
 

@@ -89,9 +89,9 @@ def test_per_student_critics_see_only_their_students_classes(teacher, tmp_path):
     trainer = Trainer(m, TrainerConfig(steps=1, batch_size=8, sample_every=100), tmp_path, data=data)
     mine = data.labels < 3  # classes 0, 1, 2 belong to student 0
     batch = Batch.of(data.images[mine][:8], data.labels[mine][:8])
-    critic = [ph for ph in trainer.phases if ph.name == "critic"][0]
+    critic = m.phase("critic")
     before = [[p.detach().clone() for p in nn.parameters()] for nn in (*m.fake_score.nets, *m.head)]
-    trainer._run_phase(critic, [batch])
+    trainer.run_phase(critic, [batch])
     moved = [any(not torch.equal(a, b) for a, b in zip(snap, nn.parameters()))
              for snap, nn in zip(before, (*m.fake_score.nets, *m.head))]
     assert moved == [True, False, False, True, False, False]

@@ -115,11 +115,11 @@ class DDPM(Method):
 
     def phases(self) -> list[Phase]:
         c = self.config
-        return [Phase("denoise", ("unet",), lr=c.lr, weight_decay=c.weight_decay, grad_clip=c.grad_clip)]
+        return [Phase("denoise", ("unet",), loss=self.denoise_loss, lr=c.lr, weight_decay=c.weight_decay,
+                      grad_clip=c.grad_clip)]
 
-    def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        if phase != "denoise":
-            raise self.unknown_phase(phase)
+    def denoise_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        """Ho et al. 2020, eq. 14 (L_simple) on x0 (or flow matching's velocity loss), labels dropped for CFG."""
         x0, labels = batch.images, batch.labels
         if self.num_classes:
             drop = torch.rand(labels.shape, device=labels.device) < self.config.label_dropout
