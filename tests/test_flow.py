@@ -205,16 +205,13 @@ def test_rf_student_initialised_from_teacher_is_the_teachers_ode(tiny_teacher):
     torch.testing.assert_close(got, want)
 
 
-def test_instaflow_on_a_tiny_text_pipeline(tmp_path):
+def test_instaflow_on_a_tiny_text_pipeline(tiny_sd_dir, tmp_path):
     """Text-conditioned reflow + distillation on an SD-shaped latent pipeline; the export is a StableDiffusionPipeline."""
     from diffusers import StableDiffusionPipeline
 
-    from tiny_sd import tiny_sd_pipeline
-
-    tiny_sd_pipeline(tmp_path).save_pretrained(tmp_path / "sd")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\na red dog\n\n")
-    trainer, pipeline = _train("instaflow", tmp_path / "sd", tmp_path / "run", prompts=str(prompts), guidance=2.0)
+    trainer, pipeline = _train("instaflow", tiny_sd_dir, tmp_path / "run", prompts=str(prompts), guidance=2.0)
     pairs = trainer.method.pairs
     assert pairs["cond"].shape[:2] == (24, 8) and pairs["x1"].shape == (24, 4, 8, 8)
     pipe = StableDiffusionPipeline.from_pretrained(pipeline, trust_remote_code=True)
@@ -223,14 +220,11 @@ def test_instaflow_on_a_tiny_text_pipeline(tmp_path):
     assert images.shape == (2, 16, 16, 3) and images.std() > 0
 
 
-def test_text_teacher_without_prompts_is_refused(tmp_path):
+def test_text_teacher_without_prompts_is_refused(tiny_sd_dir, tmp_path):
     from dstudio.distill.core.errors import UserError
 
-    from tiny_sd import tiny_sd_pipeline
-
-    tiny_sd_pipeline(tmp_path).save_pretrained(tmp_path / "sd")
     with pytest.raises(UserError, match="needs prompts: give --prompts FILE"):
-        _train("instaflow", tmp_path / "sd", tmp_path / "run")
+        _train("instaflow", tiny_sd_dir, tmp_path / "run")
 
 
 def test_rf_distillation_pairs_come_from_the_2rf_student(tiny_teacher, tmp_path):
@@ -272,11 +266,11 @@ def test_slimflow_annealing_reflow_is_plain_l2_and_the_guide_is_the_ema(tiny_tea
     m = trainer.method
     calls = []
 
-    def fake_lpips(a, b):  # stands in for the LPIPS network: counts its calls
+    def fake_perceptual(a, b):  # stands in for LPIPS: counts its calls
         calls.append(len(a))
         return (a - b).abs().flatten(1).mean(1)
 
-    m._lpips, m._teacher.decode = fake_lpips, (lambda x: x)
+    m.perceptual = fake_perceptual
     z, x1 = torch.randn(5, *m.shape), torch.randn(5, *m.shape)
     cond = torch.arange(5)
     torch.manual_seed(1)

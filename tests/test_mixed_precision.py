@@ -20,14 +20,7 @@ FAST = {  # options that keep a method's two steps small; a method not named her
 DISTILLERS = sorted(n for n, c in discover().items() if c.is_distiller)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """accelerate keeps one state per process (a launch fixes its precision); these runs share a process."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # conftest.py
 
 
 @pytest.mark.parametrize("method", DISTILLERS)

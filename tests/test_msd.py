@@ -17,13 +17,6 @@ def test_contiguous_partition_gives_every_class_to_exactly_one_student():
         check_partition([[0, 1], [1, 2]], 3)
 
 
-@pytest.fixture(scope="module")
-def teacher(tiny_teacher):
-    from dstudio.distill.core.teacher import load_teacher
-
-    return load_teacher(tiny_teacher)
-
-
 def _msd(teacher, **kw):
     from dstudio.distill.data import digits8
 
@@ -44,7 +37,7 @@ def test_routing_uses_each_classes_own_student(teacher):
         seen.append(([i for i, s in enumerate(m.student) if s is student][0], idx.tolist()))
         return labels[idx].float().view(-1, 1)
 
-    out = m._routed(record, labels)
+    out = m.per_student(record, labels)
     assert out.view(-1).tolist() == labels.float().tolist()  # reassembled in batch order
     assert seen == [(0, [0, 1, 2]), (1, [3, 4, 5]), (2, [6, 7, 8, 9])]
     with pytest.raises(ConfigError, match="more than the teacher's 10 classes"):

@@ -132,12 +132,12 @@ class MSD(DMD2):
 
         return routed(self.route[cond], len(self.student), one)
 
-    def _routed(self, fn, labels: Tensor) -> Tensor:
+    def per_student(self, fn, labels: Tensor) -> Tensor:
         """Apply fn(student, idx) per student on the samples whose labels it owns, reassembled in batch order."""
         return routed(self.route[labels], len(self.student), lambda k, idx: fn(self.student[k], idx))
 
     def generate(self, labels: Tensor) -> Tensor:
-        return self._routed(lambda student, idx: self.generate_with(student, labels[idx], len(idx)), labels)
+        return self.per_student(lambda student, idx: self.generate_with(student, labels[idx], len(idx)), labels)
 
     def tsm_loss(self, batch: Batch, step: int):
         """MSD (Song et al. 2024), teacher score matching: each smaller student regressed onto the teacher's x0 by
@@ -150,14 +150,14 @@ class MSD(DMD2):
 
     def routed_students(self, x: Tensor, sigma: Tensor, labels: Tensor) -> Tensor:
         """The students as one denoiser: each sample denoised by the student that owns its label."""
-        return self._routed(lambda student, idx: student(x[idx], sigma[idx], labels[idx]), labels)
+        return self.per_student(lambda student, idx: student(x[idx], sigma[idx], labels[idx]), labels)
 
     def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
         from dstudio.samplers import sample_multistep
 
         s = self.student_sigmas
         x = self._noise(len(labels), generator)
-        return self._routed(lambda st, idx: sample_multistep(st, x[idx], s, labels[idx], generator=generator),
+        return self.per_student(lambda st, idx: sample_multistep(st, x[idx], s, labels[idx], generator=generator),
                             labels).clamp(-1, 1)
 
     def exported_unet(self):
