@@ -271,10 +271,10 @@ def stock_recipe(solver: str, steps: list[int], teacher_config) -> dict | None:
     through the exported SearchedScheduler, as does DPM-Solver++ on a teacher with clip_sample (which diffusers'
     DPM-Solver++ lacks; its dynamic thresholding is DDIM's and travels)."""
     from dstudio.samplers.samplers import parse_solver
-    from dstudio.samplers.schedules import clipping_of
+    from dstudio.samplers.schedules import clipping_of, is_flow_matching
 
     rule, order = parse_solver(solver)
-    if "beta_schedule" not in teacher_config and "shift" in teacher_config:  # FlowMatchEulerDiscreteScheduler
+    if is_flow_matching(teacher_config):
         if order > 1:
             return None
         T = teacher_config["num_train_timesteps"]

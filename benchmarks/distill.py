@@ -24,7 +24,7 @@ from dstudio.app.benchmark import RESULTS, merge_rows, pipeline_images, protocol
 from dstudio.app.fid import fid_of_tensor
 from dstudio.distill.core.images import save_grid
 from dstudio.distill.core.io import atomic_path
-from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_pipeline
+from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_pipeline, reference_scheduler
 
 ROOT = Path(__file__).resolve().parent
 NARROW = "method.lora_targets=[to_q,to_k,to_v,to_out.0,conv1,conv2,time_emb_proj]"
@@ -142,9 +142,7 @@ def main(argv=None) -> int:
     teacher = load_pipeline(DEFAULT_TEACHER)
     proto = protocol_for(teacher, args.per_class)
     labels, noise, space, ref, floor = (proto[k] for k in ("labels", "noise", "space", "ref", "floor"))
-    import diffusers
-
-    teacher.scheduler = diffusers.DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing")
+    teacher.scheduler = reference_scheduler(teacher.scheduler)  # 50 DDIM steps: the reference of every ratio
     grids = RESULTS / f"distill-{args.preset}"  # one folder per preset: rows share names across presets
     rows = []
 

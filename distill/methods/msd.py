@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from dstudio.distill.core.config import require
 from dstudio.distill.core.method import Batch, Phase, RunContext, register
+from dstudio.distill.core.pipeline_dstudio import class_embeddings
 from dstudio.distill.core.routed_unet import RoutedUNet2DModel, routed
 from dstudio.distill.core.score import dsm_loss, sample_timesteps, smaller_unet, trainable_copy
 from dstudio.distill.methods.dmd2 import DMD2, DMD2Config, DiscriminatorHead, bottleneck
@@ -83,7 +84,7 @@ class MSD(DMD2):
         super().__init__(config, teacher, data)
         self.partition = partition
         self.teacher_denoiser = teacher.denoiser
-        route = torch.zeros(teacher.num_classes + 1, dtype=torch.long)
+        route = torch.zeros(class_embeddings(teacher.num_classes), dtype=torch.long)  # the null label: student 0
         for k, classes in enumerate(partition):
             route[classes] = k
         self.register_buffer("route", route, persistent=False)
