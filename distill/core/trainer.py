@@ -24,7 +24,7 @@ from dstudio.distill.core.errors import UserError
 from dstudio.distill.core.images import collapse_reason, save_grid
 from dstudio.distill.core.io import append_line, atomic_path, drop_stale_temps, run_folder_lock, save_torch
 from dstudio.distill.core.memory import cast_frozen, enable_gradient_checkpointing, frozen_dtype
-from dstudio.distill.core.method import Batch, Method, Phase, RunContext
+from dstudio.distill.core.method import Batch, BatchSource, Method, Phase, RunContext
 from dstudio.distill.core.signals import Stopped, stop_requested, stop_signals
 
 @dataclass
@@ -173,7 +173,7 @@ class Trainer:
             require(data is not None, f"method {method.name} needs a data set")
             self.stream = BatchStream(data, config.batch_size, config.seed,
                                       self.accelerator.process_index, self.accelerator.num_processes)
-        self.sources: dict[str, object] = {}  # the phases' own batch sources, opened at their first step
+        self.sources: dict[str, BatchSource] = {}  # the phases' own batch sources, opened at their first step
         self.step = 0
         self.collapse_warnings: list[str] = []  # what the periodic sample check found, for the final report
         self.resolved_config = resolved_config or {"trainer": to_dict(config), "method": to_dict(method.config)}
@@ -245,8 +245,9 @@ class Trainer:
             random.seed(self.config.seed)
 
     def micro_batches(self, phase: Phase, batches: list):
-        """The phase's micro-batches: the given ones, or as many drawn from its own source (opened at its first
-        use, under the run's autocast as its losses), each drawn just before its loss runs."""
+        """The phase's micro-batches: the given ones, or as many drawn from its own source, each just before its loss
+        runs. The source opens at its first use under autocast, in a region of its own: a cast it caches (of weights
+        swapped in to make its batches, an EMA) must not reach the losses."""
         if phase.batches is None:
             yield from batches
             return
