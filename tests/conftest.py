@@ -54,3 +54,18 @@ def zoo(tmp_path_factory, data):
                                                               checkpoint_every=100), root / name, data=data)
         out[name] = trainer.fit()
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """tiny_family(name) -> the folder of a tiny `name` pipeline (tests/tiny_families.py), saved once per session."""
+    from tiny_families import tiny_pipeline
+
+    folders = {}
+
+    def folder(name: str):
+        if name not in folders:
+            folders[name] = tiny_pipeline(name, tmp_path_factory.mktemp(name))[1]
+        return folders[name]
+
+    return folder
