@@ -93,7 +93,7 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
     pipeline = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     print(f"exported {pipeline}")
     if cls.is_distiller and teacher.kind == "class" and args.eval_per_class:
-        from dstudio.app.evaluate import compare, summary
+        from dstudio.distill.evaluation.compare import compare, summary
         from dstudio.distill.core.io import save_json
 
         result = compare(teacher_source, pipeline, per_class=args.eval_per_class)
@@ -229,7 +229,7 @@ def cmd_sample(args) -> None:
 
 # --- fid ----------------------------------------------------------------------------------------------
 def cmd_fid(args) -> None:
-    from dstudio.app.fid import fid_of_folder
+    from dstudio.distill.evaluation.fid import fid_of_folder
     from dstudio.distill.core.io import check_writable, save_json
 
     for out in (args.json, args.save_ref_stats):
@@ -260,7 +260,7 @@ def cmd_report(args) -> None:
 
 
 def cmd_features_train(args) -> None:
-    from dstudio.app.features import train_feature_net
+    from dstudio.distill.evaluation.features import train_feature_net
 
     card = train_feature_net(epochs=args.epochs)
     print(f"mnist feature net: held-out accuracy {card['heldout_accuracy']:.4f} on {card['n_heldout']} images "
@@ -337,6 +337,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from dstudio.app.benchmark import STOCK_SCHEDULERS
     from dstudio.distill.core.method import discover
+    from dstudio.distill.evaluation.spaces import FEATURES
 
     methods = discover()
     parser = Parser(prog="dstudio", description=__doc__)
@@ -380,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     fp = sub.add_parser("fid", help="FID (and KID) of an image folder against a reference, through clean-fid")
     fp.add_argument("--images", required=True, help="folder of generated images")
     fp.add_argument("--ref", default="mnist", help="mnist (MNIST-5k statistics, cached), a .npz statistics file or a folder")
-    fp.add_argument("--features", default="mnist", choices=["inception", "mnist"],
+    fp.add_argument("--features", default="mnist", choices=FEATURES,
                     help="feature space: inception (standard; downloads once) or mnist (offline digit classifier)")
     fp.add_argument("--json", default=None, help="also write the result JSON here")
     fp.add_argument("--save-ref-stats", default=None, metavar="FILE.npz",
@@ -402,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--max-steps", type=_positive_int("--max-steps"), default=None,
                     help="stage two: the most steps a candidate may take within the budget (default: --nfe + 1)")
     se.add_argument("--ref", default="mnist", help="FID reference: mnist, a .npz statistics file or an image folder")
-    se.add_argument("--features", default="mnist", choices=["inception", "mnist"])
+    se.add_argument("--features", default="mnist", choices=FEATURES, help="the fitness's FID feature space")
     se.add_argument("--init", default=None, help="a search.json whose best candidate seeds the population")
     se.add_argument("--num-samples", type=_positive_int("--num-samples"), default=1000,
                     help="images the leaders are re-scored on (fixed noise)")

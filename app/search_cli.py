@@ -30,7 +30,8 @@ class FIDFitness:
                  batch_size: int = 500, labels: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                  ref: str = "mnist", device="cpu", rank: int = 0, world: int = 1, rungs: list[int] | None = None,
                  promote: int = 3, cache_mb: int = 256):
-        from dstudio.app.fid import feature_space, reference_stats
+        from dstudio.distill.evaluation.spaces import feature_space
+        from dstudio.distill.evaluation.stats import reference_stats
         from dstudio.search.memo import EvalCache
 
         if teacher.kind == "text":
@@ -89,7 +90,8 @@ class FIDFitness:
     def __call__(self, candidate, rung: int | None = None) -> float:
         import numpy as np
 
-        from dstudio.app.fid import Stats, frechet, tensor_features
+        from dstudio.distill.evaluation.spaces import tensor_features
+        from dstudio.distill.evaluation.stats import Stats, frechet
 
         count = self.rungs[-1 if rung is None else rung]
         feats = []
@@ -245,7 +247,7 @@ def pipeline_speedup(folder: Path, labels: torch.Tensor | None, noise: torch.Ten
     switched off (the same steps and solver), alternated `repeats` times, best of each (timing noise is one-sided)."""
     from diffusers import DiffusionPipeline
 
-    from dstudio.app.benchmark import timed
+    from dstudio.distill.evaluation.protocol import timed
 
     pipe = DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True).to(device)
     pipe.set_progress_bar_config(disable=True)

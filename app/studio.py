@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from dstudio.app.benchmark import ROOT, timed
+from dstudio.app.benchmark import ROOT
+from dstudio.distill.evaluation.protocol import timed
 
 MAX_STEPS = 100           # sampling steps in Compare (the slider's end)
 MAX_IMAGES = 16           # images per pipeline in Compare
@@ -242,8 +243,8 @@ def fid_figures(rows: list[dict]):
 
 def compute_fid(entry: Entry, per_class: int, progress=None) -> dict:
     """FID-mnist of a class-conditional pipeline on the protocol's noise (per_class images per class)."""
-    from dstudio.app.benchmark import pipeline_images, protocol_for
-    from dstudio.app.fid import fid_of_tensor
+    from dstudio.distill.evaluation.fid import fid_of_tensor
+    from dstudio.distill.evaluation.protocol import pipeline_images, protocol_for
 
     _check(entry.available, f"pipeline '{entry.name}' is unavailable: {entry.error}")
     _check(1 <= int(per_class) <= MAX_PER_CLASS, f"images per class {per_class} is outside 1..{MAX_PER_CLASS}")

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from dstudio.app.benchmark import RESULTS, merge_rows, pipeline_images, protocol_for, write_results
-from dstudio.app.fid import fid_of_tensor
+from dstudio.app.benchmark import RESULTS, merge_rows, write_results
 from dstudio.distill.core.images import collapse_reason, save_grid
 from dstudio.distill.core.teacher import load_pipeline, reference_scheduler
+from dstudio.distill.evaluation.fid import fid_of_tensor
+from dstudio.distill.evaluation.protocol import pipeline_images, protocol_for
 
 ROOT = Path(__file__).resolve().parent
 RUNS = ROOT / "runs" / "zoo"
@@ -86,16 +87,6 @@ def train_student(teacher_run: Path, method: str, reuse: bool) -> tuple[Path, fl
     return run, run_cli(args, teacher_run.parent / f"{run.name}.log")
 
 
-class Unconditional:
-    """An unconditional pipeline called like a class-conditional one (the protocol's labels are dropped)."""
-
-    def __init__(self, pipe):
-        self.pipe, self.scheduler, self.unet = pipe, pipe.scheduler, pipe.unet
-
-    def __call__(self, class_labels=None, **kwargs):
-        return self.pipe(batch_size=len(class_labels), **kwargs)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=list(ZOO), default=list(ZOO))
@@ -125,19 +116,13 @@ def main(argv=None) -> int:
         if proto is None:
             proto = protocol_for(teacher, args.per_class)
             labels, noise, space, ref = (proto[k] for k in ("labels", "noise", "space", "ref"))
-        if not teacher.unet.config.num_class_embeds:
-            teacher = Unconditional(teacher)
-        teacher.scheduler = reference_scheduler(teacher.scheduler)
-        if isinstance(teacher, Unconditional):
-            teacher.pipe.scheduler = teacher.scheduler
+        teacher.scheduler = reference_scheduler(teacher.scheduler)  # unconditional ones: pipeline_images drops labels
         t_row = measure(f"{name}-teacher-50", teacher, 50, teacher=name, method="teacher",
                         train_minutes=teacher_seconds and teacher_seconds / 60,
                         teacher_steps=trained_steps(teacher_run))
         for method in args.students:
             run, seconds = train_student(teacher_run, method, args.reuse)
             student = load_pipeline(run / "pipeline")
-            if not student.unet.config.num_class_embeds:
-                student = Unconditional(student)
             row = measure(f"{name}-{method}-1", student, 1, teacher=name, method=method,
                           train_minutes=seconds and seconds / 60)
             row["fid_vs_teacher"] = row["fid"] / t_row["fid"]

@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from dstudio.app.cli import main
-from dstudio.app.features import CARD, FEATURE_DIM, load_feature_net
-from dstudio.app.fid import FIDError, Stats, feature_space, frechet, scan_folder, tensor_features
+from dstudio.distill.evaluation.features import CARD, FEATURE_DIM, load_feature_net
+from dstudio.distill.evaluation.spaces import FIDError, feature_space, scan_folder, tensor_features
+from dstudio.distill.evaluation.stats import Stats, frechet
 from dstudio.distill.data import mnist5k
 
 
@@ -100,3 +101,4 @@ def test_fid_cli_names_skipped_files_and_writes_json(tmp_path, capsys):
     assert json.loads(again.read_text())["fid"] == pytest.approx(r["fid"], rel=1e-9)
     assert main(["fid", "--images", str(tmp_path / "gen"), "--ref", str(tmp_path / "nope.npz")]) == 2
     assert "statistics file" in capsys.readouterr().err
+

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from dstudio.app.benchmark import pipeline_images, protocol_for
+from dstudio.distill.evaluation.protocol import pipeline_images, protocol_for
 
 
 def compare(teacher_source, student_dir, per_class: int = 100, teacher_steps: int = 50) -> dict:
     """Rows for the teacher at `teacher_steps` DDIM steps and the student with its own scheduler."""
-    from dstudio.app.fid import fid_of_tensor
+    from dstudio.distill.evaluation.fid import fid_of_tensor
     from dstudio.distill.core.teacher import load_pipeline, reference_scheduler
 
     teacher = load_pipeline(teacher_source)
