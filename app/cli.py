@@ -382,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--images", required=True, help="folder of generated images")
     fp.add_argument("--ref", default="mnist", help="mnist (MNIST-5k statistics, cached), a .npz statistics file or a folder")
     fp.add_argument("--features", default="mnist", choices=FEATURES,
-                    help="feature space: inception (standard; downloads once) or mnist (offline digit classifier)")
+                    help="feature space: inception (standard; downloads once), mnist (offline digit classifier) or "
+                         "pixels (raw grayscale pixels: speckle, salt noise, texture)")
     fp.add_argument("--json", default=None, help="also write the result JSON here")
     fp.add_argument("--save-ref-stats", default=None, metavar="FILE.npz",
                     help="save the reference statistics (mu, sigma, features) for later --ref FILE.npz")

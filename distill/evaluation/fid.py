@@ -1,4 +1,4 @@
-"""FID and KID results in a named feature space (`inception` or `mnist`) for image folders and tensors:
+"""FID and KID results in a named feature space (`inception`, `mnist` or `pixels`) for image folders and tensors:
 the figures, both set sizes, the reference, versions and date, and a warning where FID is biased."""
 from __future__ import annotations
 

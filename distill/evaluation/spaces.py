@@ -8,11 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dstudio.distill.core.errors import UserError
 
-FEATURES = ("inception", "mnist")
+FEATURES = ("inception", "mnist", "pixels")
 EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp", "npy"}
 MIN_IMAGES = 2  # a covariance needs two samples (2,000+ for FID values worth comparing)
 
@@ -29,6 +30,11 @@ class FeatureSpace:
     device: torch.device
 
 
+def native_size(image: np.ndarray) -> np.ndarray:
+    """clean-fid's resizer for spaces that resize themselves: the image as float32, at its own size."""
+    return image.astype(np.float32)
+
+
 def _inception(device: torch.device) -> FeatureSpace:
     from cleanfid.features import build_feature_extractor
     from cleanfid.resize import build_resizer
@@ -38,7 +44,7 @@ def _inception(device: torch.device) -> FeatureSpace:
     except Exception as e:  # download or load failures come in many types
         raise FIDError(f"could not load clean-fid's InceptionV3 weights ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'}); "
-                       f"with no network use --features mnist") from None
+                       f"with no network use --features mnist or pixels") from None
     return FeatureSpace("inception", model, build_resizer("clean"), device)
 
 
@@ -50,9 +56,15 @@ def _mnist(device: torch.device) -> FeatureSpace:
     return FeatureSpace("mnist", load_feature_net(device), make_resizer("PIL", False, "bicubic", (28, 28)), device)
 
 
+def _pixels(device: torch.device) -> FeatureSpace:
+    from dstudio.distill.evaluation.features import PixelFeatures
+
+    return FeatureSpace("pixels", PixelFeatures().to(device), native_size, device)
+
+
 def feature_space(name: str, device: str | torch.device | None = None) -> FeatureSpace:
     """The feature space `name` (one of FEATURES) on `device` (default: CUDA when present)."""
-    builders = {"inception": _inception, "mnist": _mnist}
+    builders = {"inception": _inception, "mnist": _mnist, "pixels": _pixels}
     if name not in builders:
         raise FIDError(f"unknown feature space '{name}': use one of {', '.join(FEATURES)}")
     return builders[name](torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
