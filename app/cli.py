@@ -92,7 +92,7 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
     trainer = Trainer(method, tcfg, out, data=data, resolved_config=resolved)
     pipeline = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     print(f"exported {pipeline}")
-    if cls.is_distiller and teacher.kind == "class" and args.eval_per_class:
+    if cls.is_distiller and teacher.kind != "text" and args.eval_per_class:
         from dstudio.distill.evaluation.compare import compare, summary
         from dstudio.distill.core.io import save_json
 
