@@ -11,16 +11,9 @@ from pathlib import Path
 
 import torch
 
+from dstudio.app.schedulers import STOCK_SCHEDULERS
+
 ROOT = Path(__file__).resolve().parents[1]
-# The stock diffusers schedulers `dstudio sample --scheduler NAME` offers: name -> class.
-STOCK_SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "dpmpp": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
 # Stock diffusers solvers every benchmark compares against: name -> (class, config overrides).
 STOCK_SOLVERS = {
     "ddim": (STOCK_SCHEDULERS["ddim"], {"timestep_spacing": "trailing"}),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from dstudio.app.errors import UsageError
 from dstudio.samplers import append_zero
 
 SEARCH_STATE = "search_state.json"
@@ -309,8 +310,6 @@ def _plot(best: list[float], path: Path, nfe: int) -> None:
 
 
 def cmd_search(args) -> None:
-    from dstudio.app.cli import UsageError
-
     t0 = time.time()
     try:
         record = run_search(args)

@@ -251,7 +251,7 @@ def _leaf_commands(parser, prefix=()):
 
 
 def test_every_command_that_takes_options_has_a_bad_input_case():
-    from dstudio.app.cli import build_parser
+    from dstudio.app.parser import build_parser
 
     missing = [" ".join(c) for c in _leaf_commands(build_parser())
                if not any(tuple(cmd.split()[:len(c)]) == c for cmd, _ in CASES)]

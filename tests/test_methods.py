@@ -149,7 +149,7 @@ def test_the_core_imports_no_method():
 
 
 def test_method_flags_come_from_config_metadata():
-    from dstudio.app.cli import method_flags
+    from dstudio.app.parser import method_flags
 
     flags = method_flags(registry.discover())
     assert flags["--students"]["dest"] == "students" and flags["--students"]["methods"] == ["msd"]

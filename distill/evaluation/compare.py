@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dstudio.distill.evaluation.protocol import pipeline_images, protocol_labels, protocol_noise, \
-    protocol_reference, sample_shape
+from dstudio.distill.evaluation.protocol import pipeline_images, protocol_inputs, protocol_reference
 
 SPACES = ("mnist", "pixels")  # the digit classifier's space, and raw pixels (what it ignores: speckle, salt, texture)
 
@@ -16,12 +15,18 @@ def fid_key(space: str) -> str:
     return "fid" if space == SPACES[0] else f"fid_{space}"
 
 
-def measure(name: str, pipe, steps: int | None, labels, noise, refs: dict) -> dict:
-    """One row: the pipeline's images on the protocol's noise, their FID in each space, and images/s."""
+def references(resolution: int, spaces: tuple[str, ...] = SPACES) -> dict:
+    """space name -> (its feature space, the MNIST-5k reference statistics at `resolution`)."""
+    return {s: protocol_reference(s, resolution) for s in spaces}
+
+
+def measure(name: str, pipe, steps: int | None, labels, noise, refs: dict, **sampling) -> dict:
+    """One row: the pipeline's images on the protocol's noise (`sampling`: pipeline_images' batch_size, progress),
+    their FID in each space of `refs`, and images/s."""
     from dstudio.distill.evaluation.fid import fid_of_tensor
 
     with torch.no_grad():
-        images, seconds = pipeline_images(pipe, labels, noise, steps)
+        images, seconds = pipeline_images(pipe, labels, noise, steps, **sampling)
     nfe = steps or getattr(pipe.scheduler, "default_num_inference_steps", None) or 1
     row = {"name": name, "nfe": nfe}
     for space_name, (space, ref) in refs.items():
@@ -37,10 +42,8 @@ def compare(teacher_source, student_dir, per_class: int = 100, teacher_steps: in
 
     teacher, student = load_pipeline(teacher_source), load_pipeline(student_dir)
     teacher.scheduler = reference_scheduler(teacher.scheduler)
-    shape = sample_shape(teacher)
-    labels = protocol_labels(per_class=per_class)
-    noise = protocol_noise(shape, len(labels))
-    refs = {s: protocol_reference(s, shape[-1]) for s in spaces}
+    labels, noise = protocol_inputs(teacher, per_class)
+    refs = references(noise.shape[-1], spaces)
     rows = [measure("teacher", teacher, teacher_steps, labels, noise, refs),
             measure("student", student, None, labels, noise, refs)]
     for s in spaces:
@@ -50,7 +53,7 @@ def compare(teacher_source, student_dir, per_class: int = 100, teacher_steps: in
             "reference": refs[spaces[0]][1].source, "rows": rows}
 
 
-def _fids(row: dict, spaces: list[str], ratios: bool) -> str:
+def fids_text(row: dict, spaces: list[str], ratios: bool = False) -> str:
     """`FID-mnist 0.0947 (1.84x the teacher), FID-pixels 2.31 (1.20x)`: each space, the first one first."""
     parts = []
     for i, s in enumerate(spaces):
@@ -65,6 +68,6 @@ def summary(result: dict) -> str:
     """Two lines: the teacher's FIDs and speed, then the student's with their ratios to the teacher."""
     t, s = result["rows"]
     spaces = result.get("spaces", [result["features"]])
-    return (f"teacher ({t['nfe']} NFE): {_fids(t, spaces, False)}, {t['images_per_s']:.0f} images/s\n"
-            f"student ({s['nfe']} NFE): {_fids(s, spaces, True)}, {s['images_per_s']:.0f} images/s "
+    return (f"teacher ({t['nfe']} NFE): {fids_text(t, spaces)}, {t['images_per_s']:.0f} images/s\n"
+            f"student ({s['nfe']} NFE): {fids_text(s, spaces, ratios=True)}, {s['images_per_s']:.0f} images/s "
             f"({s['speedup']:.1f}x faster)  [{result['n_generated']} images vs {result['reference']}]")

@@ -112,13 +112,18 @@ def real_floor(space: FeatureSpace, ref: Stats, resolution: int) -> dict:
     return fid_of_tensor(data.images[idx], ref, space, "mnist5k-real-2000")
 
 
+def protocol_inputs(pipe, per_class: int = N_PER_CLASS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The protocol's labels and fixed starting noise for a pixel-space pipeline, `per_class` images per class."""
+    labels = protocol_labels(per_class=per_class)
+    return labels, protocol_noise(sample_shape(pipe), len(labels))
+
+
 def protocol_for(pipe, per_class: int = N_PER_CLASS, floor: bool = True, features: str = "mnist") -> dict:
     """The embedded protocol for a pixel-space pipeline: labels, fixed noise, feature space, reference and
     (with `floor`) the real-vs-real FID floor."""
-    shape = sample_shape(pipe)
-    labels = protocol_labels(per_class=per_class)
-    space, ref = protocol_reference(features, shape[-1])
-    proto = {"labels": labels, "noise": protocol_noise(shape, len(labels)), "space": space, "ref": ref}
+    labels, noise = protocol_inputs(pipe, per_class)
+    space, ref = protocol_reference(features, noise.shape[-1])
+    proto = {"labels": labels, "noise": noise, "space": space, "ref": ref}
     if floor:
-        proto["floor"] = real_floor(space, ref, shape[-1])["fid"]
+        proto["floor"] = real_floor(space, ref, noise.shape[-1])["fid"]
     return proto
