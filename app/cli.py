@@ -228,10 +228,13 @@ def cmd_search(args) -> None:
 
 
 def cmd_methods(args) -> None:
-    """The registered methods, one a line with the first line of its docstring."""
-    from dstudio.distill.core.method import discover
+    """The registered methods, then each method plugin that did not import, with its one-line error."""
+    from dstudio.distill.core.method import BROKEN, discover
 
-    print("\n".join(f"{n}\t{(c.__doc__ or '').strip().splitlines()[0]}" for n, c in sorted(discover().items())))
+    methods = discover()
+    lines = [f"{n}\t{(c.__doc__ or '').strip().splitlines()[0]}" for n, c in sorted(methods.items())]
+    lines += [f"{source}\tplugin not loaded: {error}" for source, error in BROKEN.items()]
+    print("\n".join(lines))
 
 
 HANDLERS = {"teacher train": cmd_teacher_train, "distill": cmd_distill, "sample": cmd_sample, "fid": cmd_fid,
