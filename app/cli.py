@@ -113,6 +113,8 @@ def cmd_app(args) -> None:
     for folder in args.teacher or []:
         if not (Path(folder) / "model_index.json").is_file():
             raise UsageError(f"--teacher '{folder}' is not a diffusers pipeline folder (no model_index.json)")
+    if Path(args.runs).exists() and not Path(args.runs).is_dir():
+        raise UsageError(f"--runs '{args.runs}' is not a folder: give the folder of runs (made when missing)")
     launch(args.port, args.runs, host=args.host or "127.0.0.1", auth=auth, teachers=tuple(args.teacher or ()))
 
 
@@ -149,6 +151,9 @@ def cmd_sample(args) -> None:
         teacher.check_class(args.class_label)
     if teacher.kind == "text" and not args.prompt:
         raise UsageError(f"pipeline '{source}' is text-to-image: give --prompt")
+    if args.prompt and teacher.kind != "text":
+        takes = "class labels (--class)" if teacher.kind == "class" else "no condition"
+        raise UsageError(f"--prompt '{args.prompt}' is for text-to-image pipelines; '{source}' takes {takes}")
 
     generator = torch.Generator().manual_seed(args.seed)
     done, grid_images = 0, []

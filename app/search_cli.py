@@ -127,14 +127,8 @@ def run_search(args) -> dict | None:
     check_run_folder(out, args.resume, getattr(args, "overwrite", False), markers=SEARCH_MARKERS)
     if args.resume and not (out / SEARCH_STATE).is_file():
         raise ValueError(f"--resume: no {SEARCH_STATE} in '{out}'; start without --resume")
+    init = read_init(args.init) if args.init else []  # before the teacher loads: a bad file fails at once
     teacher = load_teacher(args.teacher, device=state.device)
-    init = []
-    if args.init:
-        import json
-
-        from dstudio.search.space import Candidate
-
-        init = [Candidate.from_json(json.loads(Path(args.init).read_text())["best"])]
     fitness = FIDFitness(teacher, args.num_samples, features=args.features, seed=args.seed, ref=args.ref,
                          device=state.device, rank=state.process_index, world=state.num_processes,
                          rungs=[args.screen_samples], promote=args.promote)  # first: it names teachers it cannot score
@@ -184,6 +178,32 @@ def run_search(args) -> dict | None:
     save_json(record, out / "search.json")
     _plot(result.best_per_generation, out / "search.png", args.nfe)
     return record
+
+
+def read_init(path: str) -> list:
+    """`--init FILE`: the best candidate of a search.json, as the one seed of the population."""
+    import json
+
+    from dstudio.samplers.samplers import SOLVERS
+    from dstudio.search.space import Candidate
+
+    what = f"--init '{path}'"
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{what} cannot be read ({type(e).__name__}): give a search.json written by dstudio "
+                         "search") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{what} is not JSON ({e.msg} at line {e.lineno}): give a search.json written by "
+                         "dstudio search") from None
+    try:
+        best = Candidate.from_json(record["best"])
+    except (KeyError, TypeError, ValueError):
+        best = None
+    if best is None or not best.steps or not all(type(t) is int for t in best.steps) or best.solver not in SOLVERS:
+        raise UsageError(f"{what} has no \"best\" candidate (integer \"steps\", a known \"solver\"): give a "
+                         "search.json written by dstudio search")
+    return [best]
 
 
 def search_space(teacher, args, solvers) -> tuple:
