@@ -29,7 +29,7 @@ from dstudio.app.benchmark import RESULTS, merge_rows, write_results
 from dstudio.distill.core.images import collapse_reason, save_grid
 from dstudio.distill.core.teacher import load_pipeline, reference_scheduler
 from dstudio.distill.evaluation.fid import fid_of_tensor
-from dstudio.distill.evaluation.protocol import pipeline_images, protocol_for
+from dstudio.distill.evaluation.protocol import Unconditional, pipeline_images, protocol_for
 
 ROOT = Path(__file__).resolve().parent
 RUNS = ROOT / "runs" / "zoo"
@@ -116,13 +116,19 @@ def main(argv=None) -> int:
         if proto is None:
             proto = protocol_for(teacher, args.per_class)
             labels, noise, space, ref = (proto[k] for k in ("labels", "noise", "space", "ref"))
-        teacher.scheduler = reference_scheduler(teacher.scheduler)  # unconditional ones: pipeline_images drops labels
+        if not teacher.unet.config.num_class_embeds:
+            teacher = Unconditional(teacher)
+        teacher.scheduler = reference_scheduler(teacher.scheduler)
+        if isinstance(teacher, Unconditional):
+            teacher.pipe.scheduler = teacher.scheduler
         t_row = measure(f"{name}-teacher-50", teacher, 50, teacher=name, method="teacher",
                         train_minutes=teacher_seconds and teacher_seconds / 60,
                         teacher_steps=trained_steps(teacher_run))
         for method in args.students:
             run, seconds = train_student(teacher_run, method, args.reuse)
             student = load_pipeline(run / "pipeline")
+            if not student.unet.config.num_class_embeds:
+                student = Unconditional(student)
             row = measure(f"{name}-{method}-1", student, 1, teacher=name, method=method,
                           train_minutes=seconds and seconds / 60)
             row["fid_vs_teacher"] = row["fid"] / t_row["fid"]
