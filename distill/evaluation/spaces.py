@@ -24,6 +24,8 @@ class FIDError(UserError):
 
 @dataclass
 class FeatureSpace:
+    """A named feature space: its extractor on a device and clean-fid's per-image resizer for it."""
+
     name: str
     model: torch.nn.Module
     fn_resize: object  # clean-fid's per-image resizer: HxWx3 uint8 -> resized float HxWx3 in [0, 255]

@@ -16,6 +16,8 @@ CACHE = Path(os.environ.get("DSTUDIO_CACHE", Path.home() / ".cache" / "dstudio")
 
 @dataclass
 class Stats:
+    """Mean and covariance of one image set's features in one space (and the features themselves, for KID)."""
+
     mu: np.ndarray
     sigma: np.ndarray
     feats: np.ndarray | None
