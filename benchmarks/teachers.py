@@ -31,10 +31,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from dstudio.app.benchmark import RESULTS, merge_rows, pipeline_images, protocol_for, write_results
-from dstudio.app.fid import feature_space, fid_of_tensor, reference_stats
+from dstudio.app.benchmark import RESULTS, merge_rows, write_results
 from dstudio.distill.core.images import collapse_reason, save_grid
 from dstudio.distill.core.teacher import load_pipeline, reference_scheduler
+from dstudio.distill.evaluation.fid import fid_of_tensor
+from dstudio.distill.evaluation.protocol import pipeline_images, protocol_for
+from dstudio.distill.evaluation.spaces import feature_space
+from dstudio.distill.evaluation.stats import reference_stats
 
 ROOT = Path(__file__).resolve().parent
 RUNS = ROOT / "runs" / "zoo"
@@ -118,21 +121,11 @@ def train_student(teacher_run: Path, method: str, reuse: bool) -> tuple[Path, fl
     return out, run(cmd, teacher_run.parent / f"{out.name}.log")
 
 
-class Unconditional:
-    """An unconditional pipeline called like a class-conditional one (the protocol's labels are dropped)."""
-
-    def __init__(self, pipe):
-        self.pipe, self.scheduler, self.unet = pipe, pipe.scheduler, pipe.unet
-
-    def __call__(self, class_labels=None, **kwargs):
-        return self.pipe(batch_size=len(class_labels), **kwargs)
-
-
 def callable_pipeline(pipe, reference: bool = False):
-    """A pipeline the protocol can call with class labels; with `reference`, on the teacher's 50-step scheduler."""
+    """A pipeline for the protocol; with `reference`, on the teacher's 50-step scheduler."""
     if reference:
         pipe.scheduler = reference_scheduler(pipe.scheduler)
-    return pipe if pipe.unet.config.num_class_embeds else Unconditional(pipe)
+    return pipe
 
 
 def main(argv=None) -> int:
