@@ -1,29 +1,19 @@
-"""The embedded benchmark protocol and the harness every script in benchmarks/ uses.
-
-Protocol: 2,000 generated images (200 per class, fixed noise from seed 0) against MNIST-5k, FID in the
-`mnist` feature space; the floor is 2,000 real MNIST-5k images (200 per class) against all of MNIST-5k.
-"""
+"""The harness every script in benchmarks/ uses: the stock solvers they compare against, results/NAME.json with
+machine and versions, the RESULTS.md tables and the FID-vs-NFE plot. The protocol itself (labels, noise, reference,
+floor) is dstudio.distill.evaluation.protocol."""
 from __future__ import annotations
 
 import datetime
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import torch
 
+from dstudio.app.schedulers import STOCK_SCHEDULERS
+
 ROOT = Path(__file__).resolve().parents[1]
-# The stock diffusers schedulers `dstudio sample --scheduler NAME` offers: name -> class.
-STOCK_SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "dpmpp": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
 # Stock diffusers solvers every benchmark compares against: name -> (class, config overrides).
 STOCK_SOLVERS = {
     "ddim": (STOCK_SCHEDULERS["ddim"], {"timestep_spacing": "trailing"}),
@@ -34,85 +24,21 @@ STOCK_SOLVERS = {
     "euler": (STOCK_SCHEDULERS["euler"], {"timestep_spacing": "trailing"}),
 }
 RESULTS = ROOT / "benchmarks" / "results"
-N_PER_CLASS = 200
-NOISE_SEED = 0
-
-
-def protocol_labels(num_classes: int = 10, per_class: int = N_PER_CLASS) -> torch.Tensor:
-    return torch.arange(num_classes).repeat_interleave(per_class)
-
-
-def protocol_noise(shape: tuple[int, ...], n: int, seed: int = NOISE_SEED) -> torch.Tensor:
-    """The same standard-normal starting noise for every row of every benchmark."""
-    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
 
 
 def machine() -> dict:
+    """The platform, processor, core and thread counts and the GPU a result was measured on."""
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def timed(fn, *args, **kwargs):
-    """(result, seconds), synchronising CUDA around the call."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
-
-
-def pipeline_images(pipe, labels: torch.Tensor, noise: torch.Tensor, steps: int | None, batch_size: int = 500,
-                    guidance_scale: float = 1.0, progress=None, **kwargs) -> tuple[torch.Tensor, float]:
-    """Images in [-1, 1] from a class-conditional pipeline on fixed noise, and the wall time in seconds;
-    `progress(fraction)` is called before each batch. Samplers that re-noise (few-step students) draw from a
-    generator seeded per batch, so every figure is reproducible."""
-    chunks, seconds = [], 0.0
-    for i in range(0, len(labels), batch_size):
-        if progress is not None:
-            progress(i / len(labels))
-        gen = torch.Generator(noise.device).manual_seed(NOISE_SEED + 1 + i)
-        out, dt = timed(pipe, class_labels=labels[i:i + batch_size], latents=noise[i:i + batch_size],
-                        num_inference_steps=steps, guidance_scale=guidance_scale, output_type="pt", generator=gen,
-                        **kwargs)
-        chunks.append(out.images * 2 - 1)
-        seconds += dt
-    return torch.cat(chunks), seconds
-
-
 def stock_scheduler(name: str, base_config):
+    """The stock solver `name` of STOCK_SOLVERS, built on a pipeline's scheduler config."""
     import diffusers
 
     cls, overrides = STOCK_SOLVERS[name]
     return getattr(diffusers, cls).from_config(base_config, **overrides)
-
-
-def real_floor(space, ref, resolution: int) -> dict:
-    """Real-vs-real FID at the protocol's sizes: 200 real images per class (seeded) against all of MNIST-5k."""
-    from dstudio.app.fid import fid_of_tensor
-    from dstudio.distill.data import mnist5k
-
-    data = mnist5k(resolution, seed=1)
-    idx = torch.cat([(data.labels == c).nonzero()[:N_PER_CLASS, 0] for c in range(10)])
-    return fid_of_tensor(data.images[idx], ref, space, "mnist5k-real-2000")
-
-
-def protocol_for(pipe, per_class: int = N_PER_CLASS, floor: bool = True) -> dict:
-    """The embedded protocol for a class-conditional pipeline: labels, fixed noise, feature space, reference and
-    (with `floor`) the real-vs-real FID floor."""
-    from dstudio.app.fid import feature_space, mnist_reference
-
-    cfg = pipe.unet.config
-    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    labels = protocol_labels(per_class=per_class)
-    space = feature_space("mnist", "cpu")
-    ref = mnist_reference(space, shape[-1])
-    proto = {"labels": labels, "noise": protocol_noise(shape, len(labels)), "space": space, "ref": ref}
-    if floor:
-        proto["floor"] = real_floor(space, ref, shape[-1])["fid"]
-    return proto
 
 
 def merge_rows(rows: list[dict], old: list[dict], date: str | None, key) -> list[dict]:

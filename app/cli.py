@@ -1,39 +1,19 @@
-"""The `dstudio` command line: teacher training, sampling and distillation on any diffusers pipeline."""
+"""The `dstudio` command line: teacher training, sampling and distillation on any diffusers pipeline.
+
+The parser is dstudio.app.parser; each command's handler is here, named in HANDLERS by the parser's `run` key."""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
-class UsageError(Exception):
-    """Bad command-line usage: printed as one line, exit code 2 (like every distill.core.errors.UserError)."""
-
-
-def _int_at_least(name, low):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got '{text}'") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_int(name):
-    return _int_at_least(name, 1)
-
-
-def _non_negative_int(name):
-    return _int_at_least(name, 0)
+from dstudio.app.errors import UsageError
 
 
 # --- teacher train / distill ------------------------------------------------------------------------
 def _method_options(cls, args) -> dict:
     """The method config keys given by their own flags (`--students 2`), each checked to apply to the method."""
+    from dstudio.app.parser import method_flags
     from dstudio.distill.core.method import METHODS
 
     fields, options = set(cls.Config.__dataclass_fields__), {}
@@ -59,9 +39,9 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
     pipeline = run.fit()
     teacher, out, trainer = run.teacher, run.out, run.trainer
     print(f"exported {pipeline}")
-    if cls.is_distiller and teacher.kind == "class" and args.eval_per_class:
-        from dstudio.app.evaluate import compare, summary
+    if cls.is_distiller and teacher.kind != "text" and args.eval_per_class:
         from dstudio.distill.core.io import save_json
+        from dstudio.distill.evaluation.compare import compare, summary
 
         result = compare(teacher_source, pipeline, per_class=args.eval_per_class)
         result["collapse_warnings"] = trainer.collapse_warnings
@@ -100,32 +80,9 @@ def cmd_app(args) -> None:
     for folder in args.teacher or []:
         if not (Path(folder) / "model_index.json").is_file():
             raise UsageError(f"--teacher '{folder}' is not a diffusers pipeline folder (no model_index.json)")
+    if Path(args.runs).exists() and not Path(args.runs).is_dir():
+        raise UsageError(f"--runs '{args.runs}' is not a folder: give the folder of runs (made when missing)")
     launch(args.port, args.runs, host=args.host or "127.0.0.1", auth=auth, teachers=tuple(args.teacher or ()))
-
-
-def load_scheduler(folder: str):
-    """A scheduler folder written by save_pretrained: dstudio's own classes or any diffusers scheduler."""
-    import json
-
-    import diffusers
-
-    from dstudio import samplers
-
-    path = Path(folder)
-    config = path / "scheduler_config.json"
-    if not config.is_file():
-        raise UsageError(f"scheduler folder '{folder}' has no scheduler_config.json")
-    try:
-        name = json.loads(config.read_text())["_class_name"]
-    except (json.JSONDecodeError, KeyError):
-        raise UsageError(f"scheduler folder '{folder}' has a corrupt scheduler_config.json") from None
-    cls = getattr(samplers, name, None) or getattr(diffusers, name, None)
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        raise UsageError(f"scheduler class '{name}' in '{folder}' is neither a dstudio nor a diffusers scheduler")
-    try:
-        return cls.from_pretrained(path)
-    except ValueError as e:
-        raise UsageError(f"scheduler folder '{folder}': {e}") from None
 
 
 # --- sample -----------------------------------------------------------------------------------------
@@ -133,6 +90,7 @@ def cmd_sample(args) -> None:
     import diffusers
     import torch
 
+    from dstudio.app.schedulers import STOCK_SCHEDULERS, load_scheduler
     from dstudio.distill.core.export import provenance
     from dstudio.distill.core.images import save_grid, save_pngs
     from dstudio.distill.core.io import check_writable, save_json
@@ -146,8 +104,6 @@ def cmd_sample(args) -> None:
     teacher = teacher_from_pipeline(pipe, str(source))
     if args.scheduler_name:
         name = args.scheduler_name
-        from dstudio.app.benchmark import STOCK_SCHEDULERS
-
         if name not in STOCK_SCHEDULERS:
             raise UsageError(f"unknown scheduler '{name}': use one of {', '.join(STOCK_SCHEDULERS)}")
         if teacher.denoiser.prediction_type == "flow":
@@ -162,6 +118,9 @@ def cmd_sample(args) -> None:
         teacher.check_class(args.class_label)
     if teacher.kind == "text" and not args.prompt:
         raise UsageError(f"pipeline '{source}' is text-to-image: give --prompt")
+    if args.prompt and teacher.kind != "text":
+        takes = "class labels (--class)" if teacher.kind == "class" else "no condition"
+        raise UsageError(f"--prompt '{args.prompt}' is for text-to-image pipelines; '{source}' takes {takes}")
 
     generator = torch.Generator().manual_seed(args.seed)
     done, grid_images = 0, []
@@ -196,8 +155,8 @@ def cmd_sample(args) -> None:
 
 # --- fid ----------------------------------------------------------------------------------------------
 def cmd_fid(args) -> None:
-    from dstudio.app.fid import fid_of_folder
     from dstudio.distill.core.io import check_writable, save_json
+    from dstudio.distill.evaluation.fid import fid_of_folder
 
     for out in (args.json, args.save_ref_stats):
         if out:
@@ -227,196 +186,36 @@ def cmd_report(args) -> None:
 
 
 def cmd_features_train(args) -> None:
-    from dstudio.app.features import train_feature_net
+    from dstudio.distill.evaluation.features import train_feature_net
 
     card = train_feature_net(epochs=args.epochs)
     print(f"mnist feature net: held-out accuracy {card['heldout_accuracy']:.4f} on {card['n_heldout']} images "
           f"never trained on (16 px round trip: {card['heldout_accuracy_16px']:.4f})")
 
 
-# --- parser -----------------------------------------------------------------------------------------
-# method options with their own flag, read from the config dataclasses' field metadata:
-# `students: int = field(default=4, metadata={"cli": "--students", "help": "...", "min": 1})`;
-# `--students 2` is `--set method.students=2`
-def method_flags(methods) -> dict[str, dict]:
-    """flag -> {"dest": the config key, "type": its parser, "help": ..., "methods": [...]} over the given methods."""
-    import dataclasses
-    import typing
+def cmd_search(args) -> None:
+    from dstudio.app.search_cli import cmd_search as search
 
-    flags: dict[str, dict] = {}
-    for name, cls in sorted(methods.items()):
-        hints = typing.get_type_hints(cls.Config)
-        for f in dataclasses.fields(cls.Config):
-            flag = f.metadata.get("cli")
-            if not flag:
-                continue
-            parse = _flag_type(hints[f.name], flag, f.metadata.get("min"))
-            entry = flags.setdefault(flag, {"dest": f.name, "type": parse, "helps": {}, "methods": []})
-            if entry["dest"] != f.name:
-                raise RuntimeError(f"flag {flag} names method.{entry['dest']} and method.{f.name} ({name})")
-            entry["methods"].append(name)
-            entry["helps"].setdefault(f.metadata.get("help", f"method.{f.name}"), []).append(name)
-    for entry in flags.values():
-        entry["help"] = "; ".join(f"{', '.join(names)}: {text}" for text, names in entry.pop("helps").items())
-    return flags
+    search(args)
 
 
-def _flag_type(tp, flag: str, low):
-    """The argparse type of a config field: integers (at least `low`), numbers, or the text as given."""
-    import types
-    import typing
-
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # `X | None`: the flag gives an X
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    if tp is int:
-        return _int_at_least(flag, -sys.maxsize if low is None else low)
-    if tp is float:
-        return float
-    return str
-
-
-def _add_method_flags(p, flags: dict[str, dict]) -> None:
-    for flag, entry in flags.items():
-        p.add_argument(flag, dest=entry["dest"], type=entry["type"], default=None, help=entry["help"])
-
-
-def _add_train_args(p, default_out: str) -> None:
-    p.add_argument("--preset", default="quick", help="a preset name from configs/ (quick, full) or a YAML file")
-    p.add_argument("--data", default=None, help="mnist, digits or an image folder (default: the preset's)")
-    p.add_argument("--steps", type=_positive_int("--steps"), default=None, help="override trainer.steps")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set trainer.batch_size=32 --set method.lr=2e-4")
-    p.add_argument("--out", default=default_out, help="run folder: config, checkpoint, sample grids, pipeline/")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over in a run folder that holds a run (its checkpoint, pipeline, log, samples go)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels only (torch.use_deterministic_algorithms): same seed, same student")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (`dstudio: error: ...`, exit 2) instead of usage dumps."""
-
-    def error(self, message):
-        self.exit(2, f"dstudio: error: {message} (see '{self.prog} --help')\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from dstudio.app.benchmark import STOCK_SCHEDULERS
-    from dstudio.distill.core.method import discover
+def cmd_methods(args) -> None:
+    """The registered methods, then each method plugin that did not import, with its one-line error."""
+    from dstudio.distill.core.method import BROKEN, discover
 
     methods = discover()
-    parser = Parser(prog="dstudio", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    lines = [f"{n}\t{(c.__doc__ or '').strip().splitlines()[0]}" for n, c in sorted(methods.items())]
+    lines += [f"{source}\tplugin not loaded: {error}" for source, error in BROKEN.items()]
+    print("\n".join(lines))
 
-    teacher = sub.add_parser("teacher", help="train the embedded teacher").add_subparsers(
-        dest="action", required=True, parser_class=Parser)
-    tt = teacher.add_parser("train", help="train a class-conditional DDPM teacher on MNIST-5k (or --data)")
-    _add_train_args(tt, "runs/teacher")
-    tt.set_defaults(func=cmd_teacher_train)
 
-    distillers = sorted(n for n, c in methods.items() if c.is_distiller)
-    dp = sub.add_parser("distill", help="distill a teacher into a fast student")
-    dp.add_argument("method", help=f"one of: {', '.join(distillers) or '(none yet)'}")
-    dp.add_argument("--teacher", default=None, help="pipeline folder or hub id (default: the shipped MNIST teacher)")
-    dp.add_argument("--eval-per-class", type=_non_negative_int("--eval-per-class"), default=100,
-                    help="after training, FID and speed of teacher (50 DDIM steps) vs student on this many images "
-                         "per class (0: skip)")
-    _add_train_args(dp, "runs/distill")
-    _add_method_flags(dp, method_flags(methods))
-    dp.set_defaults(func=cmd_distill)
-
-    sp = sub.add_parser("sample", help="draw images from a teacher or an exported student")
-    sp.add_argument("--teacher", default=None, help="pipeline folder or hub id (default: the shipped MNIST teacher)")
-    sp.add_argument("--pipeline", default=None, help="same as --teacher, for exported students")
-    sp.add_argument("--steps", type=_positive_int("--steps"), default=None,
-                    help="number of inference steps (default: the scheduler's own, 50 for stock ones)")
-    sp.add_argument("--scheduler", dest="scheduler_name", default=None,
-                    help=f"replace the pipeline's scheduler: {', '.join(STOCK_SCHEDULERS)}")
-    sp.add_argument("--scheduler-dir", default=None, help="a saved scheduler folder (e.g. a searched schedule)")
-    sp.add_argument("--class", dest="class_label", type=int, default=None, help="class label (default: all classes in turn)")
-    sp.add_argument("--prompt", default=None, help="prompt, for text-to-image pipelines")
-    sp.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--num-images", type=_positive_int("--num-images"), default=16)
-    sp.add_argument("--batch-size", type=_positive_int("--batch-size"), default=100)
-    sp.add_argument("--out", default="samples", help="folder for the PNGs")
-    sp.add_argument("--grid", default=None, help="also write one PNG grid (one row per class) to this file")
-    sp.set_defaults(func=cmd_sample)
-
-    fp = sub.add_parser("fid", help="FID (and KID) of an image folder against a reference, through clean-fid")
-    fp.add_argument("--images", required=True, help="folder of generated images")
-    fp.add_argument("--ref", default="mnist", help="mnist (MNIST-5k statistics, cached), a .npz statistics file or a folder")
-    fp.add_argument("--features", default="mnist", choices=["inception", "mnist"],
-                    help="feature space: inception (standard; downloads once) or mnist (offline digit classifier)")
-    fp.add_argument("--json", default=None, help="also write the result JSON here")
-    fp.add_argument("--save-ref-stats", default=None, metavar="FILE.npz",
-                    help="save the reference statistics (mu, sigma, features) for later --ref FILE.npz")
-    fp.set_defaults(func=cmd_fid)
-
-    from dstudio.samplers.samplers import SOLVERS
-
-    se = sub.add_parser("search", help="AutoDiffusion: evolutionary search of time steps (and skipped blocks)")
-    se.add_argument("--teacher", default=None, help="pipeline folder or hub id (default: the shipped MNIST teacher)")
-    se.add_argument("--nfe", type=int, default=4, help="number of steps (network evaluations) to search for")
-    se.add_argument("--solver", nargs="+", default=["unipc-2", "unipc-3", "dpmpp-2m", "dpmpp-3m"],
-                    choices=list(SOLVERS),
-                    help="solvers the search may pick (part of each candidate); default: the best stock ones")
-    se.add_argument("--skip-blocks", action="store_true", help="stage two: also search per-step skipped UNet blocks")
-    se.add_argument("--skip-budget", type=float, default=0.3,
-                    help="stage two: the share of --nfe's compute to save (budget: nfe x (1 - this) full forwards, "
-                         "reached gradually; 0 trades skipped blocks for extra steps at --nfe's compute)")
-    se.add_argument("--max-steps", type=_positive_int("--max-steps"), default=None,
-                    help="stage two: the most steps a candidate may take within the budget (default: --nfe + 1)")
-    se.add_argument("--ref", default="mnist", help="FID reference: mnist, a .npz statistics file or an image folder")
-    se.add_argument("--features", default="mnist", choices=["inception", "mnist"])
-    se.add_argument("--init", default=None, help="a search.json whose best candidate seeds the population")
-    se.add_argument("--num-samples", type=_positive_int("--num-samples"), default=1000,
-                    help="images the leaders are re-scored on (fixed noise)")
-    se.add_argument("--screen-samples", type=_positive_int("--screen-samples"), default=250,
-                    help="images every candidate is first scored on (successive halving)")
-    se.add_argument("--promote", type=_positive_int("--promote"), default=3,
-                    help="per generation, the best this many screened candidates are re-scored on --num-samples")
-    se.add_argument("--speed-images", type=_positive_int("--speed-images"), default=250,
-                    help="stage two: images the exported pipeline/ is timed on, with and without its skips")
-    se.add_argument("--population", type=_positive_int("--population"), default=20)
-    se.add_argument("--generations", type=_positive_int("--generations"), default=6)
-    se.add_argument("--top-k", type=_positive_int("--top-k"), default=10)
-    se.add_argument("--seed", type=int, default=0)
-    se.add_argument("--out", default="runs/search")
-    se.add_argument("--resume", action="store_true", help="continue after the last complete generation")
-    se.add_argument("--overwrite", action="store_true", help="start over in a folder that holds a search")
-    se.set_defaults(func=lambda a: __import__("dstudio.app.search_cli", fromlist=["cmd_search"]).cmd_search(a))
-
-    rp = sub.add_parser("report", help="one self-contained HTML page from runs and result JSONs")
-    rp.add_argument("items", nargs="+", metavar="RUN_OR_RESULT", help="run folders and/or result .json files")
-    rp.add_argument("--out", default="report.html")
-    rp.set_defaults(func=cmd_report)
-
-    ap = sub.add_parser("app", help="the studio in the browser: compare pipelines, FID board, start runs")
-    ap.add_argument("--port", type=_positive_int("--port"), default=7860)
-    ap.add_argument("--runs", default="runs", help="folder searched for exported pipelines, schedules and results")
-    ap.add_argument("--teacher", action="append", metavar="DIR",
-                    help="a pipeline folder the page may compare and distill from (repeatable; the page reads no "
-                         "folder outside --runs and these)")
-    ap.add_argument("--host", default=None,
-                    help="address to bind instead of 127.0.0.1 (e.g. 0.0.0.0); needs --auth")
-    ap.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login (Gradio auth)")
-    ap.set_defaults(func=cmd_app)
-
-    ft = sub.add_parser("features", help="the offline mnist feature net").add_subparsers(
-        dest="action", required=True, parser_class=Parser)
-    ftt = ft.add_parser("train", help="train the mnist feature net and record its held-out accuracy")
-    ftt.add_argument("--epochs", type=_positive_int("--epochs"), default=12)
-    ftt.set_defaults(func=cmd_features_train)
-
-    sub.add_parser("methods", help="list the registered methods").set_defaults(
-        func=lambda a: print("\n".join(f"{n}\t{(c.__doc__ or '').strip().splitlines()[0]}"
-                                       for n, c in sorted(methods.items()))))
-    return parser
+HANDLERS = {"teacher train": cmd_teacher_train, "distill": cmd_distill, "sample": cmd_sample, "fid": cmd_fid,
+            "search": cmd_search, "report": cmd_report, "app": cmd_app, "features train": cmd_features_train,
+            "methods": cmd_methods}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dstudio.app.parser import build_parser
     from dstudio.distill.core.errors import UserError
     from dstudio.distill.core.signals import Stopped
     from dstudio.distill.core.trainer import DivergenceError
@@ -427,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a usage error, already printed as one line (2)
         return e.code
     try:
-        args.func(args)
-    except (UsageError, UserError, FileNotFoundError, PermissionError) as e:
+        HANDLERS[args.run](args)
+    except (UserError, FileNotFoundError, PermissionError) as e:
         print(f"dstudio: error: {e}", file=sys.stderr)
         return 2
     except Stopped as e:  # a signal: the state is saved

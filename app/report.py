@@ -59,7 +59,7 @@ def _plot(rows: list[dict]) -> bytes | None:
     return buf.getvalue()
 
 
-def _load(item: str) -> dict:
+def load_section(item: str) -> dict:
     """A result JSON (benchmark or `dstudio fid --json`) or a run folder, as one report section."""
     path = Path(item)
     if path.is_dir():
@@ -96,7 +96,7 @@ def build_report(items: list[str], out: str | Path) -> Path:
 
     if not items:
         raise ReportError("give at least one run folder or result JSON")
-    sections = [_load(i) for i in items]
+    sections = [load_section(i) for i in items]
     all_rows = []
     for s in sections:
         for r in s["rows"]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from dstudio.app.errors import UsageError
 from dstudio.samplers import append_zero
 
 SEARCH_STATE = "search_state.json"
@@ -30,7 +31,8 @@ class FIDFitness:
                  batch_size: int = 500, labels: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                  ref: str = "mnist", device="cpu", rank: int = 0, world: int = 1, rungs: list[int] | None = None,
                  promote: int = 3, cache_mb: int = 256):
-        from dstudio.app.fid import feature_space, reference_stats
+        from dstudio.distill.evaluation.spaces import feature_space
+        from dstudio.distill.evaluation.stats import reference_stats
         from dstudio.search.memo import EvalCache
 
         if teacher.kind == "text":
@@ -89,7 +91,8 @@ class FIDFitness:
     def __call__(self, candidate, rung: int | None = None) -> float:
         import numpy as np
 
-        from dstudio.app.fid import Stats, frechet, tensor_features
+        from dstudio.distill.evaluation.spaces import tensor_features
+        from dstudio.distill.evaluation.stats import Stats, frechet
 
         count = self.rungs[-1 if rung is None else rung]
         feats = []
@@ -125,14 +128,8 @@ def run_search(args) -> dict | None:
     check_run_folder(out, args.resume, getattr(args, "overwrite", False), markers=SEARCH_MARKERS)
     if args.resume and not (out / SEARCH_STATE).is_file():
         raise ValueError(f"--resume: no {SEARCH_STATE} in '{out}'; start without --resume")
+    init = read_init(args.init) if args.init else []  # before the teacher loads: a bad file fails at once
     teacher = load_teacher(args.teacher, device=state.device)
-    init = []
-    if args.init:
-        import json
-
-        from dstudio.search.space import Candidate
-
-        init = [Candidate.from_json(json.loads(Path(args.init).read_text())["best"])]
     fitness = FIDFitness(teacher, args.num_samples, features=args.features, seed=args.seed, ref=args.ref,
                          device=state.device, rank=state.process_index, world=state.num_processes,
                          rungs=[args.screen_samples], promote=args.promote)  # first: it names teachers it cannot score
@@ -182,6 +179,32 @@ def run_search(args) -> dict | None:
     save_json(record, out / "search.json")
     _plot(result.best_per_generation, out / "search.png", args.nfe)
     return record
+
+
+def read_init(path: str) -> list:
+    """`--init FILE`: the best candidate of a search.json, as the one seed of the population."""
+    import json
+
+    from dstudio.samplers.samplers import SOLVERS
+    from dstudio.search.space import Candidate
+
+    what = f"--init '{path}'"
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{what} cannot be read ({type(e).__name__}): give a search.json written by dstudio "
+                         "search") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{what} is not JSON ({e.msg} at line {e.lineno}): give a search.json written by "
+                         "dstudio search") from None
+    try:
+        best = Candidate.from_json(record["best"])
+    except (KeyError, TypeError, ValueError):
+        best = None
+    if best is None or not best.steps or not all(type(t) is int for t in best.steps) or best.solver not in SOLVERS:
+        raise UsageError(f"{what} has no \"best\" candidate (integer \"steps\", a known \"solver\"): give a "
+                         "search.json written by dstudio search")
+    return [best]
 
 
 def search_space(teacher, args, solvers) -> tuple:
@@ -246,7 +269,7 @@ def pipeline_speedup(folder: Path, labels: torch.Tensor | None, noise: torch.Ten
     switched off (the same steps and solver), alternated `repeats` times, best of each (timing noise is one-sided)."""
     from diffusers import DiffusionPipeline
 
-    from dstudio.app.benchmark import timed
+    from dstudio.distill.evaluation.protocol import timed
 
     pipe = DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -308,8 +331,6 @@ def _plot(best: list[float], path: Path, nfe: int) -> None:
 
 
 def cmd_search(args) -> None:
-    from dstudio.app.cli import UsageError
-
     t0 = time.time()
     try:
         record = run_search(args)

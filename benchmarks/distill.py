@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from dstudio.app.benchmark import RESULTS, merge_rows, pipeline_images, protocol_for, write_results
-from dstudio.app.fid import fid_of_tensor
+from dstudio.app.benchmark import RESULTS, merge_rows, write_results
 from dstudio.distill.core.images import save_grid
 from dstudio.distill.core.io import atomic_path
 from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_pipeline, reference_scheduler
+from dstudio.distill.evaluation.fid import fid_of_tensor
+from dstudio.distill.evaluation.protocol import pipeline_images, protocol_for
 
 ROOT = Path(__file__).resolve().parent
 NARROW = "method.lora_targets=[to_q,to_k,to_v,to_out.0,conv1,conv2,time_emb_proj]"

@@ -11,11 +11,11 @@ import sys
 
 import torch
 
-from dstudio.app.benchmark import (RESULTS, STOCK_SOLVERS, fid_vs_nfe_plot, pipeline_images, protocol_for,
-                           stock_scheduler, write_results)
-from dstudio.app.fid import fid_of_tensor
+from dstudio.app.benchmark import RESULTS, STOCK_SOLVERS, fid_vs_nfe_plot, stock_scheduler, write_results
 from dstudio.distill.core.images import save_grid
 from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_pipeline
+from dstudio.distill.evaluation.fid import fid_of_tensor
+from dstudio.distill.evaluation.protocol import pipeline_images, protocol_for
 from dstudio.samplers import SearchedScheduler, scheduler_from_teacher
 
 # Align Your Steps' 10-step list for SD1.5 (diffusers' AysSchedules); optimised for another schedule, shown as is.

@@ -33,15 +33,14 @@ from pathlib import Path
 
 import torch
 
-from dstudio.app.benchmark import (RESULTS, pipeline_images, protocol_labels, protocol_noise, real_floor,
-                                   stock_scheduler, write_results)
-from dstudio.app.fid import fid_of_tensor
+from dstudio.app.benchmark import RESULTS, stock_scheduler, write_results
 from dstudio.app.search_cli import FIDFitness, export_skip_pipeline, pipeline_speedup, search_space
 from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_teacher
+from dstudio.distill.evaluation.fid import fid_of_tensor
+from dstudio.distill.evaluation.protocol import pipeline_images, protocol_labels, protocol_noise, real_floor
 from dstudio.samplers import SearchedScheduler, scheduler_from_teacher
 from dstudio.samplers.schedules import is_flow_matching
 from dstudio.search import Candidate, EvolutionConfig, evolve
-from teachers import Unconditional  # benchmarks/teachers.py: labels dropped for unconditional pipelines
 
 # stock solvers not in benchmarks/samplers.py: name -> (class, overrides)
 EXTRA_STOCK = {"dpmpp-3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3,
@@ -142,17 +141,14 @@ def main(argv=None) -> int:
     tag = "" if default else "-" + (folder.parent.name if folder.name == "pipeline" else folder.name)
     pipe = teacher.pipeline
     own = pipe.scheduler
-    call = pipe if teacher.kind == "class" else Unconditional(pipe)
     labels = protocol_labels()
     noise = protocol_noise(teacher.sample_shape, len(labels))
     protocol = FIDFitness(teacher, len(labels), labels=labels, noise=noise, cache_mb=0)
 
     def rescore(name, sampler, steps_n, scheduler, pipeline=None, **extra):
-        target = pipeline
+        target = pipeline  # unconditional pipelines: pipeline_images drops the labels
         if target is None:
-            pipe.scheduler, target = scheduler, call
-        elif teacher.kind != "class":
-            target = Unconditional(pipeline)
+            pipe.scheduler, target = scheduler, pipe
         try:
             with torch.no_grad():
                 images, seconds = pipeline_images(target, labels, noise,

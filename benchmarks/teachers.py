@@ -1,16 +1,21 @@
-"""The teacher zoo: teachers of every parameterisation dstudio did not make, and what dmd2 / rectified_flow do on each.
+"""The teacher zoo: teachers of every parameterisation, most of them shaped by other conventions than dstudio's, and
+what each method's quick student does on each, in two feature spaces that share no network.
 
-    python benchmarks/teachers.py [--only NAME ...] [--students dmd2 rectified_flow] [--reuse]
-                                  [--teacher-steps S] [--teacher-batch 32] [--per-class 100]
+    python benchmarks/teachers.py [--only NAME ...] [--students dmd2 sim rectified_flow consistency] [--reuse]
+                                  [--teacher-steps S] [--per-class 100]
 
-Each zoo teacher is trained on MNIST-5k at 16x16 by the documented command
-
-    dstudio teacher train --preset full --steps S --set trainer.batch_size=B --set method.layout=diffusers OPTIONS
-
-into benchmarks/runs/zoo/NAME (a DDPMPipeline folder: model_index.json + unet/ + scheduler/), then each student is
-`dstudio distill METHOD --preset quick --teacher benchmarks/runs/zoo/NAME/pipeline`. Rows: the teacher at 50 steps
-(trailing DDIM for DDPM teachers, its own Euler for flow matching) and each student at 1 NFE on the protocol's
-noise, FID-mnist and the ratio to that teacher. --reuse evaluates finished runs instead of training them again.
+Zoo teachers (16x16 MNIST-5k, DDPMPipeline folders in benchmarks/runs/zoo/NAME/pipeline):
+- trained by `benchmarks/foreign_teacher.py`, a plain-diffusers script that imports nothing of dstudio (diffusers'
+  default block kinds, `DDPMScheduler.add_noise`, `EMAModel`, `DDPMPipeline.save_pretrained`): the classic
+  unconditional DDPM (eps, linear betas, clip_sample, leading spacing) and an SD3-style flow-matching model
+  (logit-normal times);
+- trained by `dstudio teacher train --preset full --steps S --set trainer.batch_size=128 --set method.layout=diffusers
+  OPTIONS` (the shipped teacher's recipe, 6,000 x 128): eps / cosine / clip_sample, v / zero terminal SNR, x0 / linear.
+Each student is `dstudio distill METHOD --preset quick --teacher benchmarks/runs/zoo/NAME/pipeline` (consistency with
+`--init teacher`, measured at 2 NFE, the others at 1). Rows: the teacher at 50 steps (trailing DDIM with its clip for
+DDPM teachers, its own Euler for flow matching) and each student, on the protocol's noise, FID in the `mnist` space
+(the digit classifier) and the `pixels` space (raw pixel statistics: speckle and texture a classifier ignores), each
+with its ratio to that teacher. --reuse evaluates finished runs instead of training them again.
 Writes benchmarks/results/teachers.json and its table in benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -20,38 +25,59 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
-from dstudio.app.benchmark import RESULTS, merge_rows, pipeline_images, protocol_for, write_results
-from dstudio.app.fid import fid_of_tensor
+from dstudio.app.benchmark import RESULTS, merge_rows, write_results
 from dstudio.distill.core.images import collapse_reason, save_grid
 from dstudio.distill.core.teacher import load_pipeline, reference_scheduler
+from dstudio.distill.evaluation.fid import fid_of_tensor
+from dstudio.distill.evaluation.protocol import pipeline_images, protocol_for
+from dstudio.distill.evaluation.spaces import feature_space
+from dstudio.distill.evaluation.stats import reference_stats
 
 ROOT = Path(__file__).resolve().parent
 RUNS = ROOT / "runs" / "zoo"
-ZOO = {  # name: `dstudio teacher train` options (besides --preset full and the layout)
-    "eps-cosine": ["--set", "method.prediction_type=epsilon", "--set", "method.clip_sample=true"],
-    "flow": ["--set", "method.objective=flow_matching"],
-    "v-zero-snr": ["--set", "method.prediction_type=v_prediction", "--set", "method.rescale_betas_zero_snr=true"],
-    "sample-linear": ["--set", "method.prediction_type=sample", "--set", "method.beta_schedule=linear"],
-    "eps-uncond": ["--set", "method.prediction_type=epsilon", "--set", "method.beta_schedule=linear",
-                   "--set", "method.conditional=false"],
+SPACES = ("mnist", "pixels")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a zoo teacher is trained: by `dstudio teacher train` with `options`, or by foreign_teacher.py's `kind`."""
+
+    options: tuple[str, ...] = ()
+    foreign: str | None = None
+    steps: int = 6000
+    batch: int = 128
+
+    def command(self, out: Path, steps: int | None = None) -> list[str]:
+        steps = steps or self.steps
+        if self.foreign:
+            return [sys.executable, str(ROOT / "foreign_teacher.py"), "--kind", self.foreign, "--steps", str(steps),
+                    "--batch", str(self.batch), "--out", str(out)]
+        sets = [a for o in self.options for a in ("--set", o)]
+        return [sys.executable, "-m", "dstudio.app.cli", "teacher", "train", "--preset", "full", "--steps", str(steps),
+                "--set", f"trainer.batch_size={self.batch}", "--set", "method.layout=diffusers", *sets, "--out",
+                str(out)]
+
+
+ZOO = {
+    "eps-uncond": Recipe(foreign="eps-linear", steps=8000),
+    "flow": Recipe(foreign="flow", steps=8000),
+    "eps-cosine": Recipe(("method.prediction_type=epsilon", "method.clip_sample=true")),
+    "v-zero-snr": Recipe(("method.prediction_type=v_prediction", "method.rescale_betas_zero_snr=true")),
+    "sample-linear": Recipe(("method.prediction_type=sample", "method.beta_schedule=linear")),
 }
-# Training steps (--teacher-steps overrides). Epsilon teachers get more: at 500 steps their DDIM-50 samples had grey or
-# saturated backgrounds (FID-mnist 16.4 and 26.6), an epsilon model's x0 = (x - sigma eps) / alpha magnifying its error
-# at high noise, which the v, x0 and flow teachers do not.
-STEPS = {"eps-cosine": 2500, "eps-uncond": 2500}
-DEFAULT_STEPS = 500
-STUDENTS = ("dmd2", "rectified_flow")
+# student: (extra CLI arguments, NFE measured)
+STUDENTS = {"dmd2": ([], 1), "sim": ([], 1), "rectified_flow": ([], 1), "consistency": (["--init", "teacher"], 2)}
 
 
-def run_cli(args: list[str], log: Path) -> float:
-    """Run `dstudio ARGS` with its output in `log`; the wall time in seconds."""
-    cmd = [sys.executable, "-m", "dstudio.app.cli", *args]
-    print(" ".join(cmd[2:]), file=sys.stderr)
+def run(cmd: list[str], log: Path) -> float:
+    """Run a command with its output in `log`; the wall time in seconds."""
+    print(" ".join(cmd), file=sys.stderr)
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(log, "w") as f:
@@ -59,108 +85,115 @@ def run_cli(args: list[str], log: Path) -> float:
     return time.time() - t0
 
 
-def finished(run: Path) -> bool:
-    return (run / "pipeline" / "model_index.json").is_file()
+def finished(run_dir: Path) -> bool:
+    return (run_dir / "pipeline" / "model_index.json").is_file()
 
 
-def trained_steps(run: Path) -> int:
-    return yaml.safe_load((run / "config.yaml").read_text())["trainer"]["steps"]
+def trained_steps(run_dir: Path) -> int:
+    for name, key in (("config.yaml", None), ("recipe.json", "steps")):
+        if (run_dir / name).is_file():
+            text = (run_dir / name).read_text()
+            return yaml.safe_load(text)["trainer"]["steps"] if key is None else json.loads(text)[key]
+    return 0
 
 
-def train_teacher(name: str, steps: int | None, batch: int, reuse: bool) -> tuple[Path, float | None]:
-    run, steps = RUNS / name, steps or STEPS.get(name, DEFAULT_STEPS)
-    if reuse and finished(run):
-        return run, None
-    args = ["teacher", "train", "--preset", "full", "--steps", str(steps), "--set", f"trainer.batch_size={batch}",
-            "--set", "method.layout=diffusers", *ZOO[name], "--out", str(run)]
-    args.append("--resume" if (run / "checkpoint.pt").is_file() else "--overwrite")  # a folder without one holds nothing to keep
-    return run, run_cli(args, RUNS / f"{name}.log")
+def train_teacher(name: str, steps: int | None, reuse: bool) -> tuple[Path, float | None]:
+    run_dir, recipe = RUNS / name, ZOO[name]
+    if reuse and finished(run_dir):
+        return run_dir, None
+    cmd = recipe.command(run_dir, steps)
+    if not recipe.foreign:  # a folder without a checkpoint holds nothing to keep
+        cmd.append("--resume" if (run_dir / "checkpoint.pt").is_file() else "--overwrite")
+    return run_dir, run(cmd, RUNS / f"{name}.log")
+
+
+def student_command(teacher_run: Path, method: str) -> list[str]:
+    out = teacher_run.parent / f"{teacher_run.name}-{method}"
+    return ["dstudio", "distill", method, "--preset", "quick", *STUDENTS[method][0], "--teacher",
+            str(teacher_run / "pipeline"), "--out", str(out), "--eval-per-class", "0", "--overwrite"]
 
 
 def train_student(teacher_run: Path, method: str, reuse: bool) -> tuple[Path, float | None]:
-    run = teacher_run.parent / f"{teacher_run.name}-{method}"
-    if reuse and finished(run):
-        return run, None
-    args = ["distill", method, "--preset", "quick", "--teacher", str(teacher_run / "pipeline"), "--out", str(run),
-            "--eval-per-class", "0", "--overwrite"]  # not reused: trained again
-    return run, run_cli(args, teacher_run.parent / f"{run.name}.log")
+    out = teacher_run.parent / f"{teacher_run.name}-{method}"
+    if reuse and finished(out):
+        return out, None
+    cmd = [sys.executable, "-m", "dstudio.app.cli", *student_command(teacher_run, method)[1:]]
+    return out, run(cmd, teacher_run.parent / f"{out.name}.log")
 
 
-class Unconditional:
-    """An unconditional pipeline called like a class-conditional one (the protocol's labels are dropped)."""
-
-    def __init__(self, pipe):
-        self.pipe, self.scheduler, self.unet = pipe, pipe.scheduler, pipe.unet
-
-    def __call__(self, class_labels=None, **kwargs):
-        return self.pipe(batch_size=len(class_labels), **kwargs)
+def callable_pipeline(pipe, reference: bool = False):
+    """A pipeline for the protocol; with `reference`, on the teacher's 50-step scheduler."""
+    if reference:
+        pipe.scheduler = reference_scheduler(pipe.scheduler)
+    return pipe
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=list(ZOO), default=list(ZOO))
-    p.add_argument("--students", nargs="*", choices=STUDENTS, default=list(STUDENTS))
+    p.add_argument("--students", nargs="*", choices=list(STUDENTS), default=list(STUDENTS))
     p.add_argument("--reuse", action="store_true", help="evaluate finished runs instead of training them again")
-    p.add_argument("--teacher-steps", type=int, default=None, help=f"default: {DEFAULT_STEPS}, or as STEPS says")
-    p.add_argument("--teacher-batch", type=int, default=32)
+    p.add_argument("--teacher-steps", type=int, default=None, help="default: each recipe's (ZOO)")
     p.add_argument("--per-class", type=int, default=100)
     args = p.parse_args(argv)
 
     rows, grids = [], RESULTS / "teachers"
-    proto = None
+    shipped = load_pipeline(None)
+    proto = protocol_for(shipped, args.per_class)
+    labels, noise = proto["labels"], proto["noise"]
+    spaces = {n: feature_space(n, "cpu") for n in SPACES}
+    refs = {n: reference_stats("mnist", spaces[n], noise.shape[-1]) for n in SPACES}
 
-    def measure(name, pipe, nfe, **extra):
+    def measure(name, pipe, nfe, base=None, **extra):
         with torch.no_grad():
             images, seconds = pipeline_images(pipe, labels, noise, nfe)
-        row = {"name": name, "nfe": nfe, "fid": fid_of_tensor(images, ref, space, name)["fid"],
-               "images_per_s": len(images) / seconds, "collapse": collapse_reason(images), **extra}
+        row = {"name": name, "nfe": nfe, "images_per_s": len(images) / seconds, "collapse": collapse_reason(images),
+               **extra}
+        for n in SPACES:
+            row[f"fid_{n}"] = fid_of_tensor(images, refs[n], spaces[n], name)["fid"]
+            if base is not None:
+                row[f"x_{n}"] = row[f"fid_{n}"] / base[f"fid_{n}"]
         save_grid(images[::args.per_class // 10][:100], grids / f"{name}.png", nrow=10, upscale=2)
         rows.append(row)
-        print(f"{name:>32}  {nfe:>2} NFE  FID {row['fid']:.4f}", file=sys.stderr)
+        print(f"{name:>32}  {nfe:>2} NFE  " + "  ".join(f"FID-{n} {row[f'fid_{n}']:.4f}" for n in SPACES),
+              file=sys.stderr)
         return row
 
+    shipped_row = measure("shipped-teacher-50", callable_pipeline(shipped, reference=True), 50, teacher="shipped",
+                          method="teacher", command="dstudio teacher train --preset full (distill/assets)")
     for name in args.only:
-        teacher_run, teacher_seconds = train_teacher(name, args.teacher_steps, args.teacher_batch, args.reuse)
-        teacher = load_pipeline(teacher_run / "pipeline")
-        if proto is None:
-            proto = protocol_for(teacher, args.per_class)
-            labels, noise, space, ref = (proto[k] for k in ("labels", "noise", "space", "ref"))
-        if not teacher.unet.config.num_class_embeds:
-            teacher = Unconditional(teacher)
-        teacher.scheduler = reference_scheduler(teacher.scheduler)
-        if isinstance(teacher, Unconditional):
-            teacher.pipe.scheduler = teacher.scheduler
-        t_row = measure(f"{name}-teacher-50", teacher, 50, teacher=name, method="teacher",
+        teacher_run, teacher_seconds = train_teacher(name, args.teacher_steps, args.reuse)
+        teacher = callable_pipeline(load_pipeline(teacher_run / "pipeline"), reference=True)
+        t_row = measure(f"{name}-teacher-50", teacher, 50, base=shipped_row, teacher=name, method="teacher",
                         train_minutes=teacher_seconds and teacher_seconds / 60,
-                        teacher_steps=trained_steps(teacher_run))
+                        teacher_steps=trained_steps(teacher_run),
+                        command=" ".join(ZOO[name].command(teacher_run, args.teacher_steps)[1:]).replace(
+                            str(ROOT.parent) + "/", ""))
         for method in args.students:
-            run, seconds = train_student(teacher_run, method, args.reuse)
-            student = load_pipeline(run / "pipeline")
-            if not student.unet.config.num_class_embeds:
-                student = Unconditional(student)
-            row = measure(f"{name}-{method}-1", student, 1, teacher=name, method=method,
-                          train_minutes=seconds and seconds / 60)
-            row["fid_vs_teacher"] = row["fid"] / t_row["fid"]
+            run_dir, seconds = train_student(teacher_run, method, args.reuse)
+            nfe = STUDENTS[method][1]
+            measure(f"{name}-{method}-{nfe}", callable_pipeline(load_pipeline(run_dir / "pipeline")), nfe,
+                    base=t_row, teacher=name, method=method, train_minutes=seconds and seconds / 60,
+                    command=" ".join(student_command(teacher_run, method)).replace(str(ROOT.parent) + "/", ""))
     previous = RESULTS / "teachers.json"
     if set(args.only) != set(ZOO) and previous.is_file():  # a partial rerun updates its teachers' rows
         old = json.loads(previous.read_text())
         rows = merge_rows(rows, old["rows"], old["date"], key=lambda r: r["teacher"])
     write_results("teachers", {
         "command": "python benchmarks/teachers.py" + ("" if argv is None else " " + " ".join(argv)),
-        "protocol": {"per_class": args.per_class, "noise_seed": 0, "features": "mnist",
-                     "reference": ref.source if proto else None},
-        "teacher_training": {"steps": {n: args.teacher_steps or STEPS.get(n, DEFAULT_STEPS) for n in ZOO},
-                             "batch_size": args.teacher_batch, "options": ZOO},
-        "floor": proto and proto["floor"], "rows": rows,
-        "columns": [["name", "row"], ["nfe", "NFE"], ["fid", "FID-mnist"], ["fid_vs_teacher", "x its teacher-50"],
+        "protocol": {"per_class": args.per_class, "noise_seed": 0, "features": list(SPACES),
+                     "reference": {n: refs[n].source for n in SPACES}},
+        "teacher_training": {n: {"command": " ".join(r.command(RUNS / n)[1:]), "steps": r.steps} for n, r in ZOO.items()},
+        "floor": proto["floor"], "rows": rows,
+        "columns": [["name", "row"], ["nfe", "NFE"], ["fid_mnist", "FID-mnist"], ["x_mnist", "x its teacher"],
+                    ["fid_pixels", "FID-pixels"], ["x_pixels", "x its teacher (pixels)"],
                     ["collapse", "collapse check"], ["teacher_steps", "teacher steps"],
-                    ["train_minutes", "training minutes"],
-                    ["measured", "earlier run"]],
-        "notes": ["zoo teachers: 16x16 MNIST-5k, the shipped teacher's UNet, trained for "
-                  "'teacher steps' at --teacher-batch (far shorter than the shipped teacher's 6,000 x 128: the shared CPU's budget), "
-                  "so their own FIDs are well above the shipped teacher's",
-                  "students: the quick presets of dmd2 and rectified_flow, unchanged, on each teacher",
-                  "training minutes: wall time on this machine while other jobs shared its cores"],
+                    ["train_minutes", "training minutes"], ["measured", "earlier run"]],
+        "notes": ["zoo teachers: 16x16 MNIST-5k; teacher rows' ratios are to the shipped teacher at 50 steps, "
+                  "student rows' to their own teacher at 50 steps",
+                  "students: the quick presets, unchanged, on each teacher (consistency --init teacher at 2 NFE)",
+                  "each row's `command` reproduces it; training minutes: wall time on this machine while other jobs "
+                  "shared its cores"],
     })
     print(f"wrote {RESULTS / 'teachers.json'}", file=sys.stderr)
     return 0

@@ -120,3 +120,18 @@ def benchmark_script():
         return module
 
     return load
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """tiny_family(name) -> the folder of a tiny `name` pipeline (tests/tiny_families.py), saved once per session."""
+    from tiny_families import tiny_pipeline
+
+    folders = {}
+
+    def folder(name: str):
+        if name not in folders:
+            folders[name] = tiny_pipeline(name, tmp_path_factory.mktemp(name))[1]
+        return folders[name]
+
+    return folder

@@ -54,10 +54,10 @@ def _rows(out):
     return rows
 
 
-def test_discover_lists_unloadable_pipelines_with_their_reason(studio):
-    from dstudio.app.studio import discover
+def test_find_pipelines_lists_unloadable_ones_with_their_reason(studio):
+    from dstudio.app.studio.compare import find_pipelines
 
-    entries = {e.name: e for e in discover(studio[1])}
+    entries = {e.name: e for e in find_pipelines(studio[1])}
     assert entries["teacher"].available and entries["tiny"].available
     assert not entries["broken"].available and "corrupt model_index.json" in entries["broken"].error
 
@@ -86,7 +86,7 @@ def test_compare_rows_are_labelled_with_nfe_seconds_and_speedup(client):
 def test_upscaling_is_nearest_neighbour_by_a_whole_factor():
     from PIL import Image
 
-    from dstudio.app.studio import readable
+    from dstudio.app.studio.compare import readable
 
     img = Image.new("L", (8, 8))
     img.putpixel((3, 5), 255)
@@ -112,7 +112,7 @@ def test_bad_input_is_refused_in_the_page(client, args, message):
 
 
 def test_pareto_front_and_filters():
-    from dstudio.app.studio import filter_rows, pareto_front
+    from dstudio.app.studio.board import filter_rows, pareto_front
 
     rows = [{"source": "a", "method": "m", "row": "slow-good", "fid": 1.0, "images_per_s": 10.0},
             {"source": "a", "method": "m", "row": "dominated", "fid": 3.0, "images_per_s": 50.0},
@@ -138,13 +138,13 @@ def test_fid_board_filters_labels_and_pareto_front_and_compute_fid(client):
     table, *_ = client.predict(["samplers"], ["ddim"], api_name="/fid_board")
     assert table["data"] and all(row[0] == "samplers" and row[1] == "ddim" for row in table["data"])
     text = client.predict("tiny", 2, api_name="/compute_fid")
-    assert text.startswith("tiny: FID-mnist ") and "on 20 images" in text
+    assert text.startswith("tiny: FID-mnist ") and ", FID-pixels " in text and "on 20 images" in text
     with pytest.raises(Exception, match="images per class 501 is outside 1..500"):
         client.predict("tiny", 501, api_name="/compute_fid")
 
 
 def test_loss_curves_read_json_only():
-    from dstudio.app.studio import loss_curves
+    from dstudio.app.studio.jobs import loss_curves
 
     import tempfile
 
@@ -204,7 +204,7 @@ def test_job_form_refuses_paths_outside_and_bad_arguments(client, studio, form, 
 def test_job_queue_runs_one_at_a_time_and_bounds_the_job_count(tmp_path):
     import sys
 
-    from dstudio.app.studio import JobQueue
+    from dstudio.app.studio.jobs import JobQueue
 
     # a stand-in for the CLI: sleeps argv[1] seconds, prints argv[2] as its last line, exits with argv[3]
     program = (sys.executable, "-c", "import sys, time; time.sleep(float(sys.argv[1])); print(sys.argv[2]); "

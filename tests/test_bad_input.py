@@ -71,6 +71,8 @@ def _setup(tmp, tiny):
     (tmp / "broken_run").mkdir()
     (tmp / "broken_run" / "checkpoint.pt").write_bytes(b"half a zip")
     (tmp / "bad.json").write_text("{")
+    (tmp / "nobest.json").write_text('{"steps": [999, 500], "solver": "ddim"}')
+    (tmp / "badbest.json").write_text('{"best": {"steps": ["late", "early"], "solver": "ddim"}}')
     (tmp / "corrupt_png").mkdir()
     (tmp / "corrupt_png" / "a.png").write_bytes(b"not a png")
     (tmp / "bad_captions").mkdir()
@@ -82,7 +84,8 @@ def _setup(tmp, tiny):
     names = ("empty", "file", "corrupt_index", "bad_sched", "junk_sched", "alien_sched", "mixed", "broken_run",
              "corrupt_png", "bad_captions", "no_weights", "truncated", "no_scheduler", "run", "evil_run", "old_run",
              "search_run", "one_image")
-    return {"tiny": str(tiny), "bad_json": str(tmp / "bad.json"), **{n: str(tmp / n) for n in names}}
+    return {"tiny": str(tiny), "bad_json": str(tmp / "bad.json"), "nobest": str(tmp / "nobest.json"),
+            "badbest": str(tmp / "badbest.json"), **{n: str(tmp / n) for n in names}}
 
 
 OUT = "{tmp}/out"
@@ -194,7 +197,50 @@ CASES = [
     ("search --teacher {tiny} --nfe 0", "--nfe 0 must be in 1..1000"),
     ("search --teacher {tiny} --nfe 5000", "--nfe 5000 must be in 1..1000"),
     ("search --teacher {tiny} --skip-blocks --skip-budget 1", "--skip-budget 1.0 must be in [0, 1)"),
+    # every other option (test_every_option_has_a_bad_input_case)
+    ("teacher train --deterministic=yes", "argument --deterministic: ignored explicit argument 'yes'"),
+    ("distill dmd2 --teacher {tiny} --preset huge", "unknown preset 'huge'"),
+    ("distill dmd2 --teacher {tiny} --steps 0", "--steps must be >= 1, got 0"),
+    ("distill dmd2 --teacher {tiny} --resume --overwrite --out {run}", "give --resume (continue the run) or --overwrite"),
+    ("distill dmd2 --teacher {tiny} --deterministic=1", "argument --deterministic: ignored explicit argument '1'"),
+    ("distill dmd2 --teacher {tiny} --lora-rank -1", "--lora-rank must be >= 0, got -1"),
+    ("sample --pipeline /no/such/dir", "teacher '/no/such/dir' does not exist"),
+    ("sample --teacher {tiny} --prompt a_red_car", "--prompt 'a_red_car' is for text-to-image pipelines; "
+                                                    "'{tiny}' takes class labels (--class)"),
+    ("sample --teacher {tiny} --guidance strong", "--guidance must be a number, got 'strong'"),
+    ("sample --teacher {tiny} --guidance nan", "--guidance must be a finite number, got 'nan'"),
+    ("sample --teacher {tiny} --seed x1", "--seed must be an integer, got 'x1'"),
+    ("sample --teacher {tiny} --class three", "--class must be an integer, got 'three'"),
+    ("sample --teacher {tiny} --grid {file}/grid.png", "output '{file}' is not a writable folder"),
+    ("fid --images {one_image} --features resnet", "argument --features: invalid choice: 'resnet'"),
+    ("fid --images {one_image} --json {file}/r.json", "output '{file}' is not a writable folder"),
+    ("fid --images {one_image} --save-ref-stats {file}/ref.npz", "output '{file}' is not a writable folder"),
+    ("search --teacher {tiny} --solver rk4", "argument --solver: invalid choice: 'rk4'"),
+    ("search --teacher {tiny} --skip-blocks --nfe 4 --max-steps 2", "--max-steps 2 must be in 4..1000"),
+    ("search --teacher {tiny} --init {empty}/search.json", "--init '{empty}/search.json' cannot be read"),
+    ("search --teacher {tiny} --init {bad_json}", "--init '{bad_json}' is not JSON"),
+    ("search --teacher {tiny} --init {nobest}", "--init '{nobest}' has no \"best\" candidate"),
+    ("search --teacher {tiny} --init {badbest}", "--init '{badbest}' has no \"best\" candidate"),
+    ("search --teacher {tiny} --ref /no/such", "reference '/no/such' is neither 'mnist', a .npz statistics file nor"),
+    ("search --teacher {tiny} --features resnet", "argument --features: invalid choice: 'resnet'"),
+    ("search --teacher {tiny} --num-samples 0", "--num-samples must be >= 1, got 0"),
+    ("search --teacher {tiny} --screen-samples 0", "--screen-samples must be >= 1, got 0"),
+    ("search --teacher {tiny} --promote 0", "--promote must be >= 1, got 0"),
+    ("search --teacher {tiny} --speed-images 0", "--speed-images must be >= 1, got 0"),
+    ("search --teacher {tiny} --generations 0", "--generations must be >= 1, got 0"),
+    ("search --teacher {tiny} --seed one", "--seed must be an integer, got 'one'"),
+    ("search --teacher {tiny} --nfe four", "--nfe must be an integer, got 'four'"),
+    ("search --teacher {tiny} --skip-blocks --skip-budget most", "--skip-budget must be a number, got 'most'"),
+    ("search --teacher {tiny} --resume --overwrite --out {search_run}", "give --resume (continue the run) or"),
+    ("report {bad_json} --out {file}/report.html", "output '{file}' is not a writable folder"),
+    ("app --runs {file}", "--runs '{file}' is not a folder"),
+    ("app --teacher {empty}", "--teacher '{empty}' is not a diffusers pipeline folder (no model_index.json)"),
+    ("app --host 0.0.0.0", "--host 0.0.0.0 opens the app"),
+    ("app --auth bob", "--auth must look like user:password"),
 ]
+# Options that take any value by design have no bad value to refuse; they are listed here, each with the reason.
+# (None at present: --prompt is free text, but a prompt for a pipeline that takes none is refused.)
+ANY_VALUE: dict[tuple[str, str], str] = {}
 
 
 def _tree(root) -> dict[str, str]:
@@ -250,9 +296,38 @@ def _leaf_commands(parser, prefix=()):
         yield prefix
 
 
-def test_every_command_that_takes_options_has_a_bad_input_case():
-    from dstudio.app.cli import build_parser
+def _cases_of(command: tuple) -> list[list[str]]:
+    """The argv of every case of `command` (its words first)."""
+    return [cmd.split() for cmd, _ in CASES if tuple(cmd.split()[:len(command)]) == command]
 
-    missing = [" ".join(c) for c in _leaf_commands(build_parser())
-               if not any(tuple(cmd.split()[:len(c)]) == c for cmd, _ in CASES)]
+
+def test_every_command_that_takes_options_has_a_bad_input_case():
+    from dstudio.app.parser import build_parser
+
+    missing = [" ".join(c) for c in _leaf_commands(build_parser()) if not _cases_of(c)]
     assert not missing, f"commands without a bad-input case: {missing}"
+
+
+def test_every_option_has_a_bad_input_case():
+    """Each option of each command (method flags included, as the registry declares them) appears in a case of
+    that command, or in ANY_VALUE with its reason."""
+    from dstudio.app.parser import build_parser
+
+    def leaves(parser, prefix=()):
+        import argparse
+
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield prefix, parser
+        for action in subs:
+            for name, sub in action.choices.items():
+                yield from leaves(sub, (*prefix, name))
+
+    missing = []
+    for command, parser in leaves(build_parser()):
+        words = {w.split("=")[0] for argv in _cases_of(command) for w in argv}
+        for action in parser._actions:
+            flags = [f for f in action.option_strings if f not in ("-h", "--help")]
+            if flags and not words & set(flags) and (" ".join(command), flags[-1]) not in ANY_VALUE:
+                missing.append(f"{' '.join(command)} {flags[-1]}")
+    assert not missing, f"options without a bad-input case: {missing}"

@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from dstudio.app.cli import main
-from dstudio.app.features import CARD, FEATURE_DIM, load_feature_net
-from dstudio.app.fid import FIDError, Stats, feature_space, frechet, scan_folder, tensor_features
+from dstudio.distill.evaluation.features import CARD, FEATURE_DIM, load_feature_net
+from dstudio.distill.evaluation.spaces import FIDError, feature_space, scan_folder, tensor_features
+from dstudio.distill.evaluation.stats import Stats, frechet
 from dstudio.distill.data import mnist5k
 
 
@@ -100,3 +101,70 @@ def test_fid_cli_names_skipped_files_and_writes_json(tmp_path, capsys):
     assert json.loads(again.read_text())["fid"] == pytest.approx(r["fid"], rel=1e-9)
     assert main(["fid", "--images", str(tmp_path / "gen"), "--ref", str(tmp_path / "nope.npz")]) == 2
     assert "statistics file" in capsys.readouterr().err
+
+
+def _gaussian_frechet(f1: np.ndarray, f2: np.ndarray) -> float:
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) of two feature sets, derived here: for symmetric PSD matrices
+    Tr (S1 S2)^1/2 = Tr (S1^1/2 S2 S1^1/2)^1/2, the sum of the square roots of a symmetric matrix's eigenvalues."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    root1 = v @ np.diag(np.sqrt(w.clip(0))) @ v.T
+    cross = np.sqrt(np.linalg.eigvalsh(root1 @ s2 @ root1).clip(0)).sum()
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * cross)
+
+
+def _on_uint8_grid(generator, shape, high=256):
+    """Images in [-1, 1] whose pixels are exact uint8 levels k / 127.5 - 1 (clean-fid's quantisation keeps k)."""
+    k = torch.randint(0, high, shape, generator=generator)
+    return k, k / 127.5 - 1
+
+
+def test_pixels_space_is_the_frechet_distance_of_grayscale_pixel_statistics():
+    """RGB 8x8 images: features are the channel means of the uint8 levels / 255, flattened (64-d, no resize)."""
+    g = torch.Generator().manual_seed(0)
+    (ka, a), (kb, b) = _on_uint8_grid(g, (300, 3, 8, 8)), _on_uint8_grid(g, (300, 3, 8, 8), high=200)
+    space = feature_space("pixels", "cpu")
+    fa, fb = tensor_features(a, space), tensor_features(b, space)
+    expected_a = (ka.double().mean(1) / 255).flatten(1).numpy()
+    np.testing.assert_allclose(fa, expected_a, atol=1e-6)
+    fid = frechet(Stats.of(fa, "pixels", "a"), Stats.of(fb, "pixels", "b"))
+    assert fid == pytest.approx(_gaussian_frechet(expected_a, (kb.double().mean(1) / 255).flatten(1).numpy()),
+                                rel=1e-5)
+
+
+def test_pixels_space_area_resizes_large_images_to_32px():
+    """64x64 images become the means of their 2x2 blocks; 32x32 and smaller ones keep their size."""
+    g = torch.Generator().manual_seed(1)
+    k, x = _on_uint8_grid(g, (4, 1, 64, 64))
+    feats = tensor_features(x, feature_space("pixels", "cpu"))
+    blocks = (k.double() / 255).reshape(4, 32, 2, 32, 2).mean((2, 4)).flatten(1).numpy()
+    assert feats.shape == (4, 1024)
+    np.testing.assert_allclose(feats, blocks, atol=1e-6)
+    assert tensor_features(x[..., :20, :20], feature_space("pixels", "cpu")).shape == (4, 400)
+
+
+def test_salt_noise_raises_pixels_fd_far_more_than_mnist_fid():
+    """Salt noise (1% of pixels set white) on 1,000 real 16 px digits: the digit classifier still reads the digits,
+    the pixel statistics do not. Each space's rise is measured against its own real-vs-real value."""
+    from dstudio.distill.evaluation.fid import fid_of_tensor
+    from dstudio.distill.evaluation.protocol import protocol_reference
+
+    x = mnist5k(16, seed=1).images[:1000]
+    salt = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.01
+    salted = torch.where(salt, torch.ones_like(x), x)
+    rise = {}
+    for name in ("mnist", "pixels"):
+        space, ref = protocol_reference(name, 16)
+        clean, noisy = (fid_of_tensor(images, ref, space, name)["fid"] for images in (x, salted))
+        rise[name] = noisy / clean - 1
+    assert rise["pixels"] > 5 and rise["pixels"] > 3 * rise["mnist"], rise
+
+
+def test_fid_cli_takes_the_pixels_space(tmp_path, capsys):
+    _write(tmp_path / "gen", 6)
+    assert main(["fid", "--images", str(tmp_path / "gen"), "--ref", str(tmp_path / "gen"), "--features", "pixels",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["features"] == "pixels" and abs(r["fid"]) < 1e-6 and "feature_net_heldout_accuracy" not in r
+    assert "FID-pixels " in capsys.readouterr().out

@@ -135,9 +135,58 @@ def test_files_starting_with_underscore_hold_no_methods(tmp_path, monkeypatch):
         registry.discover()  # _shared.py is not imported
 
 
-def test_a_method_source_that_does_not_import_is_named(monkeypatch):
-    monkeypatch.setenv(registry.ENV_VAR, "no_such_methods_package")
-    with pytest.raises(registry.ConfigError, match="method source 'no_such_methods_package'"):
+BROKEN = {  # a method plugin that raises on import, by the exception it raises
+    "RuntimeError": "raise RuntimeError('boom')",
+    "ModuleNotFoundError": "import no_such_dependency_of_a_plugin",
+    "SyntaxError": "def (",
+    "SystemExit": "import sys\nsys.exit('gone')",
+}
+
+
+@pytest.mark.parametrize("error", list(BROKEN))
+def test_a_broken_plugin_is_listed_and_affects_nothing_else(error, tiny_teacher, tmp_path, monkeypatch, capsys):
+    """$DSTUDIO_METHODS names a broken plugin before a working one: `dstudio methods` lists it with its one-line
+    error; sample, fid and distill of the other plugin's method work; distilling with it is a one-line error."""
+    broken_files = {"bad.py": f"from dstudio.distill.core.method import register\n{BROKEN[error]}\n"}
+    with plugin_package(tmp_path, monkeypatch, "broken_methods", broken_files, env=False), \
+            plugin_package(tmp_path, monkeypatch, files={"toy.py": TOY}, env=False):
+        monkeypatch.setenv(registry.ENV_VAR, "broken_methods,toy_methods")
+        assert main(["methods"]) == 0
+        listed = capsys.readouterr().out.splitlines()
+        assert any(line.startswith("toy_one_step\t") for line in listed) and "dmd2" in registry.METHODS
+        assert [line for line in listed if line.startswith("broken_methods\t")] == \
+            [f"broken_methods\tplugin not loaded: {registry.BROKEN['broken_methods']}"]
+        assert registry.BROKEN["broken_methods"].startswith(error)
+        samples = tmp_path / "samples"
+        assert main(["sample", "--teacher", str(tiny_teacher), "--steps", "1", "--num-images", "2",
+                     "--out", str(samples)]) == 0
+        assert main(["fid", "--images", str(samples), "--ref", str(samples), "--features", "pixels"]) == 0
+        assert main(["distill", "toy_one_step", "--teacher", str(tiny_teacher), "--steps", "1", "--out",
+                     str(tmp_path / "run"), "--eval-per-class", "0", "--set", "trainer.batch_size=4",
+                     "--set", "trainer.sample_every=100"]) == 0
+        capsys.readouterr()
+        assert main(["distill", "bad", "--teacher", str(tiny_teacher), "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("dstudio: error: unknown method 'bad': use one of "), err
+        assert f"method plugin 'broken_methods' did not import ({error}" in err[0]
+
+
+def test_a_broken_entry_point_is_listed(tmp_path, monkeypatch, capsys):
+    import importlib.metadata
+
+    ep = importlib.metadata.EntryPoint(name="gone", value="no_such_methods_package", group=registry.ENTRY_POINT_GROUP)
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda **kw: [ep] if kw.get("group") == registry.ENTRY_POINT_GROUP else real(**kw))
+    assert main(["methods"]) == 0
+    assert "no_such_methods_package\tplugin not loaded: ModuleNotFoundError: No module named " \
+           "'no_such_methods_package'" in capsys.readouterr().out
+
+
+def test_the_builtin_methods_failing_stays_loud(monkeypatch):
+    """A broken built-in package is dstudio's own bug: discover() raises it, whatever the command."""
+    monkeypatch.setattr(registry, "BUILTIN_METHODS", "dstudio.distill.no_such_methods")
+    with pytest.raises(ModuleNotFoundError, match="dstudio.distill.no_such_methods"):
         registry.discover()
 
 
@@ -150,7 +199,7 @@ def test_the_core_imports_no_method():
 
 
 def test_method_flags_come_from_config_metadata():
-    from dstudio.app.cli import method_flags
+    from dstudio.app.parser import method_flags
 
     flags = method_flags(registry.discover())
     assert flags["--students"]["dest"] == "students" and flags["--students"]["methods"] == ["msd"]

@@ -325,6 +325,18 @@ def test_fid_fitness_skips_every_chunk_and_caching_changes_nothing(tiny_teacher)
     assert chunked.cache.hits > 0
 
 
+def test_fid_fitness_scores_in_the_pixels_space(tiny_teacher):
+    """`dstudio search --features pixels`: the distance of raw pixel statistics to MNIST-5k at the teacher's size."""
+    import math
+
+    from dstudio.app.search_cli import FIDFitness
+    from dstudio.distill.core.teacher import load_teacher
+
+    fitness = FIDFitness(load_teacher(tiny_teacher), 8, features="pixels", cache_mb=0)
+    assert fitness.space.name == fitness.ref.features == "pixels" and fitness.ref.source == "mnist5k@8px"
+    assert math.isfinite(fitness(Candidate((999, 500), (), "ddim")))
+
+
 @pytest.mark.parametrize("teacher_name", ["tiny_teacher", "flow_teacher"])
 def test_stage_two_pipeline_folder_applies_the_skips(teacher_name, request, tmp_path):
     """Issue 17.2: the exported folder skips the searched blocks at their steps, drawing what the search sampled

@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from dstudio.app.features import load_feature_net
+from dstudio.distill.evaluation.features import load_feature_net
 from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_teacher
 
 

@@ -62,6 +62,7 @@ def test_wheel_installs_one_package_and_runs_from_elsewhere(tmp_path):
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    _imports_every_package_from(python, venv, elsewhere, env)
     where = _run([python, "-c", "import dstudio.distill.core.config as c; print(c.__file__); print(c.CONFIG_DIR)"],
                  elsewhere, env).split()
     assert all(Path(p).is_relative_to(venv) for p in where), where
@@ -70,6 +71,30 @@ def test_wheel_installs_one_package_and_runs_from_elsewhere(tmp_path):
     assert "exported run/pipeline" in out and (elsewhere / "run" / "pipeline" / "scheduler" / "schedulers.py").is_file()
     _run([dstudio, "sample", "--pipeline", "run/pipeline", "--num-images", "4", "--out", "samples"], elsewhere, env)
     assert len(list((elsewhere / "samples").glob("*.png"))) == 4
+    out = _run([dstudio, "fid", "--images", "samples"], elsewhere, env)  # the feature net's weights: package data
+    assert out.startswith("FID-mnist ")
+
+
+# every module of each package pyproject.toml lists, imported in the fresh environment: (name, its file) lines
+IMPORT_ALL = """import importlib, pkgutil, sys
+for name in sys.argv[1:]:
+    package = importlib.import_module(name)
+    print(name, list(package.__path__)[0])
+    for info in pkgutil.iter_modules(package.__path__, name + "."):
+        if not info.ispkg:
+            print(info.name, importlib.import_module(info.name).__file__)
+"""
+
+
+def _imports_every_package_from(python, venv, cwd, env) -> None:
+    """Each listed package and each of its modules imports from the installed wheel (a folder missing from the
+    package list would be missing here, however well it imports in an editable install)."""
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    found = dict(line.split(" ", 1) for line in _run([python, "-c", IMPORT_ALL, *packages], cwd, env).splitlines())
+    assert set(packages) <= set(found) and all(Path(f).is_relative_to(venv) for f in found.values()), found
+    assert {"dstudio.distill.evaluation.fid", "dstudio.app.studio.page", "dstudio.app.parser"} <= set(found)
 
 
 def _requirement_name(spec: str) -> str:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from dstudio.distill.core.config import ConfigError, require
+from dstudio.distill.core.errors import one_line
 
 
 class BatchSource(Protocol):
@@ -251,17 +252,21 @@ def method_sources() -> list[str]:
     return sources
 
 
+BROKEN: dict[str, str] = {}  # plugin source -> its one-line import error, as the last discover() found it
+
+
 def discover() -> dict[str, type[Method]]:
-    """Every registered method, after importing every method module of every source (imports are cached)."""
+    """Every registered method, after importing every method module of every source (imports are cached). A plugin
+    source that raises on import (any exception) is set aside in BROKEN with its one-line error and affects no other
+    method; the built-in package failing is a bug in dstudio and raises."""
+    BROKEN.clear()
     for source in method_sources():
         try:
             _import_methods(source)
-        except ImportError as e:
-            missing = e.name or ""
-            if source == BUILTIN_METHODS or not (source == missing or source.startswith(missing + ".")):
-                raise  # an error inside a method module is a bug to see, not a missing source
-            raise ConfigError(f"method source '{source}' (from the {ENTRY_POINT_GROUP} entry points or "
-                              f"${ENV_VAR}) cannot be imported") from None
+        except (Exception, SystemExit) as e:
+            if source == BUILTIN_METHODS:
+                raise
+            BROKEN[source] = one_line(e)
     return METHODS
 
 
@@ -269,5 +274,6 @@ def get_method(name: str) -> type[Method]:
     discover()
     name = ALIASES.get(name, name)
     if name not in METHODS:
-        raise ConfigError(f"unknown method '{name}': use one of {', '.join(sorted(METHODS))}")
+        broken = "".join(f"; method plugin '{s}' did not import ({e})" for s, e in BROKEN.items())
+        raise ConfigError(f"unknown method '{name}': use one of {', '.join(sorted(METHODS))}{broken}")
     return METHODS[name]

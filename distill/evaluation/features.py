@@ -1,7 +1,8 @@
-"""The `mnist` feature space: a small digit classifier whose penultimate layer is the FID embedding.
+"""The feature extractors of the FID spaces: `mnist`, a small digit classifier whose penultimate layer is the
+embedding, and `pixels`, the raw grayscale pixels (no network).
 
-Input contract (clean-fid's): float batches in [0, 255] of shape (B, 3, H, W); the net averages the
-channels, resizes to 28x28 when needed and returns (B, 128) features.
+Input contract (clean-fid's): float batches in [0, 255] of shape (B, 3, H, W); both average the channels. The
+digit net resizes to 28x28 and returns (B, 128) features; `pixels` area-resizes to at most 32x32 and flattens.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 WEIGHTS = Path(__file__).with_name("assets") / "mnist_features.pt"
 CARD = WEIGHTS.with_suffix(".json")
 FEATURE_DIM = 128
+PIXELS_MAX_SIDE = 32  # the `pixels` space sees at most 32x32 (1,024-d): larger images are area-resized
 
 
 class MnistFeatureNet(nn.Module):
@@ -47,6 +49,17 @@ class MnistFeatureNet(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         return self.head(self.body(self.prepare(x)))
+
+
+class PixelFeatures(nn.Module):
+    """The `pixels` space: grayscale in [0, 1], area-resized to at most 32x32, flattened (no weights)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.float().mean(1, keepdim=True) / 255
+        size = tuple(min(s, PIXELS_MAX_SIDE) for s in x.shape[-2:])
+        if size != tuple(x.shape[-2:]):
+            x = F.interpolate(x, size=size, mode="area")
+        return x.flatten(1)
 
 
 def load_feature_net(device="cpu") -> MnistFeatureNet:

@@ -1,0 +1,56 @@
+"""The end-of-run comparison (RUN/eval.json): both feature spaces per row with their ratios to the teacher, on
+class-conditional and unconditional teachers, through the one protocol wrapper for pipelines without labels."""
+import pytest
+import torch
+
+from dstudio.distill.evaluation.compare import SPACES, compare, fid_key, summary
+from dstudio.distill.evaluation.protocol import Unconditional, pipeline_images, protocol_pipeline
+
+
+@pytest.fixture(scope="module")
+def uncond_teacher(tmp_path_factory):
+    """A tiny unconditional DDPM teacher (a DDPMPipeline folder), trained for two steps."""
+    from dstudio.distill.core.trainer import Trainer, TrainerConfig
+    from dstudio.distill.data import digits8
+    from dstudio.distill.methods.ddpm import DDPM, DDPMConfig
+
+    torch.manual_seed(0)
+    data = digits8(8)
+    cfg = DDPMConfig(data="digits", resolution=8, channels=(8, 16), grid_steps=2, layout="diffusers",
+                     prediction_type="epsilon", beta_schedule="linear", conditional=False)
+    cfg_t = TrainerConfig(steps=2, batch_size=16, sample_every=100, checkpoint_every=100)
+    return Trainer(DDPM(cfg, data=data), cfg_t, tmp_path_factory.mktemp("uncond"), data=data).fit()
+
+
+def _check_rows(result):
+    teacher, student = result["rows"]
+    assert result["spaces"] == list(SPACES) == ["mnist", "pixels"] and result["features"] == "mnist"
+    for row in (teacher, student):
+        assert {fid_key(s) for s in SPACES} == {"fid", "fid_pixels"} <= set(row)
+    for s in SPACES:
+        assert student[f"{fid_key(s)}_vs_teacher"] == pytest.approx(student[fid_key(s)] / teacher[fid_key(s)])
+    assert student["speedup"] == pytest.approx(student["images_per_s"] / teacher["images_per_s"])
+
+
+@pytest.mark.parametrize("which", ["class", "uncond"])
+def test_compare_reports_both_spaces_with_ratios(which, tiny_teacher, uncond_teacher):
+    folder = tiny_teacher if which == "class" else uncond_teacher
+    result = compare(folder, folder, per_class=2, teacher_steps=2)
+    assert result["n_generated"] == 20 and [r["name"] for r in result["rows"]] == ["teacher", "student"]
+    _check_rows(result)
+    teacher_line, student_line = summary(result).splitlines()
+    assert teacher_line.startswith("teacher (2 NFE): FID-mnist ") and ", FID-pixels " in teacher_line
+    assert student_line.index("FID-mnist") < student_line.index("FID-pixels")
+    assert "x the teacher), FID-pixels " in student_line and "[20 images vs mnist5k@8px]" in student_line
+
+
+def test_unconditional_pipelines_are_called_with_a_batch_size(uncond_teacher):
+    from dstudio.distill.core.teacher import load_pipeline
+
+    pipe = load_pipeline(uncond_teacher)
+    wrapped = protocol_pipeline(pipe)
+    assert isinstance(wrapped, Unconditional) and protocol_pipeline(wrapped) is wrapped
+    wrapped.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    assert pipe.scheduler is wrapped.scheduler  # one scheduler: set on the wrapper, used by the pipeline
+    images, _ = pipeline_images(pipe, torch.arange(3), torch.randn(3, 1, 8, 8), 2)
+    assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all()
