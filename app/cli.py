@@ -11,35 +11,12 @@ from dstudio.app.errors import UsageError
 
 
 # --- teacher train / distill ------------------------------------------------------------------------
-def _train(method_name: str, args, teacher_source: str | None) -> Path:
-    import torch
-
+def _method_options(cls, args) -> dict:
+    """The method config keys given by their own flags (`--students 2`), each checked to apply to the method."""
     from dstudio.app.parser import method_flags
-    from dstudio.distill.core.config import from_dict, load_preset, merge_overrides, to_dict
-    from dstudio.distill.core.io import check_writable
-    from dstudio.distill.core.method import METHODS, get_method
-    from dstudio.distill.core.teacher import load_teacher
-    from dstudio.distill.core.trainer import (CHECKPOINT, Trainer, TrainerConfig, check_resume, check_run_folder,
-                                              read_checkpoint)
-    from dstudio.distill.data import load_data
+    from dstudio.distill.core.method import METHODS
 
-    cls = get_method(method_name)
-    if args.data is not None and not cls.needs_data:
-        trains_on = cls.trains_on or "its own samples scored by the teacher (data-free)"
-        raise UsageError(f"--data does not apply to method '{cls.name}': it trains on {trains_on}, not on images")
-    raw = merge_overrides(load_preset(cls.name, args.preset, args.data or "mnist"), args.set or [])
-    unknown = set(raw) - {"trainer", "method"}
-    if unknown:
-        raise UsageError(f"unknown config section(s) {sorted(unknown)}: use trainer: and method:")
-    if args.steps is not None:
-        raw.setdefault("trainer", {})["steps"] = args.steps
-    if args.deterministic:
-        raw.setdefault("trainer", {})["deterministic"] = True
-    tcfg = from_dict(TrainerConfig, raw.get("trainer"), "trainer.")
-    mraw = dict(raw.get("method") or {})
-    fields = set(cls.Config.__dataclass_fields__)
-    if args.data is not None and "data" in fields:
-        mraw["data"] = args.data
+    fields, options = set(cls.Config.__dataclass_fields__), {}
     for flag, entry in method_flags(METHODS).items():
         key = entry["dest"]
         value = getattr(args, key, None)
@@ -47,30 +24,20 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
             continue
         if key not in fields:
             raise UsageError(f"{flag} does not apply to method '{cls.name}' (it has no method.{key})")
-        mraw[key] = value
-    mcfg = from_dict(cls.Config, mraw, "method.")
-    out = check_writable(args.out)
-    resolved = {"method_name": cls.name, "preset": args.preset, "teacher": teacher_source,
-                "trainer": to_dict(tcfg), "method": to_dict(mcfg)}
-    # run-folder and resume checks come before anything heavy is loaded (the Trainer repeats them)
-    check_run_folder(out, args.resume, args.overwrite)
-    if args.resume:
-        check_resume(read_checkpoint(out / CHECKPOINT), cls.name, resolved, out)
-    teacher = load_teacher(teacher_source) if cls.needs_teacher else None
-    if teacher and teacher.kind == "text" and not cls.text_teachers:
-        takes = sorted(n for n, c in METHODS.items() if c.text_teachers)
-        raise UsageError(f"method '{cls.name}' takes class-conditional or unconditional teachers; for text-to-image "
-                         f"teacher '{teacher.source}' use one of {', '.join(takes)}")
-    data = None
-    if cls.needs_data:
-        channels, resolution = (teacher.pixel_shape[0], teacher.pixel_shape[-1]) if teacher else (1, mcfg.resolution)
-        data = load_data(getattr(mcfg, "data", "mnist"), resolution, channels)
-        if teacher:
-            data = teacher.to_model_space(data)
-    torch.manual_seed(tcfg.seed)
-    method = cls(mcfg, teacher=teacher, data=data)
-    trainer = Trainer(method, tcfg, out, data=data, resolved_config=resolved)
-    pipeline = trainer.fit(resume=args.resume, overwrite=args.overwrite)
+        options[key] = value
+    return options
+
+
+def _train(method_name: str, args, teacher_source: str | None) -> Path:
+    from dstudio.distill.core.method import get_method
+    from dstudio.distill.core.run import RunRequest, prepare_run
+
+    cls = get_method(method_name)
+    run = prepare_run(RunRequest(cls.name, args.out, teacher_source, args.preset, args.data, args.set or [],
+                                 _method_options(cls, args), args.steps, args.deterministic, args.resume,
+                                 args.overwrite))
+    pipeline = run.fit()
+    teacher, out, trainer = run.teacher, run.out, run.trainer
     print(f"exported {pipeline}")
     if cls.is_distiller and teacher.kind != "text" and args.eval_per_class:
         from dstudio.distill.core.io import save_json

@@ -115,10 +115,11 @@ def run_search(args) -> dict | None:
     from tqdm.auto import tqdm
 
     from dstudio.distill.core.export import provenance, save_scheduler
+    from dstudio.distill.core.checkpoint import check_run_folder, clear_run
     from dstudio.distill.core.io import check_writable, run_folder_lock, save_json
     from dstudio.distill.core.signals import stop_signals
     from dstudio.distill.core.teacher import load_teacher
-    from dstudio.distill.core.trainer import check_run_folder, clear_run, cpu_only
+    from dstudio.distill.core.trainer import cpu_only
     from dstudio.samplers import SearchedScheduler, scheduler_from_teacher
     from dstudio.search import EvolutionConfig, evolve
 
@@ -293,10 +294,10 @@ def stock_recipe(solver: str, steps: list[int], teacher_config) -> dict | None:
     through the exported SearchedScheduler, as does DPM-Solver++ on a teacher with clip_sample (which diffusers'
     DPM-Solver++ lacks; its dynamic thresholding is DDIM's and travels)."""
     from dstudio.samplers.samplers import parse_solver
-    from dstudio.samplers.schedules import clipping_of
+    from dstudio.samplers.schedules import clipping_of, is_flow_matching
 
     rule, order = parse_solver(solver)
-    if "beta_schedule" not in teacher_config and "shift" in teacher_config:  # FlowMatchEulerDiscreteScheduler
+    if is_flow_matching(teacher_config):
         if order > 1:
             return None
         T = teacher_config["num_train_timesteps"]

@@ -23,7 +23,7 @@ import torch
 from dstudio.app.benchmark import RESULTS, merge_rows, write_results
 from dstudio.distill.core.images import save_grid
 from dstudio.distill.core.io import atomic_path
-from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_pipeline
+from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_pipeline, reference_scheduler
 from dstudio.distill.evaluation.fid import fid_of_tensor
 from dstudio.distill.evaluation.protocol import pipeline_images, protocol_for
 
@@ -143,9 +143,7 @@ def main(argv=None) -> int:
     teacher = load_pipeline(DEFAULT_TEACHER)
     proto = protocol_for(teacher, args.per_class)
     labels, noise, space, ref, floor = (proto[k] for k in ("labels", "noise", "space", "ref", "floor"))
-    import diffusers
-
-    teacher.scheduler = diffusers.DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing")
+    teacher.scheduler = reference_scheduler(teacher.scheduler)  # 50 DDIM steps: the reference of every ratio
     grids = RESULTS / f"distill-{args.preset}"  # one folder per preset: rows share names across presets
     rows = []
 

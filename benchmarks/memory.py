@@ -113,23 +113,22 @@ def build_teacher(unet_config: dict):
 
 
 def run_variant(unet_config: dict, rank: int, steps: int, run_dir: Path) -> dict:
-    """DMD2 for `steps` Trainer phase steps at batch 1; peak memory, parameters and seconds per step."""
-    from dstudio.distill.core.trainer import Trainer, TrainerConfig
+    """DMD2 for `steps` Trainer steps at batch 1; peak memory, parameters and seconds per step."""
+    from dstudio.distill.core.run import RunRequest, prepare_run
     from dstudio.distill.data import LabelledImages
-    from dstudio.distill.methods.dmd2 import DMD2, DMD2Config
 
     teacher = build_teacher(unet_config)
     size = unet_config["sample_size"]
     captions = ["a photo of a cat", "a red dog"]
     data = LabelledImages(images=torch.randn(2, 4, size, size), labels=torch.tensor([0, 1]), class_names=[],
                           name="random-latents", captions=captions)
-    torch.manual_seed(0)
-    method = DMD2(DMD2Config(critic_ratio=1, lora_rank=rank), teacher=teacher, data=data)
-    trainer = Trainer(method, TrainerConfig(steps=steps, batch_size=1), run_dir, data=data)
+    run = prepare_run(RunRequest("dmd2", run_dir, teacher, preset=None, data=data, steps=steps,
+                                 overrides=["method.critic_ratio=1", f"method.lora_rank={rank}", "trainer.batch_size=1"]))
+    method, trainer = run.method, run.trainer
+    trainer.begin()
     times = []
-    for step in range(steps):
+    for _ in range(steps):
         t0 = time.perf_counter()
-        trainer.step = step
         trainer.train_step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()

@@ -39,9 +39,9 @@ from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_teacher
 from dstudio.distill.evaluation.fid import fid_of_tensor
 from dstudio.distill.evaluation.protocol import pipeline_images, protocol_labels, protocol_noise, real_floor
 from dstudio.samplers import SearchedScheduler, scheduler_from_teacher
+from dstudio.samplers.schedules import is_flow_matching
 from dstudio.search import Candidate, EvolutionConfig, evolve
 
-SOLVERS = ["unipc-2", "unipc-3", "dpmpp-2m", "dpmpp-3m"]
 # stock solvers not in benchmarks/samplers.py: name -> (class, overrides)
 EXTRA_STOCK = {"dpmpp-3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3,
                                                              "timestep_spacing": "trailing"}),
@@ -74,7 +74,17 @@ def best_per_solver(history: list[dict]) -> dict[str, tuple[Candidate, int, floa
 
 
 def is_flow(teacher) -> bool:
-    return teacher.denoiser.prediction_type == "flow"
+    return is_flow_matching(teacher.scheduler.config)
+
+
+def search_args(nfe: int, args, skip_blocks: bool = False):
+    """`dstudio search`'s own arguments for this benchmark's settings: its defaults (the solvers) come from the CLI."""
+    from dstudio.app.cli import build_parser
+
+    argv = ["search", "--nfe", str(nfe), "--skip-budget", str(args.skip_budget)]
+    argv += (["--skip-blocks"] if skip_blocks else []) + ([] if args.max_steps is None else ["--max-steps",
+                                                                                             str(args.max_steps)])
+    return build_parser().parse_args(argv)
 
 
 def stock(name: str, teacher):
@@ -183,8 +193,8 @@ def main(argv=None) -> int:
 
     # the search, as `dstudio search --nfe N` runs it
     fitness = FIDFitness(teacher, args.num_samples, rungs=[args.screen_samples], promote=3)
-    cli = argparse.Namespace(nfe=nfe, skip_blocks=False, skip_budget=args.skip_budget, max_steps=args.max_steps)
-    space, _ = search_space(teacher, cli, SOLVERS)
+    cli = search_args(nfe, args)
+    space, _ = search_space(teacher, cli, cli.solver)
     solvers = list(space.solvers)
     cfg = EvolutionConfig(population=args.population, generations=args.generations, top_k=10,
                           mutations=min(25, args.population // 2), crossovers=min(15, args.population // 4), seed=0)
@@ -256,8 +266,8 @@ def main(argv=None) -> int:
                          f"{len(sample)} candidates timed), {new_rate:.1f} after (successive halving "
                          f"{args.screen_samples} -> {args.num_samples}, cached evaluations and features), "
                          f"{new_rate / old_rate:.1f}x")
-        if len(solvers) < len(SOLVERS):
-            notes.append(f"at {nfe} NFE {', '.join(s for s in SOLVERS if s not in solvers)} run the same per-step "
+        if len(solvers) < len(cli.solver):
+            notes.append(f"at {nfe} NFE {', '.join(s for s in cli.solver if s not in solvers)} run the same per-step "
                          f"orders as {', '.join(solvers)} (diffusers lowers the order of the first and last steps), "
                          f"so neither the search nor the stock rows repeat them")
     if check is not None:
@@ -275,8 +285,7 @@ def stage2(args, teacher, fitness, cfg, stage1, rows, notes, rescore, searched_r
     from diffusers import DiffusionPipeline
 
     nfe = args.nfe
-    cli = argparse.Namespace(nfe=nfe, skip_blocks=True, skip_budget=args.skip_budget, max_steps=args.max_steps)
-    space, budget = search_space(teacher, cli, [stage1.best.solver])
+    space, budget = search_space(teacher, search_args(nfe, args, skip_blocks=True), [stage1.best.solver])
     name = f"search-stage2-{nfe}{tag}" + (f"-save{round(100 * args.skip_budget)}" if args.skip_budget else "")
     result, cpu_s, wall_s = run_search(fitness, space, cfg, RESULTS.parent / "runs" / name / "search_state.json",
                                        budget, init=[stage1.best], label="stage two")

@@ -131,51 +131,33 @@ def _sync() -> None:
 
 
 def build(name: str, args):
-    """The method, its Trainer and data, as `dstudio distill NAME --preset P` builds them."""
-    from dstudio.distill.core.config import from_dict, load_preset, merge_overrides
+    """The run `dstudio distill NAME --preset P` assembles (prepare_run), in a temporary folder, ready to step."""
     from dstudio.distill.core.method import get_method
-    from dstudio.distill.core.teacher import load_teacher
-    from dstudio.distill.core.trainer import Trainer, TrainerConfig
-    from dstudio.distill.data import load_data
+    from dstudio.distill.core.run import RunRequest, prepare_run
 
-    cls = get_method(name)
-    sets = SETUP.get(name, []) + (TINY.get(name, []) if args.tiny else []) + (args.set or [])
+    sets = SETUP.get(name, []) + (TINY.get(name, []) if args.tiny else [])
+    sets += [f"trainer.batch_size={args.batch_size}", f"trainer.mixed_precision='{args.mixed_precision}'",
+             f"trainer.sample_every={10 ** 9}", f"trainer.checkpoint_every={10 ** 9}"]
     if args.lora_rank:
         sets.append(f"method.lora_rank={args.lora_rank}")
-    raw = merge_overrides(load_preset(cls.name, args.preset, args.data), sets)
-    mraw = dict(raw.get("method") or {})
-    if "data" in cls.Config.__dataclass_fields__:
-        mraw["data"] = args.data
-    teacher = load_teacher(args.teacher)
-    data = None
-    if cls.needs_data:
-        data = teacher.to_model_space(load_data(args.data, teacher.pixel_shape[-1], teacher.pixel_shape[0]))
-    torch.manual_seed(0)
-    method = cls(from_dict(cls.Config, mraw, "method."), teacher=teacher, data=data)
-    run = Path(tempfile.mkdtemp(prefix=f"throughput-{name}-"))
-    tcfg = TrainerConfig(steps=args.steps + 1, batch_size=args.batch_size, sample_every=10 ** 9,
-                         checkpoint_every=10 ** 9, mixed_precision=args.mixed_precision)
-    trainer = Trainer(method, tcfg, run, data=data)
-    method.on_fit_start(run, trainer.accelerator, tcfg.steps)
-    return method, trainer, run
-
-
-def step(trainer, k: int) -> None:
-    """The Trainer's step k as its loop runs it (logging and checkpoints aside)."""
-    trainer.step = k
-    trainer.train_step()
+    sets += args.set or []
+    data = args.data if get_method(name).needs_data else None  # data-free methods take no --data
+    run = prepare_run(RunRequest(name, tempfile.mkdtemp(prefix=f"throughput-{name}-"), args.teacher, args.preset,
+                                 data, sets, steps=args.steps + 1))
+    run.trainer.begin()  # the method gets its run (pair stores are filled here), generators are seeded
+    return run.method, run.trainer, run.out
 
 
 def loop_overhead(method, trainer, steps: int) -> dict:
     modules = backbones(method)
-    step(trainer, 0)  # warm-up (allocations, lazy initialisation)
+    trainer.train_step()  # step 0, a warm-up (allocations, lazy initialisation)
     step_s, pass_s, counts = [], [], []
-    for k in range(1, steps + 1):
+    for _ in range(steps):
         passes: list[Pass] = []
         with recording(modules, passes):
             _sync()
             t0 = time.perf_counter()
-            step(trainer, k)
+            trainer.train_step()  # step k, as the loop runs it (logging and checkpoints aside)
             _sync()
             step_s.append(time.perf_counter() - t0)
         pass_s.append(sum(time_pass(p, trainer.accelerator.autocast()) for p in passes))

@@ -20,26 +20,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 from diffusers.utils import logging
 
 from .samplers import SOLVERS, discrete_timesteps, dpmpp_update, parse_solver, solver_orders, unipc_update
-from .schedules import (PREDICTION_TYPES, DiscreteSigmas, append_dims, clip_x0, clipping_of, consistency_scalings,
-                        flow_match_alphas_cumprod, x0_scalings)
+from .schedules import (PREDICTION_TYPES, DiscreteSigmas, alphas_cumprod_of, append_dims, clip_x0, clipping_of,
+                        consistency_scalings, is_flow_matching, x0_from_output)
 
 logger = logging.get_logger(__name__)
-
-
-def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
-               trained_betas=None) -> torch.Tensor:
-    """The beta schedules of diffusers' DDPM/DDIM schedulers, computed the same way (float32)."""
-    if trained_betas is not None:
-        return torch.tensor(trained_betas, dtype=torch.float32)
-    T = num_train_timesteps
-    if beta_schedule == "linear":
-        return torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
-    if beta_schedule == "scaled_linear":
-        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float32) ** 2
-    if beta_schedule == "squaredcos_cap_v2":
-        abar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-        return torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=torch.float32)
-    raise ValueError(f"beta_schedule '{beta_schedule}' is not one of linear, scaled_linear, squaredcos_cap_v2")
 
 
 def check_timesteps(timesteps, num_train_timesteps: int) -> list[int]:
@@ -60,16 +44,6 @@ def check_timesteps(timesteps, num_train_timesteps: int) -> list[int]:
 def check_prediction_type(prediction_type: str) -> None:
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type '{prediction_type}' is not supported; use one of {', '.join(PREDICTION_TYPES)}")
-
-
-def x0_from_output(prediction_type: str, model_output, sample, sigma: float) -> torch.Tensor:
-    """A DDPM model's output at VP state `sample` and noise level sigma -> x0 (DiscreteDenoiser's scalings); "flow":
-    a flow-matching velocity u = eps - x0 at the flow state x_s, s = sigma / (1 + sigma): x0 = x_s - s u."""
-    if prediction_type == "flow":
-        return sample - sigma / (1 + sigma) * model_output
-    alpha = (1 + sigma**2) ** -0.5
-    c_skip, c_out = x0_scalings(prediction_type, sigma, alpha)
-    return c_skip * (sample / alpha) + c_out * model_output
 
 
 def step_index(timesteps: torch.Tensor, timestep) -> int:
@@ -103,12 +77,9 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
             check_prediction_type(prediction_type)
         if timesteps is not None:
             check_timesteps(timesteps, num_train_timesteps)
-        if flow_shift is not None:  # a flow-matching teacher's grid (FlowMatchEulerDiscreteScheduler, fixed shift)
-            self.alphas_cumprod = flow_match_alphas_cumprod(num_train_timesteps, flow_shift).float()
-            self.betas = 1 - self.alphas_cumprod / torch.cat([torch.ones(1), self.alphas_cumprod[:-1]])
-        else:
-            self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-            self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        self.alphas_cumprod = alphas_cumprod_of(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                                                flow_shift)
+        self.betas = 1 - self.alphas_cumprod / torch.cat([torch.ones(1), self.alphas_cumprod[:-1]])
         self.schedule = DiscreteSigmas(self.alphas_cumprod)
         self.timesteps = torch.tensor([], dtype=torch.long)
         self.num_inference_steps = None
@@ -329,8 +300,7 @@ class FlowEulerScheduler(SchedulerMixin, ConfigMixin):
         self.schedule = None
         if prediction_type != "flow":
             check_prediction_type(prediction_type)
-            betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-            self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+            self.alphas_cumprod = alphas_cumprod_of(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
             self.schedule = DiscreteSigmas(self.alphas_cumprod)
         self._clipping = clipping_of(self.config) or {}
         self._ts: list[float] = []
@@ -409,7 +379,7 @@ def scheduler_from_teacher(cls, teacher_scheduler, **overrides):
     import inspect
 
     config = teacher_scheduler.config
-    if "beta_schedule" not in config and "shift" in config:  # FlowMatchEulerDiscreteScheduler
+    if is_flow_matching(config):
         cfg = {"num_train_timesteps": config["num_train_timesteps"], "flow_shift": float(config["shift"]),
                "prediction_type": "flow", "noise_at_one": True}
     else:

@@ -6,6 +6,8 @@ sigma_t = sqrt((1 - alphabar_t) / alphabar_t) and x_VE = x_VP / sqrt(alphabar_t)
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -22,6 +24,16 @@ def x0_scalings(prediction_type: str, sigma, alpha):
     if prediction_type == "v_prediction":
         return alpha**2, -sigma * alpha
     return 0.0, 1.0
+
+
+def x0_from_output(prediction_type: str, model_output, sample, sigma: float) -> torch.Tensor:
+    """A DDPM model's output at VP state `sample` and noise level sigma -> x0 (DiscreteDenoiser's scalings); "flow":
+    a flow-matching velocity u = eps - x0 at the flow state x_s, s = sigma / (1 + sigma): x0 = x_s - s u."""
+    if prediction_type == "flow":
+        return sample - sigma / (1 + sigma) * model_output
+    alpha = (1 + sigma**2) ** -0.5
+    c_skip, c_out = x0_scalings(prediction_type, sigma, alpha)
+    return c_skip * (sample / alpha) + c_out * model_output
 
 
 MIN_ALPHABAR = 1e-10  # sigma <= 1e5: a terminal-SNR-0 step is read as pure noise at this finite sigma
@@ -63,6 +75,36 @@ def flow_match_alphas_cumprod(num_train_timesteps: int, shift: float = 1.0) -> T
     u = torch.arange(1, num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
     s = shift * u / (1 + (shift - 1) * u)
     return (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
+
+
+def is_flow_matching(config) -> bool:
+    """Whether a scheduler config is a flow-matching one (FlowMatchEulerDiscreteScheduler's: a shift, no betas)."""
+    return "beta_schedule" not in config and "shift" in config
+
+
+def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
+               trained_betas=None) -> torch.Tensor:
+    """The beta schedules of diffusers' DDPM/DDIM schedulers, computed the same way (float32)."""
+    if trained_betas is not None:
+        return torch.tensor(trained_betas, dtype=torch.float32)
+    T = num_train_timesteps
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        abar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=torch.float32)
+    raise ValueError(f"beta_schedule '{beta_schedule}' is not one of linear, scaled_linear, squaredcos_cap_v2")
+
+
+def alphas_cumprod_of(num_train_timesteps: int, beta_start: float = 0.0001, beta_end: float = 0.02,
+                      beta_schedule: str = "linear", trained_betas=None, flow_shift: float | None = None) -> Tensor:
+    """alphabar_t of a scheduler config, as the exported schedulers hold it: the cumulative product of diffusers'
+    betas (float32), or the flow-matching grid of `flow_shift` (float32)."""
+    if flow_shift is not None:
+        return flow_match_alphas_cumprod(num_train_timesteps, flow_shift).float()
+    return torch.cumprod(1.0 - make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas), 0)
 
 
 def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:

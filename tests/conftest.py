@@ -56,6 +56,72 @@ def zoo(tmp_path_factory, data):
     return out
 
 
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher):
+    """The tiny teacher loaded once per test module (a test that adapts the object it is given, as LoRA does, loads
+    its own)."""
+    from dstudio.distill.core.teacher import load_teacher
+
+    return load_teacher(tiny_teacher)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A tiny randomly initialised Stable-Diffusion-shaped pipeline (tests/tiny_sd.py), saved once as a folder."""
+    from tiny_sd import tiny_sd_pipeline
+
+    tmp = tmp_path_factory.mktemp("sd")
+    tiny_sd_pipeline(tmp).save_pretrained(tmp / "pipe")
+    return tmp / "pipe"
+
+
+@pytest.fixture(scope="session")
+def captioned_dir(tmp_path_factory):
+    """Six random 16x16 RGB images with captions in metadata.jsonl (Hugging Face's imagefolder layout)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("captioned")
+    rng = np.random.default_rng(0)
+    captions = ["a photo of a cat", "a red dog", "a blue cat", "a photo of digit one", "two dog", "a cat"]
+    rows = []
+    for i, caption in enumerate(captions):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one state per process (a launch fixes its precision): reset around a test that sets its own."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """`benchmark_script("throughput")`: a script of benchmarks/ imported as a module (they are not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory):
     """tiny_family(name) -> the folder of a tiny `name` pipeline (tests/tiny_families.py), saved once per session."""

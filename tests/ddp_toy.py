@@ -31,9 +31,9 @@ class Toy(Method):
         self.student = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 1))
 
     def phases(self):
-        return [Phase("fit", ("student",), lr=self.config.lr, grad_clip=None)]
+        return [Phase("fit", ("student",), loss=self.fit_loss, lr=self.config.lr, grad_clip=None)]
 
-    def loss(self, phase, batch, step):
+    def fit_loss(self, batch, step):
         if step == self.stop_at and int(os.environ.get("RANK", "0")) == 1:  # preemption reaching one rank only
             os.kill(os.getpid(), signal.SIGTERM)
         x, y = batch.images, batch.labels

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dstudio.distill.core.method import Batch
+from dstudio.distill.core.method import Batch, RunContext
 from dstudio.distill.methods.consistency import discretisation_steps, index_probabilities
 from dstudio.samplers import karras_sigmas
 from dstudio.samplers.schedules import consistency_scalings
@@ -52,14 +52,16 @@ def method(tiny_teacher):
     return Consistency(ConsistencyConfig(data="digits"), teacher=load_teacher(tiny_teacher))
 
 
-def test_huber_constant_and_loss_on_fixed_tensors(method):
+def test_huber_constant_and_loss_on_fixed_tensors(method, tmp_path):
     assert method.c == pytest.approx(0.00054 * math.sqrt(1 * 8 * 8))
     for p in method.student.model.parameters():  # F = 0: f(x, sigma) = c_skip(sigma) x, so the loss is known
         p.data.zero_()
-    method.total_steps = 80
     x0, labels = torch.randn(5, 1, 8, 8), torch.arange(5)
+    with pytest.raises(RuntimeError, match="step budget"):  # the curriculum's K comes from the run, given explicitly
+        method.consistency_loss(Batch.of(x0, labels), step=10)
+    method.bind(RunContext(tmp_path, steps=80))
     torch.manual_seed(3)
-    loss, logs = method.loss("consistency", Batch.of(x0, labels), step=10)  # K' = 10: N = 21
+    loss, logs = method.consistency_loss(Batch.of(x0, labels), step=10)  # K' = 10: N = 21
     assert logs["N"] == 21
     torch.manual_seed(3)
     grid = karras_sigmas(21, 0.002, 80.0).flip(0)
@@ -143,7 +145,7 @@ def test_init_teacher_keeps_the_boundary_within_sigma_min(tiny_teacher):
         assert (m.student(x, torch.tensor(lo), labels) - x).abs().max() < 10 * lo * x.abs().max()
 
 
-def test_dropout_defaults_and_the_same_mask_in_both_branches(tiny_teacher):
+def test_dropout_defaults_and_the_same_mask_in_both_branches(tiny_teacher, tmp_path):
     """iCT, sec. 3.1: dropout 0.3 from scratch (CIFAR-10), and the online and stop-gradient branches share the
     dropout RNG state, so with a fixed seed they drop the same units; the teacher-initialised student keeps 0."""
     from dstudio.distill.core.teacher import load_teacher
@@ -157,9 +159,9 @@ def test_dropout_defaults_and_the_same_mask_in_both_branches(tiny_teacher):
     masks = []
     for d in drops:
         d.register_forward_hook(lambda mod, args, out: masks.append((out == 0) & (args[0] != 0)))
-    m.total_steps = 80
+    m.bind(RunContext(tmp_path, steps=80))
     torch.manual_seed(0)
-    m.loss("consistency", Batch.of(torch.randn(6, 1, 8, 8), torch.arange(6)), step=10)
+    m.consistency_loss(Batch.of(torch.randn(6, 1, 8, 8), torch.arange(6)), step=10)
     target, online = masks[:len(drops)], masks[len(drops):]
     assert len(online) == len(drops) and any(t.any() for t in target)  # units were dropped
     for a, b in zip(target, online):

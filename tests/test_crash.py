@@ -286,8 +286,9 @@ def test_full_disk_is_one_line_from_the_cli(tiny_teacher, tmp_path, monkeypatch,
 
 # --- run folders: the lock, --overwrite, one log -----------------------------------------------------------------
 def test_run_folder_lock_and_overwrite(tmp_path):
+    from dstudio.distill.core.checkpoint import RunExistsError
     from dstudio.distill.core.io import RunLockedError, run_folder_lock, run_folder_locked
-    from dstudio.distill.core.trainer import RunExistsError, Trainer, TrainerConfig
+    from dstudio.distill.core.trainer import Trainer, TrainerConfig
     from dstudio.distill.data import digits8
     from dstudio.distill.methods.ddpm import DDPM, DDPMConfig
 

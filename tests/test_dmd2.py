@@ -56,7 +56,7 @@ def test_phases_touch_only_their_networks(dmd2, tmp_path):
     nets = {"student": dmd2.student, "fake_score": dmd2.fake_score, "head": dmd2.head, "teacher": dmd2.real_score}
     for phase, trained in ((trainer.phases[0], {"student"}), (trainer.phases[1], {"fake_score", "head"})):
         before = {k: _snap(v) for k, v in nets.items()}
-        trainer._run_phase(phase, [batch])
+        trainer.run_phase(phase, [batch])
         for k, v in nets.items():
             assert _moved(before[k], v) == (k in trained), (phase.name, k)
 
@@ -106,35 +106,14 @@ def test_bad_config_is_refused():
         from_dict(DMD2Config, {"lr_generator": "fast"})
 
 
-def captioned_folder(root, n=6, size=16):
-    """RGB images with a metadata.jsonl of captions (Hugging Face imagefolder layout)."""
-    import json
-
-    import numpy as np
-    from PIL import Image
-
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    captions = ["a photo of a cat", "a red dog", "a blue cat", "a photo of digit one", "two dog", "a cat"]
-    rows = []
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / f"{i}.png")
-        rows.append(json.dumps({"file_name": f"{i}.png", "text": captions[i % len(captions)]}))
-    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    return root
-
-
-def test_dmd2_on_a_tiny_text_pipeline(tmp_path):
+def test_dmd2_on_a_tiny_text_pipeline(tiny_sd_dir, captioned_dir, tmp_path):
     """Text-conditioned DMD2 with CFG on the real score and the GAN on VAE latents of captioned images; the
     export is a StableDiffusionPipeline running the one-step scheduler."""
     from diffusers import StableDiffusionPipeline
 
     from dstudio.app.cli import main
-    from tiny_sd import tiny_sd_pipeline
 
-    tiny_sd_pipeline(tmp_path).save_pretrained(tmp_path / "sd")
-    data = captioned_folder(tmp_path / "data")
-    args = ["distill", "dmd2", "--teacher", str(tmp_path / "sd"), "--data", str(data), "--out", str(tmp_path / "run"),
+    args = ["distill", "dmd2", "--teacher", str(tiny_sd_dir), "--data", str(captioned_dir), "--out", str(tmp_path / "run"),
             "--steps", "2", "--set", "trainer.batch_size=4", "--set", "trainer.sample_every=100",
             "--set", "method.critic_ratio=1", "--set", "method.guidance=3.0", "--set", "method.head_width=8"]
     assert main(args) == 0
@@ -146,12 +125,10 @@ def test_dmd2_on_a_tiny_text_pipeline(tmp_path):
     assert images.shape == (2, 16, 16, 3) and images.std() > 0 and pipe.scheduler.num_inference_steps == 1
 
 
-def test_text_teachers_need_captions_and_a_method_that_takes_them(tmp_path, capsys):
+def test_text_teachers_need_captions_and_a_method_that_takes_them(tiny_sd_dir, tmp_path, capsys):
     from dstudio.app.cli import main
-    from tiny_sd import tiny_sd_pipeline
 
-    tiny_sd_pipeline(tmp_path).save_pretrained(tmp_path / "sd")
-    base = ["--teacher", str(tmp_path / "sd"), "--steps", "1"]
+    base = ["--teacher", str(tiny_sd_dir), "--steps", "1"]
     assert main(["distill", "dmd2", *base, "--data", "mnist", "--out", str(tmp_path / "a")]) == 2
     assert "has no captions" in capsys.readouterr().err
     assert main(["distill", "consistency", *base, "--out", str(tmp_path / "b")]) == 2
@@ -166,7 +143,7 @@ def test_gan_head_noise_levels_span_all_steps_and_differ_for_real_and_fake(dmd2)
     dmd2.fake_score.register_forward_pre_hook(lambda mod, args: seen.append(args[1].detach().clone()))
     real, labels = digits8(8).images[:300], digits8(8).labels[:300]
     torch.manual_seed(0)
-    dmd2.loss("critic", Batch.of(real, labels), 0)
+    dmd2.critic_loss(Batch.of(real, labels), 0)
     assert len(seen) == 3  # DSM, then the head on the fake images, then on the real ones
     t_fake, t_real = (dmd2.schedule.sigma_to_t(s.double()).round().long() for s in seen[1:])
     assert not torch.equal(t_fake, t_real)

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 
 from dstudio.distill.core.trainer import Trainer, TrainerConfig
@@ -84,13 +83,6 @@ def _reference(trainer, seed=0, labels=LABELS, **kw):
         return m.sample(torch.tensor(labels), torch.Generator().manual_seed(seed), **kw)
 
 
-@pytest.fixture(scope="module")
-def teacher(tiny_teacher):
-    from dstudio.distill.core.teacher import load_teacher
-
-    return load_teacher(tiny_teacher)
-
-
 def test_dmd2_one_step_student(teacher, tmp_path):
     from dstudio.distill.methods.dmd2 import DMD2, DMD2Config
 
@@ -159,19 +151,15 @@ def test_searched_schedule(tiny_teacher, teacher, tmp_path):
     assert_same_images(got["images"][0], ref.clamp(-1, 1))
 
 
-def test_text_to_image_student(tmp_path):
+def test_text_to_image_student(tiny_sd_dir, captioned_dir, tmp_path):
     """DMD2 on the tiny Stable-Diffusion pipeline: the export is a StableDiffusionPipeline whose scheduler travels
     in the folder; prompts are the captions the student trained on."""
-    from test_dmd2 import captioned_folder
-    from tiny_sd import tiny_sd_pipeline
-
     from dstudio.distill.core.teacher import load_teacher
     from dstudio.distill.data import image_folder
     from dstudio.distill.methods.dmd2 import DMD2, DMD2Config
 
-    tiny_sd_pipeline(tmp_path).save_pretrained(tmp_path / "sd")
-    teacher = load_teacher(tmp_path / "sd")
-    data = teacher.to_model_space(image_folder(captioned_folder(tmp_path / "data"), resolution=16, channels=3))
+    teacher = load_teacher(tiny_sd_dir)
+    data = teacher.to_model_space(image_folder(captioned_dir, resolution=16, channels=3))
     torch.manual_seed(0)
     m = DMD2(DMD2Config(critic_ratio=1, head_width=8), teacher=teacher, data=data)
     trainer = Trainer(m, TrainerConfig(steps=1, batch_size=4, sample_every=100), tmp_path / "run", data=data)

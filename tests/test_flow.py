@@ -9,7 +9,6 @@ from torch import nn
 
 from dstudio.distill.core.flow import FlowView, anneal_beta, anneal_noise, sample_u_shaped, u_shaped_density
 from dstudio.distill.core.losses import ict_huber_c, pseudo_huber, rfpp_huber_c, rfpp_premetric
-from dstudio.distill.core.method import Batch
 
 SMOKE = {"num_pairs": 24, "shard_size": 10, "solver_steps": 3, "reflow_steps": 2}
 
@@ -206,16 +205,13 @@ def test_rf_student_initialised_from_teacher_is_the_teachers_ode(tiny_teacher):
     torch.testing.assert_close(got, want)
 
 
-def test_instaflow_on_a_tiny_text_pipeline(tmp_path):
+def test_instaflow_on_a_tiny_text_pipeline(tiny_sd_dir, tmp_path):
     """Text-conditioned reflow + distillation on an SD-shaped latent pipeline; the export is a StableDiffusionPipeline."""
     from diffusers import StableDiffusionPipeline
 
-    from tiny_sd import tiny_sd_pipeline
-
-    tiny_sd_pipeline(tmp_path).save_pretrained(tmp_path / "sd")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a cat\na red dog\n\n")
-    trainer, pipeline = _train("instaflow", tmp_path / "sd", tmp_path / "run", prompts=str(prompts), guidance=2.0)
+    trainer, pipeline = _train("instaflow", tiny_sd_dir, tmp_path / "run", prompts=str(prompts), guidance=2.0)
     pairs = trainer.method.pairs
     assert pairs["cond"].shape[:2] == (24, 8) and pairs["x1"].shape == (24, 4, 8, 8)
     pipe = StableDiffusionPipeline.from_pretrained(pipeline, trust_remote_code=True)
@@ -224,14 +220,11 @@ def test_instaflow_on_a_tiny_text_pipeline(tmp_path):
     assert images.shape == (2, 16, 16, 3) and images.std() > 0
 
 
-def test_text_teacher_without_prompts_is_refused(tmp_path):
+def test_text_teacher_without_prompts_is_refused(tiny_sd_dir, tmp_path):
     from dstudio.distill.core.errors import UserError
 
-    from tiny_sd import tiny_sd_pipeline
-
-    tiny_sd_pipeline(tmp_path).save_pretrained(tmp_path / "sd")
     with pytest.raises(UserError, match="needs prompts: give --prompts FILE"):
-        _train("instaflow", tmp_path / "sd", tmp_path / "run")
+        _train("instaflow", tiny_sd_dir, tmp_path / "run")
 
 
 def test_rf_distillation_pairs_come_from_the_2rf_student(tiny_teacher, tmp_path):
@@ -245,8 +238,9 @@ def test_rf_distillation_pairs_come_from_the_2rf_student(tiny_teacher, tmp_path)
         for s in trainer.ema.shadow:
             s.add_(0.01 * torch.randn_like(s))
     live = [p.detach().clone() for p in m.student.parameters()]
-    m.loss("distill", Batch.data_free(6), 2)
-    got = m.distill_set
+    source = m.phase("distill").batches()  # what the Trainer opens at the distillation's first step
+    got = source.pairs
+    assert got is m.distill_set and source.next(4, "cpu").z.shape == (4, *m.shape)
     assert (tmp_path / "pairs-2rf" / "manifest.json").is_file() and len(got["z"]) == SMOKE["num_pairs"]
     assert not torch.equal(got["z"], m.pairs["z"])  # fresh noise, not the teacher pairs' noise
     torch.testing.assert_close(got["cond"], m.pairs["cond"])  # balanced classes, as the teacher's pairs
@@ -272,11 +266,11 @@ def test_slimflow_annealing_reflow_is_plain_l2_and_the_guide_is_the_ema(tiny_tea
     m = trainer.method
     calls = []
 
-    def fake_lpips(a, b):  # stands in for the LPIPS network: counts its calls
+    def fake_perceptual(a, b):  # stands in for LPIPS: counts its calls
         calls.append(len(a))
         return (a - b).abs().flatten(1).mean(1)
 
-    m._lpips, m._teacher.decode = fake_lpips, (lambda x: x)
+    m.perceptual = fake_perceptual
     z, x1 = torch.randn(5, *m.shape), torch.randn(5, *m.shape)
     cond = torch.arange(5)
     torch.manual_seed(1)

@@ -129,20 +129,17 @@ def test_lora_rectified_flow(fresh_teacher, tmp_path):
     assert_same_images(got["images"][0], _reference(trainer, seed=1, steps=1))
 
 
-def test_lora_file_loads_into_the_teachers_sd_pipeline(tmp_path):
+def test_lora_file_loads_into_the_teachers_sd_pipeline(tiny_sd_dir, captioned_dir, tmp_path):
     """The exported LoRA on the teacher's own StableDiffusionPipeline (load_lora_weights) with the student's
     scheduler draws the fused student's images."""
     from diffusers import StableDiffusionPipeline
-    from test_dmd2 import captioned_folder
-    from tiny_sd import tiny_sd_pipeline
 
     from dstudio.distill.core.trainer import Trainer, TrainerConfig
     from dstudio.distill.data import image_folder
     from dstudio.distill.methods.dmd2 import DMD2, DMD2Config
 
-    tiny_sd_pipeline(tmp_path).save_pretrained(tmp_path / "sd")
-    teacher = load_teacher(tmp_path / "sd")
-    data = teacher.to_model_space(image_folder(captioned_folder(tmp_path / "data"), resolution=16, channels=3))
+    teacher = load_teacher(tiny_sd_dir)
+    data = teacher.to_model_space(image_folder(captioned_dir, resolution=16, channels=3))
     torch.manual_seed(0)
     m = DMD2(DMD2Config(critic_ratio=1, head_width=8, lr_generator=1e-2, lr_critic=1e-2, lora_rank=4, lora_alpha=2.0),
              teacher=teacher, data=data)
@@ -153,8 +150,8 @@ def test_lora_file_loads_into_the_teachers_sd_pipeline(tmp_path):
         return pipe(prompts, guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
 
     fused = StableDiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
-    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd")
-    bare = images(StableDiffusionPipeline.from_pretrained(tmp_path / "sd", scheduler=fused.scheduler))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    bare = images(StableDiffusionPipeline.from_pretrained(tiny_sd_dir, scheduler=fused.scheduler))
     pipe.scheduler = fused.scheduler
     pipe.load_lora_weights(folder / "lora")
     want = images(fused)

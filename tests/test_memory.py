@@ -10,13 +10,7 @@ from dstudio.distill.data import digits8
 from dstudio.distill.methods.dmd2 import DMD2, DMD2Config
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # conftest.py
 
 
 def _dmd2(tiny_teacher, rank):
@@ -33,9 +27,9 @@ def _dmd2(tiny_teacher, rank):
 def _grads(m, phase):
     torch.manual_seed(1)
     batch = Batch.of(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))
-    m.train_only(next(p for p in m.phases() if p.name == phase))
+    m.train_only(m.phase(phase))
     m.zero_grad(set_to_none=True)
-    m.loss(phase, batch, 0)[0].backward()
+    m.phase(phase).loss(batch, 0)[0].backward()
     return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
@@ -73,44 +67,29 @@ def test_frozen_weights_in_bf16_under_mixed_precision(tiny_teacher, tmp_path):
     assert next(unet.parameters()).dtype == torch.float32
 
 
-def test_text_teacher_conditions_are_computed_once(tmp_path):
+def test_text_teacher_conditions_are_computed_once(tiny_sd_dir, captioned_dir):
     """DMD2 on a text teacher encodes its captions and real images once, at construction; its steps never call the
     text encoder or the VAE encoder again."""
-    from test_dmd2 import captioned_folder
-    from tiny_sd import tiny_sd_pipeline
-
     from dstudio.distill.data import image_folder
 
-    tiny_sd_pipeline(tmp_path).save_pretrained(tmp_path / "sd")
-    teacher = load_teacher(tmp_path / "sd")
-    data = teacher.to_model_space(image_folder(captioned_folder(tmp_path / "data"), resolution=16, channels=3))
+    teacher = load_teacher(tiny_sd_dir)
+    data = teacher.to_model_space(image_folder(captioned_dir, resolution=16, channels=3))
     m = DMD2(DMD2Config(critic_ratio=1, head_width=8, lora_rank=2), teacher=teacher, data=data)
     calls = []
     for module in (teacher.pipeline.text_encoder, teacher.pipeline.vae.encoder):
         module.register_forward_hook(lambda *a, name=type(module).__name__: calls.append(name))
     batch = Batch.of(data.images[:2], torch.tensor([0, 1]))
     for phase in ("generator", "critic"):
-        m.loss(phase, batch, 0)[0].backward()
+        m.phase(phase).loss(batch, 0)[0].backward()
     assert calls == []
 
 
-def _memory_benchmark():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
-    spec = importlib.util.spec_from_file_location("memory_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_memory_benchmark_accounting_counts_the_adapters():
+def test_memory_benchmark_accounting_counts_the_adapters(benchmark_script):
     from diffusers import UNet2DConditionModel
 
     from dstudio.distill.core.lora import DEFAULT_TARGETS, LoraOptions, adapter_view
 
-    bench = _memory_benchmark()
+    bench = benchmark_script("memory")
     unet = UNet2DConditionModel(**bench.TINY_UNET)
     view = adapter_view(unet, "student", LoraOptions(lora_rank=4))
     assert bench.lora_parameter_count(unet.__class__(**bench.TINY_UNET), 4, DEFAULT_TARGETS) == \
@@ -120,9 +99,9 @@ def test_memory_benchmark_accounting_counts_the_adapters():
     assert sd15["lora_gb"] < 0.4 * sd15["full_gb"]
 
 
-def test_memory_benchmark_smoke(tmp_path):
+def test_memory_benchmark_smoke(benchmark_script, tmp_path):
     """--tiny runs a variant in a capped subprocess and records it; a variant over its cap is recorded as failed."""
-    bench = _memory_benchmark()
+    bench = benchmark_script("memory")
     ok = bench.main(["--tiny", "--steps", "1", "--variants", "lora", "--rank", "4", "--out", str(tmp_path / "m.json")])
     (row,) = ok["rows"]
     assert row["name"] == "lora" and row["status"] == "ok", row

@@ -45,9 +45,10 @@ class ToyOneStep(Method):
         self.sigma = float(teacher.denoiser.t_to_sigma(torch.tensor(self.t)))
 
     def phases(self):
-        return [Phase("student", ("student",), lr=self.config.lr)]
+        return [Phase("student", ("student",), loss=self.student_loss, lr=self.config.lr)]
 
-    def loss(self, phase, batch, step):
+    def student_loss(self, batch, step):
+        """Regression of the one-step student onto the teacher's x0 from pure noise (a test's)."""
         labels = torch.randint(0, self.num_classes, (batch.size,))
         x = start_noise(self.student, (batch.size, *self.shape), self.sigma)
         with torch.no_grad():
@@ -207,11 +208,14 @@ def test_method_flags_come_from_config_metadata():
     assert {"--target", "--pairs", "--prompts"} <= set(flags)
 
 
-def test_a_misspelt_phase_raises(tiny_teacher):
-    """loss(phase) dispatch is strict: a phase a method does not define trains no other loss."""
+def test_each_phase_carries_its_loss_and_a_misspelt_phase_raises(tiny_teacher):
+    """A phase names its own loss (no string dispatch); the forward the Trainer calls looks the phase up strictly,
+    so a name no phase has trains no other loss."""
     from dstudio.distill.core.teacher import load_teacher
     from dstudio.distill.methods.sim import SIM, SIMConfig
 
     method = SIM(SIMConfig(), teacher=load_teacher(tiny_teacher))
-    with pytest.raises(ValueError, match=r"method 'sim' has no loss for phase 'genrator' \(its phases: fake, generator\)"):
-        method.loss("genrator", Batch.data_free(2), 0)
+    assert [(p.name, p.loss.__name__) for p in method.phases()] == [("fake", "fake_loss"), ("generator", "generator_loss")]
+    assert method.phase("generator").loss == method.generator_loss
+    with pytest.raises(ValueError, match=r"method 'sim' has no phase 'genrator' \(its phases: fake, generator\)"):
+        method("genrator", Batch.data_free(2), 0)

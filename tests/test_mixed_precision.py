@@ -20,14 +20,7 @@ FAST = {  # options that keep a method's two steps small; a method not named her
 DISTILLERS = sorted(n for n, c in discover().items() if c.is_distiller)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """accelerate keeps one state per process (a launch fixes its precision); these runs share a process."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # conftest.py
 
 
 @pytest.mark.parametrize("method", DISTILLERS)
@@ -51,3 +44,59 @@ def test_bf16_autocast(method, tiny_teacher, tmp_path):
     assert all(p.dtype == torch.float32 for p in pipe.unet.parameters())
     images = pipe(class_labels=[0, 1], output_type="np").images
     assert images.shape[0] == 2 and torch.isfinite(torch.from_numpy(images)).all()
+
+
+def test_a_phase_batch_source_leaves_no_autocast_cast_to_its_loss(tmp_path):
+    """A phase's batch source opens in its own autocast region: weights it casts while other values are swapped in
+    (the 2-RF's EMA weights for its pairs) are not reused by the loss, which sees the live weights. (Opened inside the
+    loss's region, autocast's cache handed the first distillation step the EMA weights' bf16 casts.)"""
+    from dataclasses import dataclass
+
+    from torch import nn
+
+    from dstudio.distill.core.method import Batch, Method, Phase
+    from dstudio.distill.core.trainer import Trainer, TrainerConfig
+
+    class Source:
+        def next(self, size, device):
+            return Batch.data_free(size)
+
+    @dataclass
+    class ToyConfig:
+        lr: float = 0.1
+
+    class Toy(Method):
+        name, Config, needs_teacher, needs_data = "toy-source", ToyConfig, False, False
+
+        def __init__(self):
+            super().__init__(ToyConfig())
+            self.student = nn.Linear(4, 4)
+
+        def phases(self):
+            return [Phase("fit", ("student",), loss=self.fit_loss, lr=0.1, batches=self.open_source)]
+
+        def open_source(self):
+            with torch.no_grad():  # a forward with other weights in place, then the live ones back (EMA.applied)
+                live = self.student.weight.detach().clone()
+                self.student.weight.zero_()
+                self.student(torch.ones(1, 4))
+                self.student.weight.copy_(live)
+            return Source()
+
+        def fit_loss(self, batch, step):
+            self.seen = self.student(torch.ones(1, 4)).float()
+            return self.seen.sum(), {}
+
+        def sample(self, labels, generator):
+            return torch.zeros(len(labels), 1, 2, 2)
+
+        def export(self, path):
+            pass
+
+    m = Toy()
+    trainer = Trainer(m, TrainerConfig(steps=1, batch_size=2, mixed_precision="bf16"), tmp_path)
+    trainer.begin()
+    with torch.no_grad(), trainer.accelerator.autocast():
+        want = m.student(torch.ones(1, 4)).float()
+    trainer.train_step()
+    torch.testing.assert_close(m.seen.detach(), want)

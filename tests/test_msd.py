@@ -17,13 +17,6 @@ def test_contiguous_partition_gives_every_class_to_exactly_one_student():
         check_partition([[0, 1], [1, 2]], 3)
 
 
-@pytest.fixture(scope="module")
-def teacher(tiny_teacher):
-    from dstudio.distill.core.teacher import load_teacher
-
-    return load_teacher(tiny_teacher)
-
-
 def _msd(teacher, **kw):
     from dstudio.distill.data import digits8
 
@@ -44,7 +37,7 @@ def test_routing_uses_each_classes_own_student(teacher):
         seen.append(([i for i, s in enumerate(m.student) if s is student][0], idx.tolist()))
         return labels[idx].float().view(-1, 1)
 
-    out = m._routed(record, labels)
+    out = m.per_student(record, labels)
     assert out.view(-1).tolist() == labels.float().tolist()  # reassembled in batch order
     assert seen == [(0, [0, 1, 2]), (1, [3, 4, 5]), (2, [6, 7, 8, 9])]
     with pytest.raises(ConfigError, match="more than the teacher's 10 classes"):
@@ -89,9 +82,9 @@ def test_per_student_critics_see_only_their_students_classes(teacher, tmp_path):
     trainer = Trainer(m, TrainerConfig(steps=1, batch_size=8, sample_every=100), tmp_path, data=data)
     mine = data.labels < 3  # classes 0, 1, 2 belong to student 0
     batch = Batch.of(data.images[mine][:8], data.labels[mine][:8])
-    critic = [ph for ph in trainer.phases if ph.name == "critic"][0]
+    critic = m.phase("critic")
     before = [[p.detach().clone() for p in nn.parameters()] for nn in (*m.fake_score.nets, *m.head)]
-    trainer._run_phase(critic, [batch])
+    trainer.run_phase(critic, [batch])
     moved = [any(not torch.equal(a, b) for a, b in zip(snap, nn.parameters()))
              for snap, nn in zip(before, (*m.fake_score.nets, *m.head))]
     assert moved == [True, False, False, True, False, False]

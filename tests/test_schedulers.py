@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from dstudio.distill.core.denoiser import DiscreteDenoiser, FlowDenoiser
-from dstudio.distill.core.teacher import load_teacher
 from dstudio.samplers import (
     FlowEulerScheduler,
     SearchedScheduler,
@@ -25,11 +24,6 @@ def run_loop(unet, scheduler, z, labels, generator=None, **set_kwargs):
         out = unet(scheduler.scale_model_input(x, t), t, class_labels=labels).sample
         x = scheduler.step(out, t, x, generator=generator).prev_sample
     return x
-
-
-@pytest.fixture(scope="module")
-def teacher(tiny_teacher):
-    return load_teacher(tiny_teacher)
 
 
 @pytest.mark.parametrize("spacing", ["trailing", "leading"])

@@ -65,7 +65,7 @@ def test_sim_phases_and_export(tiny_teacher, tmp_path):
     m = SIM(SIMConfig(lr_generator=1e-3, lr_fake=1e-3), teacher=load_teacher(tiny_teacher))
     trainer = Trainer(m, TrainerConfig(steps=2, batch_size=8, sample_every=100, log_every=1), tmp_path)
     before = {k: [p.detach().clone() for p in getattr(m, k).parameters()] for k in ("student", "fake_score")}
-    trainer._run_phase(trainer.phases[0], [Batch.data_free(8)])
+    trainer.run_phase(m.phase("fake"), [Batch.data_free(8)])
     moved = {k: any(not torch.equal(a, b) for a, b in zip(before[k], getattr(m, k).parameters())) for k in before}
     assert moved == {"student": False, "fake_score": True}
     out = trainer.fit()
@@ -97,10 +97,10 @@ def test_generator_step_builds_a_fake_score_graph_only_for_sid(tiny_teacher, los
 
     torch.manual_seed(0)
     m = SIM(SIMConfig(loss=loss), teacher=load_teacher(tiny_teacher))
-    m.train_only(m.phases()[1])
+    m.train_only(m.phase("generator"))
     seen = []
     m.fake_score.model.register_forward_hook(lambda mod, args, out: seen.append(out.sample.requires_grad))
-    value, _ = m.loss("generator", Batch.data_free(4), 0)
+    value, _ = m.generator_loss(Batch.data_free(4), 0)
     value.backward()
     assert seen == [loss == "sid"]
     assert all(p.grad is None for p in m.fake_score.parameters())

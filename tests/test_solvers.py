@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from dstudio.distill.core.teacher import load_teacher
 from dstudio.samplers import SearchedScheduler, append_zero, scheduler_from_teacher
 from dstudio.samplers.samplers import SOLVERS, get_sampler, sample_solver
 
@@ -18,11 +17,6 @@ def run_loop(unet, scheduler, z, labels):
         out = unet(scheduler.scale_model_input(x, t), t, class_labels=labels).sample
         x = scheduler.step(out, t, x).prev_sample
     return x
-
-
-@pytest.fixture(scope="module")
-def teacher(tiny_teacher):
-    return load_teacher(tiny_teacher)
 
 
 def pure(teacher, solver, steps, z, labels, denoiser=None):

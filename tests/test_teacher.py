@@ -8,14 +8,6 @@ from dstudio.distill.core.teacher import TeacherError, load_teacher, teacher_fro
 from tiny_sd import tiny_sd_pipeline
 
 
-@pytest.fixture(scope="module")
-def tiny_sd_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sd")
-    pipe = tiny_sd_pipeline(tmp)
-    pipe.save_pretrained(tmp / "pipe")
-    return tmp / "pipe"
-
-
 def test_class_teacher(tiny_teacher):
     t = load_teacher(tiny_teacher)
     assert (t.kind, t.num_classes, t.sample_shape) == ("class", 10, (1, 8, 8))

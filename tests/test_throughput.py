@@ -1,35 +1,17 @@
 """benchmarks/throughput.py on tiny settings: every pass of a step is recorded and timed alone, and the export's
 pipeline is timed against its bare UNet (figures are the benchmark's business; here: they exist and add up)."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def _bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
-    spec = importlib.util.spec_from_file_location("throughput_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")  # conftest.py
 
 
 @pytest.mark.parametrize("method,rank,passes", [("dmd2", 4, 11), ("rectified_flow", 0, 1)])
-def test_throughput_smoke(tiny_teacher, tmp_path, method, rank, passes):
+def test_throughput_smoke(benchmark_script, tiny_teacher, tmp_path, method, rank, passes):
     out = tmp_path / "t.json"
-    result = _bench().main(["--tiny", "--methods", method, "--teacher", str(tiny_teacher), "--data", "digits",
+    result = benchmark_script("throughput").main(["--tiny", "--methods", method, "--teacher", str(tiny_teacher), "--data", "digits",
                             "--steps", "1", "--batch-size", "4", "--export-batch", "4", "--repeats", "1",
                             "--lora-rank", str(rank), "--set", "method.critic_ratio=1" if method == "dmd2" else
                             "trainer.seed=0", "--out", str(out)])
@@ -40,13 +22,13 @@ def test_throughput_smoke(tiny_teacher, tmp_path, method, rank, passes):
     assert json.loads(out.read_text())["rows"] == result["rows"]
 
 
-def test_replay_backpropagates_into_the_parameters_trainable_when_the_pass_ran():
+def test_replay_backpropagates_into_the_parameters_trainable_when_the_pass_ran(benchmark_script):
     """A critic pass recorded in the critic phase is replayed after the Trainer has moved on to the generator
     phase (the critic frozen): the replay must still compute its parameter gradients, or the step's passes are
     under-counted (SIM's step read 1.3-1.4x its passes for that reason), and leave the flags as it found them."""
     import torch
 
-    bench = _bench()
+    bench = benchmark_script("throughput")
     net = torch.nn.Linear(3, 3)
     passes = []
     with bench.recording([net], passes):

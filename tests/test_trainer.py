@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from dstudio.distill.core.method import Method, Phase, get_method
-from dstudio.distill.core.trainer import CHECKPOINT, DivergenceError, Trainer, TrainerConfig
+from dstudio.distill.core.checkpoint import CHECKPOINT
+from dstudio.distill.core.method import Method, Phase, RunContext, get_method
+from dstudio.distill.core.trainer import DivergenceError, Trainer, TrainerConfig
 from dstudio.distill.data import digits8
 from dstudio.distill.methods.ddpm import DDPM, DDPMConfig
 
@@ -36,24 +37,34 @@ class ToyTwoPhase(Method):
         self.calls = []
 
     def phases(self):
-        return [Phase("critic", ("critic",), lr=self.config.lr),
-                Phase("student", ("student",), lr=self.config.lr, every=self.config.every_b, start=self.config.start_b)]
+        return [Phase("critic", ("critic",), loss=self.critic_loss, lr=self.config.lr),
+                Phase("student", ("student",), loss=self.student_loss, lr=self.config.lr, every=self.config.every_b,
+                      start=self.config.start_b)]
 
-    def on_fit_start(self, run_dir, accelerator, steps):
-        self.calls.append(("fit", steps))
+    def on_start(self, context):
+        self.calls.append(("fit", context.steps))
 
     def on_phase_start(self, phase, step):
         self.calls.append(("start", phase.name, step))
 
-    def loss(self, phase, batch, step):
-        self.calls.append((step, phase))
+    def gap(self, batch, step):
         x = batch[0].flatten(1)
         out = self.critic(self.student(x) - self.teacher(x)).pow(2).mean()
         if step == self.config.nan_at:
             out = out * float("nan")
         if step == self.config.nan_grad_at:  # a finite loss (0) whose gradient is 0 * inf = nan
             out = out + (self.critic.weight * 0).abs().sqrt().sum()
-        return (out if phase == "critic" else -out), {"v": out.item()}
+        return out
+
+    def critic_loss(self, batch, step):
+        self.calls.append((step, "critic"))
+        out = self.gap(batch, step)
+        return out, {"v": out.item()}
+
+    def student_loss(self, batch, step):
+        self.calls.append((step, "student"))
+        out = self.gap(batch, step)
+        return -out, {"v": out.item()}
 
     def sample(self, labels, generator):
         return torch.tanh(self.student.weight[:, : labels.numel()].T.reshape(-1, 1, 2, 2))
@@ -84,10 +95,28 @@ def test_phases_touch_only_their_parameters(tmp_path):
         assert all(p.grad is None for n in (frozen, "teacher") for p in getattr(method, n).parameters())
         for p in getattr(method, trained).parameters():
             p.grad = None
-        trainer._run_phase(phase, [batch])
+        trainer.run_phase(phase, [batch])
         assert _changed(snaps[trained], getattr(method, trained))
         assert not _changed(snaps[frozen], getattr(method, frozen))
         assert not _changed(snaps["teacher"], method.teacher)
+
+
+def test_the_method_is_given_its_run_explicitly(tmp_path):
+    """begin() hands the method one RunContext (folder, accelerator, step budget, EMA): its averaged student reads
+    the EMA it was given; the Trainer writes no other attribute of the method."""
+    method = ToyTwoPhase(ToyConfig())
+    with method.averaged_student() as net:  # no run yet: the live weights
+        assert net is method.student and method.context is None
+    trainer = Trainer(method, TrainerConfig(steps=3, batch_size=4), tmp_path, data=digits8(8))
+    before = set(vars(method))
+    trainer.begin()
+    assert set(vars(method)) - before == {"context"} and method.calls == [("fit", 3)]
+    assert method.context == RunContext(tmp_path, trainer.accelerator, 3, trainer.ema)
+    with torch.no_grad():
+        trainer.ema.shadow[0].add_(1.0)
+    with method.averaged_student() as net:
+        torch.testing.assert_close(net.weight, trainer.ema.shadow[0])
+    assert trainer.train_step() and trainer.step == 1  # the public step: runs step 0, moves on
 
 
 def test_update_ratio_is_honoured(tmp_path):
@@ -103,7 +132,7 @@ def test_hooks_run_at_the_fit_and_at_each_phase_start_but_not_again_on_resume(tm
         export=False)
     hooks = [c for c in method.calls if c[0] in ("fit", "start")]
     assert hooks == [("fit", 5), ("start", "critic", 0), ("start", "student", 3)]
-    # a resume after step 4 starts inside both phases: on_fit_start again, no phase start
+    # a resume after step 4 starts inside both phases: on_start again (the run's new budget), no phase start
     resumed = ToyTwoPhase(ToyConfig(start_b=3))
     Trainer(resumed, TrainerConfig(steps=6, batch_size=4, checkpoint_every=2), tmp_path, data=digits8(8)).fit(
         resume=True, export=False)
@@ -197,7 +226,7 @@ def test_registry_names_methods():
 def test_linear_warmup_per_phase(tmp_path):
     """trainer.warmup_steps: lr x min(1, (k + 1) / W) at the phase's k-th step (DMD2 warms up 500 steps, RF and
     SlimFlow 5k), counted from each phase's start; a function of the step alone, so resume needs no state."""
-    ph = Phase("distill", ("student",), lr=2.0, start=10)
+    ph = Phase("distill", ("student",), loss=None, lr=2.0, start=10)
     assert [ph.lr_at(s, 4) for s in (10, 11, 13, 20)] == [0.5, 1.0, 2.0, 2.0]
     assert ph.lr_at(10, 0) == 2.0
     method = ToyTwoPhase(ToyConfig(lr=0.1))

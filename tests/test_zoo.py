@@ -49,6 +49,32 @@ def test_teachers_load_by_components(zoo):
     assert kinds["v-zero-snr"].denoiser.sigma_max > 1e3  # alphabar_T = 2^-24: pure noise at the last step
 
 
+@pytest.mark.parametrize("name", [*ZOO, "shipped"])
+def test_exported_schedulers_and_the_denoiser_share_one_noise_schedule(zoo, name):
+    """The denoiser reads the teacher scheduler's alphas_cumprod; each exported scheduler rebuilds them from the
+    config (diffusers' betas, or the flow-matching grid): both give the same sigma at every training step (bit for
+    bit; to float32 rounding where diffusers rescaled the betas to zero terminal SNR and the export carries them as
+    trained_betas), and the time input a scheduler feeds the model at a noise level is the denoiser's c_noise."""
+    from dstudio.samplers import FlowEulerScheduler, SearchedScheduler, StudentScheduler, scheduler_from_teacher
+
+    teacher = load_teacher(None if name == "shipped" else zoo[name])
+    d = teacher.denoiser
+    steps = [teacher.num_train_timesteps - 1, 500, 37, 0]
+    sigmas = d.t_to_sigma(torch.tensor(steps, dtype=torch.float64))
+    rtol = 1e-5 if teacher.scheduler.config.get("rescale_betas_zero_snr") else 0.0
+    for cls in (StudentScheduler, SearchedScheduler, FlowEulerScheduler):
+        own = {"prediction_type": d.prediction_type} if cls is FlowEulerScheduler else {}  # the flow students'
+        sched = scheduler_from_teacher(cls, teacher.scheduler, **own)
+        if sched.schedule is not None:  # a discrete schedule (all but a flow teacher's velocity Euler)
+            torch.testing.assert_close(sched.schedule.sigmas, d.schedule.sigmas, rtol=rtol, atol=0)
+        if cls is FlowEulerScheduler:
+            sched.set_timesteps(sigmas=sigmas.tolist())
+        else:
+            sched.set_timesteps(timesteps=steps)
+        torch.testing.assert_close(sched.timesteps.double(), d.c_noise(sigmas).double(), rtol=1e-5, atol=1e-3,
+                                   msg=f"{name}, {cls.__name__}")
+
+
 def test_sample_cli_on_a_class_conditional_ddpm_pipeline_folder(zoo, tmp_path):
     """The issue's case: a class-conditional UNet saved as DDPMPipeline, which DDPMPipeline itself cannot call."""
     from dstudio.app.cli import main

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from dstudio.app.studio.safety import check
+from dstudio.distill.core.pipeline_dstudio import classes_of
 from dstudio.distill.evaluation.protocol import timed
 
 MAX_STEPS = 100           # sampling steps in Compare (the slider's end)
@@ -110,7 +111,7 @@ def _condition(entry: Entry, pipe, class_label: int | None, prompt: str, num_ima
     if hasattr(pipe, "tokenizer"):
         check(bool(prompt.strip()), f"pipeline '{entry.name}' is text-to-image: give a prompt")
         return {"prompt": [prompt] * num_images}
-    n_cls = (pipe.unet.config.num_class_embeds or 1) - 1
+    n_cls = classes_of(pipe.unet.config.num_class_embeds)
     if n_cls <= 0:
         return {"batch_size": num_images}
     label = 0 if class_label is None else int(class_label)

@@ -78,9 +78,9 @@ def flow_shift(config, image_seq_len: int) -> float:
 
 
 def is_flow(scheduler) -> bool:
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from dstudio.samplers.schedules import is_flow_matching
 
-    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+    return is_flow_matching(scheduler.config)
 
 
 def stock_scheduler(scheduler):

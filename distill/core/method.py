@@ -13,7 +13,8 @@ import importlib.metadata
 import os
 import pkgutil
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from pathlib import Path
+from typing import Any, Callable, ClassVar, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -22,12 +23,27 @@ from dstudio.distill.core.config import ConfigError, require
 from dstudio.distill.core.errors import one_line
 
 
+class BatchSource(Protocol):
+    """Where a phase draws its micro-batches from when they are not the run's data (e.g. reflow pairs)."""
+
+    def next(self, size: int, device) -> Any:
+        """One micro-batch of `size` examples on `device`."""
+
+
+Loss = Callable[[Any, int], "tuple[Tensor, dict[str, float]]"]  # (micro-batch, step) -> (loss, logged terms)
+
+
 @dataclass(frozen=True)
 class Phase:
-    """One update: the submodules it trains, how often it runs and its optimiser settings."""
+    """One update: the submodules it trains, its loss, how often it runs and its optimiser settings.
+
+    `loss(batch, step)` is called by the Trainer on each micro-batch of the phase's steps; `batches`, when given,
+    opens the phase's own batch source (called once, at the phase's first step in a run or a resume), which then
+    replaces the run's data batches for this phase."""
 
     name: str
     modules: tuple[str, ...]
+    loss: Loss
     lr: float
     every: int = 1
     betas: tuple[float, float] = (0.9, 0.999)
@@ -35,6 +51,7 @@ class Phase:
     grad_clip: float | None = 1.0
     start: int = 0
     stop: int | None = None
+    batches: Callable[[], BatchSource] | None = None
 
     def active(self, step: int) -> bool:
         """Runs on steps start, start + every, ... before stop."""
@@ -64,8 +81,19 @@ class Batch(NamedTuple):
         return cls(None, None, size)
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What a method is given for one run, explicitly, before its first step (and again on --resume)."""
+
+    run_dir: Path
+    accelerator: Any = None  # accelerate's Accelerator: device, processes, wait_for_everyone
+    steps: int = 0           # the run's step budget (trainer.steps)
+    ema: Any = None          # the Trainer's EMA of student_net() (None: no averaging)
+
+
 class Method(nn.Module, abc.ABC):
-    """Base class. Subclasses set `name`, `Config` (a dataclass) and implement phases/loss/sample/export."""
+    """Base class. Subclasses set `name`, `Config` (a dataclass) and implement phases (each with its loss), sample
+    and export."""
 
     name: ClassVar[str] = ""
     Config: ClassVar[type]
@@ -75,8 +103,8 @@ class Method(nn.Module, abc.ABC):
     text_teachers: ClassVar[bool] = False  # whether it distils text-to-image (latent) teachers
     student_module: ClassVar[str] = "student"
     trains_on: ClassVar[str] = ""  # what it learns from, when not images (said when --data is given)
-    ema = None  # the Trainer's EMA of student_net(), set when a Trainer takes the method
     num_classes: int = 0  # class labels of the sample grids (0: unconditional)
+    context: RunContext | None = None  # the run it trains in, given by `bind`
 
     def __init__(self, config, teacher=None, data=None):
         super().__init__()
@@ -85,11 +113,7 @@ class Method(nn.Module, abc.ABC):
     # --- what subclasses define -----------------------------------------------------------------
     @abc.abstractmethod
     def phases(self) -> list[Phase]:
-        """The update phases, in the order they run within a step."""
-
-    @abc.abstractmethod
-    def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        """The loss of `phase` on one micro-batch; a phase it does not define raises `unknown_phase(phase)`."""
+        """The update phases, in the order they run within a step; each carries its loss."""
 
     @abc.abstractmethod
     def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
@@ -100,24 +124,33 @@ class Method(nn.Module, abc.ABC):
         """Write the student as a diffusers pipeline folder at `path`."""
 
     # --- optional hooks ---------------------------------------------------------------------------
-    def on_fit_start(self, run_dir, accelerator, steps: int) -> None:
-        """Called once before training (and on --resume) with the run folder and the total number of steps."""
+    def on_start(self, context: RunContext) -> None:
+        """Called once before training (and on --resume) with the run context: set-up that needs the run."""
 
     def on_phase_start(self, phase: Phase, step: int) -> None:
         """Called before a phase's first update (at its `start` step; not again when a resume comes after it)."""
-
-    def unknown_phase(self, phase: str) -> ValueError:
-        """The error `loss` raises for a phase it has no loss for (a misspelt Phase name must not train another loss)."""
-        names = ", ".join(p.name for p in self.phases())
-        return ValueError(f"method '{self.name}' has no loss for phase '{phase}' (its phases: {names})")
 
     def checkpoint_modules(self) -> list[str]:
         """Submodules whose state a checkpoint keeps: the trained ones, plus any a method adds (a frozen guide)."""
         return self.trainable_modules()
 
     # --- shared machinery -------------------------------------------------------------------------
-    def forward(self, phase: str, batch, step: int):
-        return self.loss(phase, batch, step)
+    def bind(self, context: RunContext) -> None:
+        """Give the method its run (the Trainer does, before the first step and on --resume), then `on_start`."""
+        self.context = context
+        self.on_start(context)
+
+    def phase(self, name: str) -> Phase:
+        """The phase called `name`."""
+        phases = self.phases()
+        for p in phases:
+            if p.name == name:
+                return p
+        raise ValueError(f"method '{self.name}' has no phase '{name}' (its phases: {', '.join(p.name for p in phases)})")
+
+    def forward(self, phase: str, batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        """Phase `phase`'s loss on one micro-batch: the Trainer calls it through the (data-parallel) model."""
+        return self.phase(phase).loss(batch, step)
 
     def student_net(self) -> nn.Module:
         """The network that is averaged (EMA) and exported: the attribute named by `student_module`."""
@@ -125,11 +158,12 @@ class Method(nn.Module, abc.ABC):
 
     @contextlib.contextmanager
     def averaged_student(self):
-        """The student with its EMA weights swapped in for the block (its live weights when no EMA is set)."""
-        if self.ema is None:
+        """The student with its run's EMA weights swapped in for the block (its live weights without an EMA)."""
+        ema = self.context.ema if self.context else None
+        if ema is None:
             yield self.student_net()
         else:
-            with self.ema.applied(self.student_net()) as net:
+            with ema.applied(self.student_net()) as net:
                 yield net
 
     def phase_parameters(self, phase: Phase) -> list[nn.Parameter]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -21,7 +22,7 @@ from dstudio.distill.core.io import atomic_path, drop_stale_temps, save_torch
 from dstudio.distill.core.signals import Stopped, received
 
 MANIFEST = "manifest.json"
-SOLVERS = ("dpmpp", "heun")
+SOLVERS = ("dpmpp", "heun")  # the teacher-ODE solvers of a store: samplers.get_sampler names (DPM-Solver++ 2M, Heun)
 
 
 class PairStoreError(UserError):
@@ -39,6 +40,32 @@ def solve_teacher_ode(teacher, z: Tensor, cond, solver: str = "dpmpp", steps: in
     sigmas = sigmas.to(z.device)
     x = start_state(d, z, sigmas[0])  # unit noise in the teacher's own state at its noisiest step
     return get_sampler(solver)(teacher.for_sampling(guidance), x, sigmas, cond)
+
+
+class Pairs(NamedTuple):
+    """A micro-batch of reflow pairs: noise z, the sample x1 its ODE reaches, and its condition (None: none)."""
+
+    z: Tensor
+    x1: Tensor
+    cond: Tensor | None
+
+    @property
+    def size(self) -> int:
+        return len(self.z)
+
+
+class PairBatches:
+    """A loaded pair store as a batch source the Trainer streams: each draw takes `size` pairs uniformly at random
+    with the global torch generator (whose state a checkpoint keeps, so a resume draws the same pairs)."""
+
+    def __init__(self, pairs: dict[str, Tensor | None]):
+        self.pairs = pairs
+
+    def next(self, size: int, device) -> Pairs:
+        idx = torch.randint(0, len(self.pairs["z"]), (size,))
+        cond = self.pairs["cond"]
+        return Pairs(self.pairs["z"][idx].to(device), self.pairs["x1"][idx].to(device),
+                     None if cond is None else cond[idx].to(device))
 
 
 class PairStore:

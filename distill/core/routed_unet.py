@@ -2,7 +2,8 @@
 
 Self-contained (torch and diffusers only): export.ship_class copies it into exported folders as
 `unet/routed_unet.py`, named in model_index.json as ["routed_unet", "RoutedUNet2DModel"], so plain diffusers
-loads it with `trust_remote_code=True`. The null label (classifier-free guidance) goes to student 0.
+loads it with `trust_remote_code=True`. Labels no student owns, the null label (classifier-free guidance, see
+pipeline_dstudio.class_embeddings) among them, go to student 0.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from dstudio.distill.core.denoiser import (PREDICTION_TYPES, CFGDenoiser, ClippedDenoiser, DiscreteDenoiser,
                                            FlowMatchDenoiser)
 from dstudio.distill.core.errors import UserError
-from dstudio.samplers.schedules import clipping_of
+from dstudio.samplers.schedules import clipping_of, is_flow_matching
 
 DEFAULT_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "mnist16-teacher"
 SUPPORTED = ("DDPMPipeline-style: a UNet2DModel (unconditional or class-conditional) + a DDPM-family scheduler "
@@ -284,7 +284,7 @@ def teacher_from_pipeline(pipe, source: str = "<pipeline>") -> Teacher:
     if unet is None or scheduler is None:
         raise TeacherError(f"unsupported pipeline {type(pipe).__name__} ('{source}'): it has no unet/scheduler; "
                            f"supported: {'; '.join(SUPPORTED)}")
-    flow = _is_flow_scheduler(scheduler)
+    flow = is_flow_matching(scheduler.config)
     if (getattr(scheduler, "alphas_cumprod", None) is None and not flow) or (flow and isinstance(
             unet, UNet2DConditionModel)):
         raise TeacherError(f"unsupported scheduler {type(scheduler).__name__} ('{source}'): it has no discrete "
@@ -306,27 +306,21 @@ def teacher_from_pipeline(pipe, source: str = "<pipeline>") -> Teacher:
         teacher = Teacher(pipe, denoiser, "text", 0, shape, source, clipping=clipping)
         teacher.null_cond = teacher.encode_prompts([""])
         return teacher
+    from dstudio.distill.core.pipeline_dstudio import classes_of
     from dstudio.distill.core.routed_unet import RoutedUNet2DModel
 
     if not isinstance(unet, (UNet2DModel, RoutedUNet2DModel)):
         raise TeacherError(f"unsupported backbone {type(unet).__name__} ('{source}'); supported: {'; '.join(SUPPORTED)}")
-    n = unet.config.num_class_embeds
-    if n:
-        # dstudio teachers keep one extra embedding, the null label, for classifier-free guidance.
-        return Teacher(pipe, denoiser, "class", n - 1, shape, source, torch.tensor(n - 1), clipping)
+    n = classes_of(unet.config.num_class_embeds)
+    if n:  # the null label (classifier-free guidance) is the class embedding after the classes
+        return Teacher(pipe, denoiser, "class", n, shape, source, torch.tensor(n), clipping)
     return Teacher(pipe, denoiser, "uncond", 0, shape, source, clipping=clipping)
-
-
-def _is_flow_scheduler(scheduler) -> bool:
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
 
 
 def _teacher_denoiser(unet, scheduler, source: str) -> DiscreteDenoiser:
     """The teacher's x0 denoiser: a flow-matching velocity model or a DDPM model of the scheduler's prediction type."""
     cfg = scheduler.config
-    if _is_flow_scheduler(scheduler):
+    if is_flow_matching(scheduler.config):
         odd = [k for k in ("use_dynamic_shifting", "invert_sigmas", "shift_terminal", "use_karras_sigmas",
                            "use_exponential_sigmas", "use_beta_sigmas") if cfg.get(k)]
         if odd:
@@ -345,6 +339,6 @@ def reference_scheduler(scheduler):
     family, its own Euler for flow matching."""
     import diffusers
 
-    if _is_flow_scheduler(scheduler):
+    if is_flow_matching(scheduler.config):
         return diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
     return diffusers.DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing")

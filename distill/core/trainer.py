@@ -5,11 +5,8 @@ import contextlib
 import json
 import math
 import random
-import shutil
 import sys
 import time
-import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,54 +17,15 @@ import yaml
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from dstudio.distill.core.checkpoint import (CHECKPOINT, CHECKPOINT_FORMAT, RunStart, clear_run, dstudio_version,
+                                             open_run_folder, rng_state, set_rng_state, trim_log)
 from dstudio.distill.core.config import require, to_dict
 from dstudio.distill.core.errors import UserError
 from dstudio.distill.core.images import collapse_reason, save_grid
 from dstudio.distill.core.io import append_line, atomic_path, drop_stale_temps, run_folder_lock, save_torch
 from dstudio.distill.core.memory import cast_frozen, enable_gradient_checkpointing, frozen_dtype
-from dstudio.distill.core.method import Batch, Method, Phase
+from dstudio.distill.core.method import Batch, BatchSource, Method, Phase, RunContext
 from dstudio.distill.core.signals import Stopped, stop_requested, stop_signals
-
-CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = 2  # tensors and plain data only, loaded with weights_only=True
-RUN_MARKERS = (CHECKPOINT, "pipeline")  # what makes a folder hold a run
-RUN_OUTPUTS = (CHECKPOINT, "pipeline", "log.jsonl", "samples", "config.yaml", "eval.json")  # what --overwrite clears
-# Config keys a --resume may change: run length, logging, learning rates. Any other difference changes the
-# networks or what they learn, and is refused.
-RESUMABLE_TRAINER_KEYS = {"steps", "batch_size", "grad_accum", "ema_decay", "log_every", "sample_every",
-                          "checkpoint_every", "grid_per_class", "mixed_precision", "cpu", "deterministic",
-                          "gradient_checkpointing"}
-RESUMABLE_METHOD_KEYS = {"pairs"}
-
-
-def resumable_key(section: str, key: str) -> bool:
-    if section == "trainer":
-        return key in RESUMABLE_TRAINER_KEYS
-    return key in RESUMABLE_METHOD_KEYS or key == "lr" or key.startswith("lr_")
-
-
-class RunExistsError(UserError):
-    """A fresh run into a folder that holds a run."""
-
-
-def check_run_folder(run_dir: str | Path, resume: bool, overwrite: bool, markers=RUN_MARKERS) -> None:
-    """Refuse to silently reuse a run folder: a fresh run needs an empty one or --overwrite."""
-    run_dir = Path(run_dir)
-    if resume and overwrite:
-        raise UserError("give --resume (continue the run) or --overwrite (start over), not both")
-    if not resume and not overwrite and any((run_dir / m).exists() for m in markers):
-        raise RunExistsError(f"{run_dir} holds a run: --resume to continue, --overwrite to start over")
-
-
-def clear_run(run_dir: Path, names=RUN_OUTPUTS) -> None:
-    """--overwrite: remove a previous run's outputs (a pair store, a cache of teacher samples, is kept)."""
-    for name in names:
-        p = run_dir / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
 
 @dataclass
 class TrainerConfig:
@@ -179,89 +137,11 @@ def cpu_only() -> bool:
     return not (torch.cuda.is_available() or torch.backends.mps.is_available())
 
 
-def _rng_state() -> dict:
-    """Every generator's state as tensors and lists (nothing that needs unpickling code)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, py_gauss = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
-             "python": [version, list(internal), py_gauss]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, py_gauss = state["python"]
-    random.setstate((version, tuple(internal), py_gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def dstudio_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("dstudio")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def read_checkpoint(path: Path) -> dict:
-    """A checkpoint's state, loaded with weights_only=True: a file holding anything but tensors and plain data
-    (a crafted pickle, an old-format checkpoint) is refused without running any of it."""
-    if not path.is_file():
-        raise UserError(f"--resume: no {CHECKPOINT} in '{path.parent}'; start without --resume")
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"checkpoint '{path}' is corrupt (not a torch zip file); --overwrite starts over")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged zip
-        if "Weights only load failed" in str(e):
-            raise UserError(f"checkpoint '{path}' holds objects other than tensors and plain data (an older "
-                            f"dstudio's checkpoint, or a crafted file): refused without unpickling it; "
-                            f"--overwrite starts over") from None
-        raise UserError(f"checkpoint '{path}' is corrupt ({type(e).__name__}); --overwrite starts over") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"checkpoint '{path}' is not a dstudio checkpoint of format {CHECKPOINT_FORMAT} (an older "
-                        f"dstudio's?); --overwrite starts over")
-    return state
-
-
-def config_changes(old: dict, new: dict) -> dict[str, tuple]:
-    """{section.key: (old, new)} for every trainer/method value that differs between two resolved configs."""
-    diff = {}
-    for section in ("trainer", "method"):
-        a, b = old.get(section) or {}, new.get(section) or {}
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                diff[f"{section}.{key}"] = (a.get(key), b.get(key))
-    return diff
-
-
-def check_resume(state: dict, method_name: str, config: dict, run_dir: Path) -> dict[str, tuple]:
-    """Refuse a resume by another method or with a config that changes what is trained; return the allowed
-    changes (run length, logging, learning rates)."""
-    made_by = state.get("method")
-    if made_by != method_name:
-        raise UserError(f"run '{run_dir}' was made by method '{made_by}', not '{method_name}': resume it with "
-                        f"{made_by}, or use another --out (--overwrite starts over)")
-    diff = config_changes(json.loads(state["config"]), json.loads(json.dumps(config)))  # tuples as lists
-    refused = [k for k in diff if not resumable_key(*k.split(".", 1))]
-    if refused:
-        detail = ", ".join(f"{k} ({diff[k][0]!r} -> {diff[k][1]!r})" for k in refused)
-        raise UserError(f"--resume with a config that changes what run '{run_dir}' trains: {detail}; resume with "
-                        f"its config.yaml values, or --overwrite to start over")
-    return diff
-
-
 class Trainer:
-    """Runs a Method's phases for `config.steps` steps in `run_dir` and exports its student."""
+    """Runs a Method's phases for `config.steps` steps in `run_dir` and exports its student.
+
+    `fit()` is the whole run. Step by step (a benchmark's loop): `begin()` once, then `train_step()` per step;
+    `run_phase(phase, batches)` runs one phase's update on given micro-batches."""
 
     def __init__(self, method: Method, config: TrainerConfig, run_dir: str | Path, data=None,
                  resolved_config: dict | None = None):
@@ -287,12 +167,13 @@ class Trainer:
         # `model` is what runs the losses (DDP-wrapped on many processes); `method` stays the plain module.
         self.model, *optimizers = self.accelerator.prepare(self.method, *optimizers)
         self.optimizers = {ph.name: opt for ph, opt in zip(self.phases, optimizers)}
-        self.ema = method.ema = EMA(method.student_net(), config.ema_decay)
+        self.ema = EMA(method.student_net(), config.ema_decay)
         self.stream = None
         if method.needs_data:
             require(data is not None, f"method {method.name} needs a data set")
             self.stream = BatchStream(data, config.batch_size, config.seed,
                                       self.accelerator.process_index, self.accelerator.num_processes)
+        self.sources: dict[str, BatchSource] = {}  # the phases' own batch sources, opened at their first step
         self.step = 0
         self.collapse_warnings: list[str] = []  # what the periodic sample check found, for the final report
         self.resolved_config = resolved_config or {"trainer": to_dict(config), "method": to_dict(method.config)}
@@ -300,6 +181,10 @@ class Trainer:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    def context(self) -> RunContext:
+        """What the method is given for this run: folder, accelerator, step budget and EMA."""
+        return RunContext(self.run_dir, self.accelerator, self.config.steps, self.ema)
 
     # --- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -312,7 +197,7 @@ class Trainer:
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
             "ema": self.ema.state_dict(),
             "stream": self.stream.state_dict() if self.stream else None,
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "config": json.dumps(self.resolved_config),
         }
 
@@ -323,17 +208,10 @@ class Trainer:
 
     def load_checkpoint(self) -> None:
         """Check the run folder's checkpoint against this run, then restore it."""
-        self._restore(self._read_checked_checkpoint())
+        self.restore(open_run_folder(self.run_dir, True, False, self.method.name, self.resolved_config).state)
 
-    def _read_checked_checkpoint(self) -> dict:
-        state = read_checkpoint(self.run_dir / CHECKPOINT)
-        changes = check_resume(state, self.method.name, self.resolved_config, self.run_dir)
-        if changes and self.is_main:
-            print("dstudio: resuming with " + ", ".join(f"{k}={new!r} (was {old!r})"
-                                                        for k, (old, new) in changes.items()), file=sys.stderr)
-        return state
-
-    def _restore(self, state: dict) -> None:
+    def restore(self, state: dict) -> None:
+        """Networks, optimisers (with this run's learning rates), EMA, data order, RNG and step from a checkpoint."""
         try:
             for name, sd in state["modules"].items():
                 getattr(self.method, name).load_state_dict(sd)
@@ -350,15 +228,40 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         if self.stream and state["stream"]:
             self.stream.load_state_dict(state["stream"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         self.step = state["step"]
 
-    # --- the loop ---------------------------------------------------------------------------------
-    def _run_phase(self, phase: Phase, batches: list) -> dict[str, float]:
+    # --- the steps --------------------------------------------------------------------------------
+    def begin(self, state: dict | None = None) -> None:
+        """Make the run ready for its first step: give the method its run context, then restore `state` (a
+        checkpoint's) or seed every generator."""
+        self.method.bind(self.context())
+        self.sources = {}
+        if state is not None:
+            self.restore(state)
+        else:
+            torch.manual_seed(self.config.seed + self.accelerator.process_index)
+            np.random.seed(self.config.seed)
+            random.seed(self.config.seed)
+
+    def micro_batches(self, phase: Phase, batches: list):
+        """The phase's micro-batches: the given ones, or as many drawn from its own source, each just before its loss
+        runs. The source opens at its first use under autocast, in a region of its own: a cast it caches (of weights
+        swapped in to make its batches, an EMA) must not reach the losses."""
+        if phase.batches is None:
+            yield from batches
+            return
+        if phase.name not in self.sources:
+            with self.accelerator.autocast():
+                self.sources[phase.name] = phase.batches()
+        for batch in batches:
+            yield self.sources[phase.name].next(batch.size, self.accelerator.device)
+
+    def run_phase(self, phase: Phase, batches: list) -> dict[str, float]:
+        """One optimiser update of `phase` on its micro-batches (gradients summed), clipped; its logged terms."""
         self.method.train_only(phase)
-        opt = self.optimizers[phase.name]
         totals: dict[str, float] = {}
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(self.micro_batches(phase, batches)):
             # gradients of all but the last micro-batch stay local: DDP all-reduces once, at the last backward
             sync = contextlib.nullcontext() if i == len(batches) - 1 else self.accelerator.no_sync(self.model)
             with sync:
@@ -373,9 +276,13 @@ class Trainer:
                 self.accelerator.backward(loss / len(batches))
             for key, v in logs.items():
                 totals[key] = totals.get(key, 0.0) + v / len(batches)
-        logs = totals
-        params = self.method.phase_parameters(phase)
-        norm = self.accelerator.clip_grad_norm_(params, phase.grad_clip or float("inf"))
+        self._update(phase, loss)
+        return {f"{phase.name}/{k}": v for k, v in totals.items()}
+
+    def _update(self, phase: Phase, loss: Tensor) -> None:
+        """Clip the phase's summed gradients, set its learning rate for this step, take the optimiser step."""
+        opt = self.optimizers[phase.name]
+        norm = self.accelerator.clip_grad_norm_(self.method.phase_parameters(phase), phase.grad_clip or float("inf"))
         if norm is not None and not torch.isfinite(torch.as_tensor(norm)) and self.config.mixed_precision != "fp16":
             raise DivergenceError(
                 f"non-finite gradient at step {self.step}, phase '{phase.name}' (loss {loss.item():.4g}); the last "
@@ -384,7 +291,22 @@ class Trainer:
             group["lr"] = phase.lr_at(self.step, self.config.warmup_steps) * group.get("lr_scale", 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return {f"{phase.name}/{k}": v for k, v in logs.items()}
+
+    def train_step(self) -> dict[str, float]:
+        """Step `self.step` (its micro-batches, each active phase with its hook at the phase's first step, the EMA
+        update), then advance `self.step`; the step's logged terms."""
+        # data-free methods get a batch of the per-process size without images
+        batches = [self.stream.next(self.accelerator.device) if self.stream
+                   else Batch.data_free(self.config.batch_size) for _ in range(self.config.grad_accum)]
+        logs = {}
+        for phase in self.phases:
+            if phase.active(self.step):
+                if self.step == phase.start:
+                    self.method.on_phase_start(phase, self.step)
+                logs.update(self.run_phase(phase, batches))
+        self.ema.update(self.method.student_net(), self.step)
+        self.step += 1
+        return logs
 
     def sample_grid(self, path: Path) -> None:
         m = self.method
@@ -405,72 +327,61 @@ class Trainer:
             tqdm.write(f"dstudio: warning: step {self.step}: the student's samples look collapsed ({reason}); "
                        f"see {path}", file=sys.stderr)
 
-    def train_step(self) -> dict[str, float]:
-        """Step `self.step`: its micro-batches, each active phase (hooks on a phase's first step), the EMA update."""
-        # data-free methods get a batch of the per-process size without images
-        batches = [self.stream.next(self.accelerator.device) if self.stream
-                   else Batch.data_free(self.config.batch_size) for _ in range(self.config.grad_accum)]
-        logs = {}
-        for phase in self.phases:
-            if phase.active(self.step):
-                if self.step == phase.start:
-                    self.method.on_phase_start(phase, self.step)
-                logs.update(self._run_phase(phase, batches))
-        self.ema.update(self.method.student_net(), self.step)
-        return logs
-
-    def fit(self, resume: bool = False, export: bool = True, overwrite: bool = False) -> Path | None:
-        """Train (a fresh run needs a folder without a run, or `overwrite`), checkpoint, export. A SIGTERM, SIGINT
-        or SIGUSR1 stops after the current step with a checkpoint and raises signals.Stopped."""
-        check_run_folder(self.run_dir, resume, overwrite)
+    # --- the run ----------------------------------------------------------------------------------
+    def fit(self, resume: bool = False, export: bool = True, overwrite: bool = False,
+            start: RunStart | None = None) -> Path | None:
+        """Train (a fresh run needs a folder without a run, or `overwrite`), checkpoint, export. `start`: the run
+        folder already checked (and its checkpoint read) by `prepare_run`. A SIGTERM, SIGINT or SIGUSR1 stops after
+        the current step with a checkpoint and raises signals.Stopped."""
         lock = run_folder_lock(self.run_dir) if self.is_main else contextlib.nullcontext()
         with lock, stop_signals():
-            state = self._read_checked_checkpoint() if resume else None
-            if overwrite and self.is_main:
+            start = start or open_run_folder(self.run_dir, resume, overwrite, self.method.name, self.resolved_config)
+            if start.overwrite and self.is_main:
                 clear_run(self.run_dir)
-            self._fit(state, export)
+            self._fit(start, export)
         return self.run_dir / "pipeline" if export else None
 
-    def _fit(self, state: dict | None, export: bool) -> None:
-        cfg = self.config
-        self.method.on_fit_start(self.run_dir, self.accelerator, self.config.steps)
+    def _fit(self, start: RunStart, export: bool) -> None:
+        if start.announcement() and self.is_main:
+            print(start.announcement(), file=sys.stderr)
+        self.begin(start.state)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        log_file = self.run_dir / "log.jsonl"
-        if state is not None:
-            self._restore(state)
-        else:
-            torch.manual_seed(cfg.seed + self.accelerator.process_index)
-            np.random.seed(cfg.seed)
-            random.seed(cfg.seed)
         if self.is_main:
             drop_stale_temps(self.run_dir / CHECKPOINT)
-            _trim_log(log_file, self.step)  # one run, one log: no lines from a fresh start or past the checkpoint
+            trim_log(self.run_dir / "log.jsonl", self.step)  # one run, one log: no lines past the checkpoint
             with atomic_path(self.run_dir / "config.yaml") as tmp:
                 tmp.write_text(yaml.safe_dump(self.resolved_config, sort_keys=False))
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.method.name}", disable=not self.is_main,
+        bar = tqdm(total=self.config.steps, initial=self.step, desc=f"{self.method.name}", disable=not self.is_main,
                    dynamic_ncols=True)
         self.model.train()
         t0 = time.time()
         with bar:  # closed (its line ended) before an error or the stop message is printed
-            while self.step < cfg.steps:
+            while self.step < self.config.steps:
                 logs = self.train_step()
-                self.step += 1
                 bar.update(1)
-                if self.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                    bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in logs.items() if math.isfinite(v)})
-                    append_line(log_file, json.dumps({"step": self.step, "time": round(time.time() - t0, 2), **logs}))
-                if self.step % cfg.sample_every == 0 and self.is_main:
-                    self.sample_grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
-                saved = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
-                if saved:
-                    self.save_checkpoint()
-                signum = stop_requested()
-                if signum:
-                    if not saved:
-                        self.save_checkpoint()
-                    raise Stopped(f"stopped at step {self.step}; rerun with --resume", signum)
-        if not export:
-            return
+                self._after_step(logs, bar, t0)
+        if export:
+            self._export()
+
+    def _after_step(self, logs: dict[str, float], bar, t0: float) -> None:
+        """Log, draw a grid and checkpoint as the config asks; a stop signal saves and stops here."""
+        cfg, log_file = self.config, self.run_dir / "log.jsonl"
+        if self.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+            bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in logs.items() if math.isfinite(v)})
+            append_line(log_file, json.dumps({"step": self.step, "time": round(time.time() - t0, 2), **logs}))
+        if self.step % cfg.sample_every == 0 and self.is_main:
+            self.sample_grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
+        saved = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
+        if saved:
+            self.save_checkpoint()
+        signum = stop_requested()
+        if signum:
+            if not saved:
+                self.save_checkpoint()
+            raise Stopped(f"stopped at step {self.step}; rerun with --resume", signum)
+
+    def _export(self) -> None:
+        """The student (its EMA weights) as a pipeline folder, and the final grid."""
         if self.is_main:
             with self.ema.applied(self.method.student_net()):
                 self.method.export(self.run_dir / "pipeline")
@@ -478,19 +389,3 @@ class Trainer:
             if self.collapse_warnings:
                 print(f"dstudio: warning: collapsed samples at {'; '.join(self.collapse_warnings)}", file=sys.stderr)
         self.accelerator.wait_for_everyone()
-
-
-def _trim_log(log_file: Path, step: int) -> None:
-    """Keep only the log lines of steps <= `step` (all of them gone for a fresh start)."""
-    if not log_file.is_file():
-        return
-
-    def logged_step(line: str) -> float:
-        try:
-            return json.loads(line).get("step", 0)
-        except (json.JSONDecodeError, AttributeError):  # a line cut short by a kill
-            return math.inf
-
-    keep = [line for line in log_file.read_text().splitlines() if step and logged_step(line) <= step]
-    with atomic_path(log_file) as tmp:
-        tmp.write_text("".join(line + "\n" for line in keep))

@@ -19,8 +19,8 @@ from dstudio.distill.core.denoiser import append_dims
 from dstudio.distill.core.errors import UserError
 from dstudio.distill.core.flow import FlowView, sample_u_shaped, sample_uniform
 from dstudio.distill.core.losses import lpips_distance, load_lpips, rfpp_premetric
-from dstudio.distill.core.method import Distiller
-from dstudio.distill.core.pairs import SOLVERS, PairStore, PairStoreError
+from dstudio.distill.core.method import Distiller, Phase, RunContext
+from dstudio.distill.core.pairs import SOLVERS, PairBatches, Pairs, PairStore, PairStoreError
 from dstudio.samplers import FlowEulerScheduler, sample_flow_euler, scheduler_from_teacher
 
 
@@ -31,7 +31,7 @@ class FlowConfig:
     num_pairs: int = 5000
     shard_size: int = 500
     pair_seed: int = 0
-    solver: Literal["dpmpp", "heun"] = "dpmpp"
+    solver: str = "dpmpp"             # the teacher ODE's solver, one of pairs.SOLVERS
     solver_steps: int = 25
     guidance: float = 1.0             # CFG in the teacher's ODE (InstaFlow's text pairs use > 1)
     prompts: str | None = field(default=None, metadata={
@@ -51,7 +51,7 @@ class FlowConfig:
         require(self.num_pairs > 0 and self.shard_size > 0,
                 f"method.num_pairs={self.num_pairs} and method.shard_size={self.shard_size} must be > 0")
         require(self.solver_steps > 0, f"method.solver_steps={self.solver_steps} must be > 0")
-        require(self.solver in SOLVERS, f"method.solver={self.solver!r} is not one of {', '.join(SOLVERS)}")
+        require(self.solver in SOLVERS, f"method.solver={self.solver!r} is not one of {', '.join(map(repr, SOLVERS))}")
         require(self.reflow_steps >= 0, f"method.reflow_steps={self.reflow_steps} must be >= 0")
         require(self.lr > 0 and self.lr_distill > 0,
                 f"method.lr={self.lr} and method.lr_distill={self.lr_distill} must be > 0")
@@ -79,7 +79,8 @@ def flow_solve(denoiser, z: Tensor, cond, steps: int) -> Tensor:
 
 
 class FlowMethod(Distiller):
-    """Shared machinery; subclasses build `self.student` (a Denoiser) and define phases and losses."""
+    """Shared machinery and the two phases (reflow, then one-step distillation), both trained on pairs the Trainer
+    streams; subclasses build `self.student` (a Denoiser) and define `reflow_objective` and `distill_objective`."""
 
     Config = FlowConfig
     needs_data = False  # the pairs are the data
@@ -91,9 +92,25 @@ class FlowMethod(Distiller):
         self.prompts = read_prompts(config.prompts) if teacher.kind == "text" else None
         if config.pairs and Path(config.pairs).exists() and not Path(config.pairs).is_dir():
             raise PairStoreError(f"pair store '{config.pairs}' is a file: give a folder (it is created if missing)")
-        self.pairs: dict[str, Tensor | None] | None = None
+        self.pairs: dict[str, Tensor | None] | None = None  # the teacher's pairs, filled when the run starts
         self._lpips = None
-        self._run_dir = self._accelerator = None
+
+    # --- phases -----------------------------------------------------------------------------------
+    def phases(self) -> list[Phase]:
+        c = self.config
+        common = dict(betas=c.betas, grad_clip=c.grad_clip)
+        return [Phase("reflow", ("student",), loss=self.reflow_objective, lr=c.lr, stop=c.reflow_steps,
+                      batches=self.teacher_pairs, **common),
+                Phase("distill", ("student",), loss=self.distill_objective, lr=c.lr_distill, start=c.reflow_steps,
+                      batches=self.distill_pairs, **common)]
+
+    def reflow_objective(self, pairs: Pairs, step: int) -> tuple[Tensor, dict[str, float]]:
+        """The reflow phase's loss on a micro-batch of the teacher's pairs."""
+        raise NotImplementedError
+
+    def distill_objective(self, pairs: Pairs, step: int) -> tuple[Tensor, dict[str, float]]:
+        """The distillation phase's loss on a micro-batch of `distill_pairs()`."""
+        raise NotImplementedError
 
     # --- pairs ------------------------------------------------------------------------------------
     def pair_spec(self) -> dict:
@@ -117,16 +134,16 @@ class FlowMethod(Distiller):
             self._prompt_emb = self._teacher.encode_prompts(self.prompts).cpu()
         return self._prompt_emb
 
-    def on_fit_start(self, run_dir, accelerator, steps: int) -> None:
-        self._run_dir, self._accelerator = Path(run_dir), accelerator
-        root = Path(self.config.pairs) if self.config.pairs else Path(run_dir) / "pairs"
+    def on_start(self, context: RunContext) -> None:
+        """Fill the teacher's pair store (RUN/pairs or method.pairs) before the first step; load LPIPS."""
+        root = Path(self.config.pairs) if self.config.pairs else context.run_dir / "pairs"
         self.pairs = self.filled_store(PairStore(root, self.pair_spec()))
         if self.config.lpips and self._lpips is None:
-            self._lpips = load_lpips(accelerator.device)
+            self._lpips = load_lpips(context.accelerator.device)
 
     def filled_store(self, store: PairStore, solve=None) -> dict[str, Tensor | None]:
         """Open `store` (the main process creates it), generate its missing shards on every process, load it."""
-        acc = self._accelerator
+        acc = self.context.accelerator
         if acc.is_main_process:  # creates the store; the others then only check it
             store.open()
         acc.wait_for_everyone()
@@ -137,12 +154,20 @@ class FlowMethod(Distiller):
         acc.wait_for_everyone()
         return store.load()
 
+    def teacher_pairs(self) -> PairBatches:
+        """The teacher's pairs (filled when the run started) as a batch source."""
+        if self.pairs is None:
+            raise RuntimeError("the teacher's pairs are made when the method is bound to a run (Trainer.begin)")
+        return PairBatches(self.pairs)
+
+    def distill_pairs(self) -> PairBatches:
+        """The distillation phase's batch source, opened at its first step: the teacher's pairs by default."""
+        return self.teacher_pairs()
+
     def student_pairs(self, name: str) -> dict[str, Tensor | None]:
         """Pairs from the averaged student's own flow (Euler, solver_steps steps) on fresh noise, stored in RUN/name:
         Liu et al. 2023 distil k-rectified flow on pairs k-RF generates (gnobitab/RectifiedFlow, README).
         A store this run already completed is loaded as it is (on --resume, the weights have moved on)."""
-        if self._accelerator is None:
-            raise RuntimeError("on_fit_start() has not been called")
         c = self.config
         spec = {**self.pair_spec(), "source": f"{self.name} student (EMA) after {c.reflow_steps} reflow steps",
                 "solver": "euler", "seed": c.pair_seed + 1}
@@ -152,17 +177,7 @@ class FlowMethod(Distiller):
             with self.averaged_student() as net:
                 return flow_solve(net, z, cond, c.solver_steps)
 
-        return self.filled_store(PairStore(self._run_dir / name, spec), solve)
-
-    def pair_batch(self, n: int, pairs: dict[str, Tensor | None] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-        pairs = self.pairs if pairs is None else pairs
-        if pairs is None:
-            raise RuntimeError("on_fit_start() has not generated the pairs")
-        device = self.teacher_denoiser.alphas_cumprod.device
-        idx = torch.randint(0, len(pairs["z"]), (n,))
-        cond = pairs["cond"]
-        return (pairs["z"][idx].to(device), pairs["x1"][idx].to(device),
-                None if cond is None else cond[idx].to(device))
+        return self.filled_store(PairStore(self.context.run_dir / name, spec), solve)
 
     # --- losses -----------------------------------------------------------------------------------
     def sample_t(self, view: FlowView, n: int, device) -> Tensor:

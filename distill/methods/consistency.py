@@ -98,7 +98,6 @@ class Consistency(Distiller):
         self.sigma_range = (max(config.sigma_min, lo), min(config.sigma_max, hi))
         self.teacher_denoiser = teacher.for_sampling() if config.target == "teacher" else None
         self.c = config.huber_c or ict_huber_c(self.shape)
-        self.total_steps = 1
 
     @staticmethod
     def dropout_rate(config: ConsistencyConfig) -> float:
@@ -106,17 +105,17 @@ class Consistency(Distiller):
             return config.dropout
         return 0.3 if config.init == "scratch" else 0.0
 
-    def on_fit_start(self, run_dir, accelerator, steps: int) -> None:
-        self.total_steps = steps
-
     def phases(self) -> list[Phase]:
         c = self.config
-        return [Phase("consistency", ("student",), lr=c.lr, betas=c.betas, grad_clip=c.grad_clip)]
+        return [Phase("consistency", ("student",), loss=self.consistency_loss, lr=c.lr, betas=c.betas,
+                      grad_clip=c.grad_clip)]
 
     def sigmas(self, step: int) -> Tensor:
-        """The Karras grid (rho = 7) of N(k) points, ascending."""
+        """The Karras grid (rho = 7) of N(k) points, ascending; K of the curriculum is the run's step budget."""
         c = self.config
-        n = discretisation_steps(step, self.total_steps, c.s0, c.s1)
+        if self.context is None:
+            raise RuntimeError("the iCT curriculum needs the run's step budget: bind(RunContext(...)) first")
+        n = discretisation_steps(step, self.context.steps, c.s0, c.s1)
         return karras_sigmas(n, *self.sigma_range, c.rho).flip(0)
 
     def target_point(self, x_next: Tensor, sigma_next: Tensor, sigma: Tensor, x0: Tensor, noise: Tensor, cond):
@@ -127,10 +126,8 @@ class Consistency(Distiller):
         d = (x_next - self.teacher_denoiser(x_next, sigma_next, cond)) / dims(sigma_next)
         return x_next + dims(sigma - sigma_next) * d
 
-    def loss(self, phase: str, batch: Batch, step: int):
+    def consistency_loss(self, batch: Batch, step: int):
         """iCT, eq. 9: lambda(s_i) d(f(x + s_{i+1} eps, s_{i+1}), sg f(x + s_i eps, s_i)), lambda = 1 / (s_{i+1} - s_i)."""
-        if phase != "consistency":
-            raise self.unknown_phase(phase)
         x0, cond = batch.images, self.cond(batch.labels)
         grid = self.sigmas(step).to(x0.device)
         i = torch.multinomial(index_probabilities(grid, self.config.p_mean, self.config.p_std), len(x0),

@@ -13,6 +13,7 @@ from dstudio.distill.core.denoiser import ClippedDenoiser, DiscreteDenoiser, Flo
 from dstudio.distill.core.export import export_image_pipeline, provenance
 from dstudio.distill.core.io import atomic_path, save_json
 from dstudio.distill.core.method import Batch, Method, Phase, register
+from dstudio.distill.core.pipeline_dstudio import class_embeddings
 from dstudio.distill.core.score import dsm_loss
 from dstudio.samplers import append_zero, discrete_timesteps, sample_ddim
 
@@ -73,7 +74,7 @@ def build_unet(cfg: DDPMConfig, in_channels: int, num_classes: int):
         block_out_channels=tuple(cfg.channels), layers_per_block=cfg.layers_per_block,
         down_block_types=down, up_block_types=up,
         norm_num_groups=min(32, math.gcd(*cfg.channels)),
-        num_class_embeds=num_classes + 1 if num_classes else None,  # + the null label for CFG
+        num_class_embeds=class_embeddings(num_classes),  # + the null label for CFG
     )
 
 
@@ -115,15 +116,15 @@ class DDPM(Method):
 
     def phases(self) -> list[Phase]:
         c = self.config
-        return [Phase("denoise", ("unet",), lr=c.lr, weight_decay=c.weight_decay, grad_clip=c.grad_clip)]
+        return [Phase("denoise", ("unet",), loss=self.denoise_loss, lr=c.lr, weight_decay=c.weight_decay,
+                      grad_clip=c.grad_clip)]
 
-    def loss(self, phase: str, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
-        if phase != "denoise":
-            raise self.unknown_phase(phase)
+    def denoise_loss(self, batch: Batch, step: int) -> tuple[Tensor, dict[str, float]]:
+        """Ho et al. 2020, eq. 14 (L_simple) on x0 (or flow matching's velocity loss), labels dropped for CFG."""
         x0, labels = batch.images, batch.labels
         if self.num_classes:
             drop = torch.rand(labels.shape, device=labels.device) < self.config.label_dropout
-            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)  # the null label
         else:
             labels = None
         t = torch.randint(0, self.config.num_train_timesteps, (len(x0),), device=x0.device)

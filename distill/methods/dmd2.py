@@ -1,6 +1,7 @@
 """DMD2 (Yin et al. 2024): distribution matching with a trainable fake score, TTUR and a GAN head."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -28,15 +29,23 @@ def dmd_loss(x: Tensor, grad: Tensor) -> Tensor:
     return 0.5 * F.mse_loss(x, (x - grad).detach())
 
 
-class BottleneckFeatures:
-    """Captures a UNet's mid-block output on every forward (the fake score's bottleneck, for the GAN head)."""
+@contextlib.contextmanager
+def mid_block_outputs(unet: nn.Module):
+    """The mid-block outputs of the UNet's calls made inside the block (a list; the hook goes when the block ends)."""
+    outputs: list[Tensor] = []
+    handle = unet.mid_block.register_forward_hook(
+        lambda module, args, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        yield outputs
+    finally:
+        handle.remove()
 
-    def __init__(self, unet: nn.Module):
-        self.value: Tensor | None = None
-        unet.mid_block.register_forward_hook(self._hook)
 
-    def _hook(self, module, args, output):
-        self.value = output[0] if isinstance(output, tuple) else output
+def bottleneck(denoiser: nn.Module, x_t: Tensor, sigma: Tensor, cond) -> Tensor:
+    """The bottleneck features (mid-block output) of a denoiser's backbone at (x_t, sigma): DMD2's GAN head input."""
+    with mid_block_outputs(denoiser.model) as outputs:
+        denoiser(x_t, sigma, cond)
+    return outputs[-1]
 
 
 class DiscriminatorHead(nn.Module):
@@ -104,7 +113,6 @@ class DMD2(Distiller):
         self.real_score = teacher.guided(config.guidance)
         self.student = self.build_student(teacher)
         self.fake_score = teacher.denoiser.like(trainable_copy(teacher.unet, "fake_score", config))
-        self.bottleneck = BottleneckFeatures(self.fake_score.model)
         self.head = DiscriminatorHead(teacher.unet.config.block_out_channels[-1], config.head_width)
         self.timesteps = discrete_timesteps(self.start_t + 1, config.num_steps, "trailing")
         self.register_buffer("student_sigmas", append_zero(teacher.denoiser.t_to_sigma(
@@ -115,10 +123,15 @@ class DMD2(Distiller):
         return teacher.student(trainable_copy(teacher.unet, "student", self.config))
 
     def phases(self) -> list[Phase]:
+        return self.dmd_phases()
+
+    def dmd_phases(self, start: int = 0) -> list[Phase]:
+        """From step `start`: the generator every `critic_ratio` steps, the fake score and GAN head every step."""
         c = self.config
-        common = dict(betas=c.betas, weight_decay=c.weight_decay, grad_clip=c.grad_clip)
-        return [Phase("generator", ("student",), lr=c.lr_generator, every=c.critic_ratio, **common),
-                Phase("critic", ("fake_score", "head"), lr=c.lr_critic, **common)]
+        common = dict(betas=c.betas, weight_decay=c.weight_decay, grad_clip=c.grad_clip, start=start)
+        return [Phase("generator", ("student",), loss=self.generator_loss, lr=c.lr_generator, every=c.critic_ratio,
+                      **common),
+                Phase("critic", ("fake_score", "head"), loss=self.critic_loss, lr=c.lr_critic, **common)]
 
     # --- the generator --------------------------------------------------------------------------
     def _noise(self, n: int, generator=None) -> Tensor:
@@ -150,31 +163,33 @@ class DMD2(Distiller):
 
     def critic_logits(self, x_t: Tensor, sigma: Tensor, cond) -> Tensor:
         """One logit per image from the fake score's bottleneck features at (x_t, sigma)."""
-        self.fake_score(x_t, sigma, cond)
-        return self.head(self.bottleneck.value)
+        return self.head(bottleneck(self.fake_score, x_t, sigma, cond))
 
     def gan_active(self, step: int) -> bool:
         return self.config.gan
 
-    def loss(self, phase: str, batch: Batch, step: int):
+    def generator_loss(self, batch: Batch, step: int):
+        """DMD2, Alg. 1, generator: the distribution-matching gradient (eq. 2) + lambda_G non-saturating GAN."""
+        labels = batch.labels
+        cond = self.cond(labels)
+        x = self.generate(labels)
+        sigma = self.real_score_sigma(len(x), x.device)
+        x_t = (x + append_dims(sigma.to(x.dtype), x.ndim) * torch.randn_like(x)).detach()
+        with torch.no_grad():
+            grad = dmd_gradient(x.detach(), self.real_score(x_t, sigma, cond), self.fake_score(x_t, sigma, cond))
+        loss_dm = dmd_loss(x, grad)
+        logs = {"dm": loss_dm.item()}
+        loss = loss_dm
+        if self.gan_active(step):
+            loss_gan = F.softplus(-self._gan_logits(x, cond)).mean()
+            loss = loss + self.config.lambda_gan_generator * loss_gan
+            logs["gan_g"] = loss_gan.item()
+        return loss, logs
+
+    def critic_loss(self, batch: Batch, step: int):
+        """DMD2, Alg. 1, critic: the fake score by denoising score matching on generator samples + lambda_D GAN."""
         real, labels = batch.images, batch.labels
         cond = self.cond(labels)
-        if phase == "generator":
-            x = self.generate(labels)
-            sigma = self.real_score_sigma(len(x), x.device)
-            x_t = (x + append_dims(sigma.to(x.dtype), x.ndim) * torch.randn_like(x)).detach()
-            with torch.no_grad():
-                grad = dmd_gradient(x.detach(), self.real_score(x_t, sigma, cond), self.fake_score(x_t, sigma, cond))
-            loss_dm = dmd_loss(x, grad)
-            logs = {"dm": loss_dm.item()}
-            loss = loss_dm
-            if self.gan_active(step):
-                loss_gan = F.softplus(-self._gan_logits(x, cond)).mean()
-                loss = loss + self.config.lambda_gan_generator * loss_gan
-                logs["gan_g"] = loss_gan.item()
-            return loss, logs
-        if phase != "critic":
-            raise self.unknown_phase(phase)
         with torch.no_grad():
             x = self.generate(labels)
         t = sample_timesteps(len(x), self.T, device=x.device)

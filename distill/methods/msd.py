@@ -8,10 +8,11 @@ import torch
 from torch import Tensor, nn
 
 from dstudio.distill.core.config import require
-from dstudio.distill.core.method import Batch, Phase, register
+from dstudio.distill.core.method import Batch, Phase, RunContext, register
+from dstudio.distill.core.pipeline_dstudio import class_embeddings
 from dstudio.distill.core.routed_unet import RoutedUNet2DModel, routed
 from dstudio.distill.core.score import dsm_loss, sample_timesteps, smaller_unet, trainable_copy
-from dstudio.distill.methods.dmd2 import DMD2, BottleneckFeatures, DMD2Config, DiscriminatorHead
+from dstudio.distill.methods.dmd2 import DMD2, DMD2Config, DiscriminatorHead, bottleneck
 
 
 @dataclass
@@ -83,7 +84,7 @@ class MSD(DMD2):
         super().__init__(config, teacher, data)
         self.partition = partition
         self.teacher_denoiser = teacher.denoiser
-        route = torch.zeros(teacher.num_classes + 1, dtype=torch.long)
+        route = torch.zeros(class_embeddings(teacher.num_classes), dtype=torch.long)  # the null label: student 0
         for k, classes in enumerate(partition):
             route[classes] = k
         self.register_buffer("route", route, persistent=False)
@@ -98,22 +99,21 @@ class MSD(DMD2):
                                              route)
             self.head = nn.ModuleList(DiscriminatorHead(teacher.unet.config.block_out_channels[-1], config.head_width)
                                       for _ in partition)
-            self.bottlenecks = [BottleneckFeatures(d.model) for d in self.fake_score.nets]
 
     def phases(self) -> list[Phase]:
         c = self.config
-        start = c.tsm_steps if self.smaller else 0
-        common = dict(betas=c.betas, weight_decay=c.weight_decay, grad_clip=c.grad_clip, start=start)
-        phases = [Phase("generator", ("student",), lr=c.lr_generator, every=c.critic_ratio, **common),
-                  Phase("critic", ("fake_score", "head"), lr=c.lr_critic, **common)]
+        phases = self.dmd_phases(start=c.tsm_steps if self.smaller else 0)
         if self.smaller and c.tsm_steps:
-            phases.insert(0, Phase("tsm", ("student",), lr=c.lr_tsm, stop=c.tsm_steps, grad_clip=c.grad_clip))
+            phases.insert(0, Phase("tsm", ("student",), loss=self.tsm_loss, lr=c.lr_tsm, stop=c.tsm_steps,
+                                   grad_clip=c.grad_clip))
         return phases
 
     def build_student(self, teacher) -> nn.Module:
         return nn.ModuleList()  # the K students are built once the partition is known, after DMD2's critics
 
-    def on_fit_start(self, run_dir, accelerator, steps: int) -> None:
+    def on_start(self, context: RunContext) -> None:
+        """The run's step budget must leave room for each of the stages."""
+        steps = context.steps
         require(not self.smaller or self.config.tsm_steps < steps,
                 f"method.tsm_steps={self.config.tsm_steps} leaves no distillation in trainer.steps={steps}: "
                 f"use fewer TSM steps or more steps (presets quick-small, full-small)")
@@ -129,24 +129,21 @@ class MSD(DMD2):
             return super().critic_logits(x_t, sigma, cond)
 
         def one(k, idx):
-            self.fake_score.nets[k](x_t[idx], sigma[idx], cond[idx])
-            return self.head[k](self.bottlenecks[k].value)
+            return self.head[k](bottleneck(self.fake_score.nets[k], x_t[idx], sigma[idx], cond[idx]))
 
         return routed(self.route[cond], len(self.student), one)
 
-    def _routed(self, fn, labels: Tensor) -> Tensor:
+    def per_student(self, fn, labels: Tensor) -> Tensor:
         """Apply fn(student, idx) per student on the samples whose labels it owns, reassembled in batch order."""
         return routed(self.route[labels], len(self.student), lambda k, idx: fn(self.student[k], idx))
 
     def generate(self, labels: Tensor) -> Tensor:
-        return self._routed(lambda student, idx: self.generate_with(student, labels[idx], len(idx)), labels)
+        return self.per_student(lambda student, idx: self.generate_with(student, labels[idx], len(idx)), labels)
 
-    def loss(self, phase: str, batch: Batch, step: int):
-        if phase in ("generator", "critic"):
-            return super().loss(phase, batch, step)
-        if phase != "tsm":
-            raise self.unknown_phase(phase)
-        real, labels = batch.images, batch.labels  # teacher score matching: each small student onto the teacher
+    def tsm_loss(self, batch: Batch, step: int):
+        """MSD (Song et al. 2024), teacher score matching: each smaller student regressed onto the teacher's x0 by
+        denoising score matching on its classes' real images."""
+        real, labels = batch.images, batch.labels
         t = sample_timesteps(len(real), self.T, device=real.device)
         sigma = self.teacher_denoiser.t_to_sigma(t).to(real.device)
         loss = dsm_loss(self.routed_students, real, sigma, labels, teacher=self.teacher_denoiser)
@@ -154,14 +151,14 @@ class MSD(DMD2):
 
     def routed_students(self, x: Tensor, sigma: Tensor, labels: Tensor) -> Tensor:
         """The students as one denoiser: each sample denoised by the student that owns its label."""
-        return self._routed(lambda student, idx: student(x[idx], sigma[idx], labels[idx]), labels)
+        return self.per_student(lambda student, idx: student(x[idx], sigma[idx], labels[idx]), labels)
 
     def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
         from dstudio.samplers import sample_multistep
 
         s = self.student_sigmas
         x = self._noise(len(labels), generator)
-        return self._routed(lambda st, idx: sample_multistep(st, x[idx], s, labels[idx], generator=generator),
+        return self.per_student(lambda st, idx: sample_multistep(st, x[idx], s, labels[idx], generator=generator),
                             labels).clamp(-1, 1)
 
     def exported_unet(self):

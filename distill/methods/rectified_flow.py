@@ -6,7 +6,8 @@ from typing import Literal
 
 from dstudio.distill.core.config import require
 from dstudio.distill.core.lora import LoraOptions
-from dstudio.distill.core.method import Phase, register
+from dstudio.distill.core.method import register
+from dstudio.distill.core.pairs import PairBatches
 from dstudio.distill.methods._flow import FlowConfig, FlowMethod
 from dstudio.distill.core.score import trainable_copy
 
@@ -40,20 +41,17 @@ class RectifiedFlow(FlowMethod):
         self.student = teacher.student(net)
         self.distill_set = None  # the 2-RF's pairs, made when distillation starts
 
-    def phases(self) -> list[Phase]:
-        c = self.config
-        return [Phase("reflow", ("student",), lr=c.lr, betas=c.betas, grad_clip=c.grad_clip, stop=c.reflow_steps),
-                Phase("distill", ("student",), lr=c.lr_distill, betas=c.betas, grad_clip=c.grad_clip,
-                      start=c.reflow_steps)]
+    def reflow_objective(self, pairs, step: int):
+        """Liu et al. 2023, eq. 2 with RF++'s times and premetric: the 2-rectified flow on the teacher's pairs."""
+        return self.reflow_loss(self.student, *pairs)
 
-    def loss(self, phase: str, batch, step: int):
-        n = batch.size
-        if phase == "reflow":
-            return self.reflow_loss(self.student, *self.pair_batch(n))
-        if phase != "distill":
-            raise self.unknown_phase(phase)
+    def distill_objective(self, pairs, step: int):
+        """Liu et al. 2023, sec. 2.3: one-step distillation on `distill_pairs()`."""
+        return self.one_step_loss(self.student, *pairs)
+
+    def distill_pairs(self) -> PairBatches:
+        """The 2-RF's own pairs, made from its EMA weights when distillation starts (the reference), or the teacher's."""
         if self.config.distill_pairs == "reflow" and self.config.reflow_steps > 0:
-            if self.distill_set is None:
-                self.distill_set = self.student_pairs("pairs-2rf")
-            return self.one_step_loss(self.student, *self.pair_batch(n, self.distill_set))
-        return self.one_step_loss(self.student, *self.pair_batch(n))
+            self.distill_set = self.student_pairs("pairs-2rf")
+            return PairBatches(self.distill_set)
+        return self.teacher_pairs()

@@ -92,8 +92,9 @@ class SIM(Distiller):
 
     def phases(self) -> list[Phase]:
         c = self.config
-        return [Phase("fake", ("fake_score",), lr=c.lr_fake, betas=c.betas, grad_clip=c.grad_clip),
-                Phase("generator", ("student",), lr=c.lr_generator, betas=c.betas, grad_clip=c.grad_clip)]
+        return [Phase("fake", ("fake_score",), loss=self.fake_loss, lr=c.lr_fake, betas=c.betas, grad_clip=c.grad_clip),
+                Phase("generator", ("student",), loss=self.generator_loss, lr=c.lr_generator, betas=c.betas,
+                      grad_clip=c.grad_clip)]
 
     def _labels(self, n: int, device) -> Tensor | None:
         return torch.randint(0, self.num_classes, (n,), device=device) if self.kind == "class" else None
@@ -103,18 +104,20 @@ class SIM(Distiller):
         x = start_noise(self.student, (n, *self.shape), self.sigma_g, generator, device)
         return self.student(x, torch.tensor(self.sigma_g, device=device), labels)
 
-    def loss(self, phase: str, batch: Batch, step: int):
-        n = batch.size
-        device = self.anchor.device
+    def fake_loss(self, batch: Batch, step: int):
+        """Luo et al. 2024 (SIM), Alg. 1: the fake score by denoising score matching on generator samples."""
+        n, device = batch.size, self.anchor.device
         labels = self._labels(n, device)
-        if phase == "fake":
-            with torch.no_grad():
-                x_g = self.generate(labels, n)
-            sigma = (torch.randn(n, device=device) * self.config.p_std + self.config.p_mean).exp()
-            loss = dsm_loss(self.fake_score, x_g, sigma.clamp(*self.sigma_range).double(), labels)
-            return loss, {"dsm": loss.item()}
-        if phase != "generator":
-            raise self.unknown_phase(phase)
+        with torch.no_grad():
+            x_g = self.generate(labels, n)
+        sigma = (torch.randn(n, device=device) * self.config.p_std + self.config.p_mean).exp()
+        loss = dsm_loss(self.fake_score, x_g, sigma.clamp(*self.sigma_range).double(), labels)
+        return loss, {"dsm": loss.item()}
+
+    def generator_loss(self, batch: Batch, step: int):
+        """Luo et al. 2024 (SIM), Alg. 1 (or SiD, Zhou et al. 2024, eq. 18): the generator through both scores."""
+        n, device = batch.size, self.anchor.device
+        labels = self._labels(n, device)
         x_g = self.generate(labels, n)
         sigma = sid_generator_sigmas(n, self.config.t_max, *self.generator_range, device=device)
         x_t = x_g + append_dims(sigma.to(x_g.dtype), x_g.ndim) * torch.randn_like(x_g)

@@ -52,12 +52,6 @@ class SlimFlow(FlowMethod):
     def checkpoint_modules(self) -> list[str]:
         return [*self.trainable_modules(), "guide"]
 
-    def phases(self) -> list[Phase]:
-        c = self.config
-        return [Phase("reflow", ("student",), lr=c.lr, betas=c.betas, grad_clip=c.grad_clip, stop=c.reflow_steps),
-                Phase("distill", ("student",), lr=c.lr_distill, betas=c.betas, grad_clip=c.grad_clip,
-                      start=c.reflow_steps)]
-
     def on_phase_start(self, phase: Phase, step: int) -> None:
         if phase.name == "distill":  # the reference loads the 2-RF checkpoint's EMA weights as the guide
             with self.averaged_student() as net:
@@ -89,10 +83,10 @@ class SlimFlow(FlowMethod):
         guide_loss, _ = self.one_step_loss(self.student, z_new, x1_guide, cond)
         return pair_loss + guide_loss, {**logs, "guided": guide_loss.item()}
 
-    def loss(self, phase: str, batch, step: int):
-        if phase not in ("reflow", "distill"):
-            raise self.unknown_phase(phase)
-        z, x1, cond = self.pair_batch(batch.size)
-        if phase == "reflow":
-            return self.annealing_loss(z, x1, cond, step)
-        return self.guided_loss(z, x1, cond)
+    def reflow_objective(self, pairs, step: int):
+        """SlimFlow's annealing reflow on a micro-batch of the teacher's pairs."""
+        return self.annealing_loss(*pairs, step)
+
+    def distill_objective(self, pairs, step: int):
+        """SlimFlow's flow-guided distillation on a micro-batch of the teacher's pairs."""
+        return self.guided_loss(*pairs)

@@ -14,6 +14,17 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 
+def class_embeddings(num_classes: int) -> int | None:
+    """The class embeddings of a dstudio class-conditional UNet: one per class, plus the null label (classifier-free
+    guidance, unconditional sampling), which is the last one, index `num_classes`; None for an unconditional UNet."""
+    return num_classes + 1 if num_classes else None
+
+
+def classes_of(num_class_embeds: int | None) -> int:
+    """The classes of a UNet with `num_class_embeds` class embeddings (the null label, the last, is none of them)."""
+    return num_class_embeds - 1 if num_class_embeds else 0
+
+
 def skip_kind(module) -> str | None:
     """AutoDiffusion's skippable blocks: resnets that keep the resolution, transformers, residual attention."""
     from diffusers.models.attention_processor import Attention
@@ -85,8 +96,7 @@ class DStudioPipeline(DiffusionPipeline):
 
     @property
     def num_classes(self) -> int:
-        n = self.unet.config.num_class_embeds
-        return 0 if n is None else n - 1
+        return classes_of(self.unet.config.num_class_embeds)
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, class_labels=None, num_inference_steps: int | None = None,
@@ -101,7 +111,7 @@ class DStudioPipeline(DiffusionPipeline):
                 raise ValueError(f"class label {int(bad[0])} is outside this model's classes 0..{self.num_classes - 1}")
         elif self.num_classes:
             class_labels = torch.full((batch_size,), self.num_classes, device=device)
-        null = None if class_labels is None else torch.full_like(class_labels, self.num_classes)
+        null = None if class_labels is None else torch.full_like(class_labels, self.num_classes)  # the null label
         cfg = guidance_scale != 1.0 and class_labels is not None
 
         size = self.unet.config.sample_size
