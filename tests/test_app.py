@@ -139,6 +139,7 @@ def test_fid_board_filters_labels_and_pareto_front_and_compute_fid(client):
     assert table["data"] and all(row[0] == "samplers" and row[1] == "ddim" for row in table["data"])
     text = client.predict("tiny", 2, api_name="/compute_fid")
     assert text.startswith("tiny: FID-mnist ") and ", FID-pixels " in text and "on 20 images" in text
+    assert "; precision " in text and "recall" in text
     with pytest.raises(Exception, match="images per class 501 is outside 1..500"):
         client.predict("tiny", 501, api_name="/compute_fid")
 

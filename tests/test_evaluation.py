@@ -23,12 +23,22 @@ def uncond_teacher(tmp_path_factory):
 
 
 def _check_rows(result):
+    from dstudio.distill.evaluation.interval import BOOTSTRAP_B, significant
+
     teacher, student = result["rows"]
     assert result["spaces"] == list(SPACES) == ["mnist", "pixels"] and result["features"] == "mnist"
     for row in (teacher, student):
         assert {fid_key(s) for s in SPACES} == {"fid", "fid_pixels"} <= set(row)
+        for s in SPACES:
+            lo, hi = row[f"{fid_key(s)}_ci95"]
+            assert lo <= row[fid_key(s)] <= hi and len(row[f"{fid_key(s)}_boot"]) == BOOTSTRAP_B
     for s in SPACES:
-        assert student[f"{fid_key(s)}_vs_teacher"] == pytest.approx(student[fid_key(s)] / teacher[fid_key(s)])
+        key = fid_key(s)
+        assert student[f"{key}_vs_teacher"] == pytest.approx(student[key] / teacher[key])
+        assert student[f"{key}_vs_teacher_significant"] == significant(student, teacher, key, paired=True)
+        fp = result["fingerprint"][s]
+        assert fp["features"] == s and fp["n_generated"] == 20 and fp["noise_seed"] == 0
+        assert fp["reference"] == "mnist5k@8px" and (fp["weights_sha256"] is None) == (s == "pixels")
     assert student["speedup"] == pytest.approx(student["images_per_s"] / teacher["images_per_s"])
 
 
@@ -38,10 +48,18 @@ def test_compare_reports_both_spaces_with_ratios(which, tiny_teacher, uncond_tea
     result = compare(folder, folder, per_class=2, teacher_steps=2)
     assert result["n_generated"] == 20 and [r["name"] for r in result["rows"]] == ["teacher", "student"]
     _check_rows(result)
-    teacher_line, student_line = summary(result).splitlines()
+    card = result["card"]
+    assert card["k"] == 3 and set(card["rows"]) == {"teacher", "student"}
+    for entry in (e[s] for e in card["rows"].values() for s in SPACES):
+        assert 0 <= entry["precision"] <= 1 and 0 <= entry["recall"] <= 1
+        assert (entry["class_fid"] is None) == (which == "uncond")
+        assert entry["class_fid"] is None or set(entry["class_fid"]) == {str(c) for c in range(10)}
+    assert card["per_class"].startswith("skipped: an unconditional") == (which == "uncond")
+    teacher_line, student_line, card_line = summary(result).splitlines()
     assert teacher_line.startswith("teacher (2 NFE): FID-mnist ") and ", FID-pixels " in teacher_line
     assert student_line.index("FID-mnist") < student_line.index("FID-pixels")
-    assert "x the teacher), FID-pixels " in student_line and "[20 images vs mnist5k@8px]" in student_line
+    assert "[20 images vs mnist5k@8px]" in student_line and "x the teacher" in student_line
+    assert card_line.startswith("precision / recall (mnist, k=3): teacher ")
 
 
 def test_unconditional_pipelines_are_called_with_a_batch_size(uncond_teacher):

@@ -106,7 +106,8 @@ def fid_figures(rows: list[dict]):
 
 def compute_fid(entry, per_class: int, progress=None) -> dict:
     """FID-mnist and FID-pixels of a pixel-space pipeline (class-conditional or not) on the protocol's noise
-    (per_class images per class), with its images/s: the end-of-run comparison's row."""
+    (per_class images per class) with their intervals, its images/s and its report card: the end-of-run
+    comparison's row."""
     from dstudio.distill.evaluation.compare import measure, references
     from dstudio.distill.evaluation.protocol import protocol_inputs
 
@@ -116,5 +117,6 @@ def compute_fid(entry, per_class: int, progress=None) -> dict:
     check(not hasattr(pipe, "tokenizer"), "FID here is for pixel-space (MNIST) pipelines, not text-to-image ones")
     labels, noise = protocol_inputs(pipe, int(per_class))
     step = (lambda f: progress(f, desc=f"sampling {entry.name}")) if progress is not None else None
-    row = measure(entry.name, pipe, None, labels, noise, references(noise.shape[-1]), batch_size=100, progress=step)
-    return {**row, "images": len(labels)}
+    row, card = measure(entry.name, pipe, None, labels, noise, references(noise.shape[-1]), batch_size=100,
+                        progress=step)
+    return {**row, "images": len(labels), "card": card}

@@ -103,6 +103,7 @@ def _board_tab(studio: Studio, names: list[str], demo) -> SimpleNamespace:
     """Every FID result as a filterable table and two plots, and "Compute FID" of one pipeline."""
     import gradio as gr
 
+    from dstudio.distill.evaluation.card import K
     from dstudio.distill.evaluation.compare import SPACES, fids_text
 
     def board(sources=None, methods=None):
@@ -115,7 +116,11 @@ def _board_tab(studio: Studio, names: list[str], demo) -> SimpleNamespace:
 
     def fid(name, per_class, progress=gr.Progress()):
         r = compute_fid(studio.entry(name), int(per_class), progress)
-        return f"{r['name']}: {fids_text(r, list(SPACES))} on {r['images']} images, {r['images_per_s']:.0f} images/s"
+        card = r["card"][SPACES[0]]
+        pr = "" if card["precision"] is None else \
+            f"; precision {card['precision']:.2f}, recall {card['recall']:.2f} ({SPACES[0]}, k={K})"
+        return (f"{r['name']}: {fids_text(r, list(SPACES))} on {r['images']} images, "
+                f"{r['images_per_s']:.0f} images/s{pr}")
 
     with gr.Row():
         sources = gr.Dropdown([], multiselect=True, label="sources (none: all)")
