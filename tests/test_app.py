@@ -127,7 +127,8 @@ def test_pareto_front_and_filters():
 
 def test_fid_board_filters_labels_and_pareto_front_and_compute_fid(client):
     table, by_nfe, by_speed, sources, methods = client.predict([], [], api_name="/fid_board")
-    assert table["headers"] == ["source", "method", "row", "nfe", "fid", "images_per_s"]
+    assert table["headers"] == ["source", "method", "row", "nfe", "fid", "fid_ci95", "precision", "recall",
+                                "images_per_s", "not_significant_vs"]
     assert {"samplers", "distill-quick"} <= {row[0] for row in table["data"]}
     assert {"ddim", "dmd2"} <= {row[1] for row in table["data"]}
     speed = json.loads(by_speed["plot"])

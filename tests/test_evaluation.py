@@ -62,6 +62,31 @@ def test_compare_reports_both_spaces_with_ratios(which, tiny_teacher, uncond_tea
     assert card_line.startswith("precision / recall (mnist, k=3): teacher ")
 
 
+def test_eval_json_reaches_the_report_and_the_board(tiny_teacher, tmp_path):
+    """A run's eval.json: interval cells, precision / recall and the per-class table in the HTML report; the same
+    rows on the FID board, marked as the end-of-run comparison's paired rule says."""
+    from dstudio.app.report import build_report
+    from dstudio.app.studio.board import fid_rows, mark_not_significant
+    from dstudio.distill.core.io import save_json
+
+    run = tmp_path / "runs" / "same"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("method_name: dmd2\n")
+    result = compare(tiny_teacher, tiny_teacher, per_class=2, teacher_steps=2)
+    save_json(result, run / "eval.json")
+    page = build_report([str(run)], tmp_path / "report.html").read_text()
+    teacher = result["rows"][0]
+    lo, hi = teacher["fid_ci95"]
+    assert f"<td>teacher</td><td>2</td><td>{teacher['fid']:.4g} [{lo:.3g}, {hi:.3g}]</td>" in page
+    assert "report card" in page and "FID class 9" in page and "protocol fingerprint: mnist (weights " in page
+    rows = [r for r in fid_rows(tmp_path / "runs") if r["source"] == "same"]
+    assert [r["row"] for r in rows] == ["teacher", "student"] and rows[1]["method"] == "dmd2"
+    assert rows[0]["precision"] == round(result["card"]["rows"]["teacher"]["mnist"]["precision"], 3)
+    marks = {r["row"]: r["not_significant_vs"] for r in mark_not_significant(rows)}
+    same = not result["rows"][1]["fid_vs_teacher_significant"]  # the board applies eval.json's paired rule
+    assert marks == ({"teacher": "student", "student": "teacher"} if same else {"teacher": "-", "student": "-"})
+
+
 def test_unconditional_pipelines_are_called_with_a_batch_size(uncond_teacher):
     from dstudio.distill.core.teacher import load_pipeline
 

@@ -98,3 +98,29 @@ def test_fingerprint_changes_with_the_reference_and_image_count_and_is_stable_ot
         assert changed["id"] != fp["id"]
     assert fingerprint(pixels, ref, 2000)["weights_sha256"] is None
     assert same_noise(fp, dict(fp)) and not same_noise(fingerprint(mnist, ref, 2000), fingerprint(mnist, ref, 2000))
+
+
+def test_results_tables_show_each_figure_with_its_interval():
+    from dstudio.app.benchmark import rows_table
+
+    rows = [{"name": "a", "fid": 0.08123, "fid_ci95": [0.07512, 0.08934]}, {"name": "old", "fid": 0.09}]
+    table = rows_table(rows, [("name", "row"), ("fid", "FID-mnist")])
+    assert "| a | 0.08123 [0.0751, 0.0893] |" in table and "| old | 0.09 |" in table
+
+
+def _board(name, fid, ci, boot, protocol, source="s"):
+    return {"source": source, "row": name, "fingerprint": protocol,
+            "figure": {"name": name, "fid": fid, "fid_ci95": ci, "fid_boot": boot}}
+
+
+def test_board_marks_rows_of_one_protocol_that_do_not_differ(ref):
+    from dstudio.app.studio.board import mark_not_significant
+
+    z = np.random.default_rng(10).normal(size=(1000, D))  # "same": these images in another order, an equal FID
+    rows = {"base": _row(z, ref), "same": _row(z[::-1], ref), "far": _row(z + 0.5 * np.eye(D)[0], ref)}
+    proto = {"id": "p1", "noise_seed": 0}
+    board = [_board(n, r["fid"], r["fid_ci95"], r["fid_boot"], proto) for n, r in rows.items()]
+    board.append(_board("elsewhere", rows["base"]["fid"], rows["base"]["fid_ci95"], None, {"id": "p2"}, "t"))
+    board.append(_board("old", rows["base"]["fid"], None, None, proto))
+    marks = {r["row"]: r["not_significant_vs"] for r in mark_not_significant(board)}
+    assert marks == {"base": "same", "same": "base", "far": "-", "elsewhere": "-", "old": None}

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from dstudio.app.studio.board import BOARD_COLUMNS, MAX_PER_CLASS, compute_fid, fid_figures, fid_rows, filter_rows
+from dstudio.app.studio.board import BOARD_COLUMNS, MAX_PER_CLASS, compute_fid, fid_figures, fid_rows, filter_rows, \
+    mark_not_significant
 from dstudio.app.studio.compare import MAX_IMAGES, MAX_ROWS, MAX_STEPS, readable
 from dstudio.app.studio.jobs import JOB_CONCURRENCY, MAX_JOBS, Job, loss_curves
 from dstudio.app.studio.safety import check
@@ -108,7 +109,7 @@ def _board_tab(studio: Studio, names: list[str], demo) -> SimpleNamespace:
 
     def board(sources=None, methods=None):
         rows = fid_rows(studio.runs)
-        shown = filter_rows(rows, sources, methods)
+        shown = mark_not_significant(filter_rows(rows, sources, methods))
         by_nfe, by_speed = fid_figures(shown)
         return ([[r[h] for h in BOARD_COLUMNS] for r in shown], by_nfe, by_speed,
                 gr.Dropdown(choices=list(dict.fromkeys(r["source"] for r in rows))),
