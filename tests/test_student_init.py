@@ -73,12 +73,12 @@ def test_students_learn_through_the_clip(zoo):
 @pytest.mark.parametrize("betas, prediction, want_t", [
     (dict(beta_schedule="linear"), "epsilon", None),
     (dict(beta_schedule="squaredcos_cap_v2"), "epsilon", None),
-    (dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), "epsilon", 999),  # SD 1.5: its last step
+    (dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), "epsilon", None),  # SD 1.5
     (dict(beta_schedule="squaredcos_cap_v2"), "v_prediction", 999),
     (dict(beta_schedule="linear"), "sample", 999),
 ])
 def test_students_start_where_the_x0_gain_is_bounded(betas, prediction, want_t):
-    """An eps backbone's x0 = x - sigma eps has gain sigma: its students start at the last step with sigma <= 14.62;
+    """An eps backbone's x0 = x - sigma eps has gain sigma: its students start at the last step with sigma <= 4;
     v (gain sigma alpha < 1) and sample (1) students start at the teacher's last step."""
     from diffusers import DDPMScheduler
 
@@ -90,3 +90,16 @@ def test_students_start_where_the_x0_gain_is_bounded(betas, prediction, want_t):
         assert want_t < 990 and sigma[want_t + 1] > MAX_START_GAIN
     assert d.start_t() == want_t
     assert d.student(torch.nn.Identity()).sigma_max == pytest.approx(float(sigma[want_t]), rel=1e-6)
+
+
+def test_start_gain_is_a_method_option(zoo, data):
+    """`--set method.start_gain=G` moves where an eps teacher's students start (14.62: SD 1.5's last step, DMD2's)."""
+    teacher = load_teacher(zoo["eps-cosine-clip"])
+    cls = get_method("dmd2")
+    starts = {}
+    for gain in (1.0, 4.0, 50.0):
+        method = cls(from_dict(cls.Config, {**FROM_TEACHER["dmd2"], "start_gain": gain}), teacher=teacher, data=data)
+        starts[gain] = method.timesteps[0]
+        assert method.timesteps[0] == teacher.denoiser.start_t(gain)
+        assert float(method.student.sigma_max) <= gain * 1.0001
+    assert starts[1.0] < starts[4.0] < starts[50.0]

@@ -215,6 +215,19 @@ class Distiller(Method):
         """The denoisers' condition for these labels (class labels, nothing, or rows of `embeddings`)."""
         return self._teacher.cond(labels, embeddings)
 
+    @property
+    def start_gain(self) -> float:
+        """`method.start_gain` of a config with StartOptions: students start where their x0 gain is at most it."""
+        from dstudio.distill.core.denoiser import MAX_START_GAIN
+
+        gain = getattr(self.config, "start_gain", MAX_START_GAIN)
+        require(gain > 0, f"method.start_gain={gain} must be > 0")
+        return gain
+
+    def student_of(self, model: nn.Module):
+        """`model` (a copy of the teacher's backbone, or a smaller one) as this method's student denoiser."""
+        return self._teacher.student(model, self.start_gain)
+
 
 METHODS: dict[str, type[Method]] = {}
 ALIASES: dict[str, str] = {}

@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from dstudio.distill.core.denoiser import (PREDICTION_TYPES, CFGDenoiser, ClippedDenoiser, DiscreteDenoiser,
+from dstudio.distill.core.denoiser import (MAX_START_GAIN, PREDICTION_TYPES, CFGDenoiser, ClippedDenoiser, DiscreteDenoiser,
                                            FlowMatchDenoiser)
 from dstudio.distill.core.errors import UserError
 from dstudio.samplers.schedules import clipping_of, is_flow_matching
@@ -66,10 +66,11 @@ class Teacher:
         guided = self.guided(guidance_scale)
         return ClippedDenoiser(guided, **self.clipping) if self.clipping else guided
 
-    def student(self, model) -> DiscreteDenoiser:
+    def student(self, model, max_gain: float = MAX_START_GAIN) -> DiscreteDenoiser:
         """A trainable backbone (a copy of the teacher's, or a smaller one) as a student denoiser: the teacher's
-        parameterisation and sampling clip, from its `start_t` down (a copy of the teacher starts as the teacher)."""
-        return self.denoiser.student(model, self.clipping)
+        parameterisation and sampling clip, from its `start_t(max_gain)` down (a copy of the teacher starts as the
+        teacher)."""
+        return self.denoiser.student(model, self.clipping, max_gain)
 
     def cond(self, labels: Tensor, embeddings: Tensor | None = None):
         """The denoiser's condition for a batch's labels: the labels themselves for a class-conditional teacher,

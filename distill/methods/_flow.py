@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from dstudio.distill.core.config import require
-from dstudio.distill.core.denoiser import append_dims
+from dstudio.distill.core.denoiser import StartOptions, append_dims
 from dstudio.distill.core.errors import UserError
 from dstudio.distill.core.flow import FlowView, sample_u_shaped, sample_uniform
 from dstudio.distill.core.losses import lpips_distance, load_lpips, rfpp_premetric
@@ -25,7 +25,7 @@ from dstudio.samplers import FlowEulerScheduler, sample_flow_euler, scheduler_fr
 
 
 @dataclass
-class FlowConfig:
+class FlowConfig(StartOptions):
     pairs: str | None = field(default=None, metadata={  # runs with equal settings can share one store
         "cli": "--pairs", "help": "reflow pair store folder (default: RUN/pairs)"})
     num_pairs: int = 5000

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from dstudio.distill.core.config import require
-from dstudio.distill.core.denoiser import ConsistencyDenoiser, append_dims, start_noise
+from dstudio.distill.core.denoiser import ConsistencyDenoiser, StartOptions, append_dims, start_noise
 from dstudio.distill.core.export import export_image_pipeline
 from dstudio.distill.core.losses import ict_huber_c, pseudo_huber
 from dstudio.distill.core.lora import LoraOptions
@@ -43,7 +43,7 @@ def with_dropout(net, p: float, fresh: bool):
 
 
 @dataclass
-class ConsistencyConfig(LoraOptions):
+class ConsistencyConfig(LoraOptions, StartOptions):
     data: str = "mnist"
     target: Literal["self", "teacher"] = field(default="self", metadata={  # iCT's self-target, or a teacher ODE step
         "cli": "--target", "help": "'self' (training, iCT) or 'teacher' (distillation)"})
@@ -94,7 +94,7 @@ class Consistency(Distiller):
         net = with_dropout(trainable_copy(teacher.unet, "student", config), self.dropout_rate(config),
                            config.init == "scratch")
         if config.init == "teacher":  # f is the teacher's own denoiser (f(x, sigma_min) = x up to sigma_min eps), as ECT
-            self.student = teacher.student(net)
+            self.student = self.student_of(net)
             lo, hi = self.student.sigma_min, self.student.sigma_max
         else:  # iCT's boundary-respecting scalings over a fresh backbone
             self.student = ConsistencyDenoiser(net, teacher.denoiser.schedule, config.sigma_data, config.sigma_min,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dstudio.distill.core.config import require
-from dstudio.distill.core.denoiser import append_dims, start_noise
+from dstudio.distill.core.denoiser import StartOptions, append_dims, start_noise
 from dstudio.distill.core.export import export_image_pipeline, export_text_pipeline
 from dstudio.distill.core.lora import LoraOptions
 from dstudio.distill.core.method import Batch, Distiller, Phase, register
@@ -65,7 +65,7 @@ class DiscriminatorHead(nn.Module):
 
 
 @dataclass
-class DMD2Config(LoraOptions):
+class DMD2Config(LoraOptions, StartOptions):
     data: str = "mnist"                  # real images for the GAN loss
     num_steps: int = 1                   # 1: one-step; more: few-step student trained with backward simulation
     guidance: float = 1.0                # classifier-free guidance on the real score only
@@ -102,7 +102,7 @@ class DMD2(Distiller):
     def __init__(self, config: DMD2Config, teacher=None, data=None):
         super().__init__(config, teacher, data)
         require(not config.gan or data is not None, "dmd2 with the GAN loss needs real data (method.gan=false: none)")
-        self.start_t = teacher.denoiser.start_t()
+        self.start_t = teacher.denoiser.start_t(self.start_gain)
         require(config.num_steps <= self.start_t + 1, f"method.num_steps={config.num_steps} exceeds the "
                                                       f"{self.start_t + 1} steps a student of this teacher can take")
         if teacher.kind == "text":  # the captions of the real images are the prompts
@@ -120,7 +120,7 @@ class DMD2(Distiller):
 
     def build_student(self, teacher) -> nn.Module:
         """The one-step (or few-step) student: a trainable copy of the teacher in the students' parameterisation."""
-        return teacher.student(trainable_copy(teacher.unet, "student", self.config))
+        return self.student_of(trainable_copy(teacher.unet, "student", self.config))
 
     def phases(self) -> list[Phase]:
         return self.dmd_phases()

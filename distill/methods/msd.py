@@ -105,7 +105,7 @@ class MSD(DMD2):
         self.register_buffer("route", route, persistent=False)
         make = (lambda: smaller_unet(teacher.unet, config.student_width)) if config.student_width < 1 \
             else (lambda: trainable_copy(teacher.unet, "student", config))
-        self.student = nn.ModuleList(teacher.student(make()) for _ in partition)
+        self.student = nn.ModuleList(self.student_of(make()) for _ in partition)
         self.smaller = config.student_width < 1
         self.gan_start = (config.tsm_steps if self.smaller else 0) + config.dm_steps
         if config.critics == "per_student":  # each student's fake score and GAN head see only its classes

@@ -38,7 +38,7 @@ class RectifiedFlow(FlowMethod):
         net = trainable_copy(teacher.unet, "student", config)
         if config.init == "scratch":
             net = type(net).from_config(net.config)
-        self.student = teacher.student(net)
+        self.student = self.student_of(net)
         self.distill_set = None  # the 2-RF's pairs, made when distillation starts
 
     def reflow_objective(self, pairs, step: int):

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from dstudio.distill.core.config import require
-from dstudio.distill.core.denoiser import append_dims, start_noise
+from dstudio.distill.core.denoiser import StartOptions, append_dims, start_noise
 from dstudio.distill.core.export import export_image_pipeline
 from dstudio.distill.core.losses import ict_huber_c
 from dstudio.distill.core.lora import LoraOptions
@@ -53,7 +53,7 @@ def sid_generator_loss(x_g: Tensor, y_real: Tensor, y_fake: Tensor, alpha: float
 
 
 @dataclass
-class SIMConfig(LoraOptions):
+class SIMConfig(LoraOptions, StartOptions):
     loss: Literal["sim", "sid"] = "sim"
     huber_c: float | None = None      # None: 0.00054 * sqrt(C*H*W), iCT's constant (Song & Dhariwal 2023)
     huber_space: Literal["score", "x0"] = "score"  # the distance on the score difference (the paper) or the x0 one
@@ -86,7 +86,7 @@ class SIM(Distiller):
     def __init__(self, config: SIMConfig, teacher=None, data=None):
         super().__init__(config, teacher, data)
         self.real_score = teacher.guided(config.guidance)
-        self.student = teacher.student(trainable_copy(teacher.unet, "student", config))
+        self.student = self.student_of(trainable_copy(teacher.unet, "student", config))
         self.fake_score = teacher.denoiser.like(trainable_copy(teacher.unet, "fake_score", config))
         lo, hi = teacher.denoiser.sigma_min, teacher.denoiser.sigma_max
         self.sigma_range = (lo, hi)
@@ -96,7 +96,7 @@ class SIM(Distiller):
         # The exported pipeline starts from unit noise at an integer step: train exactly that input,
         # unit noise at sigma_g = sigma(t_g), t_g the step nearest to sigma_init.
         self.student_t = min(int(round(float(teacher.denoiser.sigma_to_t(torch.tensor(config.sigma_init))))),
-                             teacher.denoiser.start_t())
+                             teacher.denoiser.start_t(self.start_gain))
         self.sigma_g = float(teacher.denoiser.t_to_sigma(torch.tensor(self.student_t)))
 
     def phases(self) -> list[Phase]:

@@ -45,8 +45,8 @@ class SlimFlow(FlowMethod):
 
     def __init__(self, config: SlimFlowConfig, teacher=None, data=None):
         super().__init__(config, teacher, data)
-        self.student = teacher.student(smaller_unet(teacher.unet, config.student_width))
-        self.guide = teacher.student(smaller_unet(teacher.unet, config.student_width))
+        self.student = self.student_of(smaller_unet(teacher.unet, config.student_width))
+        self.guide = self.student_of(smaller_unet(teacher.unet, config.student_width))
         self.guide.requires_grad_(False)
 
     def checkpoint_modules(self) -> list[str]:
