@@ -151,3 +151,21 @@ def test_gan_head_noise_levels_span_all_steps_and_differ_for_real_and_fake(dmd2)
     for t in (t_fake, t_real):
         assert t.min() >= 0 and t.max() < T
         assert t.min() < 0.02 * T and t.max() >= 0.98 * T  # outside the DMD loss's range on both sides
+
+
+def test_logit_normal_times_for_flow_teachers():
+    """SD3's training times (Esser et al. 2024, eq. 19): u = sigmoid(N(0, 1)), kept in [lo, hi), as t = u (T - 1);
+    the DMD loss draws them for flow-matching teachers by default."""
+    import math
+
+    from dstudio.distill.core.score import sample_logit_normal_timesteps
+
+    torch.manual_seed(0)
+    t = sample_logit_normal_timesteps(20000, 1000, 0.02, 0.98)
+    u = t / 999
+    assert len(t) == 20000 and u.min() >= 0.02 and u.max() < 0.98
+    assert abs(float(u.median()) - 0.5) < 0.01  # sigmoid of a median-0 normal
+    inner = float(((u > 0.25) & (u < 0.75)).float().mean())  # P(|n| < logit(0.75)) / P(n in the kept range)
+    z, lo = math.log(3), math.log(0.02 / 0.98)
+    want = math.erf(z / math.sqrt(2)) / math.erf(-lo / math.sqrt(2))
+    assert abs(inner - want) < 0.01

@@ -39,6 +39,17 @@ def sample_timesteps(n: int, num_train_timesteps: int, lo: float = 0.0, hi: floa
     return torch.randint(int(lo * T), max(int(hi * T), int(lo * T) + 1), (n,), device=device)
 
 
+def sample_logit_normal_timesteps(n: int, num_train_timesteps: int, lo: float = 0.0, hi: float = 1.0,
+                                  mean: float = 0.0, std: float = 1.0, device="cpu") -> Tensor:
+    """Continuous t = u (T - 1), u = sigmoid(N(mean, std)) kept in [lo, hi) by resampling the normal (Esser et al.
+    2024, SD3, eq. 19: the times flow-matching teachers of the SD3 / FLUX kind are trained at)."""
+    u = torch.empty(0, device=device)
+    while len(u) < n:
+        draw = torch.sigmoid(torch.randn(2 * n, device=device, dtype=torch.float64) * std + mean)
+        u = torch.cat([u, draw[(draw >= lo) & (draw < hi)]])
+    return u[:n] * (num_train_timesteps - 1)
+
+
 def dsm_loss(denoiser, x0: Tensor, sigma: Tensor, cond=None, noise: Tensor | None = None,
              teacher: DiscreteDenoiser | None = None) -> Tensor:
     """Vincent 2011 / EDM eq. 2: denoising score matching, ||D(x0 + sigma n) - x0||^2 under the backbone's own weighting;

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from dstudio.distill.core.denoiser import StartOptions, append_dims, start_noise
 from dstudio.distill.core.export import export_image_pipeline, export_text_pipeline
 from dstudio.distill.core.lora import LoraOptions
 from dstudio.distill.core.method import Batch, Distiller, Phase, register
-from dstudio.distill.core.score import dsm_loss, sample_timesteps, trainable_copy
+from dstudio.distill.core.score import dsm_loss, sample_logit_normal_timesteps, sample_timesteps, trainable_copy
 from dstudio.samplers import StudentScheduler, append_zero, discrete_timesteps, sample_multistep, scheduler_from_teacher
 
 
@@ -80,6 +81,9 @@ class DMD2Config(LoraOptions, StartOptions):
     lambda_gan_generator: float = 3e-3   # lambda_G
     t_min: float = 0.02                  # the DMD loss's noise levels: t ~ U[t_min T, t_max T]
     t_max: float = 0.98                  # (the GAN head's are t ~ U[0, T), drawn for each of its inputs)
+    # how the DMD loss draws t in [t_min, t_max]: uniformly (DMD2), logit-normally (SD3's training times), or "auto":
+    # logit-normal for flow-matching teachers, which see few samples near pure noise in training
+    t_dist: Literal["auto", "uniform", "logit_normal"] = "auto"
     head_width: int = 64
 
     def validate(self) -> None:
@@ -103,6 +107,8 @@ class DMD2(Distiller):
         super().__init__(config, teacher, data)
         require(not config.gan or data is not None, "dmd2 with the GAN loss needs real data (method.gan=false: none)")
         self.start_t = teacher.denoiser.start_t(self.start_gain)
+        flow = teacher.denoiser.prediction_type == "flow"
+        self.t_dist = ("logit_normal" if flow else "uniform") if config.t_dist == "auto" else config.t_dist
         require(config.num_steps <= self.start_t + 1, f"method.num_steps={config.num_steps} exceeds the "
                                                       f"{self.start_t + 1} steps a student of this teacher can take")
         if teacher.kind == "text":  # the captions of the real images are the prompts
@@ -206,8 +212,12 @@ class DMD2(Distiller):
 
     def real_score_sigma(self, n: int, device) -> Tensor:
         """t ~ U[t_min T, t_max T), never noisier than the student's first step (an eps teacher's x0 gain caps it)."""
-        t_max = min(self.config.t_max, (self.start_t + 1) / self.T)
-        t = sample_timesteps(n, self.T, self.config.t_min, t_max, device)
+        c = self.config
+        t_max = min(c.t_max, (self.start_t + 1) / self.T)
+        if self.t_dist == "logit_normal":
+            t = sample_logit_normal_timesteps(n, self.T, c.t_min, t_max, device=device)
+        else:
+            t = sample_timesteps(n, self.T, c.t_min, t_max, device)
         return self.schedule.t_to_sigma(t).to(device)
 
     def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
