@@ -80,20 +80,22 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     from diffusers import DDPMPipeline
-    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
     images, labels = mnist16()
     unet, scheduler = build(args.kind, tuple(args.channels), args.layers)
     ema = EMAModel(unet.parameters(), decay=args.ema)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
-    lr_schedule = get_cosine_schedule_with_warmup(opt, args.warmup, args.steps)
+    lr_schedule = (get_cosine_schedule_with_warmup(opt, args.warmup, args.steps) if args.lr_schedule == "cosine"
+                   else get_constant_schedule_with_warmup(opt, args.warmup))
     state = args.out / "train_state.pt"
     start = 0
     if state.is_file():  # resume an interrupted run (tensors only)

@@ -47,7 +47,8 @@ SPACES = ("mnist", "pixels")
 
 @dataclass(frozen=True)
 class Recipe:
-    """How a zoo teacher is trained: by `dstudio teacher train` with `options`, or by foreign_teacher.py's `kind`."""
+    """How a zoo teacher is trained: by `dstudio teacher train` with `options` (`--set` keys), or by
+    foreign_teacher.py's `kind` with `options` as its extra arguments."""
 
     options: tuple[str, ...] = ()
     foreign: str | None = None
@@ -58,7 +59,7 @@ class Recipe:
         steps = steps or self.steps
         if self.foreign:
             return [sys.executable, str(ROOT / "foreign_teacher.py"), "--kind", self.foreign, "--steps", str(steps),
-                    "--batch", str(self.batch), "--out", str(out)]
+                    "--batch", str(self.batch), *self.options, "--out", str(out)]
         sets = [a for o in self.options for a in ("--set", o)]
         return [sys.executable, "-m", "dstudio.app.cli", "teacher", "train", "--preset", "full", "--steps", str(steps),
                 "--set", f"trainer.batch_size={self.batch}", "--set", "method.layout=diffusers", *sets, "--out",
@@ -66,7 +67,7 @@ class Recipe:
 
 
 ZOO = {
-    "eps-uncond": Recipe(foreign="eps-linear", steps=8000),
+    "eps-uncond": Recipe(("--lr-schedule", "constant", "--warmup", "0"), foreign="eps-linear", steps=8000),
     "flow": Recipe(foreign="flow", steps=8000),
     "eps-cosine": Recipe(("method.prediction_type=epsilon", "method.clip_sample=true")),
     "v-zero-snr": Recipe(("method.prediction_type=v_prediction", "method.rescale_betas_zero_snr=true")),
