@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, FluxPipeline
 
-from dstudio.distill.core.denoiser import start_state
+from dstudio.distill.core.denoiser import CFGDenoiser, start_state
 from dstudio.distill.core.conditioning import Conditioning, backbone_call
 from dstudio.distill.core.families import family_of, stock_scheduler
 from dstudio.samplers import SearchedScheduler, sample_ddim, scheduler_from_teacher
@@ -91,23 +91,10 @@ def stock_images(case, z, w: float = 1.0) -> torch.Tensor:
     return pipeline_images(case, pipe, z, w)
 
 
-class Guided:
-    """Ho & Salimans 2022, eq. 6 in x0 space on one [cond, null] batch: what CFGDenoiser computes once it takes
-    Conditionings (docs/families.md)."""
-
-    def __init__(self, denoiser, w: float, null: Conditioning):
-        self.denoiser, self.w, self.null = denoiser, w, null
-
-    def __call__(self, x, sigma, cond):
-        both = Conditioning.cat([cond, self.null.expand(len(x))])
-        d_cond, d_null = self.denoiser(torch.cat([x, x]), sigma, both).chunk(2)
-        return d_null + self.w * (d_cond - d_null)
-
-
 def dstudio_images(case, z, sigmas, w: float = 1.0) -> torch.Tensor:
     """dstudio's DDIM (Euler in sigma) over the adapter's Denoiser from unit noise z, decoded to [0, 1]."""
     d = case.family.denoiser()
-    guided = d if w == 1 else Guided(d, w, case.family.null())
+    guided = d if w == 1 else CFGDenoiser(d, w, case.family.null())  # the core's CFG on a Conditioning null
     x = sample_ddim(guided, start_state(d, z, sigmas[0]), sigmas, condition(case))
     with torch.no_grad():
         return (case.family.decode(x / float(d.noise_scale(sigmas[-1]))) / 2 + 0.5).clamp(0, 1)
