@@ -102,8 +102,8 @@ def stock_from(cls, config):
     latents from configs without the key, as SDXL's Euler and PixArt's DPM-Solver configs)."""
     import inspect
 
-    keep = {"clip_sample": bool(config.get("clip_sample"))} if "clip_sample" in inspect.signature(cls).parameters else {}
-    return cls.from_config(config, **keep)
+    takes_clip = "clip_sample" in inspect.signature(cls).parameters
+    return cls.from_config(config, **({"clip_sample": bool(config.get("clip_sample"))} if takes_clip else {}))
 
 
 def cmd_sample(args) -> None:
@@ -208,6 +208,12 @@ def cmd_search(args) -> None:
     search(args)
 
 
+def cmd_plan(args) -> None:
+    from dstudio.app.plan_cli import cmd_plan as plan
+
+    plan(args)
+
+
 def cmd_methods(args) -> None:
     """The registered methods, then each method plugin that did not import, with its one-line error."""
     from dstudio.distill.core.method import BROKEN, discover
@@ -219,8 +225,8 @@ def cmd_methods(args) -> None:
 
 
 HANDLERS = {"teacher train": cmd_teacher_train, "distill": cmd_distill, "sample": cmd_sample, "fid": cmd_fid,
-            "search": cmd_search, "report": cmd_report, "app": cmd_app, "features train": cmd_features_train,
-            "methods": cmd_methods}
+            "search": cmd_search, "plan": cmd_plan, "report": cmd_report, "app": cmd_app,
+            "features train": cmd_features_train, "methods": cmd_methods}
 
 
 def main(argv: list[str] | None = None) -> int:

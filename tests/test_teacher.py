@@ -10,7 +10,8 @@ from tiny_sd import tiny_sd_pipeline
 
 def test_class_teacher(tiny_teacher):
     t = load_teacher(tiny_teacher)
-    assert (type(t.family).__name__, t.num_classes, t.takes_prompts, t.sample_shape) == ("PixelUNet", 10, False, (1, 8, 8))
+    assert type(t.family).__name__ == "PixelUNet" and not t.takes_prompts
+    assert (t.num_classes, t.sample_shape) == (10, (1, 8, 8))
     x = torch.randn(2, 1, 8, 8) * 10
     out = t.guided(3.0)(x, torch.tensor([10.0, 10.0]), t.cond(torch.tensor([1, 2])))
     assert out.shape == x.shape and torch.isfinite(out).all()

@@ -132,6 +132,12 @@ class Method(nn.Module, abc.ABC):
     def on_phase_start(self, phase: Phase, step: int) -> None:
         """Called before a phase's first update (at its `start` step; not again when a resume comes after it)."""
 
+    def activation_passes(self) -> dict[str, list[tuple[str, str]]]:
+        """Per phase, the network passes whose activations it holds at once for backward, in call order: (module
+        attribute, "full" or "tap": up to the GAN head's features[, the module attribute that reads them]);
+        `dstudio plan` traces each. Default: one full pass of the student in every phase."""
+        return {}
+
     def grid_classes(self) -> Tensor:
         """The class labels of the periodic sample grids (one row each; [0] when unconditional)."""
         return torch.arange(min(max(self.num_classes, 1), GRID_CLASSES))

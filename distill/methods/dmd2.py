@@ -108,6 +108,12 @@ class DMD2(Distiller):
     def phases(self) -> list[Phase]:
         return self.dmd_phases()
 
+    def activation_passes(self):
+        """The generator's student and (GAN) the frozen fake score to the features its head reads; the critic's
+        score matching and the GAN head's passes on fake and real images."""
+        gan = [("fake_score", "tap", "head")] if self.config.gan else []
+        return {"generator": [("student", "full"), *gan], "critic": [("fake_score", "full"), *gan, *gan]}
+
     def dmd_phases(self, start: int = 0) -> list[Phase]:
         """From step `start`: the generator every `critic_ratio` steps, the fake score and GAN head every step."""
         c = self.config

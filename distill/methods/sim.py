@@ -95,6 +95,11 @@ class SIM(Distiller):
                 Phase("generator", ("student",), loss=self.generator_loss, lr=c.lr_generator, betas=c.betas,
                       grad_clip=c.grad_clip)]
 
+    def activation_passes(self):
+        """The generator differentiates through the teacher (and, for SiD, the fake score) at its own samples."""
+        scores = [("real_score", "full")] + ([("fake_score", "full")] if self.config.loss == "sid" else [])
+        return {"fake": [("fake_score", "full")], "generator": [("student", "full"), *scores]}
+
     def _labels(self, n: int, device):
         return self.random_cond(n, device)
 
