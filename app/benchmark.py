@@ -49,7 +49,9 @@ def merge_rows(rows: list[dict], old: list[dict], date: str | None, key) -> list
 
 
 def write_results(name: str, payload: dict, path: Path | None = None) -> dict:
-    """Write results/NAME.json (or `path`) with date, machine and versions, and rebuild RESULTS.md; the payload."""
+    """Write results/NAME.json (or `path`) with date, machine and versions, and rebuild RESULTS.md; the payload.
+    Rows keep their FID intervals (`KEY_ci95`) and bootstrap replicates (`KEY_boot`, for paired comparisons);
+    `payload["fingerprint"]` (space -> protocol fingerprint) names what produced them."""
     from dstudio.distill.core.export import versions
     from dstudio.distill.core.io import save_json
 
@@ -62,17 +64,24 @@ def write_results(name: str, payload: dict, path: Path | None = None) -> dict:
     return payload
 
 
-def rows_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    def fmt(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.4g}" if abs(v) < 1000 else f"{v:.0f}"
-        return str(v)
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
 
+
+def cell(row: dict, key: str) -> str:
+    """A table cell: the value, and for a figure with an interval (`KEY_ci95`) `0.081 [0.075, 0.089]`."""
+    ci = row.get(f"{key}_ci95")
+    return _fmt(row.get(key)) + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci and row.get(key) is not None else "")
+
+
+def rows_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     head = "| " + " | ".join(title for _, title in columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(fmt(r.get(key)) for key, _ in columns) + " |" for r in rows]
+    body = ["| " + " | ".join(cell(r, key) for key, _ in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
 
 
@@ -83,10 +92,14 @@ DEFAULT_COLUMNS = [("name", "row"), ("nfe", "NFE"), ("fid", "FID-mnist"), ("fid_
 def refresh_results_md() -> Path:
     """Rebuild benchmarks/RESULTS.md from every results/*.json (each names its command and columns)."""
     from dstudio.distill.core.io import atomic_path
+    from dstudio.distill.evaluation.fingerprint import describe
 
     parts = ["# Benchmark results", "",
              "Made by the scripts in `benchmarks/` (protocol in `benchmarks/README.md`); each section names the "
-             "command that wrote it. Regenerated from `benchmarks/results/*.json`.", ""]
+             "command that wrote it. Regenerated from `benchmarks/results/*.json`. An FID cell "
+             "`0.081 [0.075, 0.089]` carries its 95% bootstrap interval over the generated images; rows without one "
+             "were measured before intervals were recorded. Rows whose intervals do not overlap differ at 95%; for "
+             "overlapping ones, the app's FID board applies the paired test of rows drawn from the same noise.", ""]
     for path in sorted(RESULTS.glob("*.json")):
         r = json.loads(path.read_text())
         parts += [f"## {r['benchmark']}", "",
@@ -94,6 +107,8 @@ def refresh_results_md() -> Path:
                   f"{r['machine']['torch_threads']} torch threads, torch {r['versions']['torch']}", ""]
         if r.get("floor") is not None:
             parts += [f"Real-vs-real floor (FID-mnist, 2,000 vs 5,000): {r['floor']:.4g}", ""]
+        for space, fp in (r.get("fingerprint") or {}).items():
+            parts += [f"Protocol fingerprint ({space}): {describe(fp)}", ""]
         cols = [tuple(c) for c in r.get("columns", DEFAULT_COLUMNS)]
         parts += [rows_table(r["rows"], cols), ""]
         for note in r.get("notes", []):

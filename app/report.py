@@ -11,6 +11,7 @@ import yaml
 
 from dstudio.app.benchmark import ROOT, rows_table
 from dstudio.distill.core.errors import UserError
+from dstudio.distill.evaluation.card import with_card
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -59,6 +60,32 @@ def _plot(rows: list[dict]) -> bytes | None:
     return buf.getvalue()
 
 
+def card_html(card: dict | None) -> list[str]:
+    """The report card: per space, a table of each row's precision, recall and per-class FID, and what it was
+    measured on (Kynkäänniemi et al. 2019 for precision / recall)."""
+    if not card or not card.get("rows"):
+        return []
+    out = [f"<h3>report card</h3><p>precision / recall: k = {card['k']} nearest neighbours, "
+           f"{html.escape(card['real_subset'])}; per-class FID: {html.escape(card['per_class'])}</p>"]
+    spaces = list(dict.fromkeys(s for entry in card["rows"].values() for s in entry))
+    for space in spaces:
+        rows = [{"name": name, **{k: v for k, v in entry[space].items() if k != "class_fid"},
+                 **(entry[space].get("class_fid") or {})} for name, entry in card["rows"].items() if space in entry]
+        classes = list(dict.fromkeys(c for r in card["rows"].values() for c in (r.get(space, {}).get("class_fid")
+                                                                                 or {})))
+        cols = [("name", "row"), ("precision", "precision"), ("recall", "recall"),
+                *((c, f"FID class {c}") for c in classes)]
+        out += [f"<p>{html.escape(space)} space</p>", _html_table(rows, cols)]
+    return out
+
+
+def fingerprint_html(fingerprints: dict | None) -> list[str]:
+    """One line per feature space naming what produced its figures (the protocol fingerprint)."""
+    from dstudio.distill.evaluation.fingerprint import describe
+
+    return [f"<p>protocol fingerprint: {html.escape(describe(fp))}</p>" for fp in (fingerprints or {}).values()]
+
+
 def load_section(item: str) -> dict:
     """A result JSON (benchmark or `dstudio fid --json`) or a run folder, as one report section."""
     path = Path(item)
@@ -67,13 +94,18 @@ def load_section(item: str) -> dict:
         if not cfg.is_file():
             raise ReportError(f"'{item}' is a folder but not a run folder (no config.yaml)")
         grids = sorted((path / "samples").glob("*.png")) if (path / "samples").is_dir() else []
-        rows = []
+        rows, evaluation = [], {}
         for f in sorted(path.glob("*.json")):
             r = json.loads(f.read_text())
             if "fid" in r:
                 rows.append({"name": f.stem, **r})
+            elif f.name == "eval.json" and "rows" in r:  # the end-of-run teacher-vs-student comparison
+                evaluation = r
+                rows += with_card(r["rows"], r.get("card"), r.get("features", "mnist"))
         return {"title": f"run {path.name}", "config": yaml.safe_load(cfg.read_text()), "rows": rows,
-                "grids": [g for g in grids if g.name == "final.png"] or grids[-1:], "series": path.name}
+                "grids": [g for g in grids if g.name == "final.png"] or grids[-1:], "series": path.name,
+                "card": evaluation.get("card"), "fingerprint": evaluation.get("fingerprint"),
+                "features": evaluation.get("features")}
     if path.suffix == ".json" and path.is_file():
         try:
             r = json.loads(path.read_text())
@@ -81,12 +113,15 @@ def load_section(item: str) -> dict:
             raise ReportError(f"'{item}' is not valid JSON ({e.msg})") from None
         if "rows" in r:
             grids = [ROOT / row["grid"] for row in r["rows"] if row.get("grid") and (ROOT / row["grid"]).is_file()]
-            return {"title": f"benchmark {r.get('benchmark', path.stem)}", "rows": r["rows"], "floor": r.get("floor"),
+            return {"title": f"benchmark {r.get('benchmark', path.stem)}", "floor": r.get("floor"),
+                    "rows": with_card(r["rows"], r.get("card"), r.get("features", "mnist")),
                     "config": {k: r[k] for k in ("command", "teacher", "protocol", "machine", "versions", "date")
-                               if k in r}, "grids": grids, "series": None, "notes": r.get("notes", [])}
+                               if k in r}, "grids": grids, "series": None, "notes": r.get("notes", []),
+                    "card": r.get("card"), "fingerprint": r.get("fingerprint"), "features": r.get("features")}
         if "fid" in r:
             return {"title": f"FID {path.stem}", "rows": [{"name": path.stem, **r}], "grids": [], "series": path.stem,
-                    "config": {k: r[k] for k in ("reference", "features", "versions", "date") if k in r}}
+                    "config": {k: r[k] for k in ("reference", "features", "versions", "date") if k in r},
+                    "fingerprint": r.get("fingerprint")}
         raise ReportError(f"'{item}' is JSON but neither a benchmark result nor an FID result")
     raise ReportError(f"'{item}' is neither a run folder nor a result .json file")
 
@@ -106,8 +141,9 @@ def build_report(items: list[str], out: str | Path) -> Path:
         slowest = min(r["images_per_s"] for r in speed_rows)
         for r in speed_rows:
             r["speed_ratio"] = r["images_per_s"] / slowest
-    cols = [("name", "row"), ("nfe", "NFE"), ("fid", "FID"), ("features", "features"), ("kid", "KID"),
-            ("images_per_s", "images/s"), ("speed_ratio", "x slowest row")]
+    cols = [("name", "row"), ("nfe", "NFE"), ("fid", "FID [95% interval]"), ("features", "features"), ("kid", "KID"),
+            ("precision", "precision"), ("recall", "recall"), ("images_per_s", "images/s"),
+            ("speed_ratio", "x slowest row")]
     for r in all_rows:
         r.setdefault("features", "mnist")
     body = ["<h1>dstudio report</h1>", "<h2>FID and speed</h2>", _html_table(all_rows, cols)]
@@ -120,6 +156,7 @@ def build_report(items: list[str], out: str | Path) -> Path:
             body.append(f"<p>real-vs-real floor: {s['floor']:.4g}</p>")
         for note in s.get("notes", []):
             body.append(f"<p>{html.escape(note)}</p>")
+        body += card_html(s.get("card")) + fingerprint_html(s.get("fingerprint"))
         if s["grids"]:
             body.append("".join(f"<figure>{_img(g, 320)}<figcaption>{html.escape(Path(g).stem)}</figcaption></figure>"
                                 for g in s["grids"]))

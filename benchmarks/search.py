@@ -37,7 +37,9 @@ from dstudio.app.benchmark import RESULTS, stock_scheduler, write_results
 from dstudio.app.search_cli import FIDFitness, export_skip_pipeline, pipeline_speedup, search_space
 from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_teacher
 from dstudio.distill.evaluation.fid import fid_of_tensor
-from dstudio.distill.evaluation.protocol import pipeline_images, protocol_labels, protocol_noise, real_floor
+from dstudio.distill.evaluation.interval import fid_fields
+from dstudio.distill.evaluation.protocol import pipeline_images, protocol_fingerprint, protocol_labels, \
+    protocol_noise, real_floor
 from dstudio.samplers import SearchedScheduler, scheduler_from_teacher
 from dstudio.samplers.schedules import is_flow_matching
 from dstudio.search import Candidate, EvolutionConfig, evolve
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
         finally:
             pipe.scheduler = own  # the teacher's scheduler: what stock and searched schedulers are configured from
         r = fid_of_tensor(images, protocol.ref, protocol.space, name)
-        row = {"name": name, "sampler": sampler, "nfe": steps_n, "fid": r["fid"],
+        row = {"name": name, "sampler": sampler, "nfe": steps_n, **fid_fields(r),
                "images_per_s": len(images) / seconds, **extra}
         print(f"{name:>28}  FID {row['fid']:.4f}  {row['images_per_s']:.0f} img/s", file=sys.stderr, flush=True)
         return row
@@ -183,7 +185,7 @@ def main(argv=None) -> int:
         name = teacher_row if n == 50 else f"{solver}-{n}"
         if f"{solver}-{n}" in reused:
             r = reused[f"{solver}-{n}"]
-            rows.append({"name": name, "sampler": r["sampler"], "nfe": r["nfe"], "fid": r["fid"], "reused": source})
+            rows.append({"name": name, "sampler": r["sampler"], "nfe": r["nfe"], **fid_fields(r), "reused": source})
         else:
             rows.append(rescore(name, solver, n, stock(solver, teacher)))
     check = None
@@ -226,8 +228,10 @@ def main(argv=None) -> int:
             if r["sampler"].startswith("searched"):
                 r["fid_vs_unipc"] = r["fid"] / unipc["fid"]
                 r["fid_vs_trailing_ddim"] = r["fid"] / ddim["fid"]
-        write_results(out_name, {"command": command, "teacher": args.teacher, "floor": floor,
-                                 "best": result.best.to_json(), "rows": rows, "notes": notes, "columns": COLUMNS})
+        fingerprint = {protocol.space.name: protocol_fingerprint(protocol.space, protocol.ref)}
+        write_results(out_name, {"command": command, "teacher": args.teacher, "floor": floor, "rows": rows,
+                                 "fingerprint": fingerprint, "best": result.best.to_json(), "notes": notes,
+                                 "columns": COLUMNS})
 
     def searched_row(c, name, sampler, **extra):
         sched = scheduler_from_teacher(SearchedScheduler, teacher.scheduler, timesteps=list(c.steps), solver=c.solver)

@@ -35,7 +35,8 @@ from dstudio.app.benchmark import RESULTS, merge_rows, write_results
 from dstudio.distill.core.images import collapse_reason, save_grid
 from dstudio.distill.core.teacher import load_pipeline, reference_scheduler
 from dstudio.distill.evaluation.fid import fid_of_tensor
-from dstudio.distill.evaluation.protocol import pipeline_images, protocol_for
+from dstudio.distill.evaluation.interval import fid_fields
+from dstudio.distill.evaluation.protocol import pipeline_images, protocol_fingerprint, protocol_for
 from dstudio.distill.evaluation.spaces import feature_space
 from dstudio.distill.evaluation.stats import reference_stats
 
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
         row = {"name": name, "nfe": nfe, "images_per_s": len(images) / seconds, "collapse": collapse_reason(images),
                **extra}
         for n in SPACES:
-            row[f"fid_{n}"] = fid_of_tensor(images, refs[n], spaces[n], name)["fid"]
+            row.update(fid_fields(fid_of_tensor(images, refs[n], spaces[n], name), f"fid_{n}"))
             if base is not None:
                 row[f"x_{n}"] = row[f"fid_{n}"] / base[f"fid_{n}"]
         save_grid(images[::args.per_class // 10][:100], grids / f"{name}.png", nrow=10, upscale=2)
@@ -184,6 +185,7 @@ def main(argv=None) -> int:
         "protocol": {"per_class": args.per_class, "noise_seed": 0, "features": list(SPACES),
                      "reference": {n: refs[n].source for n in SPACES}},
         "teacher_training": {n: {"command": " ".join(r.command(RUNS / n)[1:]), "steps": r.steps} for n, r in ZOO.items()},
+        "fingerprint": {n: protocol_fingerprint(spaces[n], refs[n], args.per_class) for n in SPACES},
         "floor": proto["floor"], "rows": rows,
         "columns": [["name", "row"], ["nfe", "NFE"], ["fid_mnist", "FID-mnist"], ["x_mnist", "x its teacher"],
                     ["fid_pixels", "FID-pixels"], ["x_pixels", "x its teacher (pixels)"],

@@ -127,7 +127,8 @@ def test_pareto_front_and_filters():
 
 def test_fid_board_filters_labels_and_pareto_front_and_compute_fid(client):
     table, by_nfe, by_speed, sources, methods = client.predict([], [], api_name="/fid_board")
-    assert table["headers"] == ["source", "method", "row", "nfe", "fid", "images_per_s"]
+    assert table["headers"] == ["source", "method", "row", "nfe", "fid", "fid_ci95", "precision", "recall",
+                                "images_per_s", "not_significant_vs"]
     assert {"samplers", "distill-quick"} <= {row[0] for row in table["data"]}
     assert {"ddim", "dmd2"} <= {row[1] for row in table["data"]}
     speed = json.loads(by_speed["plot"])
@@ -139,6 +140,7 @@ def test_fid_board_filters_labels_and_pareto_front_and_compute_fid(client):
     assert table["data"] and all(row[0] == "samplers" and row[1] == "ddim" for row in table["data"])
     text = client.predict("tiny", 2, api_name="/compute_fid")
     assert text.startswith("tiny: FID-mnist ") and ", FID-pixels " in text and "on 20 images" in text
+    assert "; precision " in text and "recall" in text
     with pytest.raises(Exception, match="images per class 501 is outside 1..500"):
         client.predict("tiny", 501, api_name="/compute_fid")
 

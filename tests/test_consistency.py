@@ -75,17 +75,24 @@ def test_huber_constant_and_loss_on_fixed_tensors(method, tmp_path):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_consistency_distillation_target_is_one_teacher_euler_step(tiny_teacher):
+@pytest.mark.parametrize("solver", ["heun", "euler"])
+def test_consistency_distillation_target_is_one_teacher_ode_step(tiny_teacher, solver):
+    """CD's target: one Heun step (the CM paper's; Euler as an option) of dx/dsigma = (x - D(x)) / sigma, from the
+    teacher's weights by default."""
     from dstudio.distill.core.teacher import load_teacher
     from dstudio.distill.methods.consistency import Consistency, ConsistencyConfig
 
     teacher = load_teacher(tiny_teacher)
-    m = Consistency(ConsistencyConfig(data="digits", target="teacher"), teacher=teacher)
+    m = Consistency(ConsistencyConfig(data="digits", target="teacher", solver=solver), teacher=teacher)
+    assert m.config.init == "teacher" and ConsistencyConfig(data="digits").init == "scratch"
     x_next, labels = torch.randn(3, 1, 8, 8), torch.arange(3)
     s_next, s = torch.full((3,), 2.0, dtype=torch.float64), torch.full((3,), 1.5, dtype=torch.float64)
+    D = lambda x, sig: teacher.denoiser(x, sig, labels)  # noqa: E731
     with torch.no_grad():
         got = m.target_point(x_next, s_next, s, None, None, labels)
-        want = x_next + (1.5 - 2.0) * (x_next - teacher.denoiser(x_next, s_next, labels)) / 2.0
+        d = (x_next - D(x_next, s_next)) / 2.0
+        euler = x_next + (1.5 - 2.0) * d
+        want = euler if solver == "euler" else x_next + (1.5 - 2.0) * (d + (euler - D(euler, s)) / 1.5) / 2
     torch.testing.assert_close(got, want)
 
 

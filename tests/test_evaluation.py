@@ -23,12 +23,22 @@ def uncond_teacher(tmp_path_factory):
 
 
 def _check_rows(result):
+    from dstudio.distill.evaluation.interval import BOOTSTRAP_B, significant
+
     teacher, student = result["rows"]
     assert result["spaces"] == list(SPACES) == ["mnist", "pixels"] and result["features"] == "mnist"
     for row in (teacher, student):
         assert {fid_key(s) for s in SPACES} == {"fid", "fid_pixels"} <= set(row)
+        for s in SPACES:
+            lo, hi = row[f"{fid_key(s)}_ci95"]
+            assert lo <= row[fid_key(s)] <= hi and len(row[f"{fid_key(s)}_boot"]) == BOOTSTRAP_B
     for s in SPACES:
-        assert student[f"{fid_key(s)}_vs_teacher"] == pytest.approx(student[fid_key(s)] / teacher[fid_key(s)])
+        key = fid_key(s)
+        assert student[f"{key}_vs_teacher"] == pytest.approx(student[key] / teacher[key])
+        assert student[f"{key}_vs_teacher_significant"] == significant(student, teacher, key, paired=True)
+        fp = result["fingerprint"][s]
+        assert fp["features"] == s and fp["n_generated"] == 20 and fp["noise_seed"] == 0
+        assert fp["reference"] == "mnist5k@8px" and (fp["weights_sha256"] is None) == (s == "pixels")
     assert student["speedup"] == pytest.approx(student["images_per_s"] / teacher["images_per_s"])
 
 
@@ -38,10 +48,43 @@ def test_compare_reports_both_spaces_with_ratios(which, tiny_teacher, uncond_tea
     result = compare(folder, folder, per_class=2, teacher_steps=2)
     assert result["n_generated"] == 20 and [r["name"] for r in result["rows"]] == ["teacher", "student"]
     _check_rows(result)
-    teacher_line, student_line = summary(result).splitlines()
+    card = result["card"]
+    assert card["k"] == 3 and set(card["rows"]) == {"teacher", "student"}
+    for entry in (e[s] for e in card["rows"].values() for s in SPACES):
+        assert 0 <= entry["precision"] <= 1 and 0 <= entry["recall"] <= 1
+        assert (entry["class_fid"] is None) == (which == "uncond")
+        assert entry["class_fid"] is None or set(entry["class_fid"]) == {str(c) for c in range(10)}
+    assert card["per_class"].startswith("skipped: an unconditional") == (which == "uncond")
+    teacher_line, student_line, card_line = summary(result).splitlines()
     assert teacher_line.startswith("teacher (2 NFE): FID-mnist ") and ", FID-pixels " in teacher_line
     assert student_line.index("FID-mnist") < student_line.index("FID-pixels")
-    assert "x the teacher), FID-pixels " in student_line and "[20 images vs mnist5k@8px]" in student_line
+    assert "[20 images vs mnist5k@8px]" in student_line and "x the teacher" in student_line
+    assert card_line.startswith("precision / recall (mnist, k=3): teacher ")
+
+
+def test_eval_json_reaches_the_report_and_the_board(tiny_teacher, tmp_path):
+    """A run's eval.json: interval cells, precision / recall and the per-class table in the HTML report; the same
+    rows on the FID board, marked as the end-of-run comparison's paired rule says."""
+    from dstudio.app.report import build_report
+    from dstudio.app.studio.board import fid_rows, mark_not_significant
+    from dstudio.distill.core.io import save_json
+
+    run = tmp_path / "runs" / "same"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("method_name: dmd2\n")
+    result = compare(tiny_teacher, tiny_teacher, per_class=2, teacher_steps=2)
+    save_json(result, run / "eval.json")
+    page = build_report([str(run)], tmp_path / "report.html").read_text()
+    teacher = result["rows"][0]
+    lo, hi = teacher["fid_ci95"]
+    assert f"<td>teacher</td><td>2</td><td>{teacher['fid']:.4g} [{lo:.3g}, {hi:.3g}]</td>" in page
+    assert "report card" in page and "FID class 9" in page and "protocol fingerprint: mnist (weights " in page
+    rows = [r for r in fid_rows(tmp_path / "runs") if r["source"] == "same"]
+    assert [r["row"] for r in rows] == ["teacher", "student"] and rows[1]["method"] == "dmd2"
+    assert rows[0]["precision"] == round(result["card"]["rows"]["teacher"]["mnist"]["precision"], 3)
+    marks = {r["row"]: r["not_significant_vs"] for r in mark_not_significant(rows)}
+    same = not result["rows"][1]["fid_vs_teacher_significant"]  # the board applies eval.json's paired rule
+    assert marks == ({"teacher": "student", "student": "teacher"} if same else {"teacher": "-", "student": "-"})
 
 
 def test_unconditional_pipelines_are_called_with_a_batch_size(uncond_teacher):

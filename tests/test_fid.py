@@ -167,4 +167,6 @@ def test_fid_cli_takes_the_pixels_space(tmp_path, capsys):
                  "--json", str(tmp_path / "r.json")]) == 0
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["features"] == "pixels" and abs(r["fid"]) < 1e-6 and "feature_net_heldout_accuracy" not in r
+    fp = r["fingerprint"]["pixels"]
+    assert r["fid_ci95"][0] <= r["fid"] <= r["fid_ci95"][1] and fp["n_generated"] == 6 and fp["noise_seed"] is None
     assert "FID-pixels " in capsys.readouterr().out

@@ -76,7 +76,7 @@ def test_per_student_critics_see_only_their_students_classes(teacher, tmp_path):
     from dstudio.distill.core.trainer import Trainer, TrainerConfig
     from dstudio.distill.data import digits8
 
-    m = _msd(teacher, critics="per_student")
+    m = _msd(teacher, critics="per_student", batches="split")  # the given batch, as it is
     assert len(m.fake_score.nets) == len(m.head) == 3
     data = digits8(8)
     trainer = Trainer(m, TrainerConfig(steps=1, batch_size=8, sample_every=100), tmp_path, data=data)
@@ -115,3 +115,21 @@ def test_three_stage_recipe_adds_the_gan_after_distribution_matching(teacher, tm
     with pytest.raises(ConfigError, match="leaves no adversarial stage"):
         Trainer(_msd(teacher, dm_steps=5), TrainerConfig(steps=4, batch_size=12), tmp_path / "b",
                 data=digits8(8)).fit()
+
+
+def test_each_student_gets_a_whole_batch_of_its_classes():
+    """Song et al. 2024 train each student on its own classes: K x size images per micro-batch, block k of student
+    k's classes, drawn from the run's random state (so a resume draws the same)."""
+    from dstudio.distill.data import digits8
+    from dstudio.distill.methods.msd import ClassBatches
+
+    data = digits8(8)
+    partition = [[0, 1, 2], [3, 4, 5, 6], [7, 8, 9]]
+    source = ClassBatches(data, partition)
+    torch.manual_seed(0)
+    batch = source.next(5, "cpu")
+    assert batch.size == 15
+    for k, part in enumerate(partition):
+        assert set(batch.labels[5 * k:5 * (k + 1)].tolist()) <= set(part)
+    torch.manual_seed(0)
+    assert torch.equal(source.next(5, "cpu").labels, batch.labels)

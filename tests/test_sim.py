@@ -104,3 +104,23 @@ def test_generator_step_builds_a_fake_score_graph_only_for_sid(tiny_teacher, los
     value.backward()
     assert seen == [loss == "sid"]
     assert all(p.grad is None for p in m.fake_score.parameters())
+
+
+def test_score_space_huber_constant_scales_with_sigma_squared():
+    """SIM's distance on the score difference (y_r - y_f) / sigma^2 is the x0-space distance with constant c sigma^2:
+    the per-image loss with c sigma^2 equals the score-space formula computed directly."""
+    from dstudio.distill.methods.sim import huber_constant
+
+    torch.manual_seed(0)
+    x_g, y_r, y_f = torch.randn(3, 3, 1, 4, 4).unbind(0)
+    sigma, c = torch.tensor([0.1, 1.0, 20.0]), 0.01
+    got = torch.stack([sim_generator_loss(x_g[i:i + 1], y_r[i:i + 1], y_f[i:i + 1],
+                                          huber_constant(c, sigma, "score")[i:i + 1]) for i in range(3)])
+    for i, s in enumerate(sigma):
+        d = (y_r[i] - y_f[i]) / s**2  # the score difference
+        u = d / (d.pow(2).sum() + c**2).sqrt()
+        want = (u * (y_r[i] - x_g[i])).sum() / (x_g[i] - y_r[i]).abs().mean()
+        torch.testing.assert_close(got[i], want)
+    assert huber_constant(c, sigma, "x0") == c
+    batch = sim_generator_loss(x_g, y_r, y_f, huber_constant(c, sigma, "score"))
+    torch.testing.assert_close(batch, got.mean())

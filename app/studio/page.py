@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from dstudio.app.studio.board import BOARD_COLUMNS, MAX_PER_CLASS, compute_fid, fid_figures, fid_rows, filter_rows
+from dstudio.app.studio.board import BOARD_COLUMNS, MAX_PER_CLASS, compute_fid, fid_figures, fid_rows, filter_rows, \
+    mark_not_significant
 from dstudio.app.studio.compare import MAX_IMAGES, MAX_ROWS, MAX_STEPS, readable
 from dstudio.app.studio.jobs import JOB_CONCURRENCY, MAX_JOBS, Job, loss_curves
 from dstudio.app.studio.safety import check
@@ -103,11 +104,12 @@ def _board_tab(studio: Studio, names: list[str], demo) -> SimpleNamespace:
     """Every FID result as a filterable table and two plots, and "Compute FID" of one pipeline."""
     import gradio as gr
 
+    from dstudio.distill.evaluation.card import K
     from dstudio.distill.evaluation.compare import SPACES, fids_text
 
     def board(sources=None, methods=None):
         rows = fid_rows(studio.runs)
-        shown = filter_rows(rows, sources, methods)
+        shown = mark_not_significant(filter_rows(rows, sources, methods))
         by_nfe, by_speed = fid_figures(shown)
         return ([[r[h] for h in BOARD_COLUMNS] for r in shown], by_nfe, by_speed,
                 gr.Dropdown(choices=list(dict.fromkeys(r["source"] for r in rows))),
@@ -115,7 +117,11 @@ def _board_tab(studio: Studio, names: list[str], demo) -> SimpleNamespace:
 
     def fid(name, per_class, progress=gr.Progress()):
         r = compute_fid(studio.entry(name), int(per_class), progress)
-        return f"{r['name']}: {fids_text(r, list(SPACES))} on {r['images']} images, {r['images_per_s']:.0f} images/s"
+        card = r["card"][SPACES[0]]
+        pr = "" if card["precision"] is None else \
+            f"; precision {card['precision']:.2f}, recall {card['recall']:.2f} ({SPACES[0]}, k={K})"
+        return (f"{r['name']}: {fids_text(r, list(SPACES))} on {r['images']} images, "
+                f"{r['images_per_s']:.0f} images/s{pr}")
 
     with gr.Row():
         sources = gr.Dropdown([], multiselect=True, label="sources (none: all)")

@@ -138,6 +138,10 @@ class Method(nn.Module, abc.ABC):
         `dstudio plan` traces each. Default: one full pass of the student in every phase."""
         return {}
 
+    def micro_batch(self, size: int) -> int:
+        """The examples a phase's micro-batch holds for a per-process batch of `size` (`dstudio plan` reads it)."""
+        return size
+
     def grid_classes(self) -> Tensor:
         """The class labels of the periodic sample grids (one row each; [0] when unconditional)."""
         return torch.arange(min(max(self.num_classes, 1), GRID_CLASSES))

@@ -337,12 +337,14 @@ def plan_teacher(source: str, size: int | None = None):
 
 
 def plan_data(teacher):
-    """What a method's constructor reads of its data: one image (in model space), its label or caption."""
+    """What a method's constructor reads of its data: an image (in model space, on the meta device) of every class,
+    or one with its caption."""
     from dstudio.distill.data import LabelledImages
 
-    captions = ["a photo"] if teacher.takes_prompts else None
-    return LabelledImages(torch.zeros(1, *teacher.sample_shape), torch.zeros(1, dtype=torch.long), ["0"], "plan",
-                          captions)
+    n = max(teacher.num_classes, 1)  # every class once (MSD draws each student's classes)
+    captions = ["a photo"] * n if teacher.takes_prompts else None
+    return LabelledImages(torch.zeros(n, *teacher.sample_shape, device="meta"), torch.arange(n),
+                          [str(i) for i in range(n)], "plan", captions)
 
 
 def method_footprint(cls, teacher, options: dict, batch: int, cache: dict) -> Footprint:
@@ -353,7 +355,7 @@ def method_footprint(cls, teacher, options: dict, batch: int, cache: dict) -> Fo
         method = cls(from_dict(cls.Config, options, "method."), teacher=teacher, data=plan_data(teacher))
     method.to("meta")  # what was made on the CPU: LoRA factors, a GAN head
     out = parameter_footprint(method, teacher)
-    out.phases = {ph.name: (phase_activations(method, ph, batch, cache),
+    out.phases = {ph.name: (phase_activations(method, ph, method.micro_batch(batch), cache),
                             FLOAT32 * _numel(method.phase_parameters(ph))) for ph in method.phases()}
     out.activations = max((a for a, _ in out.phases.values()), default=0)
     return out

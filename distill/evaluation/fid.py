@@ -1,5 +1,6 @@
 """FID and KID results in a named feature space (`inception`, `mnist` or `pixels`) for image folders and tensors:
-the figures, both set sizes, the reference, versions and date, and a warning where FID is biased."""
+the figures, FID's 95% bootstrap interval (`fid_ci95`, its replicates in `fid_boot`), the protocol fingerprint, both
+set sizes, the reference, versions and date, and a warning where FID is biased."""
 from __future__ import annotations
 
 import datetime
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from dstudio.distill.evaluation.fingerprint import UNKNOWN, fingerprint
+from dstudio.distill.evaluation.interval import fid_interval
 from dstudio.distill.evaluation.spaces import FeatureSpace, check_count, feature_space, folder_features, \
     scan_folder, tensor_features
 from dstudio.distill.evaluation.stats import Stats, frechet, kid, reference_stats
@@ -21,11 +24,16 @@ def bias_warning(n: int, dim: int) -> str | None:
     return None
 
 
-def result(gen: Stats, ref: Stats, space: FeatureSpace, skipped: list[str] | None = None, **extra) -> dict:
+def result(gen: Stats, ref: Stats, space: FeatureSpace, skipped: list[str] | None = None,
+           protocol: dict | None = None, **extra) -> dict:
+    """The FID result of `gen` against `ref`; `protocol`: the fingerprint's labels, noise and sampler seeds
+    (protocol.protocol_description; unknown for image folders)."""
     from dstudio.distill.core.export import versions
 
+    fid = frechet(gen, ref)
     out = {
-        "fid": frechet(gen, ref),
+        "fid": fid,
+        **(fid_interval(fid, gen.feats, ref) if gen.feats is not None else {}),
         "kid": kid(gen, ref),
         "features": space.name,
         "n_generated": gen.n,
@@ -35,6 +43,7 @@ def result(gen: Stats, ref: Stats, space: FeatureSpace, skipped: list[str] | Non
         "skipped_corrupt": skipped or [],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
+        "fingerprint": {space.name: fingerprint(space, ref, gen.n, **(protocol or UNKNOWN))},
         **extra,
     }
     warning = bias_warning(gen.n, len(gen.mu))
@@ -64,7 +73,14 @@ def fid_of_folder(images: str | Path, ref: str, features: str = "mnist", device=
     return result(gen, ref_stats, space, skipped)
 
 
-def fid_of_tensor(images: torch.Tensor, ref: str | Stats, space: FeatureSpace, source: str, **extra) -> dict:
-    gen = Stats.of(tensor_features(images, space), space.name, source)
+def fid_of_features(feats, ref: Stats, space: FeatureSpace, source: str, protocol: dict | None = None,
+                    **extra) -> dict:
+    """The FID result of features already extracted in `space` (see `result`)."""
+    return result(Stats.of(feats, space.name, source), ref, space, protocol=protocol, **extra)
+
+
+def fid_of_tensor(images: torch.Tensor, ref: str | Stats, space: FeatureSpace, source: str,
+                  protocol: dict | None = None, **extra) -> dict:
+    """The FID result of images in [-1, 1] (see `result`): every benchmark row's `fid`, `fid_ci95` and `fid_boot`."""
     ref_stats = ref if isinstance(ref, Stats) else reference_stats(ref, space, images.shape[-1])
-    return result(gen, ref_stats, space, **extra)
+    return fid_of_features(tensor_features(images, space), ref_stats, space, source, protocol, **extra)

@@ -16,6 +16,7 @@ from dstudio.distill.evaluation.stats import Stats, mnist_reference
 N_PER_CLASS = 200
 NUM_CLASSES = 10
 NOISE_SEED = 0
+BATCH_SIZE = 500  # images per pipeline call; re-noising samplers draw from a generator seeded per batch
 
 
 def protocol_labels(num_classes: int = NUM_CLASSES, per_class: int = N_PER_CLASS) -> torch.Tensor:
@@ -71,7 +72,7 @@ def protocol_pipeline(pipe):
     return pipe if isinstance(pipe, Unconditional) or is_conditional(pipe) else Unconditional(pipe)
 
 
-def pipeline_images(pipe, labels: torch.Tensor, noise: torch.Tensor, steps: int | None, batch_size: int = 500,
+def pipeline_images(pipe, labels: torch.Tensor, noise: torch.Tensor, steps: int | None, batch_size: int = BATCH_SIZE,
                     guidance_scale: float = 1.0, progress=None, **kwargs) -> tuple[torch.Tensor, float]:
     """Images in [-1, 1] from a pixel-space pipeline on fixed noise (labels dropped when it is unconditional), and
     the wall time in seconds; `progress(fraction)` is called before each batch. Samplers that re-noise (few-step
@@ -112,6 +113,21 @@ def real_floor(space: FeatureSpace, ref: Stats, resolution: int) -> dict:
     return fid_of_tensor(data.images[idx], ref, space, "mnist5k-real-2000")
 
 
+def protocol_description(per_class: int = N_PER_CLASS, batch_size: int = BATCH_SIZE) -> dict:
+    """The protocol's fields of an FID fingerprint: its labels, the starting noise's seed and the samplers' seeds."""
+    return {"labels": f"{per_class} per class, classes 0-{NUM_CLASSES - 1} in blocks (unconditional pipelines: none)",
+            "noise_seed": NOISE_SEED,
+            "sampler_seeds": f"{NOISE_SEED + 1} + the index of each batch's first image (batches of {batch_size})"}
+
+
+def protocol_fingerprint(space: FeatureSpace, ref: Stats, per_class: int = N_PER_CLASS,
+                         batch_size: int = BATCH_SIZE) -> dict:
+    """The fingerprint of an FID on the protocol's `per_class` x 10 images in `space` against `ref`."""
+    from dstudio.distill.evaluation.fingerprint import fingerprint
+
+    return fingerprint(space, ref, per_class * NUM_CLASSES, **protocol_description(per_class, batch_size))
+
+
 def protocol_inputs(pipe, per_class: int = N_PER_CLASS) -> tuple[torch.Tensor, torch.Tensor]:
     """The protocol's labels and fixed starting noise for a pixel-space pipeline, `per_class` images per class."""
     labels = protocol_labels(per_class=per_class)
@@ -119,11 +135,13 @@ def protocol_inputs(pipe, per_class: int = N_PER_CLASS) -> tuple[torch.Tensor, t
 
 
 def protocol_for(pipe, per_class: int = N_PER_CLASS, floor: bool = True, features: str = "mnist") -> dict:
-    """The embedded protocol for a pixel-space pipeline: labels, fixed noise, feature space, reference and
-    (with `floor`) the real-vs-real FID floor."""
+    """The embedded protocol for a pixel-space pipeline: labels, fixed noise, feature space, reference, the
+    fingerprint of its FIDs (space -> fingerprint, as results files keep it) and (with `floor`) the real-vs-real
+    FID floor."""
     labels, noise = protocol_inputs(pipe, per_class)
     space, ref = protocol_reference(features, noise.shape[-1])
-    proto = {"labels": labels, "noise": noise, "space": space, "ref": ref}
+    proto = {"labels": labels, "noise": noise, "space": space, "ref": ref,
+             "fingerprint": {features: protocol_fingerprint(space, ref, per_class)}}
     if floor:
         proto["floor"] = real_floor(space, ref, noise.shape[-1])["fid"]
     return proto

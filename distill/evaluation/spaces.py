@@ -5,6 +5,7 @@ Folders go through clean-fid's `get_files_features`, in-memory images through it
 """
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +25,15 @@ class FIDError(UserError):
 
 @dataclass
 class FeatureSpace:
-    """A named feature space: its extractor on a device and clean-fid's per-image resizer for it."""
+    """A named feature space: its extractor on a device, clean-fid's per-image resizer for it, its weights file and
+    how images reach it (both for the protocol fingerprint)."""
 
     name: str
     model: torch.nn.Module
     fn_resize: object  # clean-fid's per-image resizer: HxWx3 uint8 -> resized float HxWx3 in [0, 255]
     device: torch.device
+    weights: Path | None = None
+    resize: str = ""
 
 
 def native_size(image: np.ndarray) -> np.ndarray:
@@ -47,21 +51,25 @@ def _inception(device: torch.device) -> FeatureSpace:
         raise FIDError(f"could not load clean-fid's InceptionV3 weights ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'}); "
                        f"with no network use --features mnist or pixels") from None
-    return FeatureSpace("inception", model, build_resizer("clean"), device)
+    weights = Path("./" if platform.system() == "Windows" else "/tmp") / "inception-2015-12-05.pt"  # clean-fid's
+    return FeatureSpace("inception", model, build_resizer("clean"), device, weights,
+                        "uint8, clean-fid's clean resize (PIL bicubic) to 299x299")
 
 
 def _mnist(device: torch.device) -> FeatureSpace:
     from cleanfid.resize import make_resizer
 
-    from dstudio.distill.evaluation.features import load_feature_net
+    from dstudio.distill.evaluation.features import WEIGHTS, load_feature_net
 
-    return FeatureSpace("mnist", load_feature_net(device), make_resizer("PIL", False, "bicubic", (28, 28)), device)
+    return FeatureSpace("mnist", load_feature_net(device), make_resizer("PIL", False, "bicubic", (28, 28)), device,
+                        WEIGHTS, "uint8, PIL bicubic to 28x28 (clean-fid), channel mean")
 
 
 def _pixels(device: torch.device) -> FeatureSpace:
-    from dstudio.distill.evaluation.features import PixelFeatures
+    from dstudio.distill.evaluation.features import PIXELS_MAX_SIDE, PixelFeatures
 
-    return FeatureSpace("pixels", PixelFeatures().to(device), native_size, device)
+    return FeatureSpace("pixels", PixelFeatures().to(device), native_size, device, None,
+                        f"uint8, channel mean, area-resized to at most {PIXELS_MAX_SIDE}x{PIXELS_MAX_SIDE}")
 
 
 def feature_space(name: str, device: str | torch.device | None = None) -> FeatureSpace:

@@ -58,6 +58,21 @@ def frechet(a: Stats, b: Stats) -> float:
         return float(frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
 
 
+def psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a covariance (negative eigenvalues of round-off clipped to 0)."""
+    w, v = np.linalg.eigh(sigma)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_psd(mu: np.ndarray, sigma: np.ndarray, ref: Stats, ref_sqrt: np.ndarray | None = None) -> float:
+    """Fréchet distance (Heusel et al. 2017) with Tr (S S_r)^1/2 = sum of sqrt eig(S_r^1/2 S S_r^1/2): symmetric, so
+    stable where clean-fid's sqrtm of S S_r is not (covariances of fewer images than dimensions)."""
+    ref_sqrt = psd_sqrt(ref.sigma) if ref_sqrt is None else ref_sqrt
+    eig = np.linalg.eigvalsh(ref_sqrt @ sigma @ ref_sqrt)
+    return float(np.sum((mu - ref.mu) ** 2) + np.trace(sigma) + np.trace(ref.sigma)
+                 - 2 * np.sum(np.sqrt(np.clip(eig, 0, None))))
+
+
 def kid(a: Stats, b: Stats, seed: int = 0) -> float | None:
     """Kernel inception distance (Bińkowski et al. 2018) through clean-fid, seeded; None without both features."""
     from cleanfid.fid import kernel_distance
@@ -83,6 +98,22 @@ def mnist_reference(space: FeatureSpace, resolution: int) -> Stats:
     stats = Stats.of(feats, space.name, f"mnist5k@{resolution}px")
     stats.save(path)
     return stats
+
+
+def mnist_class_reference(space: FeatureSpace, resolution: int) -> dict[int, Stats]:
+    """Statistics of each digit's MNIST-5k images at `resolution` (label -> Stats), cached beside the global ones."""
+    from dstudio.distill.data import mnist5k
+
+    paths = {c: CACHE / f"mnist5k-{space.name}-{resolution}px-class{c}.npz" for c in range(10)}
+    if all(p.is_file() for p in paths.values()):
+        return {c: Stats.load(p) for c, p in paths.items()}
+    data = mnist5k(resolution)
+    feats = tensor_features(data.images, space)
+    out = {}
+    for c, path in paths.items():
+        out[c] = Stats.of(feats[(data.labels == c).numpy()], space.name, f"mnist5k@{resolution}px class {c}")
+        out[c].save(path)
+    return out
 
 
 def reference_stats(ref: str, space: FeatureSpace, resolution: int | None = None) -> Stats:

@@ -46,8 +46,9 @@ class ConsistencyConfig(LoraOptions):
     data: str = "mnist"
     target: Literal["self", "teacher"] = field(default="self", metadata={  # iCT's self-target, or a teacher ODE step
         "cli": "--target", "help": "'self' (training, iCT) or 'teacher' (distillation)"})
-    init: Literal["scratch", "teacher"] = field(default="scratch", metadata={  # "teacher": easy consistency tuning
-        "cli": "--init", "help": "start from the 'teacher' or 'scratch'"})
+    init: Literal["scratch", "teacher"] | None = field(default=None, metadata={  # "teacher": easy consistency tuning
+        "cli": "--init", "help": "start from the 'teacher' or 'scratch' (default: the teacher with --target teacher)"})
+    solver: Literal["heun", "euler"] = "heun"  # consistency distillation's teacher ODE step (CM paper: Heun)
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
@@ -62,6 +63,10 @@ class ConsistencyConfig(LoraOptions):
     grad_clip: float = 1.0
     mid_sigma: float = 0.821         # iCT's two-step sampler: re-noise to this sigma (CIFAR-10 value)
     dropout: float | None = None     # None: 0.3 from scratch (iCT's CIFAR-10 value), 0 from the teacher's weights
+
+    def __post_init__(self) -> None:
+        if self.init is None:  # distillation starts from the teacher (3x better at quick); iCT from scratch
+            self.init = "teacher" if self.target == "teacher" else "scratch"
 
     def validate(self) -> None:
         require(0 < self.sigma_min < self.sigma_max, f"method.sigma_min={self.sigma_min} and method.sigma_max="
@@ -118,12 +123,17 @@ class Consistency(Distiller):
         return karras_sigmas(n, *self.sigma_range, c.rho).flip(0)
 
     def target_point(self, x_next: Tensor, sigma_next: Tensor, sigma: Tensor, x0: Tensor, noise: Tensor, cond):
-        """CT: x + s_i eps with the same eps (iCT); CD: one Euler step of the teacher's ODE from s_{i+1} to s_i."""
+        """CT: x + s_i eps with the same eps (iCT); CD: one Heun (or Euler) step of the teacher's probability-flow ODE
+        dx/dsigma = (x - D(x, sigma)) / sigma from s_{i+1} to s_i (Song et al. 2023, sec. 4; EDM Alg. 1)."""
         if self.teacher_denoiser is None:
             return x0 + append_dims(sigma.to(x0.dtype), x0.ndim) * noise
         dims = lambda s: append_dims(s.to(x_next.dtype), x_next.ndim)  # noqa: E731
-        d = (x_next - self.teacher_denoiser(x_next, sigma_next, cond)) / dims(sigma_next)
-        return x_next + dims(sigma - sigma_next) * d
+        slope = lambda x, s: (x - self.teacher_denoiser(x, s, cond)) / dims(s)  # noqa: E731
+        d = slope(x_next, sigma_next)
+        x_euler = x_next + dims(sigma - sigma_next) * d
+        if self.config.solver == "euler":
+            return x_euler
+        return x_next + dims(sigma - sigma_next) * (d + slope(x_euler, sigma)) / 2
 
     def consistency_loss(self, batch: Batch, step: int):
         """iCT, eq. 9: lambda(s_i) d(f(x + s_{i+1} eps, s_{i+1}), sg f(x + s_i eps, s_i)), lambda = 1 / (s_{i+1} - s_i)."""

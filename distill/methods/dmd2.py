@@ -114,10 +114,11 @@ class DMD2(Distiller):
         gan = [("fake_score", "tap", "head")] if self.config.gan else []
         return {"generator": [("student", "full"), *gan], "critic": [("fake_score", "full"), *gan, *gan]}
 
-    def dmd_phases(self, start: int = 0) -> list[Phase]:
-        """From step `start`: the generator every `critic_ratio` steps, the fake score and GAN head every step."""
+    def dmd_phases(self, start: int = 0, batches=None) -> list[Phase]:
+        """From step `start`: the generator every `critic_ratio` steps, the fake score and GAN head every step (on
+        `batches`, a phase batch source, when given)."""
         c = self.config
-        common = dict(betas=c.betas, weight_decay=c.weight_decay, grad_clip=c.grad_clip, start=start)
+        common = dict(betas=c.betas, weight_decay=c.weight_decay, grad_clip=c.grad_clip, start=start, batches=batches)
         return [Phase("generator", ("student",), loss=self.generator_loss, lr=c.lr_generator, every=c.critic_ratio,
                       **common),
                 Phase("critic", ("fake_score", "head"), loss=self.critic_loss, lr=c.lr_critic, **common)]

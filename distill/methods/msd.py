@@ -24,6 +24,8 @@ class MSDConfig(DMD2Config):
     tsm_steps: int = 500                      # teacher score matching steps before distillation (smaller students)
     lr_tsm: float = 1e-4
     critics: Literal["shared", "per_student"] = "shared"  # one fake score + GAN head for all, or one per student
+    # each student's own batch of its classes per step (the paper's), or one batch split among them by label
+    batches: Literal["per_student", "split"] = "per_student"
     dm_steps: int = 0                         # distribution matching without the GAN before the adversarial stage
 
     def validate(self) -> None:
@@ -69,6 +71,19 @@ class RoutedDenoiser(nn.Module):
         return self.nets[0].noise_scale(sigma)
 
 
+class ClassBatches:
+    """MSD's batches (Song et al. 2024 train each student on its own classes): `size` real images of every student's
+    classes per micro-batch, K x size in all, drawn with the run's (checkpointed) random state."""
+
+    def __init__(self, data, partition: list[list[int]]):
+        self.images, self.labels = data.images, data.labels
+        self.pools = [torch.isin(data.labels, torch.tensor(part)).nonzero()[:, 0] for part in partition]
+
+    def next(self, size: int, device) -> Batch:
+        idx = torch.cat([pool[torch.randint(0, len(pool), (size,))] for pool in self.pools])
+        return Batch.of(self.images[idx].to(device), self.labels[idx].to(device))
+
+
 @register("msd")
 class MSD(DMD2):
     """Song et al. 2024 (MSD): K students, each distilled with DMD2 on its classes; smaller ones start from TSM."""
@@ -82,7 +97,11 @@ class MSD(DMD2):
                 f"method.students={config.students} is more than the teacher's {teacher.num_classes} classes")
         check_partition(partition, teacher.num_classes)
         super().__init__(config, teacher, data)
-        self.partition = partition
+        self.partition, self.data = partition, data
+        bare = [k for k, part in enumerate(partition) if not torch.isin(data.labels, torch.tensor(part)).any()] \
+            if data is not None and config.batches == "per_student" else []
+        require(not bare, f"msd: student {bare[:1]}'s classes have no images in the data (a DiT's class folders are "
+                          f"its ImageNet ids): give every student's classes images, or method.batches=split")
         self.teacher_denoiser = teacher.denoiser
         route = torch.zeros(class_embeddings(teacher.num_classes), dtype=torch.long)  # the null label: student 0
         for k, classes in enumerate(partition):
@@ -101,11 +120,15 @@ class MSD(DMD2):
 
     def phases(self) -> list[Phase]:
         c = self.config
-        phases = self.dmd_phases(start=c.tsm_steps if self.smaller else 0)
+        batches = (lambda: ClassBatches(self.data, self.partition)) if c.batches == "per_student" else None
+        phases = self.dmd_phases(start=c.tsm_steps if self.smaller else 0, batches=batches)
         if self.smaller and c.tsm_steps:
             phases.insert(0, Phase("tsm", ("student",), loss=self.tsm_loss, lr=c.lr_tsm, stop=c.tsm_steps,
-                                   grad_clip=c.grad_clip))
+                                   grad_clip=c.grad_clip, batches=batches))
         return phases
+
+    def micro_batch(self, size: int) -> int:
+        return size * len(self.partition) if self.config.batches == "per_student" else size
 
     def build_student(self, teacher) -> nn.Module:
         return nn.ModuleList()  # the K students are built once the partition is known, after DMD2's critics

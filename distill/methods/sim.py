@@ -25,14 +25,22 @@ def sid_generator_sigmas(n: int, t_max: float, sigma_min: float = 0.002, sigma_m
     return (hi + r * (lo - hi)) ** rho
 
 
-def sim_generator_loss(x_g: Tensor, y_real: Tensor, y_fake: Tensor, c: float) -> Tensor:
+def sim_generator_loss(x_g: Tensor, y_real: Tensor, y_fake: Tensor, c: float | Tensor) -> Tensor:
     """Luo et al. 2024 (SIM), Alg. 1 with the pseudo-Huber distance d(y) = sqrt(|y|^2 + c^2) - c:
-    L = sg[(y_r - y_f) / sqrt(|y_r - y_f|^2 + c^2)] . (y_r - x_g) / sg(mean |x_g - y_r|), per image."""
+    L = sg[(y_r - y_f) / sqrt(|y_r - y_f|^2 + c^2)] . (y_r - x_g) / sg(mean |x_g - y_r|), per image; `c` a number or
+    one per image (see huber_constant)."""
     dims = tuple(range(1, x_g.ndim))
     diff = y_real - y_fake
+    c = append_dims(torch.as_tensor(c, dtype=x_g.dtype, device=x_g.device), x_g.ndim)
     u = (diff / (diff.pow(2).sum(dims, keepdim=True) + c**2).sqrt()).detach()
     w = (x_g - y_real).abs().mean(dims, keepdim=True).detach().clamp(min=1e-8)
     return ((u * (y_real - x_g)) / w).sum(dims).mean()
+
+
+def huber_constant(c: float, sigma: Tensor, space: str) -> Tensor | float:
+    """SIM's pseudo-Huber acts on the score difference (s_r - s_f) = (y_r - y_f) / sigma^2 (Luo et al. 2024, sec. 3.3):
+    the same distance on the x0 difference has the constant c sigma^2 ("score"); "x0" keeps c at every level."""
+    return c * sigma.pow(2) if space == "score" else c
 
 
 def sid_generator_loss(x_g: Tensor, y_real: Tensor, y_fake: Tensor, alpha: float = 1.2) -> Tensor:
@@ -47,6 +55,7 @@ def sid_generator_loss(x_g: Tensor, y_real: Tensor, y_fake: Tensor, alpha: float
 class SIMConfig(LoraOptions, PromptOptions):
     loss: Literal["sim", "sid"] = "sim"
     huber_c: float | None = None      # None: 0.00054 * sqrt(C*H*W), iCT's constant (Song & Dhariwal 2023)
+    huber_space: Literal["score", "x0"] = "score"  # the distance on the score difference (the paper) or the x0 one
     sid_alpha: float = 1.2
     sigma_init: float = 2.5           # the generator maps sigma_init * z to an image in one step
     guidance: float = 1.0             # CFG on the teacher score
@@ -131,7 +140,7 @@ class SIM(Distiller):
         else:  # SIM differentiates through y_real only: y_fake enters under sg[.], so it needs no graph
             with torch.no_grad():
                 y_fake = self.fake_score(x_t, sigma, labels)
-            loss = sim_generator_loss(x_g, y_real, y_fake, self.c)
+            loss = sim_generator_loss(x_g, y_real, y_fake, huber_constant(self.c, sigma, self.config.huber_space))
         return loss, {self.config.loss: loss.item()}
 
     def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
