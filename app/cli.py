@@ -39,7 +39,7 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
     pipeline = run.fit()
     teacher, out, trainer = run.teacher, run.out, run.trainer
     print(f"exported {pipeline}")
-    if cls.is_distiller and teacher.kind != "text" and args.eval_per_class:
+    if cls.is_distiller and teacher.family.pixel_space and args.eval_per_class:  # the embedded protocol's teachers
         from dstudio.distill.core.io import save_json
         from dstudio.distill.evaluation.compare import compare, summary
 
@@ -86,6 +86,26 @@ def cmd_app(args) -> None:
 
 
 # --- sample -----------------------------------------------------------------------------------------
+def _check_condition(teacher, args, source) -> None:
+    """--prompt for text-to-image pipelines, --class for class-conditional ones, neither for unconditional ones."""
+    if args.class_label is not None:
+        teacher.check_class(args.class_label)
+    if teacher.takes_prompts and not args.prompt:
+        raise UsageError(f"pipeline '{source}' is text-to-image: give --prompt")
+    if args.prompt and not teacher.takes_prompts:
+        takes = "class labels (--class)" if teacher.num_classes else "no condition"
+        raise UsageError(f"--prompt '{args.prompt}' is for text-to-image pipelines; '{source}' takes {takes}")
+
+
+def stock_from(cls, config):
+    """A stock scheduler from a teacher's config, clip_sample as the config has it (no DDIM default clipping of
+    latents from configs without the key, as SDXL's Euler and PixArt's DPM-Solver configs)."""
+    import inspect
+
+    takes_clip = "clip_sample" in inspect.signature(cls).parameters
+    return cls.from_config(config, **({"clip_sample": bool(config.get("clip_sample"))} if takes_clip else {}))
+
+
 def cmd_sample(args) -> None:
     import diffusers
     import torch
@@ -94,6 +114,7 @@ def cmd_sample(args) -> None:
     from dstudio.distill.core.export import provenance
     from dstudio.distill.core.images import save_grid, save_pngs
     from dstudio.distill.core.io import check_writable, save_json
+    from dstudio.distill.core.method import GRID_CLASSES
     from dstudio.distill.core.teacher import load_pipeline, teacher_from_pipeline
 
     out = check_writable(args.out)
@@ -109,34 +130,22 @@ def cmd_sample(args) -> None:
         if teacher.denoiser.prediction_type == "flow":
             raise UsageError(f"pipeline '{source}' is a flow-matching model: the stock --scheduler choices are DDPM-family "
                              f"schedulers; it samples with its own FlowMatchEulerDiscreteScheduler (omit --scheduler)")
-        pipe.scheduler = getattr(diffusers, STOCK_SCHEDULERS[name]).from_config(pipe.scheduler.config)
+        pipe.scheduler = stock_from(getattr(diffusers, STOCK_SCHEDULERS[name]), pipe.scheduler.config)
     if args.scheduler_dir:
         if args.scheduler_name:
             raise UsageError("give --scheduler or --scheduler-dir, not both")
         pipe.scheduler = load_scheduler(args.scheduler_dir)
-    if args.class_label is not None:
-        teacher.check_class(args.class_label)
-    if teacher.kind == "text" and not args.prompt:
-        raise UsageError(f"pipeline '{source}' is text-to-image: give --prompt")
-    if args.prompt and teacher.kind != "text":
-        takes = "class labels (--class)" if teacher.kind == "class" else "no condition"
-        raise UsageError(f"--prompt '{args.prompt}' is for text-to-image pipelines; '{source}' takes {takes}")
-
+    _check_condition(teacher, args, source)
+    classes = min(teacher.num_classes, GRID_CLASSES)  # DiT's 1,000: the first ten
     generator = torch.Generator().manual_seed(args.seed)
     done, grid_images = 0, []
     while done < args.num_images:
         n = min(args.batch_size, args.num_images - done)
-        if teacher.kind == "text":
-            images = pipe(prompt=[args.prompt] * n, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                          generator=generator, output_type="pt").images
-        else:
-            labels = None
-            if teacher.kind == "class":
-                # equal, contiguous blocks of classes: image i has class i * classes // num_images
-                labels = (torch.full((n,), args.class_label) if args.class_label is not None
-                          else torch.arange(done, done + n) * teacher.num_classes // args.num_images)
-            images = pipe(batch_size=n, class_labels=labels, num_inference_steps=args.steps,
-                          guidance_scale=args.guidance, generator=generator, output_type="pt").images
+        labels = None
+        if teacher.num_classes:  # equal, contiguous blocks of classes: image i has class i * classes // num_images
+            labels = (torch.full((n,), args.class_label) if args.class_label is not None
+                      else torch.arange(done, done + n) * classes // args.num_images)
+        images = teacher.family.draw(n, args.steps, args.guidance, generator, prompts=[args.prompt] * n, labels=labels)
         save_pngs(images * 2 - 1, out, start=done)
         grid_images.append(images * 2 - 1)
         done += n
@@ -146,7 +155,7 @@ def cmd_sample(args) -> None:
                          guidance=args.guidance, seed=args.seed, class_label=args.class_label,
                          num_images=args.num_images), out / "samples.json")
     if args.grid:
-        per_row = args.num_images // teacher.num_classes if teacher.kind == "class" and args.class_label is None \
+        per_row = args.num_images // classes if classes and args.class_label is None \
             else int(args.num_images ** 0.5)
         save_grid(torch.cat(grid_images), args.grid, nrow=max(per_row, 1), upscale=4)
         print(f"wrote grid {args.grid}")
@@ -199,6 +208,12 @@ def cmd_search(args) -> None:
     search(args)
 
 
+def cmd_plan(args) -> None:
+    from dstudio.app.plan_cli import cmd_plan as plan
+
+    plan(args)
+
+
 def cmd_methods(args) -> None:
     """The registered methods, then each method plugin that did not import, with its one-line error."""
     from dstudio.distill.core.method import BROKEN, discover
@@ -210,8 +225,8 @@ def cmd_methods(args) -> None:
 
 
 HANDLERS = {"teacher train": cmd_teacher_train, "distill": cmd_distill, "sample": cmd_sample, "fid": cmd_fid,
-            "search": cmd_search, "report": cmd_report, "app": cmd_app, "features train": cmd_features_train,
-            "methods": cmd_methods}
+            "search": cmd_search, "plan": cmd_plan, "report": cmd_report, "app": cmd_app,
+            "features train": cmd_features_train, "methods": cmd_methods}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -219,6 +219,19 @@ def _search(sub) -> None:
     se.set_defaults(run="search")
 
 
+def _plan(sub) -> None:
+    pp = sub.add_parser("plan", help="each method's memory on a teacher (full copies vs LoRA), before loading it")
+    pp.add_argument("teacher", nargs="?", default=None, help=TEACHER_HELP + " (only its configs are read)")
+    pp.add_argument("--method", default=None, help="one method (default: every distillation method)")
+    pp.add_argument("--lora-rank", type=non_negative_int("--lora-rank"), default=64,
+                    help="the LoRA variant's rank (0: full copies only)")
+    pp.add_argument("--gpu-memory", default=None, metavar="SIZE", help="say whether each fits, e.g. 24GB")
+    pp.add_argument("--batch-size", type=positive_int("--batch-size"), default=1, help="per-device batch")
+    pp.add_argument("--resolution", type=positive_int("--resolution"), default=None,
+                    help="image size in pixels (default: the pipeline's own)")
+    pp.set_defaults(run="plan")
+
+
 def _report(sub) -> None:
     rp = sub.add_parser("report", help="one self-contained HTML page from runs and result JSONs")
     rp.add_argument("items", nargs="+", metavar="RUN_OR_RESULT", help="run folders and/or result .json files")
@@ -255,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _teacher(sub)
     _distill(sub, discover())
-    for add in (_sample, _fid, _search, _report, _app, _features):
+    for add in (_sample, _fid, _search, _plan, _report, _app, _features):
         add(sub)
     sub.add_parser("methods", help="list the registered methods (and method plugins that did not import)"
                    ).set_defaults(run="methods")

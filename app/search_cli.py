@@ -35,9 +35,10 @@ class FIDFitness:
         from dstudio.distill.evaluation.stats import reference_stats
         from dstudio.search.memo import EvalCache
 
-        if teacher.kind == "text":
+        if not teacher.family.pixel_space:
             raise ValueError("the FID fitness of `dstudio search` covers pixel-space teachers (class-conditional or "
-                             "unconditional); for a text-to-image teacher pass your own objective to search.evolve")
+                             "unconditional); for a latent teacher (SD, SDXL, SD3, FLUX, PixArt, DiT) pass your own objective to "
+                             "search.evolve and plug the SearchedScheduler into its pipeline")
         self.teacher = teacher
         self.denoiser = teacher.for_sampling(guidance)  # clip_sample / thresholding as the teacher's scheduler
         self.device, self.rank, self.world = torch.device(device), rank, world
@@ -45,8 +46,8 @@ class FIDFitness:
         self.ref = reference_stats(ref, self.space, teacher.sample_shape[-1])
         g = torch.Generator().manual_seed(1000 + seed)
         if labels is None:
-            labels = torch.arange(n) % teacher.num_classes if teacher.kind == "class" else torch.zeros(n, dtype=torch.long)
-        self.labels, self.conditional = labels, teacher.kind == "class"
+            labels = torch.arange(n) % teacher.num_classes if teacher.num_classes else torch.zeros(n, dtype=torch.long)
+        self.labels, self.conditional = labels, teacher.num_classes > 0
         self.noise = torch.randn((len(self.labels), *teacher.sample_shape), generator=g) if noise is None else noise
         self.noise_seed = 1000 + seed
         n = len(self.labels)
@@ -226,6 +227,9 @@ def search_space(teacher, args, solvers) -> tuple:
     max_steps = nfe + 1 if args.max_steps is None else args.max_steps
     if not nfe <= max_steps <= T:
         raise ValueError(f"--max-steps {max_steps} must be in {nfe}..{T} (--nfe up to the teacher's training steps)")
+    if not hasattr(teacher.network, "down_blocks"):
+        raise ValueError(f"--skip-blocks searches a UNet's blocks; this teacher's network is a "
+                         f"{type(teacher.network).__name__}")
     blocks = tuple(skippable_blocks(teacher.unet))
     if not blocks:
         raise ValueError("--skip-blocks: this teacher's UNet has no skippable block (resolution-keeping resnets, "

@@ -8,13 +8,17 @@ SD 1.5 UNet2DConditionModel config (random weights, 64x64 latents, batch 1, crit
 both phases, the Trainer's own phase step), then its peak memory (process peak RSS; torch.cuda.max_memory_allocated
 on a GPU), trainable and total parameters and seconds per step. Beside each run, and alone for an SDXL-shaped UNet
 (built on the meta device, nothing allocated), the accounting: float32 bytes of the weights, gradients, AdamW
-states and the student's EMA. `--tiny` runs a tiny UNet of the same kinds of blocks (a smoke test).
+states and the student's EMA. Each row also has `dstudio plan`'s figure (dstudio.distill.core.plan: weights,
+gradients, AdamW, EMA and traced activations, plus the child process's own memory measured before it built
+anything, `baseline_rss_gb`) and its ratio to the measured peak; `--replan` recomputes those two columns of the
+existing result file without running the variants again. `--tiny` runs a tiny UNet of the same kinds of blocks.
 Writes benchmarks/results/memory.json (`--tiny`: memory-tiny.json).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -82,9 +86,10 @@ def accounting(unet_config: dict, rank: int) -> dict:
             "lora_bf16_base_gb": round((2 * p + 4 * 9 * lo) / GB, 2), "lora_over_full": round(lora / full, 3)}
 
 
-def build_teacher(unet_config: dict):
+def build_teacher(unet_config: dict, device: str = "cpu"):
     """A StableDiffusionPipeline-shaped teacher around a random UNet (a tiny VAE and a one-layer text encoder of
-    the UNet's cross-attention width; neither is used by a training step: conditions are encoded once)."""
+    the UNet's cross-attention width; neither is used by a training step: conditions are encoded once); on the
+    meta device (`dstudio plan`'s accounting), nothing is allocated."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -106,17 +111,36 @@ def build_teacher(unet_config: dict):
                         norm_num_groups=8)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   unet=UNet2DConditionModel(**unet_config), scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return teacher_from_pipeline(pipe, "sd-shaped")
+    with torch.device(device):
+        unet = UNet2DConditionModel(**unet_config)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    if device != "meta":
+        return teacher_from_pipeline(pipe, "sd-shaped")
+    from dstudio.distill.core.plan import meta_scalars
+
+    for module in (vae, text_encoder):
+        module.to("meta")
+    with meta_scalars():
+        return teacher_from_pipeline(pipe, "sd-shaped")
 
 
 def run_variant(unet_config: dict, rank: int, steps: int, run_dir: Path) -> dict:
     """DMD2 for `steps` Trainer steps at batch 1; peak memory, parameters and seconds per step."""
+    from dstudio.distill.core.plan import process_baseline
     from dstudio.distill.core.run import RunRequest, prepare_run
     from dstudio.distill.data import LabelledImages
 
+    import accelerate  # noqa: F401  (the libraries a run loads, before the baseline is read)
+    import peft  # noqa: F401
+    from diffusers import StableDiffusionPipeline  # noqa: F401
+    from transformers import CLIPTextModel  # noqa: F401
+
+    from dstudio.distill.core.method import discover
+
+    discover()
+    baseline = process_baseline()  # the process with its libraries loaded, before any tensor of the run
     teacher = build_teacher(unet_config)
     size = unet_config["sample_size"]
     captions = ["a photo of a cat", "a red dog"]
@@ -135,6 +159,7 @@ def run_variant(unet_config: dict, rank: int, steps: int, run_dir: Path) -> dict
         times.append(time.perf_counter() - t0)
     trained = {id(p) for ph in method.phases() for p in method.phase_parameters(ph)}
     out = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 2),
+           "baseline_rss_gb": round(baseline / GB, 3),
            "trainable_parameters": sum(p.numel() for p in method.parameters() if id(p) in trained),
            "total_parameters": sum(p.numel() for p in {id(p): p for m in (method, teacher.unet)
                                                        for p in m.parameters()}.values()),
@@ -158,19 +183,58 @@ def run_capped(args, variant: str) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--rank", str(args.rank)]
     cmd += ["--tiny"] if args.tiny else []
     cap = int(args.cap_gb * GB)
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold:  # glibc: blocks this large are mmapped and go back to the OS when freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
 
     def limit():
         if not torch.cuda.is_available():  # CUDA reserves more virtual memory than any cap would allow
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
     t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit)
+    r = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit, env=env)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if r.returncode == 0 and line:
         return {"status": "ok", "wall_seconds": round(time.time() - t0, 1), **json.loads(line[7:])}
     tail = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1:] or [f"exit code {r.returncode}"]
     return {"status": "failed", "reason": tail[0][-300:], "cap_gb": args.cap_gb,
             "wall_seconds": round(time.time() - t0, 1)}
+
+
+def with_plan(rows: list[dict], shape: dict, rank: int) -> list[dict]:
+    """Each row with `dstudio plan`'s figure for its variant: its tensors, plus the row's measured process baseline
+    on a CPU, and its ratio to the measured peak (RSS; the CUDA allocator's peak on a GPU)."""
+    from dstudio.distill.core.plan import plan
+
+    planned = {r.variant.split()[0].lower(): r.footprint
+               for r in plan(None, ["dmd2"], rank, 1, teacher_factory=lambda: build_teacher(shape, "meta"))}
+    for row in rows:
+        tensors = planned[row["name"]].total() / GB
+        row["plan_tensors_gb"] = round(tensors, 2)
+        if row.get("cuda_max_allocated_gb"):
+            row["plan_over_peak"] = round(tensors / row["cuda_max_allocated_gb"], 3)
+        elif row.get("baseline_rss_gb") is not None:
+            row["plan_gb"] = round(tensors + row["baseline_rss_gb"], 2)
+            row["plan_over_peak"] = round(row["plan_gb"] / row["peak_rss_gb"], 3)
+    return rows
+
+
+def replan(args) -> dict:
+    """The plan columns of an existing result file, recomputed (the variants are not run again)."""
+    from dstudio.app.benchmark import write_results
+
+    path = Path(args.out) if args.out else ROOT / "results" / f"{'memory-tiny' if args.tiny else 'memory'}.json"
+    result = json.loads(path.read_text())
+    result["rows"] = with_plan(result["rows"], TINY_UNET if args.tiny else SD15_UNET, args.rank)
+    payload = {k: v for k, v in result.items() if k not in ("benchmark", "date", "machine", "versions")}
+    return write_results(result["benchmark"], {**payload, "columns": COLUMNS}, path=path)
+
+
+COLUMNS = [["name", "variant"], ["status", "status"], ["peak_rss_gb", "peak RSS GB"],
+           ["cuda_max_allocated_gb", "CUDA peak GB"], ["accounting_gb", "weights+grads+Adam+EMA GB"],
+           ["plan_gb", "dstudio plan GB"], ["plan_over_peak", "plan / peak"],
+           ["trainable_parameters", "trainable"], ["total_parameters", "total parameters"],
+           ["step_seconds_after_first", "s/step"]]
 
 
 def main(argv=None) -> dict:
@@ -181,17 +245,24 @@ def main(argv=None) -> dict:
     p.add_argument("--variants", nargs="*", choices=("full", "lora"), default=["full", "lora"])
     p.add_argument("--tiny", action="store_true", help="a tiny UNet of the same block kinds (smoke test)")
     p.add_argument("--out", default=None, help="result file (default: benchmarks/results/memory[-tiny].json)")
+    p.add_argument("--replan", action="store_true", help="recompute the plan columns of the existing result file")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                   help="glibc's MALLOC_MMAP_THRESHOLD_ in the variants' processes (e.g. 65536: freed activations go "
+                        "back to the OS, so the peak RSS reads what the run holds, not what the C heap kept)")
     p.add_argument("--child", choices=("full", "lora"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         args.variant = args.child
         return child(args)
+    if args.replan:
+        return replan(args)
     from dstudio.app.benchmark import write_results
 
     shape = TINY_UNET if args.tiny else SD15_UNET
     rows = [{"name": v, **run_capped(args, v), "accounting_gb": accounting(shape, args.rank)["full_gb" if v == "full"
                                                                                             else "lora_gb"]}
             for v in args.variants]
+    rows = with_plan(rows, shape, args.rank)
     by_name = {r["name"]: r for r in rows}
     ratio = None
     if {"full", "lora"} <= by_name.keys() and by_name["full"]["status"] == by_name["lora"]["status"] == "ok":
@@ -209,11 +280,8 @@ def main(argv=None) -> dict:
         "command": " ".join(["python", "benchmarks/memory.py", *given]),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "unet": "tiny" if args.tiny else "sd15", "steps": args.steps, "batch_size": 1, "rows": rows,
-        "lora_over_full_peak": ratio, "accounting": books, "notes": notes,
-        "columns": [["name", "variant"], ["status", "status"], ["peak_rss_gb", "peak RSS GB"],
-                    ["cuda_max_allocated_gb", "CUDA peak GB"], ["accounting_gb", "weights+grads+Adam+EMA GB"],
-                    ["trainable_parameters", "trainable"], ["total_parameters", "total parameters"],
-                    ["step_seconds_after_first", "s/step"]]}, path=args.out)
+        "malloc_mmap_threshold": args.malloc_mmap_threshold,
+        "lora_over_full_peak": ratio, "accounting": books, "notes": notes, "columns": COLUMNS}, path=args.out)
     print(json.dumps(result, indent=1))
     return result
 

@@ -10,7 +10,8 @@ from dstudio.samplers.samplers import (
     sample_heun,
     sample_multistep,
 )
-from dstudio.samplers.schedulers import FlowEulerScheduler, SearchedScheduler, StudentScheduler, scheduler_from_teacher
+from dstudio.samplers.from_teacher import scheduler_from_teacher
+from dstudio.samplers.schedulers import FlowEulerScheduler, SearchedScheduler, StudentScheduler
 from dstudio.samplers.schedules import (
     DiscreteSigmas,
     append_zero,

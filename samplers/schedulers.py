@@ -21,7 +21,7 @@ from diffusers.utils import logging
 
 from .samplers import SOLVERS, discrete_timesteps, dpmpp_update, parse_solver, solver_orders, unipc_update
 from .schedules import (PREDICTION_TYPES, DiscreteSigmas, alphas_cumprod_of, append_dims, clip_x0, clipping_of,
-                        consistency_scalings, is_flow_matching, x0_from_output)
+                        consistency_scalings, x0_from_output)
 
 logger = logging.get_logger(__name__)
 
@@ -61,7 +61,29 @@ class _Step:
     sigma_next: float
 
 
-class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
+class _PipelineCalls:
+    """What diffusers pipelines call beyond set_timesteps and step: FluxPipeline's (and SDXL's) set_begin_index.
+    FluxPipeline passes its own noise fractions as `sigmas=` unless the config says `use_flow_sigmas` (set for flow
+    models: the steps are the scheduler's own), and `mu=`, which set_timesteps ignores (the stored steps are those
+    of the size the model was distilled at)."""
+
+    _scaled = (None, None)  # (the last tensor scale_model_input returned, the state it scaled)
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        self._step_index = begin_index
+
+    def _remember(self, sample: torch.Tensor, scaled: torch.Tensor) -> torch.Tensor:
+        self._scaled = (scaled, sample)
+        return scaled
+
+    def _state(self, sample: torch.Tensor) -> torch.Tensor:
+        """The state a step is handed. DiTPipeline hands step the tensor scale_model_input returned (its loop
+        reassigns latent_model_input), which then reads as the state that was scaled; other pipelines hand the state."""
+        scaled, state = self._scaled
+        return state if scaled is not None and sample is scaled else sample
+
+
+class _DiscreteScheduler(_PipelineCalls, SchedulerMixin, ConfigMixin):
     """Shared machinery: betas, t <-> sigma, model output -> x0, step indexing, add_noise."""
 
     order = 1
@@ -120,7 +142,8 @@ class _DiscreteScheduler(SchedulerMixin, ConfigMixin):
 
     flow_state = False  # whether the pipeline's state is the flow state x_VE / (1 + sigma) (else VP: x_VE alpha)
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None,
+                      **kwargs):
         t = self._resolve(num_inference_steps, timesteps, sigmas)
         self._sigmas = self.schedule.t_to_sigma(t.double()).tolist() + [self._final_sigma()]
         if self.flow_state:  # a flow-matching model's time input is s T, as in FlowMatchEulerDiscreteScheduler
@@ -178,7 +201,7 @@ class SearchedScheduler(_DiscreteScheduler):
                  prediction_type: str = "epsilon", timesteps: list[int] | None = None, solver: str = "ddim",
                  set_alpha_to_one: bool = True, timestep_spacing: str = "trailing", flow_shift: float | None = None,
                  clip_sample: bool = False, clip_sample_range: float = 1.0, thresholding: bool = False,
-                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0):
+                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0, use_flow_sigmas: bool = False):
         if solver not in SOLVERS:
             raise ValueError(f"solver '{solver}' is not one of {', '.join(SOLVERS)}")
         self._setup(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type, timesteps,
@@ -193,7 +216,7 @@ class SearchedScheduler(_DiscreteScheduler):
         self._history: list[tuple[float, torch.Tensor]] = []  # (sigma, x0) of the steps taken
         self._last = None  # UniPC: the VE state the previous step started from, for its corrector
 
-    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, **kwargs):
         super().set_timesteps(num_inference_steps, device, timesteps, sigmas)
         self._reset()
 
@@ -235,7 +258,8 @@ class StudentScheduler(_DiscreteScheduler):
                  set_alpha_to_one: bool = True, timestep_spacing: str = "trailing",
                  sigma_data: float = 0.5, sigma_min: float = 0.002, num_inference_steps: int | None = None,
                  flow_shift: float | None = None, clip_sample: bool = False, clip_sample_range: float = 1.0,
-                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0):
+                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
+                 use_flow_sigmas: bool = False):
         consistency = prediction_type == "consistency"
         self._setup(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                     "sample" if consistency else prediction_type, timesteps, flow_shift)
@@ -251,7 +275,7 @@ class StudentScheduler(_DiscreteScheduler):
         if self.config.prediction_type != "consistency":
             return sample
         sigma = self._current(timestep).sigma  # the VP state -> c_in x_VE = x_VE / sqrt(sigma^2 + sigma_data^2)
-        return sample * math.sqrt((1 + sigma**2) / (sigma**2 + self.config.sigma_data**2))
+        return self._remember(sample, sample * math.sqrt((1 + sigma**2) / (sigma**2 + self.config.sigma_data**2)))
 
     def _x0(self, model_output, sample, sigma: float) -> torch.Tensor:
         if self.config.prediction_type != "consistency":
@@ -261,6 +285,7 @@ class StudentScheduler(_DiscreteScheduler):
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kwargs):
         """Song et al. 2023 (consistency models), Algorithm 1, one step: x0 = D(x, sigma); x' = x0 + sigma' z."""
+        sample = self._state(sample)
         cur = self._current(timestep)
         x0 = self._x0(model_output, sample, cur.sigma)
         prev = x0
@@ -269,7 +294,7 @@ class StudentScheduler(_DiscreteScheduler):
         return self._finish(prev, cur.sigma_next, return_dict)
 
 
-class FlowEulerScheduler(SchedulerMixin, ConfigMixin):
+class FlowEulerScheduler(_PipelineCalls, SchedulerMixin, ConfigMixin):
     """Euler on a rectified-flow velocity from t = 0 (noise) to t = 1 (data): x_{t'} = x_t + (t' - t) v.
 
     With `prediction_type="flow"` the model is a velocity network that sees `t * num_train_timesteps` (or
@@ -290,7 +315,7 @@ class FlowEulerScheduler(SchedulerMixin, ConfigMixin):
                  beta_start: float = 0.0001, beta_end: float = 0.02, beta_schedule: str = "linear",
                  trained_betas: list[float] | None = None, sigma_max: float | None = None, clip_sample: bool = False,
                  clip_sample_range: float = 1.0, thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                 sample_max_value: float = 1.0):
+                 sample_max_value: float = 1.0, use_flow_sigmas: bool = False):
         if timesteps is not None:
             ts = list(map(float, timesteps))
             if not ts or any(not 0 <= t < 1 for t in ts) or any(a >= b for a, b in zip(ts, ts[1:])):
@@ -331,7 +356,8 @@ class FlowEulerScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"num_inference_steps={n} must be >= 1")
         return [i / n for i in range(n)]
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None,
+                      **kwargs):
         ts = self._flow_times(num_inference_steps, timesteps, sigmas)
         if not ts or any(a >= b for a, b in zip(ts, ts[1:])) or any(not 0 <= t < 1 for t in ts):
             raise ValueError(f"flow times {ts} must be non-empty, strictly increasing and in [0, 1)")
@@ -355,10 +381,11 @@ class FlowEulerScheduler(SchedulerMixin, ConfigMixin):
         if self.schedule is None:
             return sample
         sigma = self._sigmas[self._index(timestep)]  # flow state x_t = x_VE / (1 + sigma) -> VP state
-        return sample * ((1 + sigma) / math.sqrt(1 + sigma**2))
+        return self._remember(sample, sample * ((1 + sigma) / math.sqrt(1 + sigma**2)))
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kwargs):
         """Liu et al. 2023 (rectified flow), Euler step of dx/dt = v(x, t)."""
+        sample = self._state(sample)
         i = self._index(timestep)
         t, t_next = self._ts[i], self._ts[i + 1]
         if self.schedule is None:
@@ -371,23 +398,3 @@ class FlowEulerScheduler(SchedulerMixin, ConfigMixin):
         prev = sample + (t_next - t) * v
         self._step_index += 1
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
-
-
-def scheduler_from_teacher(cls, teacher_scheduler, **overrides):
-    """A dstudio scheduler with the teacher scheduler's noise levels (betas, zero-SNR rescaling, or a flow-matching
-    grid) and prediction type; `overrides` (e.g. the student's own prediction type) win."""
-    import inspect
-
-    config = teacher_scheduler.config
-    if is_flow_matching(config):
-        cfg = {"num_train_timesteps": config["num_train_timesteps"], "flow_shift": float(config["shift"]),
-               "prediction_type": "flow", "noise_at_one": True}
-    else:
-        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-                "clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value")
-        cfg = {k: config[k] for k in keys if k in config}
-        if config.get("rescale_betas_zero_snr"):  # the betas diffusers rescaled, recovered from its alphas_cumprod
-            a = teacher_scheduler.alphas_cumprod.double()
-            cfg["trained_betas"] = (1 - a / torch.cat([a.new_ones(1), a[:-1]])).tolist()
-    accepted = inspect.signature(cls).parameters
-    return cls(**{k: v for k, v in {**cfg, **overrides}.items() if k in accepted})

@@ -11,6 +11,8 @@ import torch
 def _bytes(v) -> bytes:
     if v is None:
         return b""
+    if hasattr(v, "tensors"):  # a Conditioning: its fields, by name
+        return b"".join(name.encode() + _bytes(t) for name, t in v.tensors().items())
     t = torch.as_tensor(v)
     return t.detach().contiguous().cpu().numpy().tobytes() + str(t.dtype).encode()
 

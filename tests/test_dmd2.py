@@ -125,15 +125,19 @@ def test_dmd2_on_a_tiny_text_pipeline(tiny_sd_dir, captioned_dir, tmp_path):
     assert images.shape == (2, 16, 16, 3) and images.std() > 0 and pipe.scheduler.num_inference_steps == 1
 
 
-def test_text_teachers_need_captions_and_a_method_that_takes_them(tiny_sd_dir, tmp_path, capsys):
+def test_text_teachers_need_captions_or_prompts_and_a_method_that_takes_them(tiny_sd_dir, tmp_path, capsys):
     from dstudio.app.cli import main
 
     base = ["--teacher", str(tiny_sd_dir), "--steps", "1"]
     assert main(["distill", "dmd2", *base, "--data", "mnist", "--out", str(tmp_path / "a")]) == 2
     assert "has no captions" in capsys.readouterr().err
-    assert main(["distill", "consistency", *base, "--out", str(tmp_path / "b")]) == 2
-    assert "use one of dmd2, rectified_flow" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert main(["distill", "sim", *base, "--out", str(tmp_path / "b")]) == 2
+    assert "needs prompts: give --prompts FILE" in capsys.readouterr().err
+    (tmp_path / "prompts.txt").write_text("a red cat\n")
+    assert main(["distill", "slimflow", *base, "--prompts", str(tmp_path / "prompts.txt"), "--out",
+                 str(tmp_path / "c")]) == 2
+    assert "scale a pixel-space UNet2DModel teacher" in capsys.readouterr().err
+    assert not any((tmp_path / n / "pipeline").exists() for n in "abc")
 
 
 def test_gan_head_noise_levels_span_all_steps_and_differ_for_real_and_fake(dmd2):

@@ -36,28 +36,42 @@ PLAIN = textwrap.dedent('''
     from diffusers import DiffusionPipeline
     from diffusers.utils import get_class_from_dynamic_module
 
+    def run(spec):
+        pipe = DiffusionPipeline.from_pretrained(spec["pipeline"], trust_remote_code=True)
+        pipe.set_progress_bar_config(disable=True)
+        if "scheduler" in spec:  # a scheduler folder: its class travels in the folder as a custom module
+            config = json.load(open(spec["scheduler"] + "/scheduler_config.json"))
+            cls = get_class_from_dynamic_module(spec["scheduler"], spec["module"], class_name=config["_class_name"],
+                                                trust_remote_code=True)
+            pipe.scheduler = cls.from_pretrained(spec["scheduler"])
+        images = [torch.as_tensor(pipe(**call, generator=torch.Generator().manual_seed(seed), output_type="pt").images)
+                  for seed, call in spec["calls"]]
+        classes = {k: type(v).__module__ + "." + type(v).__name__ for k, v in pipe.components.items() if v is not None}
+        return {"images": images, "classes": classes, "pipeline": type(pipe).__name__}
+
     spec = json.loads(sys.argv[1])
-    pipe = DiffusionPipeline.from_pretrained(spec["pipeline"], trust_remote_code=True)
-    if "scheduler" in spec:  # a scheduler folder: its class travels in the folder as a custom module
-        config = json.load(open(spec["scheduler"] + "/scheduler_config.json"))
-        cls = get_class_from_dynamic_module(spec["scheduler"], spec["module"], class_name=config["_class_name"],
-                                            trust_remote_code=True)
-        pipe.scheduler = cls.from_pretrained(spec["scheduler"])
-    images = [pipe(**call, generator=torch.Generator().manual_seed(seed), output_type="pt").images
-              for seed, call in spec["calls"]]
+    results = [run(s) for s in spec.get("runs", [spec])]  # several folders in one process: "runs"
     assert not [m for m in sys.modules if m.split(".")[0] == "dstudio"]
-    classes = {k: type(v).__module__ + "." + type(v).__name__ for k, v in pipe.components.items() if v is not None}
-    torch.save({"images": images, "classes": classes, "pipeline": type(pipe).__name__}, spec["out"])
+    torch.save(results if "runs" in spec else results[0], spec["out"])
 ''')
 
 
 def plain_diffusers(tmp_path, pipeline, *calls, **extra) -> dict:
     """Load `pipeline` in a subprocess where dstudio cannot be imported, run each (seed, pipeline kwargs) call on
     it, return the images of each call and the classes that loaded."""
+    return _plain(tmp_path, {"pipeline": str(pipeline), "calls": calls, **extra})
+
+
+def plain_diffusers_many(tmp_path, runs: list[dict]) -> list[dict]:
+    """plain_diffusers for several {"pipeline", "calls"} in one subprocess (one interpreter start for all)."""
+    return _plain(tmp_path, {"runs": runs})
+
+
+def _plain(tmp_path, spec: dict):
     run_dir = tmp_path / "elsewhere"
     run_dir.mkdir(exist_ok=True)
     out = run_dir / "out.pt"
-    spec = {"pipeline": str(pipeline), "calls": calls, "out": str(out), **extra}
+    spec = {**spec, "out": str(out)}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(tmp_path / "hf-modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", PLAIN, json.dumps(spec)], cwd=run_dir, env=env, capture_output=True,

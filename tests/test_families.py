@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, FluxPipeline
 
-from dstudio.distill.core.denoiser import start_state
+from dstudio.distill.core.denoiser import CFGDenoiser, start_state
 from dstudio.distill.core.conditioning import Conditioning, backbone_call
 from dstudio.distill.core.families import family_of, stock_scheduler
 from dstudio.samplers import SearchedScheduler, sample_ddim, scheduler_from_teacher
@@ -91,23 +91,10 @@ def stock_images(case, z, w: float = 1.0) -> torch.Tensor:
     return pipeline_images(case, pipe, z, w)
 
 
-class Guided:
-    """Ho & Salimans 2022, eq. 6 in x0 space on one [cond, null] batch: what CFGDenoiser computes once it takes
-    Conditionings (docs/families.md)."""
-
-    def __init__(self, denoiser, w: float, null: Conditioning):
-        self.denoiser, self.w, self.null = denoiser, w, null
-
-    def __call__(self, x, sigma, cond):
-        both = Conditioning.cat([cond, self.null.expand(len(x))])
-        d_cond, d_null = self.denoiser(torch.cat([x, x]), sigma, both).chunk(2)
-        return d_null + self.w * (d_cond - d_null)
-
-
 def dstudio_images(case, z, sigmas, w: float = 1.0) -> torch.Tensor:
     """dstudio's DDIM (Euler in sigma) over the adapter's Denoiser from unit noise z, decoded to [0, 1]."""
     d = case.family.denoiser()
-    guided = d if w == 1 else Guided(d, w, case.family.null())
+    guided = d if w == 1 else CFGDenoiser(d, w, case.family.null())  # the core's CFG on a Conditioning null
     x = sample_ddim(guided, start_state(d, z, sigmas[0]), sigmas, condition(case))
     with torch.no_grad():
         return (case.family.decode(x / float(d.noise_scale(sigmas[-1]))) / 2 + 0.5).clamp(0, 1)
@@ -149,25 +136,30 @@ def test_export_loads_and_draws_in_plain_diffusers(case, tmp_path):
     assert_same(case, pipeline_images(case, loaded, z), dstudio_images(case, z, f.sigmas(STEPS)))
 
 
-def test_export_with_a_dstudio_scheduler_draws_without_dstudio(tiny_family, tmp_path):
-    """A searched two-step schedule (SearchedScheduler on SD3's shifted flow grid, shipped in the folder) around the
-    family's network: StableDiffusion3Pipeline draws dstudio's images in a process that cannot import dstudio."""
-    from test_exports import plain_diffusers
+def test_searched_schedule_plugs_into_every_family_without_dstudio(tiny_family, tmp_path):
+    """A searched two-step schedule (SearchedScheduler on the family's grid: DDPM steps, SD3's shifted flow, FLUX's
+    dynamic shift resolved at the sampled size), shipped in the folder around the family's network: each family's
+    own pipeline class draws dstudio's DDIM images in one process that cannot import dstudio."""
+    from test_exports import plain_diffusers_many
 
-    name = "sd3"
-    pipe = DiffusionPipeline.from_pretrained(tiny_family(name))
-    f = family_of(pipe)
-    timesteps = [999, 499]
-    folder = f.export(f.network, scheduler_from_teacher(SearchedScheduler, pipe.scheduler, timesteps=timesteps),
-                      tmp_path / "export")
-    got = plain_diffusers(tmp_path, folder, (SEED, {"prompt": PROMPTS, "guidance_scale": 1.0,
-                                                    "num_inference_steps": len(timesteps)}))
-    assert got["pipeline"] == CLASSES[name] and got["classes"]["scheduler"].endswith("SearchedScheduler")
-    d = f.denoiser()
-    sigmas = torch.cat([d.t_to_sigma(torch.tensor(timesteps, dtype=torch.float64)), torch.zeros(1).double()])
-    case = SimpleNamespace(name=name, family=f, kwargs={})
-    z = torch.randn((len(PROMPTS), *f.sample_shape), generator=torch.Generator().manual_seed(SEED))
-    torch.testing.assert_close(got["images"][0], dstudio_images(case, z, sigmas), atol=1e-4, rtol=0)
+    timesteps, runs, refs = [999, 499], [], []
+    for name in FAMILIES:
+        pipe = DiffusionPipeline.from_pretrained(tiny_family(name))
+        kwargs = CALL_KWARGS.get(name, {})
+        f = family_of(pipe, kwargs.get("height"), kwargs.get("width"))
+        sched = scheduler_from_teacher(SearchedScheduler, f.fixed_scheduler(), timesteps=timesteps)
+        folder = f.export(f.network, sched, tmp_path / name)
+        case = SimpleNamespace(name=name, family=f, kwargs=kwargs)
+        call = {**inputs(case), **guidance(case, 1.0), "num_inference_steps": len(timesteps), **kwargs}
+        runs.append({"pipeline": str(folder), "calls": [(SEED, call)]})
+        d = f.denoiser()
+        sigmas = torch.cat([d.t_to_sigma(torch.tensor(timesteps, dtype=torch.float64)), torch.zeros(1).double()])
+        refs.append((case, dstudio_images(case, unit_noise(case), sigmas)))
+    for got, (case, ref) in zip(plain_diffusers_many(tmp_path, runs), refs):
+        assert got["pipeline"] == CLASSES[case.name] and got["classes"]["scheduler"].endswith("SearchedScheduler")
+        images = got["images"][0]
+        images = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 else images  # DiTPipeline: numpy (B, H, W, C)
+        assert_same(case, images, ref)
 
 
 def test_vae_encode_inverts_decode_scaling(case):

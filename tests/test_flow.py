@@ -213,7 +213,9 @@ def test_instaflow_on_a_tiny_text_pipeline(tiny_sd_dir, tmp_path):
     prompts.write_text("a photo of a cat\na red dog\n\n")
     trainer, pipeline = _train("instaflow", tiny_sd_dir, tmp_path / "run", prompts=str(prompts), guidance=2.0)
     pairs = trainer.method.pairs
-    assert pairs["cond"].shape[:2] == (24, 8) and pairs["x1"].shape == (24, 4, 8, 8)
+    # the store keeps each pair's prompt id (i mod 2), the method its prompts' condition table
+    assert pairs["cond"].tolist() == [i % 2 for i in range(24)] and pairs["x1"].shape == (24, 4, 8, 8)
+    assert trainer.method.conditions.table.embeds.shape == (2, 8, 16)
     pipe = StableDiffusionPipeline.from_pretrained(pipeline, trust_remote_code=True)
     assert type(pipe.scheduler).__name__ == "FlowEulerScheduler"
     images = pipe(["a red cat", "a dog"], num_inference_steps=1, guidance_scale=1.0, output_type="np").images

@@ -92,9 +92,9 @@ def test_per_student_critics_see_only_their_students_classes(teacher, tmp_path):
     labels = torch.tensor([9, 0, 4, 1, 8, 3])
     sigma = torch.full((6,), 2.0, dtype=torch.float64)
     with torch.no_grad():
-        out = m.fake_score(x, sigma, labels)
+        out = m.fake_score(x, sigma, m.cond(labels))
         for i, c in enumerate(labels.tolist()):  # every sample from its own student's critic
-            own = m.fake_score.nets[int(m.route[c])](x[i:i + 1], sigma[i:i + 1], labels[i:i + 1])
+            own = m.fake_score.nets[int(m.route[c])](x[i:i + 1], sigma[i:i + 1], m.cond(labels[i:i + 1]))
             torch.testing.assert_close(out[i:i + 1], own)
 
 

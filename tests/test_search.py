@@ -246,7 +246,7 @@ def test_search_and_skipping_on_a_text_to_image_unet(tmp_path):
     t = teacher_from_pipeline(tiny_sd_pipeline(tmp_path))
     blocks = skippable_blocks(t.unet)
     assert any("attentions" in b for b in blocks) and any("resnets" in b for b in blocks)
-    cond = t.encode_prompts(["a red cat", "a blue dog"])
+    cond = t.conditions(["a red cat", "a blue dog"])
     z = torch.randn(2, *t.sample_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = sample_ddim(t.denoiser, z * 50, append_zero(t.denoiser.t_to_sigma(torch.tensor([999, 600, 300]))),
@@ -259,7 +259,7 @@ def test_search_and_skipping_on_a_text_to_image_unet(tmp_path):
                             z * (1 + sigmas[0] ** 2).sqrt(), sigmas, cond)
         return float((x - ref).pow(2).mean())
 
-    costs = block_costs(t.unet, blocks, lambda: t.denoiser(z[:1], 3.0, cond[:1]))
+    costs = block_costs(t.unet, blocks, lambda: t.denoiser(z[:1], 3.0, cond.index(slice(0, 1))))
     assert all(c > 0 for c in costs.values()) and sum(costs.values()) < 1
     space = SearchSpace(t.num_train_timesteps, 2, tuple(blocks), costs, max_steps=3)
     result = evolve(objective, space, EvolutionConfig(population=4, generations=2, top_k=2, mutations=2,

@@ -12,7 +12,7 @@ def test_shipped_teacher_is_a_plain_diffusers_folder():
     assert index["_class_name"] == ["pipeline_dstudio", "DStudioPipeline"]
     assert index["unet"] == ["diffusers", "UNet2DModel"] and index["scheduler"] == ["diffusers", "DDPMScheduler"]
     t = load_teacher()
-    assert (t.kind, t.num_classes, t.sample_shape) == ("class", 10, (1, 16, 16))
+    assert (t.num_classes, t.takes_prompts, t.sample_shape) == (10, False, (1, 16, 16))
 
 
 def test_shipped_teacher_draws_the_asked_class():

@@ -10,9 +10,10 @@ from tiny_sd import tiny_sd_pipeline
 
 def test_class_teacher(tiny_teacher):
     t = load_teacher(tiny_teacher)
-    assert (t.kind, t.num_classes, t.sample_shape) == ("class", 10, (1, 8, 8))
+    assert type(t.family).__name__ == "PixelUNet" and not t.takes_prompts
+    assert (t.num_classes, t.sample_shape) == (10, (1, 8, 8))
     x = torch.randn(2, 1, 8, 8) * 10
-    out = t.guided(3.0)(x, torch.tensor([10.0, 10.0]), torch.tensor([1, 2]))
+    out = t.guided(3.0)(x, torch.tensor([10.0, 10.0]), t.cond(torch.tensor([1, 2])))
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert not any(p.requires_grad for p in t.unet.parameters())
     with pytest.raises(TeacherError, match="class 11 is outside the teacher's labels 0..9"):
@@ -21,9 +22,9 @@ def test_class_teacher(tiny_teacher):
 
 def test_latent_text_teacher(tiny_sd_dir):
     t = load_teacher(tiny_sd_dir)
-    assert t.kind == "text" and t.sample_shape == (4, 8, 8)
-    cond = t.encode_prompts(["a photo of digit one", "red cat"])
-    assert cond.shape == (2, 8, 16) and t.null_cond.shape == (1, 8, 16)
+    assert t.takes_prompts and t.num_classes == 0 and t.sample_shape == (4, 8, 8)
+    cond = t.conditions(["a photo of digit one", "red cat"])
+    assert cond.embeds.shape == (2, 8, 16) and t.null_cond.embeds.shape == (1, 8, 16)
     x = torch.randn(2, 4, 8, 8)
     x0 = t.guided(4.0)(x * 5, 5.0, cond)
     assert x0.shape == x.shape and torch.isfinite(x0).all()
@@ -57,11 +58,9 @@ def test_unsupported_pipelines_are_named(tmp_path):
     with pytest.raises(TeacherError, match="unsupported pipeline NoUnet.*supported: DDPMPipeline-style"):
         teacher_from_pipeline(NoUnet())
 
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     pipe = tiny_sd_pipeline(tmp_path)
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler()
-    with pytest.raises(TeacherError, match="unsupported scheduler FlowMatchEulerDiscreteScheduler"):
+    pipe.scheduler.register_to_config(prediction_type="bogus")
+    with pytest.raises(TeacherError, match="unsupported pipeline StableDiffusionPipeline.*prediction_type 'bogus'"):
         teacher_from_pipeline(pipe)
 
 

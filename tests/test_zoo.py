@@ -41,10 +41,11 @@ def test_zoo_folders_are_diffusers_ddpm_pipelines(zoo):
 
 def test_teachers_load_by_components(zoo):
     kinds = {name: load_teacher(folder) for name, folder in zoo.items()}
-    assert kinds["eps-cosine-clip"].kind == "class" and kinds["eps-cosine-clip"].num_classes == 10
+    assert not kinds["eps-cosine-clip"].takes_prompts and kinds["eps-cosine-clip"].num_classes == 10
     assert kinds["eps-cosine-clip"].clipping == {"clip_range": 1.0}
     assert isinstance(kinds["eps-cosine-clip"].for_sampling(), ClippedDenoiser)
-    assert kinds["eps-uncond"].kind == "uncond" and kinds["eps-uncond"].clipping is None
+    uncond = kinds["eps-uncond"]
+    assert uncond.num_classes == 0 and uncond.null_cond is None and uncond.clipping is None
     assert isinstance(kinds["flow"].denoiser, FlowMatchDenoiser)
     assert kinds["v-zero-snr"].denoiser.sigma_max > 1e3  # alphabar_T = 2^-24: pure noise at the last step
 
@@ -174,7 +175,7 @@ def test_every_method_on_every_zoo_teacher(method_name, teacher_name, zoo, data,
     from diffusers import DiffusionPipeline
 
     teacher = load_teacher(zoo[teacher_name])
-    if method_name == "msd" and teacher.kind != "class":
+    if method_name == "msd" and not teacher.num_classes:
         from dstudio.distill.core.config import ConfigError
 
         with pytest.raises(ConfigError, match="msd needs a class-conditional teacher"):
@@ -189,8 +190,8 @@ def test_every_method_on_every_zoo_teacher(method_name, teacher_name, zoo, data,
         assert f'"{phase.name}/' in log, phase.name  # every phase ran
 
     pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
-    labels = torch.tensor([1, 5, 9]) if teacher.kind == "class" else torch.zeros(3, dtype=torch.long)
-    images = pipe(batch_size=3, class_labels=labels if teacher.kind == "class" else None, num_inference_steps=1,
+    labels = torch.tensor([1, 5, 9]) if teacher.num_classes else torch.zeros(3, dtype=torch.long)
+    images = pipe(batch_size=3, class_labels=labels if teacher.num_classes else None, num_inference_steps=1,
                   generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all()
     assert 0 <= images.min() and images.max() <= 1

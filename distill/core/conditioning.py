@@ -117,23 +117,53 @@ def dit_call(model, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
     return _sample(model(x, timestep=t, class_labels=cond.labels))
 
 
+def generic_call(model, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+    """Any other network with a UNet2DModel's signature (a test's toy module): (x, t), and the labels as
+    class_labels when there are any."""
+    return _sample(model(x, t) if cond.labels is None else model(x, t, class_labels=cond.labels))
+
+
 NETWORK_CALLS = {"UNet2DModel": unet2d_call, "RoutedUNet2DModel": unet2d_call, "UNet2DConditionModel": unet_call,
                  "SD3Transformer2DModel": sd3_call, "FluxTransformer2DModel": flux_call,
                  "PixArtTransformer2DModel": pixart_call, "DiTTransformer2DModel": dit_call}
 
 
 def network_call(model) -> Callable:
-    """The call of `model`'s class (or the first of its bases that has one; a LoRA AdapterView: its backbone's)."""
+    """The call of `model`'s class (or the first of its bases that has one; a LoRA AdapterView: its backbone's);
+    generic_call for a network no family names."""
     for cls in type(getattr(model, "base", model)).__mro__:
         if cls.__name__ in NETWORK_CALLS:
             return NETWORK_CALLS[cls.__name__]
-    raise TypeError(f"no family calls a {type(model).__name__}; known networks: {', '.join(NETWORK_CALLS)}")
+    return generic_call
 
 
-def backbone_call(model: nn.Module, x: Tensor, t: Tensor, cond: Conditioning | None) -> Tensor:
-    """call_backbone for a Conditioning: the network's own call in its dtype; of a learned-sigma output (Nichol &
-    Dhariwal 2021, sec. 3.1: out_channels = 2 in_channels) the first half, the prediction, is kept."""
+def backbone_call(model: nn.Module, x: Tensor, t: Tensor, cond: Conditioning | Tensor | None) -> Tensor:
+    """The network's own call in its dtype, for a Conditioning (or bare class labels, None: no condition); of a
+    learned-sigma output (Nichol & Dhariwal 2021, sec. 3.1: out_channels = 2 in_channels) the first half, the
+    prediction, is kept."""
     dtype = next(model.parameters()).dtype
-    cond = (cond if cond is not None else Conditioning()).to(x.device, dtype)
+    cond = (cond if isinstance(cond, Conditioning) else Conditioning(labels=cond)).to(x.device, dtype)
     out = network_call(model)(model, x.to(dtype), t, cond)
     return (out[:, :x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out).to(x.dtype)
+
+
+class ConditionTable(nn.Module):
+    """A table of conditions (one row per class label or prompt) held as buffers, so that it moves with the method
+    holding it; a batch's ids look its rows up (no table: the empty condition of an unconditional teacher)."""
+
+    def __init__(self, table: Conditioning):
+        super().__init__()
+        self.names = tuple(table.tensors())
+        for name, value in table.tensors().items():
+            self.register_buffer(name, value, persistent=False)
+
+    @property
+    def table(self) -> Conditioning:
+        return Conditioning(**{name: getattr(self, name) for name in self.names})
+
+    @property
+    def rows(self) -> int:
+        return len(self.table)
+
+    def forward(self, ids: Tensor | None) -> Conditioning:
+        return Conditioning() if ids is None or not self.names else self.table.index(ids)

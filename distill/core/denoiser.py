@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dstudio.distill.core.conditioning import Conditioning, backbone_call
 from dstudio.samplers.schedules import (PREDICTION_TYPES, DiscreteSigmas, append_dims, clip_x0,
                                         consistency_scalings, flow_match_alphas_cumprod, flow_sigma_to_t, x0_scalings)
 
@@ -32,14 +33,9 @@ class StartOptions:
 
 
 def call_backbone(model: nn.Module, x: Tensor, t: Tensor, cond) -> Tensor:
-    """Call a diffusers UNet (or any module with the same signature) with its conditioning keyword."""
-    kwargs = {}
-    if cond is not None:
-        key = "encoder_hidden_states" if hasattr(model.config, "cross_attention_dim") else "class_labels"
-        kwargs[key] = cond
-    dtype = next(model.parameters()).dtype
-    out = model(x.to(dtype), t, **kwargs)
-    return (out.sample if hasattr(out, "sample") else out).to(x.dtype)
+    """Call a backbone with its condition (a Conditioning, bare class labels, or None) by its family's own keywords
+    (conditioning.backbone_call)."""
+    return backbone_call(model, x, t, cond)
 
 
 class Denoiser(nn.Module, abc.ABC):
@@ -260,10 +256,13 @@ def start_noise(denoiser: Denoiser, shape, sigma, generator=None, device=None) -
 class CFGDenoiser(WrappedDenoiser):
     """Ho & Salimans 2022, eq. 6, in x0 space: D_w = D(x, null) + w (D(x, c) - D(x, null)); w = 1 is no guidance."""
 
-    def __init__(self, denoiser: Denoiser, guidance_scale: float, null_cond: Tensor):
+    def __init__(self, denoiser: Denoiser, guidance_scale: float, null_cond: Conditioning | Tensor):
         super().__init__()
         self.denoiser, self.guidance_scale = denoiser, guidance_scale
-        self.register_buffer("null_cond", torch.as_tensor(null_cond), persistent=False)
+        if isinstance(null_cond, Conditioning):  # batch 1, moved to x's device per call
+            self.null_cond = null_cond
+        else:
+            self.register_buffer("null_cond", torch.as_tensor(null_cond), persistent=False)
 
     def forward(self, x: Tensor, sigma: Tensor | float, cond=None) -> Tensor:
         if cond is None or self.guidance_scale == 1.0:
@@ -271,6 +270,9 @@ class CFGDenoiser(WrappedDenoiser):
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float64)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
-        null = self.null_cond.to(cond.device).expand(cond.shape)
-        d_cond, d_null = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, null])).chunk(2)
+        if isinstance(cond, Conditioning):
+            both = Conditioning.cat([cond.to(x.device), self.null_cond.to(x.device).expand(len(x))])
+        else:
+            both = torch.cat([cond, self.null_cond.to(cond.device).expand(cond.shape)])
+        d_cond, d_null = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
         return d_null + self.guidance_scale * (d_cond - d_null)

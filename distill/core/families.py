@@ -1,270 +1,87 @@
-"""Teachers by family: a diffusers pipeline seen by the core as a network call, a Conditioning, a VAE and an export.
-
-A family adapter turns a loaded pipeline (StableDiffusion 1.5 / 2, SDXL, SD3 / 3.5, FLUX.1 dev / schnell, PixArt-Alpha
-/ Sigma, DiT) into
-(a) its network call: conditioning.backbone_call dispatches on the network's class (the family's keywords, FLUX's
-    packing, learned-sigma channels dropped), so the adapter only names its network;
-(b) `denoiser(network)`: DiscreteDenoiser / FlowMatchDenoiser scalings over that call and the family's noise grid
-    (alphas_cumprod, or flow matching at the scheduler's shift, dynamic shifting resolved at the sampled size), and
-    `sigmas(n)`: the levels the family's stock scheduler samples n steps at;
-(c) `encode_prompts(prompts)` / `encode_labels(labels)` -> Conditioning, through the pipeline's own encode_prompt,
-    and `null()`, the condition classifier-free guidance contrasts with;
-(d) `encode(images)` / `decode(latents)` through the VAE (scaling, shift, latents mean / std);
-(e) `export(network, scheduler, path)`: the family's own pipeline class around a student network and a scheduler.
+"""Teachers by family: the adapters of the pipeline families dstudio distils (the base, its noise grids, VAE
+scaling and feature taps are in family.py): DDPM-style pixel UNets (dstudio's own pipeline, DDPMPipeline), Stable
+Diffusion 1.5 / 2, SDXL, SD3 / 3.5, FLUX.1 dev / schnell, PixArt-Alpha / Sigma and DiT. Each says how its pipeline
+encodes a condition, what its null condition is, and where its sizes, features and exports differ from the base.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import math
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
-from types import SimpleNamespace
-from typing import ClassVar
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 
-from dstudio.distill.core.conditioning import Conditioning, backbone_call
-from dstudio.distill.core.denoiser import DiscreteDenoiser, FlowMatchDenoiser
-from dstudio.samplers.schedules import clipping_of
-
-
-class FamilyBackbone(nn.Module):
-    """A network as today's call_backbone sees a class-conditional UNet (no cross_attention_dim: the condition comes
-    as `class_labels`), running backbone_call. Not needed once call_backbone hands Conditionings to backbone_call."""
-
-    config = SimpleNamespace()
-
-    def __init__(self, network: nn.Module):
-        super().__init__()
-        self.network = network
-
-    def forward(self, x: Tensor, t: Tensor, class_labels: Conditioning | None = None) -> Tensor:
-        return backbone_call(self.network, x, t, class_labels)
+from dstudio.distill.core.conditioning import Conditioning
+from dstudio.distill.core.family import (FAMILIES, Family, FeatureTap, dynamic_mu, family, family_of,  # noqa: F401
+                                         flow_shift, is_flow, latent_affine, stock_scheduler)
 
 
-# --- (b) noise grids --------------------------------------------------------------------------------------------------
-
-FIXED_GRID_ONLY = ("invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                   "stochastic_sampling")
-
-
-def dynamic_mu(config, image_seq_len: int) -> float | None:
-    """The resolution-dependent shift parameter mu of a FlowMatchEuler config (None without dynamic shifting), as
-    FluxPipeline and StableDiffusion3Pipeline compute it from the image's token count."""
-    if not config.get("use_dynamic_shifting"):
-        return None
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-    return calculate_shift(image_seq_len, config.base_image_seq_len, config.max_image_seq_len, config.base_shift,
-                           config.max_shift)
+def label_condition(labels, device) -> Conditioning:
+    """Class labels (a list or tensor) as a condition."""
+    return Conditioning(labels=torch.as_tensor(labels, device=device).reshape(-1))
 
 
-def flow_shift(config, image_seq_len: int) -> float:
-    """The fixed shift s -> shift s / (1 + (shift - 1) s) a FlowMatchEuler config samples with at this token count:
-    `shift`, or with dynamic shifting exp(mu) (exponential time shift: e^mu / (e^mu + 1 / s - 1) is that map) or mu
-    (linear time shift)."""
-    odd = [k for k in FIXED_GRID_ONLY if config.get(k)]
-    if odd:
-        raise ValueError(f"FlowMatchEulerDiscreteScheduler sets {odd[0]}: only a fixed or dynamic shift maps to a "
-                         f"flow-matching grid")
-    mu = dynamic_mu(config, image_seq_len)
-    if mu is None:
-        return float(config.get("shift", 1.0))
-    return math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
+class UNetFamily(Family):
+    """A UNet family: the GAN head reads its mid-block."""
+
+    network_name = "unet"
+
+    def feature_tap(self):
+        return FeatureTap("mid_block", self.network.config.block_out_channels[-1])
 
 
-def is_flow(scheduler) -> bool:
-    from dstudio.samplers.schedules import is_flow_matching
+@family("DStudioPipeline", "DDPMPipeline")
+class PixelUNet(UNetFamily):
+    """A DDPM-style UNet2DModel in pixel space (dstudio's own pipeline class; a DDPMPipeline): class labels with the
+    null label after the classes (unconditional: no condition, no null), no VAE."""
 
-    return is_flow_matching(scheduler.config)
-
-
-def stock_scheduler(scheduler):
-    """The scheduler a family's teacher samples with for reference: its own FlowMatchEuler, or DDIM (trailing) with
-    the teacher config's clip_sample, False where it has none (DDIM's pixel-space default would clip latents)."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
-
-    if is_flow(scheduler):
-        return FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
-    return DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing",
-                                     clip_sample=bool(scheduler.config.get("clip_sample", False)))
-
-
-# --- (d) VAE latents --------------------------------------------------------------------------------------------------
-
-def latent_affine(config, device=None) -> tuple[Tensor, Tensor]:
-    """(a, b) with VAE latents z = a x + b for model latents x: latents_mean / latents_std where the VAE has them,
-    else 1 / scaling_factor and shift_factor (SD3, FLUX; 0 for the others)."""
-    mean, std = config.get("latents_mean"), config.get("latents_std")
-    if mean is None or std is None:
-        mean, std = [config.get("shift_factor") or 0.0], [1.0]
-    return _per_channel(std, device) / config.scaling_factor, _per_channel(mean, device)
-
-
-def _per_channel(values, device) -> Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-
-
-# --- the adapters -----------------------------------------------------------------------------------------------------
-
-FAMILIES: dict[str, type["Family"]] = {}  # pipeline class name -> adapter
-
-
-def family(*pipeline_classes: str):
-    """Register an adapter for these diffusers pipeline classes."""
-    def register(cls):
-        FAMILIES.update(dict.fromkeys(pipeline_classes, cls))
-        return cls
-    return register
-
-
-def family_of(pipeline, height: int | None = None, width: int | None = None) -> "Family":
-    """The adapter of a loaded pipeline (sampled at height x width pixels; None: the pipeline's default)."""
-    for cls in type(pipeline).__mro__:
-        if cls.__name__ in FAMILIES:
-            return FAMILIES[cls.__name__](pipeline, height, width)
-    raise ValueError(f"{type(pipeline).__name__} is not a pipeline family dstudio knows; known: {', '.join(FAMILIES)}")
-
-
-@dataclass
-class Family:
-    """A loaded diffusers pipeline seen by the core. Subclasses say how their pipeline encodes a condition."""
-
-    pipeline: object
-    height: int | None = None  # pixels; None: the pipeline's default
-    width: int | None = None
-
-    network_name: ClassVar[str] = "transformer"
-    packing: ClassVar[int] = 1  # FLUX packs 2x2 latent patches into the channels of one token
+    takes_prompts = False
+    pixel_space = True
+    vae_scale_factor = 1
 
     @property
-    def network(self) -> nn.Module:
-        return getattr(self.pipeline, self.network_name)
+    def num_classes(self) -> int:
+        from dstudio.distill.core.pipeline_dstudio import classes_of
+
+        return classes_of(self.network.config.get("num_class_embeds"))
+
+    def default_size(self):
+        size = self.network.config.sample_size
+        return (size, size) if isinstance(size, int) else tuple(size)
 
     @property
-    def device(self) -> torch.device:
-        return next(self.network.parameters()).device
+    def pixel_shape(self):
+        return self.sample_shape
 
-    def call_default(self, name: str):
-        """The default of the pipeline's __call__ argument `name` (max_sequence_length, guidance_scale, ...)."""
-        return inspect.signature(type(self.pipeline).__call__).parameters[name].default
+    def encode_labels(self, labels):
+        return label_condition(labels, self.device)
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1)
+    def null(self):
+        return self.encode_labels([self.num_classes]) if self.num_classes else None
 
-    @property
-    def size(self) -> tuple[int, int]:
-        """(height, width) in pixels unless given: the pipeline's default sample size (FLUX's 128, else the
-        network's) at the VAE's scale."""
-        default = (getattr(self.pipeline, "default_sample_size", None) or self.network.config.sample_size) \
-            * self.vae_scale_factor
-        return self.height or default, self.width or default
+    def encode(self, images):
+        return images
 
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the Denoiser's state: the latents, unpacked, as the pipeline sizes them."""
-        (h, w), f, k = self.size, self.vae_scale_factor, self.packing
-        return self.network.config.in_channels // k**2, k * (h // (k * f)), k * (w // (k * f))
+    def decode(self, latents):
+        return latents
 
-    def image_seq_len(self) -> int:
-        """The network's image token count at the sampled size (dynamic shifting reads it)."""
-        _, h, w = self.sample_shape
-        p = (self.network.config.get("patch_size") or 1) * self.packing
-        return (h // p) * (w // p)
+    def call_inputs(self, n, prompts=None, labels=None, guidance=1.0):
+        labels = None if labels is None else torch.as_tensor(labels).tolist()
+        return {"batch_size": n, "class_labels": labels, "guidance_scale": guidance}
 
-    # (b) the Denoiser and its grid
-    def denoiser(self, network: nn.Module | None = None) -> DiscreteDenoiser:
-        """The x0 denoiser of the family's network (or of a student's copy of it) on the teacher's noise grid."""
-        model = FamilyBackbone(network if network is not None else self.network)
-        scheduler = self.pipeline.scheduler
-        if is_flow(scheduler):
-            return FlowMatchDenoiser(model, scheduler.config.num_train_timesteps,
-                                     flow_shift(scheduler.config, self.image_seq_len()))
-        return DiscreteDenoiser(model, scheduler.alphas_cumprod, scheduler.config.prediction_type)
+    def with_network(self, network, scheduler):
+        from dstudio.distill.core.pipeline_dstudio import DStudioPipeline
 
-    @property
-    def clipping(self) -> dict | None:
-        """The scheduler's x0 clipping (clip_sample / thresholding) as ClippedDenoiser kwargs."""
-        return None if is_flow(self.pipeline.scheduler) else clipping_of(self.pipeline.scheduler.config)
+        return DStudioPipeline(unet=network, scheduler=scheduler)
 
-    def grid(self, n: int) -> dict:
-        """How the pipeline asks its scheduler for n steps (set_timesteps keywords, less mu)."""
-        return {"num_inference_steps": n}
+    def export(self, network, scheduler, path, **info):
+        from dstudio.distill.core.export import export_image_pipeline
 
-    def timestep_kwargs(self, n: int) -> dict:
-        """What the pipeline passes to its scheduler's set_timesteps for n steps: the grid and, with dynamic
-        shifting, mu at the sampled size."""
-        mu = dynamic_mu(self.pipeline.scheduler.config, self.image_seq_len())
-        return self.grid(n) if mu is None else {**self.grid(n), "mu": mu}
-
-    def sigmas(self, n: int) -> Tensor:
-        """The VE noise levels of the stock scheduler's n steps, ending at the level its last step lands on (0, or
-        alphabar_0's for DDIM without set_alpha_to_one); flow matching's s = 1 is the grid's largest finite sigma."""
-        scheduler, d = stock_scheduler(self.pipeline.scheduler), self.denoiser()
-        scheduler.set_timesteps(**self.timestep_kwargs(n))
-        if is_flow(scheduler):
-            s = scheduler.sigmas.double()
-            return (s / (1 - s)).clamp(max=d.sigma_max)
-        last = 0.0 if scheduler.config.set_alpha_to_one else d.sigma_min
-        return torch.cat([d.t_to_sigma(scheduler.timesteps.double()), torch.tensor([last], dtype=torch.float64)])
-
-    # (c) conditions
-    def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        """The prompts' condition exactly as the pipeline encodes them."""
-        raise TypeError(f"{type(self.pipeline).__name__} takes class labels, not prompts")
-
-    def encode_labels(self, labels) -> Conditioning:
-        raise TypeError(f"{type(self.pipeline).__name__} takes prompts, not class labels")
-
-    def null(self) -> Conditioning:
-        """The batch-1 condition classifier-free guidance contrasts with: the empty prompt's, as the pipeline's
-        negative prompt default."""
-        return self.encode_prompts([""])
-
-    # (d) VAE
-    def encode(self, images: Tensor) -> Tensor:
-        """Images in [-1, 1] -> model latents: the VAE posterior means, scaled (and shifted) as the pipeline does."""
-        vae = self.pipeline.vae
-        a, b = latent_affine(vae.config, vae.device)
-        return (vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean.float() - b) / a
-
-    def decode(self, latents: Tensor) -> Tensor:
-        """Model latents -> images in [-1, 1] through the VAE decoder, as the pipeline decodes."""
-        vae = self.pipeline.vae
-        a, b = latent_affine(vae.config, latents.device)
-        return vae.decode((a * latents + b).to(vae.device, vae.dtype)).sample.float()
-
-    # (e) export
-    def with_network(self, network: nn.Module, scheduler):
-        """The family's own pipeline class around `network` and `scheduler`, the teacher's other components (text
-        encoders, tokenizers, VAE) and settings (force_zeros_for_empty_prompt, ...) shared."""
-        pipe, components = self.pipeline, self.pipeline.components
-        settings = {k: v for k, v in pipe.config.items() if not k.startswith("_") and k not in components}
-        kwargs = {**components, **settings, self.network_name: network, "scheduler": scheduler}
-        with warnings.catch_warnings():  # "no safety checker": a tiny or user-provided pipeline may not have one
-            warnings.simplefilter("ignore")
-            return type(pipe)(**kwargs)
-
-    def export(self, network: nn.Module, scheduler, path: str | Path, **info) -> Path:
-        """Write the family's pipeline around a student network (a LoRA view fused; for UNet families its adapter
-        also under lora/) and a scheduler (a dstudio one travels in the folder) for plain diffusers."""
-        from dstudio.distill.core.export import export_pipeline
-        from dstudio.distill.core.lora import AdapterView, fused_unet
-
-        lora = network if isinstance(network, AdapterView) and self.network_name == "unet" else None
-        return export_pipeline(self.with_network(fused_unet(network), scheduler), path, lora=lora, **info)
+        return export_image_pipeline(network, scheduler, path, **info)
 
 
 @family("StableDiffusionPipeline")
-class StableDiffusion(Family):
+class StableDiffusion(UNetFamily):
     """SD 1.x / 2.x: one CLIP encoder's last hidden states."""
-
-    network_name = "unet"
 
     def encode_prompts(self, prompts):
         embeds, _ = self.pipeline.encode_prompt(prompts, self.device, 1, False)
@@ -272,12 +89,10 @@ class StableDiffusion(Family):
 
 
 @family("StableDiffusionXLPipeline")
-class StableDiffusionXL(Family):
+class StableDiffusionXL(UNetFamily):
     """SDXL: both CLIP encoders' penultimate states side by side, the second's pooled projection, and the time ids
     (original size, crop top-left, target size) of the sampled size; the null is zeros (force_zeros_for_empty_prompt)
     or the empty prompt's."""
-
-    network_name = "unet"
 
     def encode_prompts(self, prompts):
         pipe = self.pipeline
@@ -315,6 +130,19 @@ class Flux(Family):
 
     packing = 2
 
+    def default_size(self):
+        """The VAE's sample size (1024 on FLUX.1, the pipeline's own default there); FluxPipeline's 128 latents
+        whatever the VAE would make a small pipeline's default far larger than its VAE."""
+        size = self.pipeline.vae.config.get("sample_size")
+        return (size, size) if isinstance(size, int) else tuple(size) if size else super().default_size()
+
+    def call_inputs(self, n, prompts=None, labels=None, guidance=1.0):
+        """FluxPipeline's guidance_scale is the distilled guidance embedding; classifier-free guidance is its true
+        CFG against the empty negative prompt."""
+        h, w = self.size
+        cfg = {} if guidance == 1 else {"true_cfg_scale": guidance, "negative_prompt": [""] * n}
+        return {"prompt": list(prompts), "height": h, "width": w, **cfg}
+
     def grid(self, n):
         return {"sigmas": np.linspace(1.0, 1 / n, n)}
 
@@ -342,13 +170,28 @@ class PixArt(Family):
             time_ids = torch.tensor([[h, w, h / w]], dtype=embeds.dtype, device=self.device).repeat(len(prompts), 1)
         return Conditioning(embeds=embeds, mask=mask, time_ids=time_ids)
 
+    def call_inputs(self, n, prompts=None, labels=None, guidance=1.0):
+        """Resolution binning off: it raises for sizes other than its four real ones, and is the identity on their
+        default square sizes."""
+        return {**super().call_inputs(n, prompts, labels, guidance), "use_resolution_binning": False}
+
 
 @family("DiTPipeline")
 class DiT(Family):
     """DiT: class labels (prompts: the pipeline's label names), null class num_embeds_ada_norm; learned sigma."""
 
+    takes_prompts = False
+
+    @property
+    def num_classes(self):
+        return self.network.config.num_embeds_ada_norm
+
     def encode_labels(self, labels):
-        return Conditioning(labels=torch.as_tensor(labels, device=self.device).reshape(-1))
+        return label_condition(labels, self.device)
+
+    def call_inputs(self, n, prompts=None, labels=None, guidance=1.0):
+        """DiTPipeline draws its noise from the generator at the network's size (no latents, height or width)."""
+        return {"class_labels": torch.as_tensor(labels).tolist(), "guidance_scale": guidance}
 
     def encode_prompts(self, prompts):
         return self.encode_labels(self.pipeline.get_label_ids(list(prompts)))

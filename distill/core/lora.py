@@ -19,10 +19,15 @@ from torch import nn
 
 from dstudio.distill.core.config import require
 
-# the modules DMD2's own LoRA adapts (tianweiy/DMD2, sd_unified_model.py): attention, feed-forward, resnets (their
-# shortcuts too), resamplers and time projections
+# a UNet's: the modules DMD2's own LoRA adapts (tianweiy/DMD2, sd_unified_model.py): attention, feed-forward, resnets
+# (their shortcuts too), resamplers and time projections
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+# a transformer's (DiT, PixArt, SD3, FLUX): attention and feed-forward of the image stream, SD3's / FLUX's text stream
+# (add_*_proj, to_add_out, ff_context), FLUX's single blocks (proj_mlp, proj_out); the final top-level proj_out is not
+# matched (a target needs a parent module)
+TRANSFORMER_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                       "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
@@ -34,7 +39,8 @@ class LoraOptions:
         "cli": "--lora-rank", "min": 0,
         "help": "LoRA students and fake scores of this rank over the teacher's own weights (0: full copies)"})
     lora_alpha: float | None = None     # None: the rank (scale alpha / r = 1)
-    lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # module-name suffixes that get adapters
+    lora_targets: tuple[str, ...] | None = None  # module-name suffixes that get adapters (None: the network's own,
+                                                 # default_targets)
     lora_fake_score: bool = True        # False: a full trainable fake score beside the adapter student (DMD2's
                                         # own LoRA recipe: more memory, a closer fake score)
     lora_plus_ratio: float = 1.0        # LoRA+ (Hayou et al. 2024): the B factors' learning rate over the A factors'
@@ -42,8 +48,14 @@ class LoraOptions:
     def __post_init__(self) -> None:
         require(self.lora_rank >= 0, f"method.lora_rank={self.lora_rank} must be >= 0 (0: full copies)")
         require(self.lora_alpha is None or self.lora_alpha > 0, f"method.lora_alpha={self.lora_alpha} must be > 0")
-        require(len(self.lora_targets) > 0, "method.lora_targets must name at least one module")
+        require(self.lora_targets is None or len(self.lora_targets) > 0,
+                "method.lora_targets must name at least one module")
         require(self.lora_plus_ratio > 0, f"method.lora_plus_ratio={self.lora_plus_ratio} must be > 0 (1: plain LoRA)")
+
+
+def default_targets(network: nn.Module) -> tuple[str, ...]:
+    """The LoRA targets of a network: a UNet's DEFAULT_TARGETS, else a transformer's TRANSFORMER_TARGETS."""
+    return DEFAULT_TARGETS if hasattr(getattr(network, "base", network), "down_blocks") else TRANSFORMER_TARGETS
 
 
 def lora_rank(config) -> int:
@@ -89,7 +101,7 @@ def inject_adapter(base: nn.Module, name: str, rank: int, alpha: float, targets)
         warnings.simplefilter("ignore")
         inject_adapter_in_model(cfg, base, adapter_name=name)
     layers = list(lora_layers(base).values())
-    require(layers, f"method.lora_targets={list(targets)} match no Linear or Conv2d module of the teacher's UNet")
+    require(layers, f"method.lora_targets={list(targets)} match no Linear or Conv2d module of the teacher's network")
     base._dstudio_lora_layers = layers
     base._dstudio_adapter = None
     base._dstudio_lora_configs = {**getattr(base, "_dstudio_lora_configs", {}), name: cfg}
@@ -146,7 +158,7 @@ def adapter_view(unet: nn.Module, role: str, config) -> AdapterView:
     while name in taken:
         name, k = f"{role}_{k}", k + 1
     alpha = config.lora_alpha if config.lora_alpha is not None else float(config.lora_rank)
-    inject_adapter(unet, name, config.lora_rank, alpha, config.lora_targets)
+    inject_adapter(unet, name, config.lora_rank, alpha, config.lora_targets or default_targets(unet))
     return AdapterView(unet, name, getattr(config, "lora_plus_ratio", 1.0))
 
 

@@ -12,15 +12,18 @@ import importlib
 import importlib.metadata
 import os
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from dstudio.distill.core.conditioning import Conditioning, ConditionTable
 from dstudio.distill.core.config import ConfigError, require
-from dstudio.distill.core.errors import one_line
+from dstudio.distill.core.errors import UserError, one_line
+
+GRID_CLASSES = 10  # the most classes a sample grid shows (DiT has 1,000)
 
 
 class BatchSource(Protocol):
@@ -100,7 +103,6 @@ class Method(nn.Module, abc.ABC):
     needs_teacher: ClassVar[bool] = True
     needs_data: ClassVar[bool] = True
     is_distiller: ClassVar[bool] = True
-    text_teachers: ClassVar[bool] = False  # whether it distils text-to-image (latent) teachers
     student_module: ClassVar[str] = "student"
     trains_on: ClassVar[str] = ""  # what it learns from, when not images (said when --data is given)
     num_classes: int = 0  # class labels of the sample grids (0: unconditional)
@@ -129,6 +131,20 @@ class Method(nn.Module, abc.ABC):
 
     def on_phase_start(self, phase: Phase, step: int) -> None:
         """Called before a phase's first update (at its `start` step; not again when a resume comes after it)."""
+
+    def activation_passes(self) -> dict[str, list[tuple[str, str]]]:
+        """Per phase, the network passes whose activations it holds at once for backward, in call order: (module
+        attribute, "full" or "tap": up to the GAN head's features[, the module attribute that reads them]);
+        `dstudio plan` traces each. Default: one full pass of the student in every phase."""
+        return {}
+
+    def micro_batch(self, size: int) -> int:
+        """The examples a phase's micro-batch holds for a per-process batch of `size` (`dstudio plan` reads it)."""
+        return size
+
+    def grid_classes(self) -> Tensor:
+        """The class labels of the periodic sample grids (one row each; [0] when unconditional)."""
+        return torch.arange(min(max(self.num_classes, 1), GRID_CLASSES))
 
     def checkpoint_modules(self) -> list[str]:
         """Submodules whose state a checkpoint keeps: the trained ones, plus any a method adds (a frozen guide)."""
@@ -201,19 +217,65 @@ class Method(nn.Module, abc.ABC):
             p.requires_grad_(True)
 
 
+@dataclass
+class PromptOptions:
+    """The method-config key of data-free methods on text-to-image teachers (`--prompts FILE`)."""
+
+    prompts: str | None = field(default=None, metadata={
+        "cli": "--prompts", "help": "text-to-image teachers: a file with one prompt per line"})
+
+
+def read_prompts(path: str | None) -> list[str]:
+    """The prompts of a file, one a line (blank lines skipped)."""
+    if path is None:
+        raise UserError("a text-to-image teacher needs prompts: give --prompts FILE (one prompt per line)")
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"prompts file '{path}' does not exist")
+    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"prompts file '{path}' has no prompts (one prompt per line)")
+    return prompts
+
+
 class Distiller(Method):
-    """A method that learns from a teacher: it keeps the teacher and what every distiller reads from it."""
+    """A method that learns from a teacher: it keeps the teacher and what every distiller reads from it, and its
+    table of conditions (the teacher's class labels, or the prompts: the data's captions or --prompts), which a
+    batch's ids index."""
 
     def __init__(self, config, teacher=None, data=None):
         super().__init__(config)
         require(teacher is not None, f"{self.name} needs a teacher")
         self._teacher = teacher  # not a submodule: the frozen networks a method trains against it registers itself
-        self.kind, self.num_classes, self.shape = teacher.kind, teacher.num_classes, teacher.sample_shape
-        self.source, self.teacher_scheduler = teacher.source, teacher.scheduler
+        self.num_classes, self.shape = teacher.num_classes, teacher.sample_shape
+        self.source, self.teacher_scheduler = teacher.source, teacher.family.fixed_scheduler()
+        self.prompts = self.prompts_of(config, data) if teacher.takes_prompts else None
+        self.conditions = ConditionTable(teacher.conditions(self.prompts))
+        self._grid = data.labels.unique()[:GRID_CLASSES] if data is not None and self.num_classes else None
 
-    def cond(self, labels: Tensor, embeddings: Tensor | None = None):
-        """The denoisers' condition for these labels (class labels, nothing, or rows of `embeddings`)."""
-        return self._teacher.cond(labels, embeddings)
+    def prompts_of(self, config, data) -> list[str]:
+        """A text-to-image teacher's prompts: the captions of the data, else the prompts file."""
+        if data is not None:
+            require(bool(data.captions), f"{self.name} on text-to-image teacher '{self.source}' needs a captioned "
+                                         f"image folder: --data FOLDER with metadata.jsonl")
+            return list(data.captions)
+        if not hasattr(config, "prompts"):
+            raise UserError(f"method '{self.name}' does not take prompts, which text-to-image teacher '{self.source}' "
+                            f"needs")
+        return read_prompts(config.prompts)
+
+    def cond(self, ids: Tensor | None) -> Conditioning:
+        """The denoisers' condition for a batch's ids: class labels, rows of the prompt table, or the empty one."""
+        return self.conditions(ids)
+
+    def random_cond(self, n: int, device) -> Conditioning:
+        """n conditions drawn uniformly from the table (data-free methods); the empty one without a table."""
+        rows = self.conditions.rows
+        return self.cond(torch.randint(0, rows, (n,), device=device)) if rows else Conditioning()
+
+    def grid_classes(self) -> Tensor:
+        """The data's classes (at most GRID_CLASSES), else the first classes of the teacher."""
+        return self._grid.cpu() if self._grid is not None else super().grid_classes()
 
     @property
     def start_gain(self) -> float:

@@ -47,7 +47,7 @@ class Pairs(NamedTuple):
 
     z: Tensor
     x1: Tensor
-    cond: Tensor | None
+    cond: object  # the denoisers' condition (a Conditioning; stored as ids or None)
 
     @property
     def size(self) -> int:
@@ -56,16 +56,17 @@ class Pairs(NamedTuple):
 
 class PairBatches:
     """A loaded pair store as a batch source the Trainer streams: each draw takes `size` pairs uniformly at random
-    with the global torch generator (whose state a checkpoint keeps, so a resume draws the same pairs)."""
+    with the global torch generator (whose state a checkpoint keeps, so a resume draws the same pairs); `condition`
+    turns the stored condition ids into the denoisers' condition."""
 
-    def __init__(self, pairs: dict[str, Tensor | None]):
-        self.pairs = pairs
+    def __init__(self, pairs: dict[str, Tensor | None], condition=lambda ids: ids):
+        self.pairs, self.condition = pairs, condition
 
     def next(self, size: int, device) -> Pairs:
         idx = torch.randint(0, len(self.pairs["z"]), (size,))
         cond = self.pairs["cond"]
         return Pairs(self.pairs["z"][idx].to(device), self.pairs["x1"][idx].to(device),
-                     None if cond is None else cond[idx].to(device))
+                     self.condition(None if cond is None else cond[idx].to(device)))
 
 
 class PairStore:
@@ -107,9 +108,10 @@ class PairStore:
         return [i for i in range(self.num_shards) if not self.shard_path(i).is_file()]
 
     def generate(self, teacher, cond_for, batch_size: int = 250, rank: int = 0, world: int = 1,
-                 progress: bool = True, solve=None) -> None:
-        """Write this process's missing shards; `cond_for(indices)` gives the condition of each pair index and
-        `solve(z, cond)` the image of each noise (default: the teacher's ODE with the store's solver settings)."""
+                 progress: bool = True, solve=None, condition=lambda ids: ids) -> None:
+        """Write this process's missing shards; `cond_for(indices)` gives the condition id of each pair index (stored),
+        `condition(ids)` the denoisers' condition of those ids, and `solve(z, cond)` the image of each noise (default:
+        the teacher's ODE with the store's solver settings)."""
         spec = self.spec
         if solve is None:
             solve = lambda z, c: solve_teacher_ode(teacher, z, c, spec["solver"], spec["solver_steps"],  # noqa: E731
@@ -128,7 +130,7 @@ class PairStore:
                 cond = cond_for(idx)
                 x1 = []
                 for j in range(0, len(idx), batch_size):
-                    c = None if cond is None else cond[j:j + batch_size].to(device)
+                    c = condition(None if cond is None else cond[j:j + batch_size].to(device))
                     x1.append(solve(z[j:j + batch_size].to(device), c).float().cpu())
                     bar.update(len(z[j:j + batch_size]))
                 save_torch({"z": z, "x1": torch.cat(x1), "cond": cond}, self.shard_path(i))

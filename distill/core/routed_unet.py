@@ -1,4 +1,5 @@
-"""K class-conditional UNets behind one UNet interface, each label routed to the student that owns it (MSD).
+"""K class-conditional networks (UNet2DModels, or DiT transformers) behind one network interface, each label routed
+to the student that owns it (MSD).
 
 Self-contained (torch and diffusers only): export.ship_class copies it into exported folders as
 `unet/routed_unet.py`, named in model_index.json as ["routed_unet", "RoutedUNet2DModel"], so plain diffusers
@@ -8,7 +9,8 @@ pipeline_dstudio.class_embeddings) among them, go to student 0.
 from __future__ import annotations
 
 import torch
-from diffusers import ModelMixin, UNet2DModel
+import diffusers
+from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
@@ -27,9 +29,13 @@ def routed(owner: torch.Tensor, k: int, fn) -> torch.Tensor:
 class RoutedUNet2DModel(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, partition: list[list[int]], student_configs: list[dict], sample_size: int = 16,
-                 in_channels: int = 1, num_class_embeds: int | None = None):
+                 in_channels: int = 1, num_class_embeds: int | None = None, out_channels: int | None = None,
+                 student_class: str = "UNet2DModel"):
         super().__init__()
-        self.students = torch.nn.ModuleList(UNet2DModel.from_config(c) for c in student_configs)
+        if student_class not in ("UNet2DModel", "DiTTransformer2DModel"):
+            raise ValueError(f"student_class '{student_class}' is not UNet2DModel or DiTTransformer2DModel")
+        cls = getattr(diffusers, student_class)
+        self.students = torch.nn.ModuleList(cls.from_config(c) for c in student_configs)
         route = torch.zeros(max(num_class_embeds or 0, 1 + max(max(p) for p in partition)), dtype=torch.long)
         for k, classes in enumerate(partition):
             route[list(classes)] = k

@@ -17,7 +17,7 @@ from dstudio.distill.core.checkpoint import RunStart, open_run_folder
 from dstudio.distill.core.config import ConfigError, from_dict, load_preset, merge_overrides, to_dict
 from dstudio.distill.core.errors import UserError
 from dstudio.distill.core.io import check_writable
-from dstudio.distill.core.method import METHODS, Method, get_method
+from dstudio.distill.core.method import Method, get_method
 from dstudio.distill.core.trainer import Trainer, TrainerConfig
 
 
@@ -100,12 +100,7 @@ def run_teacher(cls: type[Method], teacher):
 
     if not cls.needs_teacher:
         return None
-    teacher = load_teacher(teacher) if teacher is None or isinstance(teacher, (str, Path)) else teacher
-    if teacher.kind == "text" and not cls.text_teachers:
-        takes = sorted(n for n, c in METHODS.items() if c.text_teachers)
-        raise UserError(f"method '{cls.name}' takes class-conditional or unconditional teachers; for text-to-image "
-                        f"teacher '{teacher.source}' use one of {', '.join(takes)}")
-    return teacher
+    return load_teacher(teacher) if teacher is None or isinstance(teacher, (str, Path)) else teacher
 
 
 def run_data(cls: type[Method], mcfg, teacher, data):

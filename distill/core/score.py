@@ -22,8 +22,15 @@ def trainable_copy(unet: nn.Module, role: str = "student", lora=None) -> nn.Modu
 
 
 def smaller_unet(teacher_unet, width: float):
-    """The teacher's architecture with every channel count scaled by `width` (kept divisible by its norm groups)."""
+    """The teacher's architecture with every channel count scaled by `width` (kept divisible by its norm groups): a
+    pixel-space UNet2DModel; any other network is refused with one line."""
     from diffusers import UNet2DModel
+
+    from dstudio.distill.core.config import ConfigError
+
+    if type(getattr(teacher_unet, "base", teacher_unet)) is not UNet2DModel:
+        raise ConfigError(f"smaller students (--student-width < 1, slimflow) scale a pixel-space UNet2DModel teacher; "
+                          f"this teacher's network is a {type(getattr(teacher_unet, 'base', teacher_unet)).__name__}")
 
     cfg = dict(teacher_unet.config)
     groups = max(1, min(cfg.get("norm_num_groups", 32), round(32 * width)))

@@ -5,47 +5,55 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from dstudio.distill.core.denoiser import (MAX_START_GAIN, PREDICTION_TYPES, CFGDenoiser, ClippedDenoiser, DiscreteDenoiser,
-                                           FlowMatchDenoiser)
-from dstudio.distill.core.errors import UserError
-from dstudio.samplers.schedules import clipping_of, is_flow_matching
+from dstudio.distill.core.conditioning import Conditioning
+from dstudio.distill.core.denoiser import MAX_START_GAIN, CFGDenoiser, ClippedDenoiser, DiscreteDenoiser
+from dstudio.distill.core.errors import UserError, one_line
+from dstudio.distill.core.family import FAMILIES, Family, FeatureTap, family_of
+from dstudio.distill.core.family import stock_scheduler as reference_scheduler  # noqa: F401  (its one owner)
 
 DEFAULT_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "mnist16-teacher"
 SUPPORTED = ("DDPMPipeline-style: a UNet2DModel (unconditional or class-conditional) + a DDPM-family scheduler "
              "or FlowMatchEulerDiscreteScheduler",
-             "StableDiffusionPipeline-style: UNet2DConditionModel + vae + text_encoder + tokenizer + scheduler")
+             "the pipelines StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, PixArtSigma, PixArtAlpha, DiT")
 IMAGE_COMPONENTS = {"unet": ("UNet2DModel",), "scheduler": None}  # None: any DDPM-family or flow-matching scheduler
-TEXT_COMPONENTS = ("text_encoder", "tokenizer", "vae")
 
 
 class TeacherError(UserError):
     """The given path or id is not a teacher dstudio can use; the message says what would be."""
 
 
-TeacherKind = Literal["class", "uncond", "text"]  # class-conditional, unconditional, text-to-image
-
-
 @dataclass
 class Teacher:
-    """A frozen pretrained pipeline seen as a Denoiser over sigma, with what is needed to condition and decode."""
+    """A frozen pretrained pipeline seen through its family adapter (families.py): a Denoiser over sigma, the
+    conditions it takes (class labels, prompts or none) with its null condition for classifier-free guidance, its
+    images (the VAE of latent families) and its export. Methods see only these; they never ask which family."""
 
     pipeline: object
-    denoiser: DiscreteDenoiser
-    kind: TeacherKind
-    num_classes: int
-    sample_shape: tuple[int, int, int]
-    source: str
-    null_cond: Tensor | None = field(default=None)
-    clipping: dict | None = field(default=None)  # the scheduler's clip_sample / thresholding, as ClippedDenoiser kwargs
+    family: Family
+    source: str = "<pipeline>"
+    denoiser: DiscreteDenoiser = field(init=False)
+    clipping: dict | None = field(init=False)  # the scheduler's clip_sample / thresholding, as ClippedDenoiser kwargs
+    null_cond: Conditioning | None = field(init=False)  # None: an unconditional teacher (no guidance)
+
+    def __post_init__(self):
+        self.denoiser, self.clipping, self.null_cond = self.family.denoiser(), self.family.clipping, None
+        with torch.no_grad():
+            self.null_cond = self.family.null()
 
     @property
-    def unet(self):
-        return self.pipeline.unet
+    def network(self) -> nn.Module:
+        """The denoising network: a UNet, or the family's transformer."""
+        return self.family.network
+
+    @property
+    def unet(self) -> nn.Module:
+        """The denoising network under the name methods written before the families use (a transformer for the
+        transformer families)."""
+        return self.family.network
 
     @property
     def scheduler(self):
@@ -54,6 +62,25 @@ class Teacher:
     @property
     def num_train_timesteps(self) -> int:
         return self.denoiser.schedule.num_train_timesteps
+
+    @property
+    def num_classes(self) -> int:
+        """The class labels it takes (0: prompts or nothing)."""
+        return self.family.num_classes
+
+    @property
+    def takes_prompts(self) -> bool:
+        return self.family.takes_prompts
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the denoiser's state: pixels, or the VAE's latents (unpacked)."""
+        return self.family.sample_shape
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the teacher makes: the VAE's output for latent teachers."""
+        return self.family.pixel_shape
 
     def guided(self, guidance_scale: float):
         """The teacher's denoiser with classifier-free guidance (w = 1: the plain denoiser)."""
@@ -72,58 +99,70 @@ class Teacher:
         teacher)."""
         return self.denoiser.student(model, self.clipping, max_gain)
 
-    def cond(self, labels: Tensor, embeddings: Tensor | None = None):
-        """The denoiser's condition for a batch's labels: the labels themselves for a class-conditional teacher,
-        None for an unconditional one, and for a text teacher the rows of `embeddings` (prompt embeddings) they index."""
-        if self.kind == "class":
-            return labels
-        if self.kind == "text":
-            if embeddings is None:
-                raise ValueError("a text-to-image teacher's condition needs the prompt embeddings the labels index")
-            return embeddings[labels.to(embeddings.device)]
-        return None
+    @torch.no_grad()
+    def conditions(self, prompts: list[str] | None = None) -> Conditioning:
+        """The table of conditions a batch's ids index: the prompts' (required by a text-to-image teacher), the class
+        labels' (row i: label i), or none (an unconditional teacher)."""
+        if self.takes_prompts:
+            if not prompts:
+                raise TeacherError(f"teacher '{self.source}' is text-to-image: it needs prompts")
+            parts = [self.family.encode_prompts(prompts[i:i + 64]) for i in range(0, len(prompts), 64)]
+            return Conditioning.cat(parts)
+        return self.cond(torch.arange(self.num_classes)) if self.num_classes else Conditioning()
+
+    def cond(self, labels: Tensor | None) -> Conditioning:
+        """The condition of a batch's class labels (the empty one for an unconditional teacher); a text-to-image
+        teacher's conditions are rows of a table of prompts (`conditions`)."""
+        if self.takes_prompts:
+            raise TeacherError(f"teacher '{self.source}' is text-to-image: its conditions come from prompts")
+        return self.family.encode_labels(labels) if self.num_classes and labels is not None else Conditioning()
 
     def check_class(self, label: int) -> int:
-        if self.kind != "class":
+        if not self.num_classes:
             raise TeacherError(f"--class {label} was given but teacher '{self.source}' is not class-conditional")
         if not 0 <= label < self.num_classes:
             raise TeacherError(f"class {label} is outside the teacher's labels 0..{self.num_classes - 1}")
         return label
 
-    def encode_prompts(self, prompts: list[str]) -> Tensor:
-        tok, enc = self.pipeline.tokenizer, self.pipeline.text_encoder
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(enc.device)
-        with torch.no_grad():
-            return enc(ids)[0]
-
-    @property
-    def pixel_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the images the teacher makes: the VAE's output for latent teachers."""
-        if self.kind != "text":
-            return self.sample_shape
-        (_, h, w), f = self.sample_shape, self.pipeline.vae_scale_factor
-        return self.pipeline.vae.config.out_channels, h * f, w * f
-
     def to_model_space(self, data):
-        """Real images as teacher samples: for latent teachers the scaled VAE posterior means of a captioned set."""
-        if self.kind != "text":
-            return data
-        if not data.captions:
+        """Real images as teacher samples (for latent teachers the scaled VAE posterior means) with labels the teacher
+        takes: a captioned set's caption ids, or class ids (class folders named by integers are those classes)."""
+        if self.takes_prompts and not data.captions:
             raise TeacherError(f"data '{data.name}' has no captions, which text-to-image teacher '{self.source}' "
                                f"needs: give an image folder with metadata.jsonl ({{\"file_name\", \"text\"}} per line)")
-        vae = self.pipeline.vae
+        if self.num_classes:
+            data = dataclasses.replace(data, labels=class_ids(data, self.num_classes))
+        if self.family.pixel_space:
+            return data
         with torch.no_grad():
-            latents = [vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mean.float().cpu()
-                       for chunk in data.images.split(64)]
-        return dataclasses.replace(data, images=torch.cat(latents) * vae.config.scaling_factor)
+            latents = [self.family.encode(chunk).cpu() for chunk in data.images.split(64)]
+        return dataclasses.replace(data, images=torch.cat(latents))
 
     def decode(self, x: Tensor) -> Tensor:
         """Model space -> images in [-1, 1] (the VAE decoder for latent teachers)."""
-        if self.kind != "text":
-            return x
-        vae = self.pipeline.vae
-        return vae.decode(x.to(vae.dtype) / vae.config.scaling_factor).sample.float()
+        return self.family.decode(x)
+
+    def export(self, network: nn.Module, scheduler, path, **info) -> Path:
+        """A student (or the teacher's own network with a searched schedule) as the family's own pipeline folder."""
+        return self.family.export(network, scheduler, path, **info)
+
+    @property
+    def feature_tap(self) -> FeatureTap:
+        """Where the GAN head of DMD2 / MSD reads the network's features."""
+        return self.family.feature_tap()
+
+
+def class_ids(data, num_classes: int) -> Tensor:
+    """A labelled set's labels as the teacher's class ids: class folders named by integers are those classes
+    (DiT's ImageNet ids), others keep their sorted index; every id must be one of the teacher's classes."""
+    names = list(data.class_names)
+    ids = data.labels
+    if names and all(n.isdigit() for n in names):
+        ids = torch.tensor([int(n) for n in names])[data.labels]
+    if len(ids) and int(ids.max()) >= num_classes:
+        raise TeacherError(f"data '{data.name}' has class {int(ids.max())}, outside the teacher's labels "
+                           f"0..{num_classes - 1}")
+    return ids
 
 
 def _is_local(source: str) -> bool:
@@ -219,9 +258,14 @@ def load_image_components(path: str | Path, dtype=torch.float32):
     return DStudioPipeline(**parts)
 
 
-def _is_text_folder(path: Path) -> bool:
-    index = json.loads((path / "model_index.json").read_text())
-    return any(isinstance(index.get(k), list) and index[k][0] is not None for k in TEXT_COMPONENTS)
+def _is_latent_family_folder(path: Path) -> bool:
+    """A folder saved by a latent family's pipeline class (SD, SDXL, SD3, FLUX, PixArt, DiT): from_pretrained loads
+    it; any other is assembled from its components as a DDPMPipeline-style folder."""
+    import dstudio.distill.core.families  # noqa: F401  (the adapters register themselves)
+
+    name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+    cls = FAMILIES.get(name) if isinstance(name, str) else None
+    return cls is not None and not cls.pixel_space
 
 
 def load_pipeline(source: str | Path | None, device: str | torch.device = "cpu", dtype=torch.float32):
@@ -254,7 +298,7 @@ def load_pipeline(source: str | Path | None, device: str | torch.device = "cpu",
     try:
         if _is_local(source) and _is_dstudio_folder(path):
             pipe = load_dstudio_pipeline(path, dtype)
-        elif _is_local(source) and not _is_text_folder(path):
+        elif _is_local(source) and not _is_latent_family_folder(path):
             pipe = load_image_components(path, dtype)
         else:
             kwargs = {"torch_dtype": dtype} if dtype != torch.float32 else {}
@@ -268,78 +312,34 @@ def load_pipeline(source: str | Path | None, device: str | torch.device = "cpu",
         raise TeacherError(f"could not load pipeline '{source}': {first}") from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
+    if type(pipe).__name__ == "DDPMPipeline":  # a hub DDPMPipeline: dstudio's own class takes labels and guidance
+        from dstudio.distill.core.pipeline_dstudio import DStudioPipeline
+
+        pipe = DStudioPipeline(unet=pipe.unet, scheduler=pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def load_teacher(source: str | Path | None = None, device: str | torch.device = "cpu", dtype=torch.float32) -> Teacher:
-    """Load `source` (default: the shipped MNIST teacher) and wrap it as a frozen Teacher."""
+def load_teacher(source: str | Path | None = None, device: str | torch.device = "cpu", dtype=torch.float32,
+                 size: int | None = None) -> Teacher:
+    """Load `source` (default: the shipped MNIST teacher) and wrap it as a frozen Teacher, sampled at `size` x `size`
+    pixels (None: the pipeline's default)."""
     pipe = load_pipeline(source, device, dtype)
-    return teacher_from_pipeline(pipe, str(source or DEFAULT_TEACHER))
+    return teacher_from_pipeline(pipe, str(source or DEFAULT_TEACHER), size, size)
 
 
-def teacher_from_pipeline(pipe, source: str = "<pipeline>") -> Teacher:
-    from diffusers import UNet2DConditionModel, UNet2DModel
-
-    unet, scheduler = getattr(pipe, "unet", None), getattr(pipe, "scheduler", None)
-    if unet is None or scheduler is None:
-        raise TeacherError(f"unsupported pipeline {type(pipe).__name__} ('{source}'): it has no unet/scheduler; "
-                           f"supported: {'; '.join(SUPPORTED)}")
-    flow = is_flow_matching(scheduler.config)
-    if (getattr(scheduler, "alphas_cumprod", None) is None and not flow) or (flow and isinstance(
-            unet, UNet2DConditionModel)):
-        raise TeacherError(f"unsupported scheduler {type(scheduler).__name__} ('{source}'): it has no discrete "
-                           f"alphas_cumprod; supported: {'; '.join(SUPPORTED)}")
-    for p in unet.parameters():
-        p.requires_grad_(False)
-    unet.eval()
-    denoiser = _teacher_denoiser(unet, scheduler, source)
-    clipping = clipping_of(scheduler.config)
-    size = unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    shape = (unet.config.in_channels, h, w)
-    if isinstance(unet, UNet2DConditionModel):
-        if not all(getattr(pipe, n, None) is not None for n in ("vae", "text_encoder", "tokenizer")):
-            raise TeacherError(f"unsupported pipeline {type(pipe).__name__} ('{source}'): a UNet2DConditionModel "
-                               f"needs vae, text_encoder and tokenizer; supported: {'; '.join(SUPPORTED)}")
-        for module in (pipe.vae, pipe.text_encoder):
-            module.requires_grad_(False)
-        teacher = Teacher(pipe, denoiser, "text", 0, shape, source, clipping=clipping)
-        teacher.null_cond = teacher.encode_prompts([""])
-        return teacher
-    from dstudio.distill.core.pipeline_dstudio import classes_of
-    from dstudio.distill.core.routed_unet import RoutedUNet2DModel
-
-    if not isinstance(unet, (UNet2DModel, RoutedUNet2DModel)):
-        raise TeacherError(f"unsupported backbone {type(unet).__name__} ('{source}'); supported: {'; '.join(SUPPORTED)}")
-    n = classes_of(unet.config.num_class_embeds)
-    if n:  # the null label (classifier-free guidance) is the class embedding after the classes
-        return Teacher(pipe, denoiser, "class", n, shape, source, torch.tensor(n), clipping)
-    return Teacher(pipe, denoiser, "uncond", 0, shape, source, clipping=clipping)
-
-
-def _teacher_denoiser(unet, scheduler, source: str) -> DiscreteDenoiser:
-    """The teacher's x0 denoiser: a flow-matching velocity model or a DDPM model of the scheduler's prediction type."""
-    cfg = scheduler.config
-    if is_flow_matching(scheduler.config):
-        odd = [k for k in ("use_dynamic_shifting", "invert_sigmas", "shift_terminal", "use_karras_sigmas",
-                           "use_exponential_sigmas", "use_beta_sigmas") if cfg.get(k)]
-        if odd:
-            raise TeacherError(f"scheduler FlowMatchEulerDiscreteScheduler of '{source}' sets {odd[0]}, which dstudio "
-                               f"cannot use: it takes a fixed shift only")
-        return FlowMatchDenoiser(unet, cfg.num_train_timesteps, float(cfg.get("shift", 1.0)))
-    prediction_type = cfg.get("prediction_type", "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
-        raise TeacherError(f"scheduler {type(scheduler).__name__} of '{source}' has prediction_type "
-                           f"'{prediction_type}', which dstudio cannot use; use one of {', '.join(PREDICTION_TYPES)}")
-    return DiscreteDenoiser(unet, scheduler.alphas_cumprod, prediction_type)
-
-
-def reference_scheduler(scheduler):
-    """The scheduler a teacher is evaluated with: DDIM (trailing, its clip/threshold settings kept) for the DDPM
-    family, its own Euler for flow matching."""
-    import diffusers
-
-    if is_flow_matching(scheduler.config):
-        return diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
-    return diffusers.DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing")
+def teacher_from_pipeline(pipe, source: str = "<pipeline>", height: int | None = None,
+                          width: int | None = None) -> Teacher:
+    """A loaded pipeline of a known family as a frozen Teacher (every network in eval mode, nothing trainable)."""
+    try:
+        family = family_of(pipe, height, width)
+        if not family.pixel_space and getattr(pipe, "vae", None) is None:
+            raise ValueError("a latent model needs its vae")
+        for module in getattr(pipe, "components", {}).values():
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False)
+                module.eval()
+        return Teacher(pipe, family, source)
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        raise TeacherError(f"unsupported pipeline {type(pipe).__name__} ('{source}'): {one_line(e)}; "
+                           f"supported: {'; '.join(SUPPORTED)}") from None

@@ -310,8 +310,7 @@ class Trainer:
 
     def sample_grid(self, path: Path) -> None:
         m = self.method
-        n_cls = max(m.num_classes, 1)
-        labels = torch.arange(n_cls).repeat_interleave(self.config.grid_per_class).to(self.accelerator.device)
+        labels = m.grid_classes().repeat_interleave(self.config.grid_per_class).to(self.accelerator.device)
         gen = torch.Generator(self.accelerator.device).manual_seed(self.config.seed)
         rng = torch.get_rng_state()
         m.eval()

@@ -19,13 +19,13 @@ from dstudio.distill.core.denoiser import StartOptions, append_dims
 from dstudio.distill.core.errors import UserError
 from dstudio.distill.core.flow import FlowView, sample_u_shaped, sample_uniform
 from dstudio.distill.core.losses import lpips_distance, load_lpips, rfpp_premetric
-from dstudio.distill.core.method import Distiller, Phase, RunContext
+from dstudio.distill.core.method import Distiller, Phase, PromptOptions, RunContext
 from dstudio.distill.core.pairs import SOLVERS, PairBatches, Pairs, PairStore, PairStoreError
 from dstudio.samplers import FlowEulerScheduler, sample_flow_euler, scheduler_from_teacher
 
 
 @dataclass
-class FlowConfig(StartOptions):
+class FlowConfig(StartOptions, PromptOptions):
     pairs: str | None = field(default=None, metadata={  # runs with equal settings can share one store
         "cli": "--pairs", "help": "reflow pair store folder (default: RUN/pairs)"})
     num_pairs: int = 5000
@@ -34,8 +34,6 @@ class FlowConfig(StartOptions):
     solver: str = "dpmpp"             # the teacher ODE's solver, one of pairs.SOLVERS
     solver_steps: int = 25
     guidance: float = 1.0             # CFG in the teacher's ODE (InstaFlow's text pairs use > 1)
-    prompts: str | None = field(default=None, metadata={
-        "cli": "--prompts", "help": "text teachers (InstaFlow): a file with one prompt per line"})
     reflow_steps: int = 1000          # steps of the reflow phase; the remaining trainer steps distil to one step
     time_dist: Literal["u_shaped", "uniform"] = "u_shaped"
     u_shape_a: float = 4.0
@@ -60,18 +58,6 @@ class FlowConfig(StartOptions):
         require(self.export_steps >= 1, f"method.export_steps={self.export_steps} must be >= 1")
 
 
-def read_prompts(path: str | None) -> list[str]:
-    if path is None:
-        raise UserError("a text-to-image teacher needs prompts: give --prompts FILE (one prompt per line)")
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"prompts file '{path}' does not exist")
-    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise UserError(f"prompts file '{path}' has no prompts (one prompt per line)")
-    return prompts
-
-
 def flow_solve(denoiser, z: Tensor, cond, steps: int) -> Tensor:
     """x1 from unit noise z by `steps` Euler steps of a denoiser read as a flow (the exported sampler's path)."""
     view = FlowView(denoiser)
@@ -89,7 +75,6 @@ class FlowMethod(Distiller):
     def __init__(self, config: FlowConfig, teacher=None, data=None):
         super().__init__(config, teacher, data)
         self.teacher_denoiser = teacher.denoiser  # a frozen submodule: moves to the device with the method
-        self.prompts = read_prompts(config.prompts) if teacher.kind == "text" else None
         if config.pairs and Path(config.pairs).exists() and not Path(config.pairs).is_dir():
             raise PairStoreError(f"pair store '{config.pairs}' is a file: give a folder (it is created if missing)")
         self.pairs: dict[str, Tensor | None] | None = None  # the teacher's pairs, filled when the run starts
@@ -117,22 +102,15 @@ class FlowMethod(Distiller):
         c = self.config
         spec = {"teacher": self.source, "solver": c.solver, "solver_steps": c.solver_steps, "guidance": c.guidance,
                 "num_pairs": c.num_pairs, "shard_size": c.shard_size, "seed": c.pair_seed, "shape": list(self.shape)}
-        if self.prompts is not None:
+        if self.prompts is not None:  # the store keeps each pair's prompt id, not its embedding
             spec["prompts_sha1"] = hashlib.sha1("\n".join(self.prompts).encode()).hexdigest()
+            spec["conditions"] = "ids"
         return spec
 
-    def cond_for(self, idx: Tensor):
-        """Pair i's condition: class i mod classes (balanced), or prompt i mod prompts as its embedding."""
-        if self.kind == "class":
-            return idx % self.num_classes
-        if self.kind == "text":
-            return self.prompt_embeddings()[idx % len(self.prompts)]
-        return None
-
-    def prompt_embeddings(self) -> Tensor:
-        if getattr(self, "_prompt_emb", None) is None:
-            self._prompt_emb = self._teacher.encode_prompts(self.prompts).cpu()
-        return self._prompt_emb
+    def cond_for(self, idx: Tensor) -> Tensor | None:
+        """Pair i's condition id: class i mod classes (balanced), or prompt i mod prompts; None without a table."""
+        rows = self.conditions.rows
+        return idx % rows if rows else None
 
     def on_start(self, context: RunContext) -> None:
         """Fill the teacher's pair store (RUN/pairs or method.pairs) before the first step; load LPIPS."""
@@ -150,7 +128,7 @@ class FlowMethod(Distiller):
         if not acc.is_main_process:
             store.open()
         store.generate(self._teacher, self.cond_for, rank=acc.process_index, world=acc.num_processes,
-                       progress=acc.is_main_process, solve=solve)
+                       progress=acc.is_main_process, solve=solve, condition=self.cond)
         acc.wait_for_everyone()
         return store.load()
 
@@ -158,7 +136,7 @@ class FlowMethod(Distiller):
         """The teacher's pairs (filled when the run started) as a batch source."""
         if self.pairs is None:
             raise RuntimeError("the teacher's pairs are made when the method is bound to a run (Trainer.begin)")
-        return PairBatches(self.pairs)
+        return PairBatches(self.pairs, self.cond)
 
     def distill_pairs(self) -> PairBatches:
         """The distillation phase's batch source, opened at its first step: the teacher's pairs by default."""
@@ -227,28 +205,16 @@ class FlowMethod(Distiller):
         return loss, logs
 
     # --- sampling and export ----------------------------------------------------------------------
-    def grid_cond(self, labels: Tensor):
-        """The sample grids' condition: the labels, or the first prompt for every image of a text teacher."""
-        if self.kind == "text":
-            emb = self.prompt_embeddings()[:1].to(labels.device)
-            return emb.expand(len(labels), *emb.shape[1:])
-        return self.cond(labels)
-
     @torch.no_grad()
     def sample(self, labels: Tensor, generator: torch.Generator, steps: int | None = None) -> Tensor:
         z = torch.randn((len(labels), *self.shape), generator=generator, device=labels.device)
-        x1 = flow_solve(self.student_net(), z, self.grid_cond(labels), steps or self.config.export_steps)
+        x1 = flow_solve(self.student_net(), z, self.cond(labels), steps or self.config.export_steps)
         return self._teacher.decode(x1).clamp(-1, 1)
 
     def export(self, path) -> None:
-        from dstudio.distill.core.export import export_image_pipeline, export_text_pipeline
-
         sched = scheduler_from_teacher(FlowEulerScheduler, self.teacher_scheduler,
                                        num_inference_steps=self.config.export_steps,
                                        prediction_type=self.student_net().prediction_type,
                                        sigma_max=self.student_net().sigma_max)
         info = {"method": self.name, "teacher": self.source, "pairs": self.pair_spec()}
-        if self.kind == "text":
-            export_text_pipeline(self._teacher.pipeline, self.student_net().model, sched, path, **info)
-        else:
-            export_image_pipeline(self.student_net().model, sched, path, **info)
+        self._teacher.export(self.student_net().model, sched, path, **info)

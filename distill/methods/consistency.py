@@ -10,7 +10,6 @@ from torch import Tensor
 
 from dstudio.distill.core.config import require
 from dstudio.distill.core.denoiser import ConsistencyDenoiser, StartOptions, append_dims, start_noise
-from dstudio.distill.core.export import export_image_pipeline
 from dstudio.distill.core.losses import ict_huber_c, pseudo_huber
 from dstudio.distill.core.lora import LoraOptions
 from dstudio.distill.core.method import Batch, Distiller, Phase, register
@@ -164,12 +163,13 @@ class Consistency(Distiller):
         sched = self.student.schedule
         sigmas = torch.cat([sched.t_to_sigma(torch.tensor(self.export_timesteps(steps))), torch.zeros(1)])
         x = start_noise(self.student, (len(labels), *self.shape), sigmas[0], generator, labels.device)
-        return sample_multistep(self.student, x, sigmas.to(x.device), self.cond(labels), generator).clamp(-1, 1)
+        x0 = sample_multistep(self.student, x, sigmas.to(x.device), self.cond(labels), generator)
+        return self._teacher.decode(x0).clamp(-1, 1)
 
     def export(self, path) -> None:
         own = {"prediction_type": self.student.prediction_type} if self.config.init == "teacher" else {
             "prediction_type": "consistency", "sigma_data": self.config.sigma_data, "sigma_min": self.config.sigma_min}
         sched = scheduler_from_teacher(StudentScheduler, self.teacher_scheduler, timesteps=self.export_timesteps(2),
                                        num_inference_steps=1, **own)
-        export_image_pipeline(self.student.model, sched, path, method=self.name, target=self.config.target,
+        self._teacher.export(self.student.model, sched, path, method=self.name, target=self.config.target,
                               init=self.config.init)

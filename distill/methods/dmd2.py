@@ -1,7 +1,6 @@
 """DMD2 (Yin et al. 2024): distribution matching with a trainable fake score, TTUR and a GAN head."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,7 +10,6 @@ from torch import Tensor, nn
 
 from dstudio.distill.core.config import require
 from dstudio.distill.core.denoiser import StartOptions, append_dims, start_noise
-from dstudio.distill.core.export import export_image_pipeline, export_text_pipeline
 from dstudio.distill.core.lora import LoraOptions
 from dstudio.distill.core.method import Batch, Distiller, Phase, register
 from dstudio.distill.core.score import dsm_loss, sample_logit_normal_timesteps, sample_timesteps, trainable_copy
@@ -30,21 +28,10 @@ def dmd_loss(x: Tensor, grad: Tensor) -> Tensor:
     return 0.5 * F.mse_loss(x, (x - grad).detach())
 
 
-@contextlib.contextmanager
-def mid_block_outputs(unet: nn.Module):
-    """The mid-block outputs of the UNet's calls made inside the block (a list; the hook goes when the block ends)."""
-    outputs: list[Tensor] = []
-    handle = unet.mid_block.register_forward_hook(
-        lambda module, args, out: outputs.append(out[0] if isinstance(out, tuple) else out))
-    try:
-        yield outputs
-    finally:
-        handle.remove()
-
-
-def bottleneck(denoiser: nn.Module, x_t: Tensor, sigma: Tensor, cond) -> Tensor:
-    """The bottleneck features (mid-block output) of a denoiser's backbone at (x_t, sigma): DMD2's GAN head input."""
-    with mid_block_outputs(denoiser.model) as outputs:
+def bottleneck(denoiser: nn.Module, x_t: Tensor, sigma: Tensor, cond, tap) -> Tensor:
+    """The bottleneck features of a denoiser's backbone at (x_t, sigma), read where the teacher's `tap` says (a UNet's
+    mid-block, a transformer's middle block): DMD2's GAN head input."""
+    with tap.capture(denoiser.model) as outputs:
         denoiser(x_t, sigma, cond)
     return outputs[-1]
 
@@ -101,7 +88,6 @@ class DMD2(Distiller):
     """Yin et al. 2024 (DMD2), Alg. 1: G <- DMD gradient + lambda_G GAN; fake score <- DSM + lambda_D GAN, R:1."""
 
     Config = DMD2Config
-    text_teachers = True
 
     def __init__(self, config: DMD2Config, teacher=None, data=None):
         super().__init__(config, teacher, data)
@@ -111,15 +97,12 @@ class DMD2(Distiller):
         self.t_dist = ("logit_normal" if flow else "uniform") if config.t_dist == "auto" else config.t_dist
         require(config.num_steps <= self.start_t + 1, f"method.num_steps={config.num_steps} exceeds the "
                                                       f"{self.start_t + 1} steps a student of this teacher can take")
-        if teacher.kind == "text":  # the captions of the real images are the prompts
-            require(data is not None and data.captions, "dmd2 on a text-to-image teacher needs a captioned image "
-                                                         "folder: --data FOLDER with metadata.jsonl")
-            self.register_buffer("caption_emb", teacher.encode_prompts(data.captions), persistent=False)
         self.T, self.schedule = teacher.num_train_timesteps, teacher.denoiser.schedule
         self.real_score = teacher.guided(config.guidance)
         self.student = self.build_student(teacher)
         self.fake_score = teacher.denoiser.like(trainable_copy(teacher.unet, "fake_score", config))
-        self.head = DiscriminatorHead(teacher.unet.config.block_out_channels[-1], config.head_width)
+        self.tap = teacher.feature_tap
+        self.head = DiscriminatorHead(self.tap.channels, config.head_width)
         self.timesteps = discrete_timesteps(self.start_t + 1, config.num_steps, "trailing")
         self.register_buffer("student_sigmas", append_zero(teacher.denoiser.t_to_sigma(
             torch.tensor(self.timesteps))).float(), persistent=False)
@@ -130,6 +113,12 @@ class DMD2(Distiller):
 
     def phases(self) -> list[Phase]:
         return self.dmd_phases()
+
+    def activation_passes(self):
+        """The generator's student and (GAN) the frozen fake score to the features its head reads; the critic's
+        score matching and the GAN head's passes on fake and real images."""
+        gan = [("fake_score", "tap", "head")] if self.config.gan else []
+        return {"generator": [("student", "full"), *gan], "critic": [("fake_score", "full"), *gan, *gan]}
 
     def dmd_phases(self, start: int = 0, batches=None) -> list[Phase]:
         """From step `start`: the generator every `critic_ratio` steps, the fake score and GAN head every step (on
@@ -145,10 +134,6 @@ class DMD2(Distiller):
         """Unit noise at the first student step (the teacher's terminal one), as the exported pipeline draws it."""
         return start_noise(self.fake_score, (n, *self.shape), self.student_sigmas[0], generator,
                            self.student_sigmas.device)  # the fake score keeps the students' state convention
-
-    def cond(self, labels: Tensor, embeddings: Tensor | None = None):
-        """The denoisers' condition for a batch's labels: class labels, or the embeddings of the captions they index."""
-        return super().cond(labels, self.caption_emb if self.kind == "text" else embeddings)
 
     def generate(self, labels: Tensor) -> Tensor:
         return self.generate_with(self.student, self.cond(labels), len(labels))
@@ -170,7 +155,7 @@ class DMD2(Distiller):
 
     def critic_logits(self, x_t: Tensor, sigma: Tensor, cond) -> Tensor:
         """One logit per image from the fake score's bottleneck features at (x_t, sigma)."""
-        return self.head(bottleneck(self.fake_score, x_t, sigma, cond))
+        return self.head(bottleneck(self.fake_score, x_t, sigma, cond, self.tap))
 
     def gan_active(self, step: int) -> bool:
         return self.config.gan
@@ -233,7 +218,4 @@ class DMD2(Distiller):
                                        prediction_type=self._teacher.denoiser.prediction_type)
         info = dict(method=self.name, teacher=self._teacher.source, num_steps=self.config.num_steps,
                     guidance=self.config.guidance)
-        if self.kind == "text":
-            export_text_pipeline(self._teacher.pipeline, self.exported_unet(), sched, path, **info)
-        else:
-            export_image_pipeline(self.exported_unet(), sched, path, **info)
+        self._teacher.export(self.exported_unet(), sched, path, **info)

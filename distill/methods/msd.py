@@ -59,9 +59,10 @@ class RoutedDenoiser(nn.Module):
         self.nets = nn.ModuleList(nets)
         self.register_buffer("route", route, persistent=False)
 
-    def forward(self, x: Tensor, sigma: Tensor, cond: Tensor) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, cond) -> Tensor:
         sigma = sigma.expand(len(x)) if sigma.ndim == 0 else sigma
-        return routed(self.route[cond], len(self.nets), lambda k, idx: self.nets[k](x[idx], sigma[idx], cond[idx]))
+        return routed(self.route[cond.labels], len(self.nets),
+                      lambda k, idx: self.nets[k](x[idx], sigma[idx], cond.index(idx)))
 
     def loss_weight(self, sigma: Tensor) -> Tensor:
         return self.nets[0].loss_weight(sigma)
@@ -88,16 +89,19 @@ class MSD(DMD2):
     """Song et al. 2024 (MSD): K students, each distilled with DMD2 on its classes; smaller ones start from TSM."""
 
     Config = MSDConfig
-    text_teachers = False
 
     def __init__(self, config: MSDConfig, teacher=None, data=None):
-        require(teacher is not None and teacher.kind == "class", "msd needs a class-conditional teacher")
+        require(teacher is not None and teacher.num_classes > 0, "msd needs a class-conditional teacher")
         partition = config.partition or contiguous_partition(teacher.num_classes, config.students)
         require(config.students <= teacher.num_classes,
                 f"method.students={config.students} is more than the teacher's {teacher.num_classes} classes")
         check_partition(partition, teacher.num_classes)
         super().__init__(config, teacher, data)
         self.partition, self.data = partition, data
+        bare = [k for k, part in enumerate(partition) if not torch.isin(data.labels, torch.tensor(part)).any()] \
+            if data is not None and config.batches == "per_student" else []
+        require(not bare, f"msd: student {bare[:1]}'s classes have no images in the data (a DiT's class folders are "
+                          f"its ImageNet ids): give every student's classes images, or method.batches=split")
         self.teacher_denoiser = teacher.denoiser
         route = torch.zeros(class_embeddings(teacher.num_classes), dtype=torch.long)  # the null label: student 0
         for k, classes in enumerate(partition):
@@ -112,8 +116,7 @@ class MSD(DMD2):
             self.fake_score = RoutedDenoiser([teacher.denoiser.like(trainable_copy(teacher.unet, "fake_score", config))
                                               for _ in partition],
                                              route)
-            self.head = nn.ModuleList(DiscriminatorHead(teacher.unet.config.block_out_channels[-1], config.head_width)
-                                      for _ in partition)
+            self.head = nn.ModuleList(DiscriminatorHead(self.tap.channels, config.head_width) for _ in partition)
 
     def phases(self) -> list[Phase]:
         c = self.config
@@ -123,6 +126,9 @@ class MSD(DMD2):
             phases.insert(0, Phase("tsm", ("student",), loss=self.tsm_loss, lr=c.lr_tsm, stop=c.tsm_steps,
                                    grad_clip=c.grad_clip, batches=batches))
         return phases
+
+    def micro_batch(self, size: int) -> int:
+        return size * len(self.partition) if self.config.batches == "per_student" else size
 
     def build_student(self, teacher) -> nn.Module:
         return nn.ModuleList()  # the K students are built once the partition is known, after DMD2's critics
@@ -145,16 +151,17 @@ class MSD(DMD2):
             return super().critic_logits(x_t, sigma, cond)
 
         def one(k, idx):
-            return self.head[k](bottleneck(self.fake_score.nets[k], x_t[idx], sigma[idx], cond[idx]))
+            return self.head[k](bottleneck(self.fake_score.nets[k], x_t[idx], sigma[idx], cond.index(idx), self.tap))
 
-        return routed(self.route[cond], len(self.student), one)
+        return routed(self.route[cond.labels], len(self.student), one)
 
     def per_student(self, fn, labels: Tensor) -> Tensor:
         """Apply fn(student, idx) per student on the samples whose labels it owns, reassembled in batch order."""
         return routed(self.route[labels], len(self.student), lambda k, idx: fn(self.student[k], idx))
 
     def generate(self, labels: Tensor) -> Tensor:
-        return self.per_student(lambda student, idx: self.generate_with(student, labels[idx], len(idx)), labels)
+        return self.per_student(lambda student, idx: self.generate_with(student, self.cond(labels[idx]), len(idx)),
+                                labels)
 
     def tsm_loss(self, batch: Batch, step: int):
         """MSD (Song et al. 2024), teacher score matching: each smaller student regressed onto the teacher's x0 by
@@ -174,8 +181,9 @@ class MSD(DMD2):
 
         s = self.student_sigmas
         x = self._noise(len(labels), generator)
-        return self.per_student(lambda st, idx: sample_multistep(st, x[idx], s, labels[idx], generator=generator),
-                            labels).clamp(-1, 1)
+        x0 = self.per_student(lambda st, idx: sample_multistep(st, x[idx], s, self.cond(labels[idx]),
+                                                               generator=generator), labels)
+        return self._teacher.decode(x0).clamp(-1, 1)
 
     def exported_unet(self):
         from dstudio.distill.core.lora import fused_unet
@@ -186,7 +194,8 @@ class MSD(DMD2):
                                    student_configs=[{k: v for k, v in dict(n.config).items() if not k.startswith("_")}
                                                     for n in nets],
                                    sample_size=first.sample_size, in_channels=first.in_channels,
-                                   num_class_embeds=first.num_class_embeds)
+                                   out_channels=first.get("out_channels"), student_class=type(nets[0]).__name__,
+                                   num_class_embeds=class_embeddings(self.num_classes))
         for target, net in zip(routed.students, nets):
             target.load_state_dict(net.state_dict())
         return routed

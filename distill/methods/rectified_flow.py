@@ -29,7 +29,6 @@ class RectifiedFlow(FlowMethod):
     """2-rectified flow on the teacher's ODE pairs, then one-step distillation (InstaFlow on text teachers)."""
 
     Config = RectifiedFlowConfig
-    text_teachers = True
 
     def __init__(self, config: RectifiedFlowConfig, teacher=None, data=None):
         super().__init__(config, teacher, data)
@@ -53,5 +52,5 @@ class RectifiedFlow(FlowMethod):
         """The 2-RF's own pairs, made from its EMA weights when distillation starts (the reference), or the teacher's."""
         if self.config.distill_pairs == "reflow" and self.config.reflow_steps > 0:
             self.distill_set = self.student_pairs("pairs-2rf")
-            return PairBatches(self.distill_set)
+            return PairBatches(self.distill_set, self.cond)
         return self.teacher_pairs()

@@ -9,10 +9,9 @@ from torch import Tensor
 
 from dstudio.distill.core.config import require
 from dstudio.distill.core.denoiser import StartOptions, append_dims, start_noise
-from dstudio.distill.core.export import export_image_pipeline
 from dstudio.distill.core.losses import ict_huber_c
 from dstudio.distill.core.lora import LoraOptions
-from dstudio.distill.core.method import Batch, Distiller, Phase, register
+from dstudio.distill.core.method import Batch, Distiller, Phase, PromptOptions, register
 from dstudio.distill.core.score import dsm_loss, trainable_copy
 from dstudio.samplers import StudentScheduler, scheduler_from_teacher
 
@@ -53,7 +52,7 @@ def sid_generator_loss(x_g: Tensor, y_real: Tensor, y_fake: Tensor, alpha: float
 
 
 @dataclass
-class SIMConfig(LoraOptions, StartOptions):
+class SIMConfig(LoraOptions, StartOptions, PromptOptions):
     loss: Literal["sim", "sid"] = "sim"
     huber_c: float | None = None      # None: 0.00054 * sqrt(C*H*W), iCT's constant (Song & Dhariwal 2023)
     huber_space: Literal["score", "x0"] = "score"  # the distance on the score difference (the paper) or the x0 one
@@ -105,8 +104,13 @@ class SIM(Distiller):
                 Phase("generator", ("student",), loss=self.generator_loss, lr=c.lr_generator, betas=c.betas,
                       grad_clip=c.grad_clip)]
 
-    def _labels(self, n: int, device) -> Tensor | None:
-        return torch.randint(0, self.num_classes, (n,), device=device) if self.kind == "class" else None
+    def activation_passes(self):
+        """The generator differentiates through the teacher (and, for SiD, the fake score) at its own samples."""
+        scores = [("real_score", "full")] + ([("fake_score", "full")] if self.config.loss == "sid" else [])
+        return {"fake": [("fake_score", "full")], "generator": [("student", "full"), *scores]}
+
+    def _labels(self, n: int, device):
+        return self.random_cond(n, device)
 
     def generate(self, labels, n: int, generator=None) -> Tensor:
         device = self.anchor.device
@@ -140,11 +144,11 @@ class SIM(Distiller):
         return loss, {self.config.loss: loss.item()}
 
     def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
-        return self.generate(self.cond(labels), len(labels), generator).clamp(-1, 1)
+        return self._teacher.decode(self.generate(self.cond(labels), len(labels), generator)).clamp(-1, 1)
 
     def export(self, path) -> None:
         # one step from pure noise at the time step whose sigma is sigma_init
         sched = scheduler_from_teacher(StudentScheduler, self.teacher_scheduler, timesteps=[self.student_t],
                                        prediction_type=self.student.prediction_type)
-        export_image_pipeline(self.student.model, sched, path, method=self.name, loss=self.config.loss,
+        self._teacher.export(self.student.model, sched, path, method=self.name, loss=self.config.loss,
                               sigma_init=self.config.sigma_init)

@@ -49,6 +49,10 @@ class SlimFlow(FlowMethod):
         self.guide = self.student_of(smaller_unet(teacher.unet, config.student_width))
         self.guide.requires_grad_(False)
 
+    def activation_passes(self):
+        """Flow-guided distillation holds two student passes (the pair's and the guide's one step)."""
+        return {"distill": [("student", "full"), ("student", "full")]}
+
     def checkpoint_modules(self) -> list[str]:
         return [*self.trainable_modules(), "guide"]
 
