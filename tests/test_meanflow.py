@@ -9,7 +9,7 @@ from dstudio.distill.core.config import ConfigError, from_dict
 from dstudio.distill.core.flow import FlowView
 from dstudio.distill.core.interval_unet import IntervalUNet2DModel
 from dstudio.distill.core.method import Batch, RunContext
-from dstudio.distill.methods._jvp import directional_derivative
+from dstudio.distill.methods._continuous import directional_derivative
 from dstudio.distill.methods.meanflow import (MeanFlow, MeanFlowConfig, adaptive_weight, guided_velocity,
                                               meanflow_target, sample_times)
 

@@ -25,43 +25,33 @@ from dstudio.distill.core.export import export_image_pipeline
 from dstudio.distill.core.flow import FlowView
 from dstudio.distill.core.interval_unet import IntervalUNet2DModel
 from dstudio.distill.core.method import Batch, Distiller, Phase, register
-from dstudio.distill.core.score import trainable_copy
-from dstudio.distill.methods._jvp import JVP, directional_derivative, time_input_step
+from dstudio.distill.methods._continuous import (ContinuousConfig, directional_derivative, student_backbone,
+                                                  time_input_step)
 from dstudio.samplers import FlowEulerScheduler, scheduler_from_teacher
 
 
 @dataclass
-class MeanFlowConfig:
-    data: str = "mnist"
+class MeanFlowConfig(ContinuousConfig):
     target: Literal["teacher", "data"] = field(default="teacher", metadata={
         "cli": "--target", "help": "'teacher' (v: the teacher's velocity) or 'data' (v = eps - x)"})
-    init: Literal["teacher", "scratch"] = field(default="teacher", metadata={
-        "cli": "--init", "help": "start from the 'teacher' or 'scratch'"})
     time_mu: float = -0.4            # (r, t): logit-normal lognorm(-0.4, 1.0), the paper's default (Table 1b)
     time_sigma: float = 1.0
     ratio_r_neq_t: float = 0.25      # the share of pairs with r != t (Table 1a: 25%)
     adaptive_p: float = 1.0          # adaptive loss weight w = 1 / (||err||^2 + c)^p
     adaptive_c: float = 1e-3
-    jvp: JVP = "autograd"            # or "finite_difference" along (v, 0, 1)
-    fd_step: float = 0.05            # finite differences move the backbone's time input by this much
-    guidance: float = 1.0            # distillation: classifier-free guidance on the teacher's velocity (1: none)
     cfg_omega: float = 1.0           # CFG in training (sec. 4.2): v~ = omega v + kappa u(c) + (1 - omega - kappa)
     cfg_kappa: float = 0.0           # u(null); omega = 1, kappa = 0: off
     cfg_drop: float = 0.1            # with CFG in training: labels dropped to the null label (the paper's 10%)
-    lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)  # the paper's ImageNet Adam betas
-    grad_clip: float | None = None   # FastGen's MeanFlow clips at 1e6: in effect none
     export_steps: int = 1            # the exported pipeline's default number of steps
 
     def validate(self) -> None:
+        super().validate()
         require(self.time_sigma > 0, f"method.time_sigma={self.time_sigma} must be > 0")
         require(0 <= self.ratio_r_neq_t <= 1, f"method.ratio_r_neq_t={self.ratio_r_neq_t} must be in [0, 1]")
         require(self.adaptive_p >= 0 and self.adaptive_c > 0,
                 f"method.adaptive_p={self.adaptive_p} must be >= 0 and method.adaptive_c={self.adaptive_c} > 0")
-        require(self.fd_step > 0, f"method.fd_step={self.fd_step} must be > 0")
-        require(self.guidance >= 0, f"method.guidance={self.guidance} must be >= 0")
         require(0 <= self.cfg_drop < 1, f"method.cfg_drop={self.cfg_drop} must be in [0, 1)")
-        require(self.lr > 0, f"method.lr={self.lr} must be > 0")
         require(self.export_steps >= 1, f"method.export_steps={self.export_steps} must be >= 1")
 
     @property
@@ -128,10 +118,8 @@ class MeanFlow(Distiller):
         super().__init__(config, teacher, data)
         require(not config.cfg_in_training or teacher.kind == "class",
                 "method.cfg_omega / method.cfg_kappa (CFG in training) need a class-conditional teacher")
-        net = trainable_copy(teacher.unet, "student")
-        if config.init == "scratch":
-            net = type(net).from_config(net.config).train()
-        self.student = teacher.student(AtInterval(IntervalUNet2DModel.around(net, teacher.num_train_timesteps)))
+        net = IntervalUNet2DModel.around(student_backbone(teacher, config.init), teacher.num_train_timesteps)
+        self.student = teacher.student(AtInterval(net))
         self.teacher_denoiser = teacher.for_sampling(config.guidance) if config.target == "teacher" else None
         view = FlowView(self.student)
         self.t_range = (1 - view.t_max, 1 - view.t_min)  # paper-convention times the student is trained at

@@ -23,42 +23,31 @@ from dstudio.distill.core.config import require
 from dstudio.distill.core.denoiser import append_dims, start_noise
 from dstudio.distill.core.export import export_image_pipeline
 from dstudio.distill.core.method import Batch, Distiller, Phase, register
-from dstudio.distill.core.score import trainable_copy
-from dstudio.distill.methods._jvp import JVP, directional_derivative, time_input_step
+from dstudio.distill.methods._continuous import (ContinuousConfig, directional_derivative, student_backbone,
+                                                  time_input_step)
 from dstudio.samplers import StudentScheduler, sample_multistep, scheduler_from_teacher
 
 
 @dataclass
-class SCMConfig:
-    data: str = "mnist"
+class SCMConfig(ContinuousConfig):
     target: Literal["teacher", "data"] = field(default="teacher", metadata={
         "cli": "--target", "help": "'teacher' (sCD: the teacher's ODE) or 'data' (sCT: the data's velocity)"})
-    init: Literal["teacher", "scratch"] = field(default="teacher", metadata={
-        "cli": "--init", "help": "start from the 'teacher' or 'scratch'"})
     sigma_data: float = 0.5
     p_mean: float = -1.0             # tan(t) = e^tau / sigma_d, tau ~ N(p_mean, p_std^2): the paper's CIFAR-10 values
     p_std: float = 1.4
     tangent_warmup: int = 10000      # r ramps from 0 to 1 over these steps (the paper's 10k)
     tangent_c: float = 0.1           # tangent normalisation g / (||g|| + c)
-    jvp: JVP = "autograd"            # or "finite_difference": (F(x + a dx, t + a) - F(x - a dx, t - a)) / 2a
-    fd_step: float = 0.05            # finite differences move the backbone's time input by this much (a DDPM step:
-                                     # sinusoids of 1000-step time need steps this small in t)
-    guidance: float = 1.0            # sCD: classifier-free guidance on the teacher's ODE (1: none)
     weight_channels: int = 128       # Fourier features of the adaptive weighting w_phi(t)
-    lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.99)  # the paper's (RAdam); dstudio's Trainer runs AdamW
-    grad_clip: float | None = None   # FastGen's sCM clips at 1e6: in effect none
     mid_t: float = 1.1               # the two-step sampler's intermediate TrigFlow time
 
     def validate(self) -> None:
+        super().validate()
         require(self.sigma_data > 0, f"method.sigma_data={self.sigma_data} must be > 0")
         require(self.p_std > 0, f"method.p_std={self.p_std} must be > 0")
         require(self.tangent_warmup >= 0, f"method.tangent_warmup={self.tangent_warmup} must be >= 0")
-        require(self.tangent_c > 0 and self.fd_step > 0,
-                f"method.tangent_c={self.tangent_c} and method.fd_step={self.fd_step} must be > 0")
-        require(self.guidance >= 0, f"method.guidance={self.guidance} must be >= 0")
+        require(self.tangent_c > 0, f"method.tangent_c={self.tangent_c} must be > 0")
         require(self.weight_channels >= 1, f"method.weight_channels={self.weight_channels} must be >= 1")
-        require(self.lr > 0, f"method.lr={self.lr} must be > 0")
         require(0 < self.mid_t < math.pi / 2, f"method.mid_t={self.mid_t} must lie in (0, pi/2)")
 
 
@@ -129,10 +118,7 @@ class SCM(Distiller):
 
     def __init__(self, config: SCMConfig, teacher=None, data=None):
         super().__init__(config, teacher, data)
-        net = trainable_copy(teacher.unet, "student")
-        if config.init == "scratch":
-            net = type(net).from_config(net.config).train()
-        self.student = teacher.student(net)
+        self.student = teacher.student(student_backbone(teacher, config.init))
         self.weighting = AdaptiveWeight(config.weight_channels, config.sigma_data)
         self.teacher_denoiser = teacher.for_sampling(config.guidance) if config.target == "teacher" else None
         self.sigma_range = (self.student.sigma_min, self.student.sigma_max)
