@@ -7,8 +7,9 @@ consistency function f(x_t, t) = D(x_t / cos t, sigma_d tan t), and the paper's 
 sigma_d F: at step 0, f is the teacher's x0 exactly. The backbone keeps the teacher's time input (its DDPM step at
 sigma) so that it starts as the teacher and exports as one: the paper's c_noise(t) = t (not 1000 t) is for networks
 trained in TrigFlow from scratch; the large time derivative a 1000-step input gives is what tangent normalisation
-bounds. Export: StudentScheduler in the teacher's prediction type at integer steps, one step from the student's
-noisiest level, or two, re-noising at t_mid = 1.1 (sigma = sigma_d tan 1.1 = 0.98).
+bounds. Export: StudentScheduler in the teacher's prediction type at integer steps, one step from t_max = arctan(80 /
+sigma_d) (the paper's sigma_max = 80, or the student's noisiest level if lower), or two, re-noising at t_mid = 1.1
+(sigma = sigma_d tan 1.1 = 0.98).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class SCMConfig(ContinuousConfig):
     target: Literal["teacher", "data"] = field(default="teacher", metadata={
         "cli": "--target", "help": "'teacher' (sCD: the teacher's ODE) or 'data' (sCT: the data's velocity)"})
     sigma_data: float = 0.5
+    sigma_max: float = 80.0          # the paper's: sampling starts at t_max = arctan(sigma_max / sigma_d), training below
     p_mean: float = -1.0             # tan(t) = e^tau / sigma_d, tau ~ N(p_mean, p_std^2): the paper's CIFAR-10 values
     p_std: float = 1.4
     tangent_warmup: int = 10000      # r ramps from 0 to 1 over these steps (the paper's 10k)
@@ -43,7 +45,8 @@ class SCMConfig(ContinuousConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(self.sigma_data > 0, f"method.sigma_data={self.sigma_data} must be > 0")
+        require(self.sigma_data > 0 and self.sigma_max > 0,
+                f"method.sigma_data={self.sigma_data} and method.sigma_max={self.sigma_max} must be > 0")
         require(self.p_std > 0, f"method.p_std={self.p_std} must be > 0")
         require(self.tangent_warmup >= 0, f"method.tangent_warmup={self.tangent_warmup} must be >= 0")
         require(self.tangent_c > 0, f"method.tangent_c={self.tangent_c} must be > 0")
@@ -121,7 +124,7 @@ class SCM(Distiller):
         self.student = teacher.student(student_backbone(teacher, config.init))
         self.weighting = AdaptiveWeight(config.weight_channels, config.sigma_data)
         self.teacher_denoiser = teacher.for_sampling(config.guidance) if config.target == "teacher" else None
-        self.sigma_range = (self.student.sigma_min, self.student.sigma_max)
+        self.sigma_range = (self.student.sigma_min, min(self.student.sigma_max, config.sigma_max))
         self.t_range = tuple(float(trigflow_time(s, config.sigma_data)) for s in self.sigma_range)
 
     def phases(self) -> list[Phase]:
@@ -174,9 +177,9 @@ class SCM(Distiller):
         return loss, {"scm": loss.item(), "w": w.mean().item(), "r": r}
 
     def export_timesteps(self, steps: int) -> list[int]:
-        """The integer steps of the student's noisiest level and of t_mid, the first `steps` of them."""
+        """The integer steps of t_max (sigma_max, or the student's noisiest level) and of t_mid, the first `steps`."""
         mid = float(trigflow_sigma(self.config.mid_t, self.config.sigma_data))
-        wanted = torch.tensor([self.student.sigma_max, mid])
+        wanted = torch.tensor([self.sigma_range[1], mid])
         ts = self.student.sigma_to_t(wanted[:steps]).round().long().tolist()
         return sorted(set(ts), reverse=True)
 
