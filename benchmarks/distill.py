@@ -82,6 +82,8 @@ RUNS = {
     "slimflow": ("slimflow", ["--preset", "{preset}"], [1, 2]),
     "consistency": ("consistency", ["--preset", "{preset}"], [1, 2]),
     "consistency-init-teacher": ("consistency", ["--preset", "{preset}", "--init", "teacher"], [1, 2]),
+    "scm": ("scm", ["--preset", "{preset}"], [1, 2]),
+    "meanflow": ("meanflow", ["--preset", "{preset}"], [1, 2]),
 }
 
 

@@ -304,6 +304,8 @@ class FlowEulerScheduler(_PipelineCalls, SchedulerMixin, ConfigMixin):
     teacher's parameterisation): at flow time t it sees the VP state at sigma = (1 - t) / t and its DDPM time step,
     and its x0 estimate x1_hat gives v = (x1_hat - x_t) / (1 - t). `sigma_max` is the student's noisiest level (t = 0
     is read there), and x1_hat is clipped as the teacher's scheduler clips x0 (`clip_sample` / `thresholding`).
+    `interval_input`: a flow-map model (MeanFlow's average velocity) also takes the step's length, from the flow time it
+    is read at to the next one, as one more input channel that `scale_model_input` appends (constant over the image).
     """
 
     order = 1
@@ -315,7 +317,7 @@ class FlowEulerScheduler(_PipelineCalls, SchedulerMixin, ConfigMixin):
                  beta_start: float = 0.0001, beta_end: float = 0.02, beta_schedule: str = "linear",
                  trained_betas: list[float] | None = None, sigma_max: float | None = None, clip_sample: bool = False,
                  clip_sample_range: float = 1.0, thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                 sample_max_value: float = 1.0, use_flow_sigmas: bool = False):
+                 sample_max_value: float = 1.0, use_flow_sigmas: bool = False, interval_input: bool = False):
         if timesteps is not None:
             ts = list(map(float, timesteps))
             if not ts or any(not 0 <= t < 1 for t in ts) or any(a >= b for a, b in zip(ts, ts[1:])):
@@ -368,6 +370,8 @@ class FlowEulerScheduler(_PipelineCalls, SchedulerMixin, ConfigMixin):
             lo, hi = self.schedule.sigma_min, self.config.sigma_max or self.schedule.sigma_max
             self._sigmas = [min(max((1 - t) / t, lo), hi) if t > 0 else hi for t in ts]
             model_t = self.schedule.sigma_to_t(torch.tensor(self._sigmas, dtype=torch.float64)).tolist()
+        read = [1 / (1 + s) for s in self._sigmas] if self.schedule is not None else ts  # the flow times read at
+        self._intervals = [t_next - t for t, t_next in zip(read, self._ts[1:])]
         self.timesteps = torch.tensor(model_t, dtype=torch.float32).to(device)
         self.num_inference_steps = len(ts)
         self._step_index = None
@@ -378,10 +382,11 @@ class FlowEulerScheduler(_PipelineCalls, SchedulerMixin, ConfigMixin):
         return self._step_index
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        if self.schedule is None:
-            return sample
-        sigma = self._sigmas[self._index(timestep)]  # flow state x_t = x_VE / (1 + sigma) -> VP state
-        return self._remember(sample, sample * ((1 + sigma) / math.sqrt(1 + sigma**2)))
+        i = self._index(timestep)  # flow state x_t = x_VE / (1 + sigma) -> VP state, for DDPM-parameterised models
+        out = sample if self.schedule is None else sample * ((1 + self._sigmas[i]) / math.sqrt(1 + self._sigmas[i]**2))
+        if self.config.interval_input:  # the length of this step, as one constant channel (two-time students)
+            out = torch.cat([out, torch.full_like(out[:, :1], self._intervals[i])], 1)
+        return self._remember(sample, out)
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kwargs):
         """Liu et al. 2023 (rectified flow), Euler step of dx/dt = v(x, t)."""
