@@ -40,10 +40,14 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
     teacher, out, trainer = run.teacher, run.out, run.trainer
     print(f"exported {pipeline}")
     if cls.is_distiller and teacher.family.pixel_space and args.eval_per_class:  # the embedded protocol's teachers
+        import torch
+
         from dstudio.distill.core.io import save_json
         from dstudio.distill.evaluation.compare import compare, summary
 
-        result = compare(teacher_source, pipeline, per_class=args.eval_per_class)
+        weights = next(teacher.network.parameters())  # the protocol runs in float32 on the CPU, as a folder loads
+        reuse = weights.dtype == torch.float32 and weights.device.type == "cpu"
+        result = compare(teacher.pipeline if reuse else teacher_source, pipeline, per_class=args.eval_per_class)
         result["collapse_warnings"] = trainer.collapse_warnings
         save_json(result, out / "eval.json")
         print(summary(result))

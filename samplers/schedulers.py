@@ -20,30 +20,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 from diffusers.utils import logging
 
 from .samplers import SOLVERS, discrete_timesteps, dpmpp_update, parse_solver, solver_orders, unipc_update
-from .schedules import (PREDICTION_TYPES, DiscreteSigmas, alphas_cumprod_of, append_dims, clip_x0, clipping_of,
-                        consistency_scalings, x0_from_output)
+from .schedules import (DiscreteSigmas, alphas_cumprod_of, append_dims, check_prediction_type, check_timesteps,
+                        clip_x0, clipping_of, consistency_scalings, x0_from_output)
 
 logger = logging.get_logger(__name__)
-
-
-def check_timesteps(timesteps, num_train_timesteps: int) -> list[int]:
-    """A time-step list must be non-empty, strictly decreasing (so distinct) and inside [0, T)."""
-    steps = [int(t) for t in timesteps]
-    if any(int(t) != t for t in timesteps):
-        raise ValueError(f"timesteps {list(timesteps)} must be integers")
-    if not steps:
-        raise ValueError("timesteps is empty: give at least one time step")
-    bad = [t for t in steps if not 0 <= t < num_train_timesteps]
-    if bad:
-        raise ValueError(f"timestep {bad[0]} is outside [0, {num_train_timesteps})")
-    if any(a <= b for a, b in zip(steps, steps[1:])):
-        raise ValueError(f"timesteps {steps} must be strictly decreasing with no duplicates")
-    return steps
-
-
-def check_prediction_type(prediction_type: str) -> None:
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type '{prediction_type}' is not supported; use one of {', '.join(PREDICTION_TYPES)}")
 
 
 def step_index(timesteps: torch.Tensor, timestep) -> int:

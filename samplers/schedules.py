@@ -187,3 +187,23 @@ def consistency_scalings(sigma, sigma_data: float = 0.5, sigma_min: float = 0.00
     c_out = -sd * (sigma - sigma_min) / (sd**2 + sigma**2) ** 0.5
     c_in = (sd**2 + sigma**2) ** -0.5
     return c_skip, c_out, c_in
+
+
+def check_timesteps(timesteps, num_train_timesteps: int) -> list[int]:
+    """A time-step list must be non-empty, strictly decreasing (so distinct) and inside [0, T)."""
+    steps = [int(t) for t in timesteps]
+    if any(int(t) != t for t in timesteps):
+        raise ValueError(f"timesteps {list(timesteps)} must be integers")
+    if not steps:
+        raise ValueError("timesteps is empty: give at least one time step")
+    bad = [t for t in steps if not 0 <= t < num_train_timesteps]
+    if bad:
+        raise ValueError(f"timestep {bad[0]} is outside [0, {num_train_timesteps})")
+    if any(a <= b for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"timesteps {steps} must be strictly decreasing with no duplicates")
+    return steps
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type '{prediction_type}' is not supported; use one of {', '.join(PREDICTION_TYPES)}")

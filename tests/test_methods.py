@@ -204,7 +204,7 @@ def test_method_flags_come_from_config_metadata():
     flags = method_flags(registry.discover())
     assert flags["--students"]["dest"] == "students" and flags["--students"]["methods"] == ["msd"]
     assert flags["--student-width"]["methods"] == ["msd", "slimflow"]
-    assert set(flags["--init"]["methods"]) == {"consistency", "rectified_flow"}
+    assert set(flags["--init"]["methods"]) == {"consistency", "meanflow", "rectified_flow", "scm"}
     assert {"--target", "--pairs", "--prompts"} <= set(flags)
 
 

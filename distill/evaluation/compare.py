@@ -65,15 +65,22 @@ def measure(name: str, pipe, steps: int | None, labels, noise, refs: dict[str, R
 
 def compare(teacher_source, student_dir, per_class: int = 100, teacher_steps: int = 50,
             spaces: tuple[str, ...] = SPACES) -> dict:
-    """Rows for the teacher at `teacher_steps` steps of its reference scheduler (DDIM, or its own Euler for flow
+    """`teacher_source`: a folder, or a loaded float32 pipeline (a run's teacher, not loaded again; its scheduler
+    is left as it is). Rows for the teacher at `teacher_steps` steps of its reference scheduler (DDIM, or its own Euler for flow
     matching) and the student with its own scheduler; the student's FIDs and speed also as ratios to the teacher's,
     with `KEY_vs_teacher_significant` from the paired bootstrap (both drew from the same noise)."""
     from dstudio.distill.core.teacher import load_pipeline, reference_scheduler
     from dstudio.distill.evaluation.card import card_header
     from dstudio.distill.evaluation.interval import significant
 
-    teacher, student = load_pipeline(teacher_source), load_pipeline(student_dir)
-    teacher.scheduler = reference_scheduler(teacher.scheduler)
+    from diffusers import DiffusionPipeline
+
+    if isinstance(teacher_source, DiffusionPipeline):
+        teacher = type(teacher_source)(**teacher_source.components)  # shares the modules, not the scheduler slot
+    else:
+        teacher = load_pipeline(teacher_source)
+    teacher.set_progress_bar_config(disable=True)
+    teacher.scheduler, student = reference_scheduler(teacher.scheduler), load_pipeline(student_dir)
     labels, noise = protocol_inputs(teacher, per_class)
     refs = references(noise.shape[-1], spaces)
     (t_row, t_card), (s_row, s_card) = (measure("teacher", teacher, teacher_steps, labels, noise, refs),
