@@ -62,6 +62,19 @@ def test_compare_reports_both_spaces_with_ratios(which, tiny_teacher, uncond_tea
     assert card_line.startswith("precision / recall (mnist, k=3): teacher ")
 
 
+def test_a_loaded_teacher_pipeline_is_measured_as_its_folder(tiny_teacher):
+    """A run's own float32 teacher pipeline is compared without loading it again: the same teacher row as its
+    folder gives, and the pipeline handed in keeps its scheduler."""
+    from dstudio.distill.core.teacher import load_pipeline
+
+    pipe = load_pipeline(tiny_teacher)
+    before = pipe.scheduler
+    by_folder, by_pipeline = (compare(src, tiny_teacher, per_class=1, teacher_steps=2) for src in (tiny_teacher, pipe))
+    assert pipe.scheduler is before
+    for key in ("fid", "fid_pixels"):
+        assert by_pipeline["rows"][0][key] == pytest.approx(by_folder["rows"][0][key], rel=1e-5)
+
+
 def test_eval_json_reaches_the_report_and_the_board(tiny_teacher, tmp_path):
     """A run's eval.json: interval cells, precision / recall and the per-class table in the HTML report; the same
     rows on the FID board, marked as the end-of-run comparison's paired rule says."""
