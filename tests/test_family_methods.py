@@ -155,3 +155,14 @@ def test_distill_cli_on_a_transformer_family(tiny_family, captioned_dir, tmp_pat
     assert (out / "pipeline" / "model_index.json").is_file() and "Traceback" not in capsys.readouterr().err
     assert main(["search", "--teacher", str(tiny_family("dit")), "--nfe", "2", "--out", str(tmp_path / "s")]) == 2
     assert "covers pixel-space teachers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["scm", "meanflow"])
+def test_pixel_unet_methods_refuse_other_families_in_one_line(tiny_family, method, tmp_path):
+    """scm and meanflow wrap a pixel UNet2DModel: a transformer or latent teacher is refused before training."""
+    from dstudio.distill.core.config import ConfigError
+
+    request = RunRequest(method, tmp_path / "run", str(tiny_family("dit")), preset=None, data=None,
+                         overrides=list(TRAINER), options={}, steps=1)
+    with pytest.raises(ConfigError, match=f"^{method} trains pixel-space UNet2DModel teachers .*is a DiT"):
+        prepare_run(request)

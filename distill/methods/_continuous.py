@@ -40,8 +40,12 @@ class ContinuousConfig:
         require(self.lr > 0, f"method.lr={self.lr} must be > 0")
 
 
-def student_backbone(teacher, init: str) -> nn.Module:
-    """A trainable copy of the teacher's UNet, or (init="scratch") a fresh one of its architecture."""
+def student_backbone(teacher, init: str, method: str) -> nn.Module:
+    """A trainable copy of the teacher's UNet, or (init="scratch") a fresh one of its architecture; a pixel-space
+    UNet2DModel teacher's only (the exports are its pipeline with a one- or two-step scheduler)."""
+    kind = type(teacher.network).__name__
+    require(kind == "UNet2DModel", f"{method} trains pixel-space UNet2DModel teachers (DDPMPipeline folders); "
+                                   f"teacher '{teacher.source}' is a {kind}")
     net = trainable_copy(teacher.unet, "student")
     return type(net).from_config(net.config).train() if init == "scratch" else net
 

@@ -118,7 +118,7 @@ class MeanFlow(Distiller):
         super().__init__(config, teacher, data)
         require(not config.cfg_in_training or teacher.num_classes > 0,
                 "method.cfg_omega / method.cfg_kappa (CFG in training) need a class-conditional teacher")
-        net = IntervalUNet2DModel.around(student_backbone(teacher, config.init), teacher.num_train_timesteps)
+        net = IntervalUNet2DModel.around(student_backbone(teacher, config.init, self.name), teacher.num_train_timesteps)
         self.student = teacher.student(AtInterval(net))
         self.teacher_denoiser = teacher.for_sampling(config.guidance) if config.target == "teacher" else None
         view = FlowView(self.student)

@@ -34,7 +34,7 @@ class SCMConfig(ContinuousConfig):
     target: Literal["teacher", "data"] = field(default="teacher", metadata={
         "cli": "--target", "help": "'teacher' (sCD: the teacher's ODE) or 'data' (sCT: the data's velocity)"})
     sigma_data: float = 0.5
-    sigma_max: float = 80.0          # the paper's: sampling starts at t_max = arctan(sigma_max / sigma_d), training below
+    sigma_max: float = 80.0          # the paper's: sampling starts at t_max = arctan(sigma_max / sigma_d)
     p_mean: float = -1.0             # tan(t) = e^tau / sigma_d, tau ~ N(p_mean, p_std^2): the paper's CIFAR-10 values
     p_std: float = 1.4
     tangent_warmup: int = 10000      # r ramps from 0 to 1 over these steps (the paper's 10k)
@@ -121,7 +121,7 @@ class SCM(Distiller):
 
     def __init__(self, config: SCMConfig, teacher=None, data=None):
         super().__init__(config, teacher, data)
-        self.student = teacher.student(student_backbone(teacher, config.init))
+        self.student = teacher.student(student_backbone(teacher, config.init, self.name))
         self.weighting = AdaptiveWeight(config.weight_channels, config.sigma_data)
         self.teacher_denoiser = teacher.for_sampling(config.guidance) if config.target == "teacher" else None
         self.sigma_range = (self.student.sigma_min, min(self.student.sigma_max, config.sigma_max))
