@@ -193,6 +193,8 @@ def test_job_from_the_form_runs_and_its_pipeline_joins_compare(client, studio):
     (("dmd2", "", "nope", 0, ""), "dstudio: error: unknown preset 'nope' for dmd2 on mnist: use one of quick"),
     (("dmd2", "", "quick", 0, "student.lr=1"), "dstudio: error: override 'student.lr=1' must start with trainer."),
     (("dmd2", "", "quick", 0, "nokey"), "dstudio: error: override 'nokey' must look like section.key=value"),
+    (("dmd2", "", "quick", 0, "method.nokey=1"), "dstudio: error: unknown config key 'method.nokey'; known keys: "),
+    (("sim", "", "quick", 0, "trainer.batch_size=abc"), "dstudio: error: trainer.batch_size='abc' must be an integer"),
     (("dmd2", "", "quick", 200_000, ""), "Value 200000 is greater than maximum value 100000"),
     (("search", "", "quick", 4, "trainer.steps=3"), "a search takes no --set overrides"),
 ])

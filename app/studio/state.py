@@ -57,15 +57,16 @@ class Studio:
 
     def _distill_tail(self, method: str, preset: str, steps: int, sets: list[str]) -> list[str]:
         """A distillation job's options: its preset (a file only inside the confined folders) and checked overrides."""
-        from dstudio.distill.core.config import load_preset, merge_overrides
+        from dstudio.distill.core.run import RunRequest, resolve_config
 
         preset = preset.strip() or "quick"
         if Path(preset).suffix in (".yaml", ".yml"):
             preset = str(self.confine(preset, "preset file"))
         for text in sets:
             check_override(text, self.runs, self.teachers)
-        with as_page_errors():  # the CLI's own preset and override errors, before the job waits in the queue
-            merge_overrides(load_preset(method, preset), sets)
+        with as_page_errors():  # the run's own config checks (preset, overrides, types, keys) before the job waits
+            resolve_config(RunRequest(method, self.runs / "app" / "check", preset=preset, overrides=sets,
+                                      steps=int(steps) or None))
         steps_args = ["--steps", str(int(steps))] if steps else []
         return ["--preset", preset, "--eval-per-class", "0", *steps_args, *(a for t in sets for a in ("--set", t))]
 
