@@ -37,24 +37,38 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
                                  _method_options(cls, args), args.steps, args.deterministic, args.resume,
                                  args.overwrite))
     pipeline = run.fit()
-    teacher, out, trainer = run.teacher, run.out, run.trainer
     print(f"exported {pipeline}")
-    if cls.is_distiller and teacher.family.pixel_space and args.eval_per_class:  # the embedded protocol's teachers
-        import torch
+    if cls.is_distiller and args.eval_per_class:
+        _evaluate(run, args, teacher_source, pipeline)
+    return pipeline
 
-        from dstudio.distill.core.io import save_json
-        from dstudio.distill.evaluation.compare import compare, summary
 
+def _evaluate(run, args, teacher_source: str | None, pipeline: Path) -> None:
+    """RUN/eval.json: the embedded protocol for pixel-space teachers; for latent families (family_compare) the same
+    number of images on the run's prompts or class labels, against the run's image folder (--data) when FID can read
+    it, else the teacher's own 50-step images."""
+    import torch
+
+    from dstudio.distill.core.io import save_json
+    from dstudio.distill.evaluation.compare import compare, summary
+
+    teacher, trainer = run.teacher, run.trainer
+    if teacher.family.pixel_space:
         weights = next(teacher.network.parameters())  # the protocol runs in float32 on the CPU, as a folder loads
         reuse = weights.dtype == torch.float32 and weights.device.type == "cpu"
         result = compare(teacher.pipeline if reuse else teacher_source, pipeline, per_class=args.eval_per_class)
-        result["collapse_warnings"] = trainer.collapse_warnings
-        save_json(result, out / "eval.json")
-        print(summary(result))
-        if trainer.collapse_warnings:
-            print(f"dstudio: warning: the student's samples looked collapsed during training "
-                  f"({'; '.join(trainer.collapse_warnings)})", file=sys.stderr)
-    return pipeline
+    else:
+        from dstudio.distill.evaluation.family_compare import compare_family, data_reference
+        from dstudio.distill.evaluation.protocol import NUM_CLASSES
+
+        result = compare_family(teacher, pipeline, args.eval_per_class * NUM_CLASSES,
+                                getattr(run.method, "prompts", None), ref=data_reference(args.data))
+    result["collapse_warnings"] = trainer.collapse_warnings
+    save_json(result, run.out / "eval.json")
+    print(summary(result))
+    if trainer.collapse_warnings:
+        print(f"dstudio: warning: the student's samples looked collapsed during training "
+              f"({'; '.join(trainer.collapse_warnings)})", file=sys.stderr)
 
 
 def cmd_teacher_train(args) -> None:

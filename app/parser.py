@@ -180,8 +180,20 @@ def _search_fitness(se) -> None:
     """`dstudio search`'s fitness options: reference, feature space and the images each candidate is scored on."""
     from dstudio.distill.evaluation.spaces import FEATURES
 
-    se.add_argument("--ref", default="mnist", help="FID reference: mnist, a .npz statistics file or an image folder")
-    se.add_argument("--features", default="mnist", choices=FEATURES, help="the fitness's FID feature space")
+    se.add_argument("--ref", default=None,
+                    help="FID reference: mnist, teacher (its own --ref-steps-step images on the same conditions, other "
+                         "noise), a .npz statistics file or an image folder; default: mnist for pixel-space teachers, "
+                         "teacher for latent ones (SD, SDXL, SD3, FLUX, PixArt, DiT)")
+    se.add_argument("--ref-steps", type=positive_int("--ref-steps"), default=50,
+                    help="--ref teacher: steps of the teacher's stock scheduler (DDIM trailing, or its Euler)")
+    se.add_argument("--features", default=None, choices=FEATURES,
+                    help="the fitness's FID feature space; default: mnist for pixel-space teachers, pixels for latent "
+                         "ones (offline, any size)")
+    se.add_argument("--prompts", default=None, metavar="FILE",
+                    help="text-to-image teachers: a file with one prompt per line (image i gets prompt i mod their "
+                         "count); class-conditional teachers cycle their labels")
+    se.add_argument("--guidance", type=number("--guidance"), default=1.0,
+                    help="classifier-free guidance scale the candidates and the teacher reference sample at")
     se.add_argument("--num-samples", type=positive_int("--num-samples"), default=1000,
                     help="images the leaders are re-scored on (fixed noise)")
     se.add_argument("--screen-samples", type=positive_int("--screen-samples"), default=250,

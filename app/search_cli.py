@@ -16,10 +16,13 @@ SEARCH_MARKERS = (SEARCH_STATE, "search.json", "scheduler")  # what makes a fold
 
 
 class FIDFitness:
-    """FID of a candidate's samples (its steps, solver and skips) from fixed noise and labels.
+    """FID of a candidate's samples (its steps, solver and skips) from fixed noise and conditions.
 
     The noise comes from seed 1000 + `seed`, never the benchmark protocol's seed 0, so a final re-score on the
-    protocol is on fresh noise. `labels`/`noise` override both (the benchmark re-scores through this class).
+    protocol is on fresh noise. `labels`/`noise` override both (the benchmark re-scores through this class); for a
+    text-to-image teacher `labels` index `prompts` (image i: prompt i mod their count by default). Latent teachers'
+    samples are decoded by their family's VAE. `ref`: `mnist`, a .npz, an image folder, or `teacher`: the teacher's
+    own `ref_steps`-step images (its stock scheduler, pipeline call) on the same conditions from other noise.
     Successive halving: `rungs` are nested image counts (rung r scores the first rungs[r] images, `evolve` promotes
     the `promote` best of each rung), the features of every chunk a candidate was sampled on are kept, and the
     denoiser's evaluations are memoised on their input, so candidates that share their first steps share them.
@@ -30,23 +33,19 @@ class FIDFitness:
     def __init__(self, teacher, n: int, features: str = "mnist", seed: int = 0, guidance: float = 1.0,
                  batch_size: int = 500, labels: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                  ref: str = "mnist", device="cpu", rank: int = 0, world: int = 1, rungs: list[int] | None = None,
-                 promote: int = 3, cache_mb: int = 256):
+                 promote: int = 3, cache_mb: int = 256, prompts: list[str] | None = None, ref_steps: int = 50):
+        from dstudio.distill.evaluation.draw import condition_ids, condition_inputs
         from dstudio.distill.evaluation.spaces import feature_space
-        from dstudio.distill.evaluation.stats import reference_stats
         from dstudio.search.memo import EvalCache
 
-        if not teacher.family.pixel_space:
-            raise ValueError("the FID fitness of `dstudio search` covers pixel-space teachers (class-conditional or "
-                             "unconditional); for a latent teacher (SD, SDXL, SD3, FLUX, PixArt, DiT) pass your own objective to "
-                             "search.evolve and plug the SearchedScheduler into its pipeline")
-        self.teacher = teacher
+        ids = condition_ids(teacher, n, prompts)  # first: a text teacher without prompts is named at once
+        self.teacher, self.guidance = teacher, guidance
         self.denoiser = teacher.for_sampling(guidance)  # clip_sample / thresholding as the teacher's scheduler
         self.device, self.rank, self.world = torch.device(device), rank, world
         self.space = feature_space(features, self.device)
-        self.ref = reference_stats(ref, self.space, teacher.sample_shape[-1])
+        self.table = teacher.conditions(prompts) if teacher.takes_prompts else None  # rows the labels index
         g = torch.Generator().manual_seed(1000 + seed)
-        if labels is None:
-            labels = torch.arange(n) % teacher.num_classes if teacher.num_classes else torch.zeros(n, dtype=torch.long)
+        labels = ids if labels is None else labels
         self.labels, self.conditional = labels, teacher.num_classes > 0
         self.noise = torch.randn((len(self.labels), *teacher.sample_shape), generator=g) if noise is None else noise
         self.noise_seed = 1000 + seed
@@ -54,10 +53,26 @@ class FIDFitness:
         self.rungs = sorted({min(int(r), n) for r in (rungs or [])} | {n})
         if self.rungs[0] < 2:
             raise ValueError(f"the smallest image count {self.rungs[0]} leaves no covariance: use at least 2 images")
+        self.ref = self._reference(ref, condition_inputs(teacher, self.labels, prompts), n, ref_steps, seed)
         self.promote = promote
         self.chunk = min(batch_size, self.rungs[0], -(-n // world))
         self.cache = EvalCache(cache_mb * 2**20)
         self._features: dict[tuple[str, int, int], object] = {}
+
+    def _reference(self, ref: str, condition: dict, n: int, steps: int, seed: int):
+        """The reference statistics: `teacher` (its own images, other noise), else stats.reference_stats'."""
+        from dstudio.distill.evaluation.draw import REFERENCE_SEED, teacher_reference
+        from dstudio.distill.evaluation.stats import reference_stats
+
+        if ref != "teacher":
+            return reference_stats(ref, self.space, self.teacher.pixel_shape[-1])
+        return teacher_reference(self.teacher, self.space, condition, n, steps, REFERENCE_SEED + seed, self.guidance)
+
+    def _cond(self, ids: torch.Tensor):
+        """The sampler's condition of a chunk: rows of the prompt table, class labels, or none."""
+        if self.table is not None:
+            return self.table.index(ids.to(self.device))
+        return ids.to(self.device) if self.conditional else None
 
     def _chunks(self, count: int) -> list[int]:
         """Starts of this process's chunks among the first `count` images."""
@@ -76,18 +91,18 @@ class FIDFitness:
         den = memoised(den, self.cache, tag)
         end = min(i + self.chunk, count)
         z = self.noise[i:end].to(self.device)
-        y = self.labels[i:end].to(self.device) if self.conditional else None
+        y = self._cond(self.labels[i:end])
         gen = torch.Generator(self.device).manual_seed(self.noise_seed + 1 + i)
         x = z * float(self.teacher.denoiser.noise_scale(float(sigmas[0])))  # unit noise in the teacher's state
         x = get_sampler(candidate.solver)(den, x, sigmas, y, generator=gen)
-        return x.clamp(-1, 1)
+        return self.teacher.decode(x).clamp(-1, 1)  # latent families: through the VAE
 
     def images(self, candidate, count: int | None = None) -> torch.Tensor:
         """This process's share of the candidate's first `count` samples (all of them in a single process)."""
         count = len(self.labels) if count is None else count
         with torch.no_grad():
             out = [self._sample(candidate, i, count) for i in self._chunks(count)]
-        return torch.cat(out) if out else torch.empty(0, *self.teacher.sample_shape)
+        return torch.cat(out) if out else torch.empty(0, *self.teacher.pixel_shape)
 
     def __call__(self, candidate, rung: int | None = None) -> float:
         import numpy as np
@@ -118,6 +133,7 @@ def run_search(args) -> dict | None:
     from dstudio.distill.core.export import provenance, save_scheduler
     from dstudio.distill.core.checkpoint import check_run_folder, clear_run
     from dstudio.distill.core.io import check_writable, run_folder_lock, save_json
+    from dstudio.distill.core.method import read_prompts
     from dstudio.distill.core.signals import stop_signals
     from dstudio.distill.core.teacher import load_teacher
     from dstudio.distill.core.trainer import cpu_only
@@ -130,10 +146,12 @@ def run_search(args) -> dict | None:
     if args.resume and not (out / SEARCH_STATE).is_file():
         raise ValueError(f"--resume: no {SEARCH_STATE} in '{out}'; start without --resume")
     init = read_init(args.init) if args.init else []  # before the teacher loads: a bad file fails at once
+    prompts = read_prompts(args.prompts) if args.prompts else None
     teacher = load_teacher(args.teacher, device=state.device)
-    fitness = FIDFitness(teacher, args.num_samples, features=args.features, seed=args.seed, ref=args.ref,
-                         device=state.device, rank=state.process_index, world=state.num_processes,
-                         rungs=[args.screen_samples], promote=args.promote)  # first: it names teachers it cannot score
+    fitness = FIDFitness(teacher, args.num_samples, seed=args.seed, guidance=args.guidance, device=state.device,
+                         rank=state.process_index, world=state.num_processes, rungs=[args.screen_samples],
+                         promote=args.promote, prompts=prompts, ref_steps=args.ref_steps,
+                         **fitness_defaults(teacher, args))  # first: it names teachers it cannot score
     space, budget = search_space(teacher, args, [*(c.solver for c in init), *args.solver])
     cfg = EvolutionConfig(population=args.population, generations=args.generations, top_k=args.top_k,
                           mutations=min(25, args.population // 2), crossovers=min(15, args.population // 4),
@@ -161,7 +179,8 @@ def run_search(args) -> dict | None:
     if not state.is_main_process:
         return None
     best = result.best
-    sched = scheduler_from_teacher(SearchedScheduler, teacher.scheduler, timesteps=list(best.steps), solver=best.solver)
+    sched = scheduler_from_teacher(SearchedScheduler, teacher.family.fixed_scheduler(), timesteps=list(best.steps),
+                                   solver=best.solver)  # FLUX's dynamic shift resolved at the searched size
     save_scheduler(sched, out / "scheduler")  # its class travels in the folder: loads without dstudio
     speed = None
     if any(best.skips):
@@ -170,7 +189,8 @@ def run_search(args) -> dict | None:
                                  fitness.noise[:args.speed_images], state.device)
     record = provenance(teacher=str(args.teacher), nfe=args.nfe, solvers=list(space.solvers),
                         num_samples=args.num_samples, screen_samples=args.screen_samples, promote=args.promote,
-                        features=args.features, reference=fitness.ref.source, noise_seed=fitness.noise_seed,
+                        features=fitness.space.name, reference=fitness.ref.source, noise_seed=fitness.noise_seed,
+                        prompts=args.prompts, guidance=args.guidance, pipeline=type(teacher.pipeline).__name__,
                         skip_blocks=bool(space.blocks), block_costs=space.costs, skip_budget=args.skip_budget,
                         steps_range=[space.min_steps, space.max_steps], config=vars(cfg),
                         cpu_seconds=time.process_time() - cpu0,
@@ -178,8 +198,16 @@ def run_search(args) -> dict | None:
                         stock=stock_recipe(best.solver, list(best.steps), teacher.scheduler.config),
                         pipeline_speed=speed, **result.to_json())
     save_json(record, out / "search.json")
-    _plot(result.best_per_generation, out / "search.png", args.nfe)
+    _plot(result.best_per_generation, out / "search.png", args.nfe, fitness.space.name)
     return record
+
+
+def fitness_defaults(teacher, args) -> dict:
+    """--ref and --features, defaulted by the teacher: the embedded MNIST protocol (`mnist`, `mnist`) for a pixel-space
+    teacher, else the teacher's own many-step images (`teacher`) in raw `pixels` (offline, any size)."""
+    pixel = teacher.family.pixel_space
+    return {"ref": args.ref or ("mnist" if pixel else "teacher"),
+            "features": args.features or ("mnist" if pixel else "pixels")}
 
 
 def read_init(path: str) -> list:
@@ -227,6 +255,9 @@ def search_space(teacher, args, solvers) -> tuple:
     max_steps = nfe + 1 if args.max_steps is None else args.max_steps
     if not nfe <= max_steps <= T:
         raise ValueError(f"--max-steps {max_steps} must be in {nfe}..{T} (--nfe up to the teacher's training steps)")
+    if not teacher.family.pixel_space:
+        raise ValueError(f"--skip-blocks searches the blocks of a pixel-space UNet; this teacher is a "
+                         f"{type(teacher.pipeline).__name__} (search its time steps without --skip-blocks)")
     if not hasattr(teacher.network, "down_blocks"):
         raise ValueError(f"--skip-blocks searches a UNet's blocks; this teacher's network is a "
                          f"{type(teacher.network).__name__}")
@@ -317,7 +348,7 @@ def stock_recipe(solver: str, steps: list[int], teacher_config) -> dict | None:
     return {"class": "DPMSolverMultistepScheduler", "config": config, "set_timesteps": {"timesteps": steps}}
 
 
-def _plot(best: list[float], path: Path, nfe: int) -> None:
+def _plot(best: list[float], path: Path, nfe: int, features: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -327,7 +358,7 @@ def _plot(best: list[float], path: Path, nfe: int) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(range(1, len(best) + 1), best, marker="o")
-    ax.set(xlabel="generation", ylabel="best FID-mnist so far", title=f"AutoDiffusion search, {nfe} NFE")
+    ax.set(xlabel="generation", ylabel=f"best FID-{features} so far", title=f"AutoDiffusion search, {nfe} NFE")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -343,7 +374,7 @@ def cmd_search(args) -> None:
     if record is None:  # not the main process of a launch
         return
     print(f"best {args.nfe}-NFE schedule {record['best']['steps']} with {record['best']['solver']} "
-          f"({record['compute_nfe']:.2f} NFE executed): FID-mnist "
+          f"({record['compute_nfe']:.2f} NFE executed): FID-{record['features']} "
           f"{record['best_fitness']:.4f} on {args.num_samples} images ({record['evaluations']} candidates, "
           f"{time.time() - t0:.0f} s, {record['cpu_seconds'] / 60:.1f} CPU-min); wrote {args.out}/scheduler, "
           f"{args.out}/search.json")

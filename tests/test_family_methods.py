@@ -151,10 +151,14 @@ def test_distill_cli_on_a_transformer_family(tiny_family, captioned_dir, tmp_pat
     out = tmp_path / "run"
     assert main(["distill", "dmd2", "--teacher", str(tiny_family("sd3")), "--data", str(captioned_dir),
                  "--preset", "quick", "--steps", "1", *sum((["--set", o] for o in TRAINER), []),
-                 "--set", "method.head_width=8", "--out", str(out)]) == 0
+                 "--set", "method.head_width=8", "--eval-per-class", "1", "--out", str(out)]) == 0
     assert (out / "pipeline" / "model_index.json").is_file() and "Traceback" not in capsys.readouterr().err
-    assert main(["search", "--teacher", str(tiny_family("dit")), "--nfe", "2", "--out", str(tmp_path / "s")]) == 2
-    assert "covers pixel-space teachers" in capsys.readouterr().err
+    result = json.loads((out / "eval.json").read_text())  # a latent teacher's eval: its data folder as reference
+    assert result["pipeline"] == "StableDiffusion3Pipeline" and result["reference"] == str(captioned_dir)
+    assert [r["name"] for r in result["rows"]] == ["teacher", "student"] and result["n_generated"] == 10
+    assert main(["search", "--teacher", str(tiny_family("dit")), "--nfe", "2", "--skip-blocks",
+                 "--out", str(tmp_path / "s")]) == 2  # time steps are searched on every family (test_family_search.py)
+    assert "--skip-blocks searches the blocks of a pixel-space UNet" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method", ["scm", "meanflow"])

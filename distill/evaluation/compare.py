@@ -41,21 +41,17 @@ def references(resolution: int, spaces: tuple[str, ...] = SPACES) -> dict[str, R
     return out
 
 
-def measure(name: str, pipe, steps: int | None, labels, noise, refs: dict[str, Reference],
-            **sampling) -> tuple[dict, dict]:
-    """One row and its card: the pipeline's images on the protocol's noise (`sampling`: pipeline_images' batch_size,
-    progress); in each space of `refs` their FID with its interval and bootstrap replicates (the row) and their
-    precision / recall and, for class-conditional pipelines, per-class FID (the card, space -> entry); images/s."""
+def score(name: str, nfe: int, images: torch.Tensor, seconds: float, refs: dict[str, Reference],
+          class_labels=None) -> tuple[dict, dict]:
+    """One row and its card for images in [-1, 1] drawn in `seconds`: in each space of `refs` their FID with its
+    interval and bootstrap replicates (the row) and their precision / recall and, given class labels and per-class
+    references, per-class FID (the card, space -> entry); images/s."""
     from dstudio.distill.evaluation.card import card_entry
     from dstudio.distill.evaluation.fid import fid_of_features
     from dstudio.distill.evaluation.interval import fid_fields
     from dstudio.distill.evaluation.spaces import tensor_features
 
-    with torch.no_grad():
-        images, seconds = pipeline_images(pipe, labels, noise, steps, **sampling)
-    nfe = steps or getattr(pipe.scheduler, "default_num_inference_steps", None) or 1
     row, card = {"name": name, "nfe": nfe}, {}
-    class_labels = labels.numpy() if is_conditional(pipe) else None
     for space_name, ref in refs.items():
         feats = tensor_features(images, ref.space)
         row.update(fid_fields(fid_of_features(feats, ref.stats, ref.space, name), fid_key(space_name)))
@@ -63,33 +59,61 @@ def measure(name: str, pipe, steps: int | None, labels, noise, refs: dict[str, R
     return {**row, "images_per_s": len(images) / seconds}, card
 
 
+def measure(name: str, pipe, steps: int | None, labels, noise, refs: dict[str, Reference],
+            **sampling) -> tuple[dict, dict]:
+    """One row and its card (`score`) of the pipeline's images on the protocol's noise (`sampling`:
+    pipeline_images' batch_size, progress)."""
+    with torch.no_grad():
+        images, seconds = pipeline_images(pipe, labels, noise, steps, **sampling)
+    nfe = steps or getattr(pipe.scheduler, "default_num_inference_steps", None) or 1
+    return score(name, nfe, images, seconds, refs, labels.numpy() if is_conditional(pipe) else None)
+
+
+def vs_teacher(s_row: dict, t_row: dict, spaces) -> dict:
+    """The student's FIDs and speed as ratios to the teacher's, with `KEY_vs_teacher_significant` from the paired
+    bootstrap (both drew from the same noise)."""
+    from dstudio.distill.evaluation.interval import significant
+
+    for s in spaces:
+        key = fid_key(s)
+        s_row[f"{key}_vs_teacher"] = s_row[key] / t_row[key]
+        s_row[f"{key}_vs_teacher_significant"] = significant(s_row, t_row, key, paired=True)
+    s_row["speedup"] = s_row["images_per_s"] / t_row["images_per_s"]
+    return s_row
+
+
 def compare(teacher_source, student_dir, per_class: int = 100, teacher_steps: int = 50,
-            spaces: tuple[str, ...] = SPACES) -> dict:
+            spaces: tuple[str, ...] = SPACES, prompts: list[str] | None = None) -> dict:
     """`teacher_source`: a folder, or a loaded float32 pipeline (a run's teacher, not loaded again; its scheduler
     is left as it is). Rows for the teacher at `teacher_steps` steps of its reference scheduler (DDIM, or its own Euler for flow
     matching) and the student with its own scheduler; the student's FIDs and speed also as ratios to the teacher's,
-    with `KEY_vs_teacher_significant` from the paired bootstrap (both drew from the same noise)."""
+    with `KEY_vs_teacher_significant` from the paired bootstrap (both drew from the same noise). A latent family's
+    teacher (SD, SDXL, SD3, FLUX, PixArt, DiT; `prompts` for text ones) is compared by family_compare on
+    `per_class` x 10 images against its own images."""
+    from dstudio.distill.core.family import family_of
     from dstudio.distill.core.teacher import load_pipeline, reference_scheduler
     from dstudio.distill.evaluation.card import card_header
-    from dstudio.distill.evaluation.interval import significant
 
     from diffusers import DiffusionPipeline
 
-    if isinstance(teacher_source, DiffusionPipeline):
-        teacher = type(teacher_source)(**teacher_source.components)  # shares the modules, not the scheduler slot
-    else:
-        teacher = load_pipeline(teacher_source)
+    given = isinstance(teacher_source, DiffusionPipeline)
+    teacher = teacher_source if given else load_pipeline(teacher_source)
+    if not family_of(teacher).pixel_space:
+        from dstudio.distill.core.teacher import teacher_from_pipeline
+        from dstudio.distill.evaluation.family_compare import compare_family
+
+        source = teacher.name_or_path if given else str(teacher_source)
+        return compare_family(teacher_from_pipeline(teacher, source), student_dir, per_class * NUM_CLASSES,
+                              prompts, teacher_steps)
+    if given:
+        teacher = type(teacher)(**teacher.components)  # shares the modules, not the scheduler slot
     teacher.set_progress_bar_config(disable=True)
     teacher.scheduler, student = reference_scheduler(teacher.scheduler), load_pipeline(student_dir)
     labels, noise = protocol_inputs(teacher, per_class)
     refs = references(noise.shape[-1], spaces)
     (t_row, t_card), (s_row, s_card) = (measure("teacher", teacher, teacher_steps, labels, noise, refs),
                                         measure("student", student, None, labels, noise, refs))
-    for s in spaces:
-        key = fid_key(s)
-        s_row[f"{key}_vs_teacher"] = s_row[key] / t_row[key]
-        s_row[f"{key}_vs_teacher_significant"] = significant(s_row, t_row, key, paired=True)
-    s_row["speedup"] = s_row["images_per_s"] / t_row["images_per_s"]
+    vs_teacher(s_row, t_row, spaces)
     first = refs[spaces[0]].stats
     card = card_header(len(labels), first.n, len(labels) // NUM_CLASSES, is_conditional(teacher))
     card["rows"] = {"teacher": t_card, "student": s_card}

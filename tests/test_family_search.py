@@ -1,0 +1,126 @@
+"""`dstudio search` and the end-of-run comparison on latent teachers (#31): tiny PixArt-Sigma (text, transformer) and
+DiT (class labels) pipelines are searched through the same Denoiser core and FID fitness as pixel teachers, against
+the teacher's own many-step images in the `pixels` space; the searched SearchedScheduler, plugged into the family's
+own pipeline, draws the images the fitness scored on the same noise.
+"""
+import json
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from dstudio.app.cli import main
+from dstudio.samplers import SearchedScheduler
+
+PROMPTS = ["a red cat", "photo of digit one", "a blue dog"]
+SEARCH = ["--nfe", "2", "--num-samples", "4", "--screen-samples", "4", "--population", "3", "--generations", "1",
+          "--top-k", "2", "--ref-steps", "4"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+def search(folder, out, *args) -> dict:
+    assert main(["search", "--teacher", str(folder), "--out", str(out), *SEARCH, *args]) == 0
+    return json.loads((out / "search.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def ref_folder(tmp_path_factory):
+    """Four random 16x16 RGB images (a user's --ref FOLDER)."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("ref")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def test_search_on_a_text_transformer_plugs_into_its_own_pipeline(tiny_family, prompts_file, ref_folder, tmp_path):
+    from dstudio.app.search_cli import FIDFitness
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.search.space import Candidate
+
+    folder = tiny_family("pixart_sigma")
+    record = search(folder, tmp_path / "s", "--prompts", str(prompts_file))
+    assert record["features"] == "pixels" and record["pipeline"] == "PixArtSigmaPipeline"
+    assert record["reference"].startswith(f"teacher '{folder}' at 4 steps of DDIMScheduler")
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = SearchedScheduler.from_pretrained(tmp_path / "s" / "scheduler")
+    fitness = FIDFitness(load_teacher(folder), 4, features="pixels", ref=str(ref_folder), prompts=PROMPTS)
+    ref = fitness.images(Candidate.from_json(record["best"])) / 2 + 0.5
+    prompts = [PROMPTS[i] for i in fitness.labels.tolist()]
+    got = pipe(prompt=prompts, latents=fitness.noise, guidance_scale=1.0, use_resolution_binning=False,
+               output_type="pt").images
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    assert fitness.ref.source == str(ref_folder)
+
+
+def test_search_on_dit_plugs_into_its_own_pipeline(tiny_family, ref_folder, tmp_path):
+    from dstudio.app.search_cli import FIDFitness
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.search.space import Candidate
+
+    folder = tiny_family("dit")
+    record = search(folder, tmp_path / "s", "--ref", str(ref_folder))
+    assert record["reference"] == str(ref_folder) and record["features"] == "pixels"
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = SearchedScheduler.from_pretrained(tmp_path / "s" / "scheduler")
+    fitness = FIDFitness(load_teacher(folder), 4, features="pixels", ref=str(ref_folder))
+    ref = fitness.images(Candidate.from_json(record["best"])) / 2 + 0.5
+    got = pipe(class_labels=fitness.labels.tolist(), generator=torch.Generator().manual_seed(fitness.noise_seed),
+               guidance_scale=1.0, num_inference_steps=2, output_type="np").images  # DiTPipeline draws the same noise
+    torch.testing.assert_close(torch.from_numpy(got).permute(0, 3, 1, 2), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family, args, message", [
+    ("pixart_sigma", [], "is text-to-image: give --prompts FILE"),
+    ("dit", ["--prompts", "PROMPTS"], "--prompts is for text-to-image teachers;"),
+    ("dit", ["--skip-blocks"], "--skip-blocks searches the blocks of a pixel-space UNet; this teacher is a DiTPipeline"),
+    ("sd15", ["--prompts", "nope.txt"], "prompts file 'nope.txt' does not exist"),
+])
+def test_search_bad_input_on_latent_teachers(tiny_family, prompts_file, family, args, message, tmp_path, capsys):
+    args = [str(prompts_file) if a == "PROMPTS" else a for a in args]
+    assert main(["search", "--teacher", str(tiny_family(family)), "--out", str(tmp_path / "s"), *SEARCH, *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1] and "Traceback" not in err  # above it: diffusers' loading bars
+
+
+def test_compare_on_a_latent_family_measures_the_student_against_the_teachers_own_images(tiny_family, tmp_path):
+    """compare() on an SD 1.5 folder and a "student" (its own UNet with a two-step searched schedule): both drawn
+    through StableDiffusionPipeline on the same prompts and noise, against the teacher's own 50-step images."""
+    from dstudio.distill.core.teacher import load_teacher
+    from dstudio.distill.evaluation.compare import compare, summary
+    from dstudio.samplers import scheduler_from_teacher
+
+    folder = tiny_family("sd15")
+    teacher = load_teacher(folder)
+    sched = scheduler_from_teacher(SearchedScheduler, teacher.family.fixed_scheduler(), timesteps=[999, 499])
+    student = teacher.export(teacher.network, sched, tmp_path / "student")
+    result = compare(str(folder), student, per_class=1, prompts=PROMPTS)
+    teacher_row, student_row = result["rows"]
+    assert result["pipeline"] == "StableDiffusionPipeline" and result["n_generated"] == 10
+    assert result["features"] == "pixels" and result["reference"].startswith(f"teacher '{folder}' at 50 steps")
+    assert "sampling floor" in result["protocol"]["reference"]
+    assert (teacher_row["name"], teacher_row["nfe"], student_row["nfe"]) == ("teacher", 50, 2)
+    assert student_row["fid_pixels_vs_teacher"] == pytest.approx(student_row["fid_pixels"] / teacher_row["fid_pixels"])
+    assert isinstance(student_row["fid_pixels_vs_teacher_significant"], bool) and student_row["speedup"] > 0
+    assert "student (2 NFE): FID-pixels" in summary(result)
+    with pytest.raises(ValueError, match="is text-to-image: give --prompts FILE"):
+        compare(str(folder), student, per_class=1)
