@@ -148,11 +148,11 @@ def run_search(args) -> dict | None:
     init = read_init(args.init) if args.init else []  # before the teacher loads: a bad file fails at once
     prompts = read_prompts(args.prompts) if args.prompts else None
     teacher = load_teacher(args.teacher, device=state.device)
+    space, budget = search_space(teacher, args, [*(c.solver for c in init), *args.solver])  # before any sampling
     fitness = FIDFitness(teacher, args.num_samples, seed=args.seed, guidance=args.guidance, device=state.device,
                          rank=state.process_index, world=state.num_processes, rungs=[args.screen_samples],
                          promote=args.promote, prompts=prompts, ref_steps=args.ref_steps,
-                         **fitness_defaults(teacher, args))  # first: it names teachers it cannot score
-    space, budget = search_space(teacher, args, [*(c.solver for c in init), *args.solver])
+                         **fitness_defaults(teacher, args))
     cfg = EvolutionConfig(population=args.population, generations=args.generations, top_k=args.top_k,
                           mutations=min(25, args.population // 2), crossovers=min(15, args.population // 4),
                           seed=args.seed)

@@ -124,3 +124,16 @@ def test_compare_on_a_latent_family_measures_the_student_against_the_teachers_ow
     assert "student (2 NFE): FID-pixels" in summary(result)
     with pytest.raises(ValueError, match="is text-to-image: give --prompts FILE"):
         compare(str(folder), student, per_class=1)
+
+
+def test_pixels_space_reads_colour_images_of_any_size():
+    """The latent families' default space: RGB of any size and aspect, channels averaged, each side at most 32."""
+    from dstudio.distill.evaluation.spaces import feature_space, tensor_features
+
+    space = feature_space("pixels", "cpu")
+    images = torch.rand(3, 3, 48, 20) * 2 - 1
+    feats = tensor_features(images, space)
+    assert feats.shape == (3, 32 * 20)
+    grey = images.mean(1, keepdim=True)
+    expected = torch.nn.functional.interpolate(((grey + 1) * 127.5) / 255, size=(32, 20), mode="area").flatten(1)
+    assert abs(feats - expected.numpy()).max() < 1 / 255  # uint8 quantisation before the channel mean
