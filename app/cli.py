@@ -45,8 +45,8 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
 
 def _evaluate(run, args, teacher_source: str | None, pipeline: Path) -> None:
     """RUN/eval.json: the embedded protocol for pixel-space teachers; for latent families (family_compare) the same
-    number of images on the run's prompts or class labels, against the run's image folder (--data) when FID can read
-    it, else the teacher's own 50-step images."""
+    number of images on the run's prompts or class labels (the teacher at the method's guidance), against the run's
+    image folder (--data) when FID can read it, else the teacher's own 50-step images."""
     import torch
 
     from dstudio.distill.core.io import save_json
@@ -62,7 +62,8 @@ def _evaluate(run, args, teacher_source: str | None, pipeline: Path) -> None:
         from dstudio.distill.evaluation.protocol import NUM_CLASSES
 
         result = compare_family(teacher, pipeline, args.eval_per_class * NUM_CLASSES,
-                                getattr(run.method, "prompts", None), ref=data_reference(args.data))
+                                getattr(run.method, "prompts", None), ref=data_reference(args.data),
+                                guidance=getattr(run.method.config, "guidance", 1.0))
     result["collapse_warnings"] = trainer.collapse_warnings
     save_json(result, run.out / "eval.json")
     print(summary(result))

@@ -92,7 +92,7 @@ def test_search_on_dit_plugs_into_its_own_pipeline(tiny_family, ref_folder, tmp_
 @pytest.mark.parametrize("family, args, message", [
     ("pixart_sigma", [], "is text-to-image: give --prompts FILE"),
     ("dit", ["--prompts", "PROMPTS"], "--prompts is for text-to-image teachers;"),
-    ("dit", ["--skip-blocks"], "--skip-blocks searches the blocks of a pixel-space UNet; this teacher is a DiTPipeline"),
+    ("dit", ["--skip-blocks"], "blocks of a pixel-space UNet; this teacher is a DiTPipeline"),
     ("sd15", ["--prompts", "nope.txt"], "prompts file 'nope.txt' does not exist"),
 ])
 def test_search_bad_input_on_latent_teachers(tiny_family, prompts_file, family, args, message, tmp_path, capsys):
