@@ -11,6 +11,8 @@ from diffusers import DiffusionPipeline
 
 from dstudio.app.cli import main
 from dstudio.samplers import SearchedScheduler
+from test_families import CLASSES, FLOW
+from tiny_families import FAMILIES
 
 PROMPTS = ["a red cat", "photo of digit one", "a blue dog"]
 SEARCH = ["--nfe", "2", "--num-samples", "4", "--screen-samples", "4", "--population", "3", "--generations", "1",
@@ -50,43 +52,44 @@ def ref_folder(tmp_path_factory):
     return root
 
 
-def test_search_on_a_text_transformer_plugs_into_its_own_pipeline(tiny_family, prompts_file, ref_folder, tmp_path):
+def pipeline_draws(folder, scheduler_dir, fitness) -> torch.Tensor:
+    """The family's own pipeline with the searched scheduler, called with the family's call inputs on the fitness's
+    conditions and noise (FLUX: packed latents; DiTPipeline, which takes none, the generator that drew them)."""
+    from diffusers import FluxPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = SearchedScheduler.from_pretrained(scheduler_dir)
+    t, z = fitness.teacher, fitness.noise
+    labels = fitness.labels.tolist() if t.num_classes else None
+    prompts = [PROMPTS[i] for i in fitness.labels.tolist()] if t.takes_prompts else None
+    if isinstance(pipe, FluxPipeline):
+        noise = {"latents": FluxPipeline._pack_latents(z, *z.shape)}
+    else:
+        noise = {"generator": torch.Generator().manual_seed(fitness.noise_seed)} if labels else {"latents": z}
+    images = pipe(**t.family.call_inputs(len(z), prompts, labels), **noise, output_type="pt").images
+    return torch.as_tensor(images).permute(0, 3, 1, 2) if images.shape[-1] == 3 else images  # DiT: numpy (B, H, W, C)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_search_on_every_family_plugs_into_its_own_pipeline(tiny_family, family, prompts_file, ref_folder, tmp_path):
+    """The fitness scores the images the searched SearchedScheduler draws in the family's own pipeline (1e-4 on
+    [0, 1]; flow matching 5e-4: tests/test_families.py); the default reference is the teacher's own images."""
     from dstudio.app.search_cli import FIDFitness
     from dstudio.distill.core.teacher import load_teacher
     from dstudio.search.space import Candidate
 
-    folder = tiny_family("pixart_sigma")
-    record = search(folder, tmp_path / "s", "--prompts", str(prompts_file))
-    assert record["features"] == "pixels" and record["pipeline"] == "PixArtSigmaPipeline"
-    assert record["reference"].startswith(f"teacher '{folder}' at 4 steps of DDIMScheduler")
-    pipe = DiffusionPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = SearchedScheduler.from_pretrained(tmp_path / "s" / "scheduler")
-    fitness = FIDFitness(load_teacher(folder), 4, features="pixels", ref=str(ref_folder), prompts=PROMPTS)
+    folder, text = tiny_family(family), family != "dit"
+    record = search(folder, tmp_path / "s", *(["--prompts", str(prompts_file)] if text else ["--ref", str(ref_folder)]))
+    assert record["features"] == "pixels" and record["pipeline"] == CLASSES[family]
+    scheduler = type(load_teacher(folder).family.fixed_scheduler()).__name__
+    assert record["reference"] == (f"teacher '{folder}' at 4 steps of {scheduler if family in FLOW else 'DDIMScheduler'}"
+                                   f", noise seed 2000" if text else str(ref_folder))
+    fitness = FIDFitness(load_teacher(folder), 4, features="pixels", ref=str(ref_folder),
+                         prompts=PROMPTS if text else None)
     ref = fitness.images(Candidate.from_json(record["best"])) / 2 + 0.5
-    prompts = [PROMPTS[i] for i in fitness.labels.tolist()]
-    got = pipe(prompt=prompts, latents=fitness.noise, guidance_scale=1.0, use_resolution_binning=False,
-               output_type="pt").images
-    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
-    assert fitness.ref.source == str(ref_folder)
-
-
-def test_search_on_dit_plugs_into_its_own_pipeline(tiny_family, ref_folder, tmp_path):
-    from dstudio.app.search_cli import FIDFitness
-    from dstudio.distill.core.teacher import load_teacher
-    from dstudio.search.space import Candidate
-
-    folder = tiny_family("dit")
-    record = search(folder, tmp_path / "s", "--ref", str(ref_folder))
-    assert record["reference"] == str(ref_folder) and record["features"] == "pixels"
-    pipe = DiffusionPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = SearchedScheduler.from_pretrained(tmp_path / "s" / "scheduler")
-    fitness = FIDFitness(load_teacher(folder), 4, features="pixels", ref=str(ref_folder))
-    ref = fitness.images(Candidate.from_json(record["best"])) / 2 + 0.5
-    got = pipe(class_labels=fitness.labels.tolist(), generator=torch.Generator().manual_seed(fitness.noise_seed),
-               guidance_scale=1.0, num_inference_steps=2, output_type="np").images  # DiTPipeline draws the same noise
-    torch.testing.assert_close(torch.from_numpy(got).permute(0, 3, 1, 2), ref, atol=1e-4, rtol=0)
+    got = pipeline_draws(folder, tmp_path / "s" / "scheduler", fitness)
+    torch.testing.assert_close(got, ref, atol=5e-4 if family in FLOW else 1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("family, args, message", [
