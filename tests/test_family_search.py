@@ -122,8 +122,8 @@ def test_compare_on_a_latent_family_measures_the_student_against_the_teachers_ow
     assert result["features"] == "pixels" and result["reference"].startswith(f"teacher '{folder}' at 50 steps")
     assert "sampling floor" in result["protocol"]["reference"]
     assert (teacher_row["name"], teacher_row["nfe"], student_row["nfe"]) == ("teacher", 50, 2)
-    assert student_row["fid_pixels_vs_teacher"] == pytest.approx(student_row["fid_pixels"] / teacher_row["fid_pixels"])
-    assert isinstance(student_row["fid_pixels_vs_teacher_significant"], bool) and student_row["speedup"] > 0
+    assert student_row["fid_vs_teacher"] == pytest.approx(student_row["fid"] / teacher_row["fid"])  # fid: pixels
+    assert isinstance(student_row["fid_vs_teacher_significant"], bool) and student_row["speedup"] > 0
     assert "student (2 NFE): FID-pixels" in summary(result)
     with pytest.raises(ValueError, match="is text-to-image: give --prompts FILE"):
         compare(str(folder), student, per_class=1)

@@ -24,10 +24,10 @@ class Reference(NamedTuple):
     classes: dict[int, Stats]
 
 
-def fid_key(space: str) -> str:
-    """A row's key for the FID in `space`: `fid` for the first space (the one boards and reports read), else
-    `fid_<space>`."""
-    return "fid" if space == SPACES[0] else f"fid_{space}"
+def fid_key(space: str, spaces=SPACES) -> str:
+    """A row's key for the FID in `space`: `fid` for the first of the comparison's `spaces` (the one boards and
+    reports read), else `fid_<space>`."""
+    return "fid" if space == spaces[0] else f"fid_{space}"
 
 
 def references(resolution: int, spaces: tuple[str, ...] = SPACES) -> dict[str, Reference]:
@@ -54,7 +54,8 @@ def score(name: str, nfe: int, images: torch.Tensor, seconds: float, refs: dict[
     row, card = {"name": name, "nfe": nfe}, {}
     for space_name, ref in refs.items():
         feats = tensor_features(images, ref.space)
-        row.update(fid_fields(fid_of_features(feats, ref.stats, ref.space, name), fid_key(space_name)))
+        key = fid_key(space_name, tuple(refs))
+        row.update(fid_fields(fid_of_features(feats, ref.stats, ref.space, name), key))
         card[space_name] = card_entry(feats, ref.stats, class_labels, ref.classes)
     return {**row, "images_per_s": len(images) / seconds}, card
 
@@ -75,7 +76,7 @@ def vs_teacher(s_row: dict, t_row: dict, spaces) -> dict:
     from dstudio.distill.evaluation.interval import significant
 
     for s in spaces:
-        key = fid_key(s)
+        key = fid_key(s, spaces)
         s_row[f"{key}_vs_teacher"] = s_row[key] / t_row[key]
         s_row[f"{key}_vs_teacher_significant"] = significant(s_row, t_row, key, paired=True)
     s_row["speedup"] = s_row["images_per_s"] / t_row["images_per_s"]
@@ -133,7 +134,7 @@ def fids_text(row: dict, spaces: list[str], ratios: bool = False) -> str:
     significant)`: each space, the first one first, with its interval; ratios marked when not significant."""
     parts = []
     for i, s in enumerate(spaces):
-        key = fid_key(s)
+        key = fid_key(s, spaces)
         text = f"FID-{s} {figure_text(row, key)}"
         if ratios:
             ns = ", not significant" if row.get(f"{key}_vs_teacher_significant") is False else ""
