@@ -64,6 +64,9 @@ class FIDFitness:
         from dstudio.distill.evaluation.draw import REFERENCE_SEED, teacher_reference
         from dstudio.distill.evaluation.stats import reference_stats
 
+        if ref == "mnist" and not self.teacher.family.pixel_space:
+            raise ValueError("--ref mnist is the embedded digits of pixel-space teachers; for this latent teacher give "
+                             "--ref teacher (its own many-step images, the default) or an image folder")
         if ref != "teacher":
             return reference_stats(ref, self.space, self.teacher.pixel_shape[-1])
         return teacher_reference(self.teacher, self.space, condition, n, steps, REFERENCE_SEED + seed, self.guidance)

@@ -97,6 +97,7 @@ def test_search_on_every_family_plugs_into_its_own_pipeline(tiny_family, family,
     ("dit", ["--prompts", "PROMPTS"], "--prompts is for text-to-image teachers;"),
     ("dit", ["--skip-blocks"], "blocks of a pixel-space UNet; this teacher is a DiTPipeline"),
     ("sd15", ["--prompts", "nope.txt"], "prompts file 'nope.txt' does not exist"),
+    ("dit", ["--ref", "mnist"], "--ref mnist is the embedded digits of pixel-space teachers;"),
 ])
 def test_search_bad_input_on_latent_teachers(tiny_family, prompts_file, family, args, message, tmp_path, capsys):
     args = [str(prompts_file) if a == "PROMPTS" else a for a in args]
@@ -140,3 +141,9 @@ def test_pixels_space_reads_colour_images_of_any_size():
     grey = images.mean(1, keepdim=True)
     expected = torch.nn.functional.interpolate(((grey + 1) * 127.5) / 255, size=(32, 20), mode="area").flatten(1)
     assert abs(feats - expected.numpy()).max() < 1 / 255  # uint8 quantisation before the channel mean
+
+
+def test_a_pixel_teacher_can_be_searched_against_its_own_images(tiny_teacher, tmp_path):
+    record = search(tiny_teacher, tmp_path / "s", "--ref", "teacher", "--features", "pixels")
+    assert record["reference"] == f"teacher '{tiny_teacher}' at 4 steps of DDIMScheduler, noise seed 2000"
+    assert record["features"] == "pixels" and record["pipeline"] == "DStudioPipeline"
