@@ -156,6 +156,7 @@ def test_distill_cli_on_a_transformer_family(tiny_family, captioned_dir, tmp_pat
     result = json.loads((out / "eval.json").read_text())  # a latent teacher's eval: its data folder as reference
     assert result["pipeline"] == "StableDiffusion3Pipeline" and result["reference"] == str(captioned_dir)
     assert [r["name"] for r in result["rows"]] == ["teacher", "student"] and result["n_generated"] == 10
+    assert main(["report", str(out), "--out", str(tmp_path / "report.html")]) == 0  # reads it as the MNIST eval.json
     assert main(["search", "--teacher", str(tiny_family("dit")), "--nfe", "2", "--skip-blocks",
                  "--out", str(tmp_path / "s")]) == 2  # time steps are searched on every family (test_family_search.py)
     assert "--skip-blocks searches the blocks of a pixel-space UNet" in capsys.readouterr().err
