@@ -135,3 +135,12 @@ def tiny_family(tmp_path_factory):
         return folders[name]
 
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks: a second intra-op thread only adds overhead (ten times the time on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -29,13 +29,7 @@ CLASSES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline
            "dit": "DiTPipeline"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These networks are tiny: a second intra-op thread only adds overhead (ten times the time on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny networks, one intra-op thread
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -30,12 +30,7 @@ METHODS = {  # method -> (steps, overrides, options)
 RUNS = [(f, m) for f in FAMILIES for m in METHODS] + [("dit", "msd"), ("pixart_sigma", "dmd2-lora")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny networks, one intra-op thread
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ SEARCH = ["--nfe", "2", "--num-samples", "4", "--screen-samples", "4", "--popula
           "--top-k", "2", "--ref-steps", "4"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny networks, one intra-op thread
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,7 @@ from dstudio.distill.core.plan import SavedBytes, _unpack, plan
 BATCH = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny networks, one intra-op thread
 
 
 def built(folder, captioned_dir, rank: int, tmp_path):

@@ -16,7 +16,6 @@ from torch import Tensor
 
 from dstudio.distill.core.config import require
 from dstudio.distill.core.denoiser import StartOptions, append_dims
-from dstudio.distill.core.errors import UserError
 from dstudio.distill.core.flow import FlowView, sample_u_shaped, sample_uniform
 from dstudio.distill.core.losses import lpips_distance, load_lpips, rfpp_premetric
 from dstudio.distill.core.method import Distiller, Phase, PromptOptions, RunContext
