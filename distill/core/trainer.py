@@ -17,10 +17,12 @@ import yaml
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from dstudio.distill.core.batch_stream import BatchStream
 from dstudio.distill.core.checkpoint import (CHECKPOINT, CHECKPOINT_FORMAT, RunStart, clear_run, dstudio_version,
                                              open_run_folder, rng_state, set_rng_state, trim_log)
 from dstudio.distill.core.config import require, to_dict
 from dstudio.distill.core.errors import UserError
+from dstudio.distill.core.ema import EMA
 from dstudio.distill.core.images import collapse_reason, save_grid
 from dstudio.distill.core.io import append_line, atomic_path, drop_stale_temps, run_folder_lock, save_torch
 from dstudio.distill.core.memory import cast_frozen, enable_gradient_checkpointing, frozen_dtype
@@ -62,74 +64,6 @@ class TrainerConfig:
 
 class DivergenceError(RuntimeError):
     """A non-finite loss: the run stops and keeps its last good checkpoint."""
-
-
-class EMA:
-    """Exponential moving average of a module's parameters, with the usual warm-up min(decay, (1+k)/(10+k))."""
-
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = [p.detach().clone() for p in module.parameters()]
-
-    @torch.no_grad()
-    def update(self, module: nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        params = [p.detach().to(s.dtype) for s, p in zip(self.shadow, module.parameters())]
-        if params:
-            torch._foreach_lerp_(self.shadow, params, 1 - d)
-
-    @contextlib.contextmanager
-    def applied(self, module: nn.Module):
-        """Swap the averaged weights in for the duration of the block."""
-        live = [p.detach().clone() for p in module.parameters()]
-        with torch.no_grad():
-            for s, p in zip(self.shadow, module.parameters()):
-                p.copy_(s)
-        try:
-            yield module
-        finally:
-            with torch.no_grad():
-                for v, p in zip(live, module.parameters()):
-                    p.copy_(v)
-
-    def state_dict(self) -> list[Tensor]:
-        return self.shadow
-
-    def load_state_dict(self, shadow: list[Tensor]) -> None:
-        for s, v in zip(self.shadow, shadow):
-            s.copy_(v)
-
-
-class BatchStream:
-    """An endless, resumable stream of shuffled mini-batches; each process takes its own slice."""
-
-    def __init__(self, data, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.rank, self.world = rank, world
-        self.epoch, self.pos = 0, 0
-
-    def _order(self) -> Tensor:
-        return torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-
-    def next(self, device) -> Batch:
-        need = self.batch_size * self.world
-        order, idx, have = self._order(), [], 0
-        while have < need:
-            take = order[self.pos:self.pos + need - have]
-            idx.append(take)
-            have += len(take)
-            self.pos += len(take)
-            if self.pos >= len(order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                order = self._order()
-        idx = torch.cat(idx)[self.rank::self.world]
-        return Batch.of(self.data.images[idx].to(device), self.data.labels[idx].to(device))
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
 
 
 def cpu_only() -> bool:
