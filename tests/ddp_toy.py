@@ -121,10 +121,16 @@ def build(args):
     from dstudio.distill.data import digits8
     from dstudio.distill.methods.dmd2 import DMD2, DMD2Config
 
+    class StoppableDMD2(DMD2):
+        def critic_loss(self, batch, step):
+            preempt(step, args.stop_at)
+            return super().critic_loss(batch, step)
+
     torch.manual_seed(0)
     data = teacher.to_model_space(digits8(8))
-    cfg = DMD2Config(data="digits", critic_ratio=2, head_width=8, lr_generator=1e-4, lr_critic=1e-4)
-    return DMD2(cfg, teacher, data), data
+    cfg = DMD2Config(data="digits", critic_ratio=2, head_width=8, lr_generator=1e-4, lr_critic=1e-4,
+                     lora_rank=args.lora_rank)
+    return StoppableDMD2(cfg, teacher, data), data
 
 
 def report(trainer: Trainer, path: str) -> None:
@@ -133,7 +139,8 @@ def report(trainer: Trainer, path: str) -> None:
     params = local_bytes(trainer.method.parameters())
     optim = local_bytes(t for o in trainer.optimizers.values() for t in optimizer_tensors(o))
     ema = local_bytes(trainer.ema.shadow)
-    Path(path).write_text(json.dumps({"params": params, "optimizer": optim, "ema": ema}))
+    out = Path(f"{path}.rank{os.environ.get('RANK', '0')}.json")
+    out.write_text(json.dumps({"params": params, "optimizer": optim, "ema": ema}))
 
 
 def parse(argv=None):
@@ -152,7 +159,8 @@ def parse(argv=None):
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--mixed-precision", default="no")
     p.add_argument("--frozen-dtype", default="float32")
-    p.add_argument("--report")
+    p.add_argument("--report", help="write this rank's bytes to REPORT.rankN.json")
+    p.add_argument("--lora-rank", type=int, default=0)
     p.add_argument("--dtype", default="float32", help="the teacher's (and its student copy's) dtype")
     return p.parse_args(argv)
 

@@ -4,8 +4,8 @@ Every diffusers backbone a method holds (student, fake score, frozen teacher, a 
 per block (a UNet's down / mid / up blocks, a transformer's blocks), then as a whole; what is left (a GAN head, a toy
 network) is sharded as one unit per child module. Each process then holds 1/N of every parameter, and AdamW, built
 over the sharded (DTensor) parameters, 1/N of the optimiser state; the EMA's copies are DTensors too. Mixed precision
-is FSDP's `MixedPrecisionPolicy`: trained networks compute in trainer.mixed_precision's dtype, frozen ones in their own
-(trainer.frozen_dtype); gradients are reduced in float32.
+is FSDP's `MixedPrecisionPolicy` (trained networks gathered in trainer.mixed_precision's dtype, frozen ones in their own,
+trainer.frozen_dtype; gradients reduced in float32) under accelerate's autocast, as on one process; bf16 only.
 
 accelerate's FSDP plugin does not run on CPUs (accelerate turns FSDP on for accelerators only), so the Trainer
 applies `fully_shard` itself to the process group that `accelerate launch` / `torchrun` set up.
@@ -30,8 +30,11 @@ CALLED_FROM_OUTSIDE = ("norm1.emb",)
 MP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def check_strategy(strategy: str) -> None:
+def check_strategy(strategy: str, mixed_precision: str = "no") -> None:
     require(strategy in STRATEGIES, f"trainer.strategy={strategy!r} is not one of {', '.join(STRATEGIES)}")
+    require(strategy != "fsdp" or mixed_precision != "fp16",
+            "trainer.strategy=fsdp takes trainer.mixed_precision=no or bf16 (fp16 needs a gradient scaler for sharded "
+            "gradients, which the Trainer does not have)")
 
 
 def distributed() -> bool:
@@ -103,10 +106,10 @@ def shard_method(method: nn.Module, mesh, mixed_precision: str = "no", frozen: t
         mp = policy(MP_DTYPES.get(mixed_precision) if is_trained else frozen)
         for block in blocks(net):
             for part in _outside_parts(block):
-                fully_shard(part, mesh=mesh, mp_policy=mp)
+                fully_shard(part, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
                 units += 1
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(net, mesh=mesh, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+        fully_shard(net, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
         units += len(blocks(net)) + 1
     units += _shard_rest(method, mesh, policy(MP_DTYPES.get(mixed_precision)))
     loose = [n for n, p in method.named_parameters() if not is_sharded(p)]
@@ -114,6 +117,17 @@ def shard_method(method: nn.Module, mesh, mixed_precision: str = "no", frozen: t
         raise RuntimeError(f"trainer.strategy=fsdp: parameter {loose[0]} is held by the method itself, not by a "
                            f"submodule, so it is not sharded")
     return units
+
+
+def reshard(method: nn.Module) -> None:
+    """Free every gathered weight (the roots keep theirs from forward to backward: a backward that reaches a root's
+    weights through features tapped mid-network, not through its output, finds them there). Called after each
+    update's backward and after sampling, so that optimiser steps, the EMA and checkpoints see the shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in method.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def _shard_rest(module: nn.Module, mesh, mp) -> int:
@@ -128,10 +142,10 @@ def _shard_rest(module: nn.Module, mesh, mp) -> int:
         if any(is_sharded(p) for p in params):
             units += _shard_rest(child, mesh, mp)
             if any(not is_sharded(p) for p in child.parameters(recurse=False)):
-                fully_shard(child, mesh=mesh, mp_policy=mp)
+                fully_shard(child, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
                 units += 1
         else:
-            fully_shard(child, mesh=mesh, mp_policy=mp)
+            fully_shard(child, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
             units += 1
     return units
 

@@ -29,9 +29,9 @@ from dstudio.distill.core.io import append_line, atomic_path, drop_stale_temps, 
 from dstudio.distill.core.memory import cast_frozen, enable_gradient_checkpointing, frozen_dtype
 from dstudio.distill.core.method import Batch, BatchSource, Method, Phase, RunContext
 from dstudio.distill.core.sharded_checkpoint import SHARDED, save_sharded
-from dstudio.distill.core.sharding import (check_strategy, device_mesh, full_state, full_tensor,
-                                           gradient_sync, launched_processes, meta_copy, plain_network, shard_method, sharded_optimizer_state,
-                                           sharded_state)
+from dstudio.distill.core.sharding import (check_strategy, device_mesh, full_state, full_tensor, gradient_sync,
+                                           launched_processes, meta_copy, plain_network, reshard, shard_method,
+                                           sharded_optimizer_state, sharded_state)
 from dstudio.distill.core.signals import Stopped, stop_requested, stop_signals
 
 @dataclass
@@ -58,7 +58,7 @@ class TrainerConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"
 
     def validate(self) -> None:
-        check_strategy(self.strategy)
+        check_strategy(self.strategy, self.mixed_precision)
         require(self.steps > 0, f"trainer.steps={self.steps} must be > 0")
         require(self.batch_size > 0, f"trainer.batch_size={self.batch_size} must be > 0")
         require(self.grad_accum > 0, f"trainer.grad_accum={self.grad_accum} must be > 0")
@@ -96,10 +96,9 @@ class Trainer:
         self.config, self.run_dir, self.data = config, Path(run_dir), data
         # Phases train different parameters, so every DDP step leaves some of them unused.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-        # under FSDP, mixed precision is its MixedPrecisionPolicy (no autocast, no grad scaler)
         self.fsdp = config.strategy == "fsdp" and launched_processes() > 1
-        self.accelerator = Accelerator(mixed_precision="no" if self.fsdp else config.mixed_precision,
-                                       cpu=config.cpu or cpu_only(), kwargs_handlers=[ddp])
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu or cpu_only(),
+                                       kwargs_handlers=[ddp])
         self.method = method.to(self.accelerator.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(method)
@@ -248,6 +247,8 @@ class Trainer:
     def _update(self, phase: Phase, loss: Tensor) -> None:
         """Clip the phase's summed gradients, set its learning rate for this step, take the optimiser step."""
         opt = self.optimizers[phase.name]
+        if self.fsdp:
+            reshard(self.method)
         norm = full_tensor(self.accelerator.clip_grad_norm_(self.method.phase_parameters(phase),
                                                             phase.grad_clip or float("inf")))
         if norm is not None and not torch.isfinite(torch.as_tensor(norm)) and self.config.mixed_precision != "fp16":
@@ -284,6 +285,8 @@ class Trainer:
         autocast = self.accelerator.autocast() if self.frozen_cast else contextlib.nullcontext()
         with torch.no_grad(), self.ema.applied(m.student_net()), autocast:
             images = m.sample(labels, gen).float()
+            if self.fsdp:  # the shards back in place before the live weights are
+                reshard(m)
         m.train()
         torch.set_rng_state(rng)
         if not self.is_main:  # under FSDP every process samples (each holds a shard of the student), one saves
