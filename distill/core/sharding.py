@@ -196,24 +196,35 @@ def gradient_sync(method: nn.Module, enabled: bool):
             m.set_requires_gradient_sync(True, recurse=False)
 
 
+def shared_bases(net: nn.Module) -> list[nn.Module]:
+    """The backbones a network's LoRA views run on (not submodules of the views: the teacher's own)."""
+    from dstudio.distill.core.lora import AdapterView
+
+    return [m.base for m in net.modules() if isinstance(m, AdapterView)]
+
+
 def meta_copy(net: nn.Module) -> nn.Module:
-    """A copy of `net` whose parameters live on the meta device (no memory; buffers are copied): made before
-    sharding, it becomes a plain network again from a gathered state dict (`plain_network`)."""
+    """A copy of `net` (and of a LoRA view's base) whose parameters live on the meta device (no memory; buffers are
+    copied): made before sharding, it becomes a plain network again from gathered state dicts (`plain_network`)."""
+    parts = [net, *shared_bases(net)]
     memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-            for p in net.parameters()}
+            for part in parts for p in part.parameters()}
     return copy.deepcopy(net, memo)
 
 
-def full_state(module: nn.Module) -> dict[str, Tensor]:
-    """The module's whole parameters and buffers (collective: every process calls it; all receive them)."""
-    return {k: full_tensor(v).detach().cpu() for k, v in module.state_dict(keep_vars=False).items()}
+def full_state(net: nn.Module) -> list[dict[str, Tensor]]:
+    """The whole parameters and buffers of `net` and of its LoRA views' bases (collective: every process calls it;
+    all receive them)."""
+    return [{k: full_tensor(v).detach().cpu() for k, v in part.state_dict().items()}
+            for part in [net, *shared_bases(net)]]
 
 
-def plain_network(template: nn.Module, state: dict[str, Tensor], device) -> nn.Module:
-    """The meta copy `template` as an ordinary network holding `state` (a gathered full state dict)."""
+def plain_network(template: nn.Module, states: list[dict[str, Tensor]], device) -> nn.Module:
+    """The meta copy `template` as an ordinary network holding `states` (`full_state`'s)."""
     net = copy.deepcopy(template)
-    net.load_state_dict(state, assign=True)
-    leftover = [n for n, p in net.named_parameters() if p.is_meta]
+    for part, state in zip([net, *shared_bases(net)], states):
+        part.load_state_dict(state, assign=True)
+    leftover = [n for part in [net, *shared_bases(net)] for n, p in part.named_parameters() if p.is_meta]
     if leftover:
         raise RuntimeError(f"trainer.strategy=fsdp cannot export this student: {leftover[0]} is not in its state dict")
     return net.to(device)
