@@ -231,7 +231,7 @@ HANDLERS = {"teacher train": cmd_teacher_train, "distill": cmd_distill, "sample"
 
 def main(argv: list[str] | None = None) -> int:
     from dstudio.app.parser import build_parser
-    from dstudio.distill.core.sharding import end_distributed
+    from dstudio.distill.core.sharding import end_distributed, exit_distributed
 
     parser = build_parser()
     try:
@@ -239,15 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a usage error, already printed as one line (2)
         return e.code
     try:
-        return _run(HANDLERS[args.run], args)
-    finally:  # every process of a distributed run leaves its group, so that each exits with its own status
+        code = _run(HANDLERS[args.run], args)
+    except BaseException:  # a crash: leave the group, let the traceback print
         end_distributed(barrier=False)
+        raise
+    return exit_distributed(code)  # a distributed run's process ends here, with its status, on every rank
 
 
 def _run(handler, args) -> int:
     """A command's exit status: 0, or its one-line error's."""
     from dstudio.distill.core.errors import UserError
-    from dstudio.distill.core.sharding import end_distributed
     from dstudio.distill.core.signals import Stopped
     from dstudio.distill.core.trainer import DivergenceError
 
@@ -266,7 +267,6 @@ def _run(handler, args) -> int:
     except KeyboardInterrupt:
         print("dstudio: interrupted; the last checkpoint is kept, rerun with --resume", file=sys.stderr)
         return 130
-    end_distributed()  # a run that finished: every process reaches this
     return 0
 
 

@@ -183,9 +183,9 @@ def child(args) -> None:
     result = run_variant(config, args.rank if args.variant == "lora" else 0, args.steps, Path(tempfile.mkdtemp()),
                          args.strategy)
     print("RESULT " + json.dumps(result), flush=True)
-    from dstudio.distill.core.sharding import end_distributed
+    from dstudio.distill.core.sharding import exit_distributed
 
-    end_distributed()
+    exit_distributed(0)
 
 
 def run_capped(args, variant: str, processes: int = 1) -> dict:

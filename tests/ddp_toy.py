@@ -165,11 +165,10 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    from dstudio.distill.core.sharding import end_distributed
+def run(args) -> int:
+    """Train (and report); the exit status."""
     from dstudio.distill.core.signals import Stopped
 
-    args = parse(argv)
     method, data = build(args)
     cfg = TrainerConfig(steps=args.steps, batch_size=args.batch, grad_accum=args.accum, cpu=True, sample_every=1000,
                         checkpoint_every=args.checkpoint_every, ema_decay=0.5, strategy=args.strategy,
@@ -183,11 +182,11 @@ def main(argv=None) -> int:
             report(trainer, args.report)
     except Stopped as e:
         print(f"rank {os.environ.get('RANK', '0')}: {e}", file=sys.stderr)
-        end_distributed(barrier=False)
         return e.code
-    end_distributed()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dstudio.distill.core.sharding import exit_distributed
+
+    sys.exit(exit_distributed(run(parse())))

@@ -116,3 +116,15 @@ def test_lora_students_shard_the_base_and_export_as_on_one_process(tiny_teacher,
     dmd2(one, tiny_teacher, "--lora-rank", "2", "--resume", "--export", processes=1)
     for part in ("unet/diffusion_pytorch_model.safetensors", "lora/pytorch_lora_weights.safetensors"):
         assert max_diff(load_file(two / "pipeline" / part), load_file(one / "pipeline" / part)) == 0, part
+
+
+def test_bad_strategies_are_one_line_errors_and_one_process_runs_as_is(tmp_path):
+    from dstudio.distill.core.config import ConfigError
+    from dstudio.distill.core.trainer import TrainerConfig
+
+    with pytest.raises(ConfigError, match=r"trainer.strategy='zero' is not one of ddp, fsdp"):
+        TrainerConfig(strategy="zero").validate()
+    with pytest.raises(ConfigError, match="trainer.strategy=fsdp takes trainer.mixed_precision=no or bf16"):
+        TrainerConfig(strategy="fsdp", mixed_precision="fp16").validate()
+    toy(tmp_path / "one", "8", "1", "--strategy", "fsdp")  # no launch: one ordinary process, checkpoint.pt
+    assert (tmp_path / "one" / "checkpoint.pt").is_file() and not (tmp_path / "one" / "checkpoint").exists()

@@ -77,8 +77,9 @@ def save_sharded(state: dict, run_dir: Path) -> None:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     final, tmp = run_dir / SHARDED, run_dir / f".{SHARDED}.tmp-step{state['step']}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if rank == 0:  # the temporary folders of saves that were killed half-way go first
+        for stale in run_dir.glob(f".{SHARDED}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
     tensors = {k: local(v).detach().cpu().contiguous() for k, v in flatten(state).items()}
