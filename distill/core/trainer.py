@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import torch
 import yaml
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from dstudio.distill.core.batch_stream import BatchStream
