@@ -145,6 +145,24 @@ class ShardedReader:
     def ema(self) -> list[Tensor]:
         return [self.tensor(f"ema.{i}") for i in range(self.common["ema"])]
 
+    def local_state(self, method, optimizers: dict, ema, rank: int) -> dict:
+        """The checkpoint cut for this run's sharded networks, optimisers and EMA: each value read whole, cut to this
+        process's piece at once (a full tensor at a time in memory, never the whole checkpoint)."""
+        from dstudio.distill.core.sharding import shard_like
+
+        modules = {}
+        for name, keys in self.common["modules"].items():
+            targets = getattr(method, name).state_dict()
+            modules[name] = {k: shard_like(self.tensor(f"modules.{name}.{k}"), targets.get(k)) for k in keys}
+        opt_states = {}
+        for name, sd in self.common["optimizers"].items():
+            params = [p for group in optimizers[name].param_groups for p in group["params"]]
+            state = {int(i): {k: shard_like(self.tensor(f"optimizers.{name}.{i}.{k}"), None if k == "step" else
+                                            params[int(i)]) for k in keys} for i, keys in sd["keys"].items()}
+            opt_states[name] = {"state": state, "param_groups": sd["param_groups"]}
+        shadow = [shard_like(self.tensor(f"ema.{i}"), t) for i, t in enumerate(ema.shadow[:self.common["ema"]])]
+        return {**self.common, "modules": modules, "optimizers": opt_states, "ema": shadow, "rng": self.rng(rank)}
+
     def full_state(self, rank: int = 0) -> dict:
         """The checkpoint as a plain one (full tensors): what Trainer.restore reads on any strategy."""
         return {**self.common, "modules": self.modules(), "optimizers": self.optimizers(), "ema": self.ema(),

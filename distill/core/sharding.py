@@ -161,16 +161,16 @@ def local(t: Tensor) -> Tensor:
 
 
 def shard_like(full: Tensor, target):
-    """`full` cut the way `target` (a DTensor sharded on dim 0, FSDP's layout) is: this process's piece of it as a
-    DTensor; a plain target takes `full` as is."""
-    if not is_sharded(target):
+    """`full` cut the way `target` (a DTensor sharded on dim 0, FSDP's layout) is: this process's piece of it (a
+    copy: the whole is freed) as a DTensor; a plain target (or None) takes `full` as is, and a DTensor stays one."""
+    if not is_sharded(target) or is_sharded(full):
         return full
     from torch.distributed.tensor import DTensor
 
     mesh, rank = target.device_mesh, target.device_mesh.get_local_rank()
     pieces = list(full.chunk(mesh.size(), dim=0))
     pieces += [full.new_empty((0, *full.shape[1:]))] * (mesh.size() - len(pieces))
-    piece = pieces[rank].to(device=target.device, dtype=target.dtype).contiguous()
+    piece = pieces[rank].to(device=target.device, dtype=target.dtype, copy=True).contiguous()
     return DTensor.from_local(piece, mesh, target.placements, shape=full.shape, stride=full.stride())
 
 

@@ -169,18 +169,20 @@ class Trainer:
 
     def restore(self, state: dict) -> None:
         """Networks, optimisers (with this run's learning rates), EMA, data order, RNG and step from a checkpoint."""
-        if "reader" in state:  # a sharded checkpoint: its full values, re-cut below for this run's processes
-            state = state["reader"].full_state(self.accelerator.process_index)
+        reader, rank = state.get("reader"), self.accelerator.process_index
         try:
+            if reader:  # a sharded checkpoint: cut for this run's shards, or whole for unsharded networks
+                state = reader.local_state(self.method, self.optimizers, self.ema, rank) if self.fsdp else \
+                    reader.full_state(rank)
             for name, sd in state["modules"].items():
                 module = getattr(self.method, name)
                 module.load_state_dict(sharded_state(sd, module.state_dict()) if self.fsdp else sd)
             for name, sd in state["optimizers"].items():
                 opt = self.optimizers[name]
                 opt.load_state_dict(sharded_optimizer_state(sd, opt) if self.fsdp else sd)
-        except (RuntimeError, KeyError, AttributeError, ValueError) as e:
+        except (RuntimeError, KeyError, AttributeError, ValueError, IndexError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"checkpoint '{self.run_dir / CHECKPOINT}' does not fit this run's networks ({first}); "
+            raise UserError(f"checkpoint '{self.run_dir / (SHARDED if reader else CHECKPOINT)}' does not fit this run's networks ({first}); "
                             f"was the teacher changed? --overwrite starts over") from None
         for phase in self.phases:  # a resume may change learning rates: the phase's own settings win
             for group in self.optimizers[phase.name].param_groups:
