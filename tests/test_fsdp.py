@@ -31,9 +31,13 @@ def test_two_fsdp_processes_equal_one_process_and_each_holds_half(case, tmp_path
     toy(tmp_path / "one", "8", "1", "--report", str(tmp_path / "one"), *common)
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert max_diff(one, two) <= 1e-5
-    if case == "toy":  # and with 2 micro-batches per step, reduce-scattered once, at the last
-        toy(tmp_path / "accum", "2", "2", "--strategy", "fsdp", *common, processes=2)
-        assert max_diff(one, weights(tmp_path / "accum")) <= 1e-5
+    if case == "toy":  # with 2 micro-batches per step, reduce-scattered once, at the last; and resuming 1 process's
+        toy(tmp_path / "accum", "2", "2", "--strategy", "fsdp", *common, processes=2)  # checkpoint.pt sharded
+        toy(tmp_path / "half", "8", "1", "--steps", str(STEPS // 2))
+        toy(tmp_path / "half", "4", "1", "--strategy", "fsdp", "--resume", *common, processes=2)
+        for run in ("accum", "half"):
+            assert max_diff(one, weights(tmp_path / run)) <= 1e-5, run
+        assert not (tmp_path / "half" / "checkpoint.pt").exists()  # the sharded checkpoint replaced it
     assert (tmp_path / "two" / "checkpoint" / "rank-00001-of-00002.safetensors").is_file()
     whole, shards = report(tmp_path / "one", 1)[0], report(tmp_path / "two", 2)
     for key in BYTES:
