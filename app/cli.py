@@ -250,9 +250,7 @@ HANDLERS = {"teacher train": cmd_teacher_train, "distill": cmd_distill, "sample"
 
 def main(argv: list[str] | None = None) -> int:
     from dstudio.app.parser import build_parser
-    from dstudio.distill.core.errors import UserError
-    from dstudio.distill.core.signals import Stopped
-    from dstudio.distill.core.trainer import DivergenceError
+    from dstudio.distill.core.sharding import end_distributed, exit_distributed
 
     parser = build_parser()
     try:
@@ -260,7 +258,21 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a usage error, already printed as one line (2)
         return e.code
     try:
-        HANDLERS[args.run](args)
+        code = _run(HANDLERS[args.run], args)
+    except BaseException:  # a crash: leave the group, let the traceback print
+        end_distributed(barrier=False)
+        raise
+    return exit_distributed(code)  # a distributed run's process ends here, with its status, on every rank
+
+
+def _run(handler, args) -> int:
+    """A command's exit status: 0, or its one-line error's."""
+    from dstudio.distill.core.errors import UserError
+    from dstudio.distill.core.signals import Stopped
+    from dstudio.distill.core.trainer import DivergenceError
+
+    try:
+        handler(args)
     except (UserError, FileNotFoundError, PermissionError) as e:
         print(f"dstudio: error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """DMD2's memory on an SD1.5-shaped UNet: full trainable copies against LoRA adapters over the one frozen base.
 
     python benchmarks/memory.py [--steps 3] [--rank 64] [--cap-gb 22] [--variants full lora] [--tiny]
+    python benchmarks/memory.py --strategy fsdp --processes 2 [--variants full] [--tiny]
 
 Each variant runs in a fresh subprocess (its address space capped at --cap-gb with RLIMIT_AS on a CPU machine, so
 a variant that does not fit fails inside its own process instead of taking the machine down): DMD2 on diffusers'
@@ -13,6 +14,10 @@ gradients, AdamW, EMA and traced activations, plus the child process's own memor
 anything, `baseline_rss_gb`) and its ratio to the measured peak; `--replan` recomputes those two columns of the
 existing result file without running the variants again. `--tiny` runs a tiny UNet of the same kinds of blocks.
 Writes benchmarks/results/memory.json (`--tiny`: memory-tiny.json).
+
+`--strategy fsdp --processes N`: each variant at 1 process and sharded (trainer.strategy=fsdp) over N processes
+launched by torchrun (gloo on CPUs), each capped at --cap-gb; the per-rank peaks, their maximum over the 1-process
+peak, in memory-fsdp.json (memory-fsdp-tiny.json).
 """
 from __future__ import annotations
 
@@ -126,7 +131,7 @@ def build_teacher(unet_config: dict, device: str = "cpu"):
         return teacher_from_pipeline(pipe, "sd-shaped")
 
 
-def run_variant(unet_config: dict, rank: int, steps: int, run_dir: Path) -> dict:
+def run_variant(unet_config: dict, rank: int, steps: int, run_dir: Path, strategy: str = "ddp") -> dict:
     """DMD2 for `steps` Trainer steps at batch 1; peak memory, parameters and seconds per step."""
     from dstudio.distill.core.plan import process_baseline
     from dstudio.distill.core.run import RunRequest, prepare_run
@@ -147,7 +152,8 @@ def run_variant(unet_config: dict, rank: int, steps: int, run_dir: Path) -> dict
     data = LabelledImages(images=torch.randn(2, 4, size, size), labels=torch.tensor([0, 1]), class_names=[],
                           name="random-latents", captions=captions)
     run = prepare_run(RunRequest("dmd2", run_dir, teacher, preset=None, data=data, steps=steps,
-                                 overrides=["method.critic_ratio=1", f"method.lora_rank={rank}", "trainer.batch_size=1"]))
+                                 overrides=["method.critic_ratio=1", f"method.lora_rank={rank}", "trainer.batch_size=1",
+                                            f"trainer.strategy={strategy}"]))
     method, trainer = run.method, run.trainer
     trainer.begin()
     times = []
@@ -158,7 +164,7 @@ def run_variant(unet_config: dict, rank: int, steps: int, run_dir: Path) -> dict
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     trained = {id(p) for ph in method.phases() for p in method.phase_parameters(ph)}
-    out = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 2),
+    out = {"rank": int(os.environ.get("RANK", "0")), "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 2),
            "baseline_rss_gb": round(baseline / GB, 3),
            "trainable_parameters": sum(p.numel() for p in method.parameters() if id(p) in trained),
            "total_parameters": sum(p.numel() for p in {id(p): p for m in (method, teacher.unet)
@@ -174,13 +180,21 @@ def child(args) -> None:
     import tempfile
 
     config = TINY_UNET if args.tiny else SD15_UNET
-    result = run_variant(config, args.rank if args.variant == "lora" else 0, args.steps, Path(tempfile.mkdtemp()))
+    result = run_variant(config, args.rank if args.variant == "lora" else 0, args.steps, Path(tempfile.mkdtemp()),
+                         args.strategy)
     print("RESULT " + json.dumps(result), flush=True)
+    from dstudio.distill.core.sharding import exit_distributed
+
+    exit_distributed(0)
 
 
-def run_capped(args, variant: str) -> dict:
-    """One variant in a fresh subprocess, its address space capped on CPU machines; a failure is recorded."""
-    cmd = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--rank", str(args.rank)]
+def run_capped(args, variant: str, processes: int = 1) -> dict:
+    """One variant in a fresh subprocess (torchrun's N processes under FSDP), each process's address space capped on
+    CPU machines; a failure is recorded. Several processes: the peak is the largest rank's, each rank's beside it."""
+    launch = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                      str(processes), "--master_port", str(free_port())]
+    cmd = [*launch, __file__, "--child", variant, "--steps", str(args.steps), "--rank", str(args.rank),
+           "--strategy", args.strategy if processes > 1 else "ddp"]
     cmd += ["--tiny"] if args.tiny else []
     cap = int(args.cap_gb * GB)
     env = dict(os.environ)
@@ -193,12 +207,24 @@ def run_capped(args, variant: str) -> dict:
 
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit, env=env)
-    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if r.returncode == 0 and line:
-        return {"status": "ok", "wall_seconds": round(time.time() - t0, 1), **json.loads(line[7:])}
+    ranks = sorted((json.loads(ln[7:]) for ln in r.stdout.splitlines() if ln.startswith("RESULT ")),
+                   key=lambda row: row["rank"])
+    if r.returncode == 0 and len(ranks) == processes:
+        row = {"status": "ok", "wall_seconds": round(time.time() - t0, 1), "processes": processes, **ranks[0]}
+        row["peak_rss_gb"] = max(x["peak_rss_gb"] for x in ranks)
+        row["rank_peak_rss_gb"] = [x["peak_rss_gb"] for x in ranks]
+        return row
     tail = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1:] or [f"exit code {r.returncode}"]
     return {"status": "failed", "reason": tail[0][-300:], "cap_gb": args.cap_gb,
             "wall_seconds": round(time.time() - t0, 1)}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def with_plan(rows: list[dict], shape: dict, rank: int) -> list[dict]:
@@ -209,6 +235,8 @@ def with_plan(rows: list[dict], shape: dict, rank: int) -> list[dict]:
     planned = {r.variant.split()[0].lower(): r.footprint
                for r in plan(None, ["dmd2"], rank, 1, teacher_factory=lambda: build_teacher(shape, "meta"))}
     for row in rows:
+        if row.get("processes", 1) > 1:  # the plan is one process's
+            continue
         tensors = planned[row["name"]].total() / GB
         row["plan_tensors_gb"] = round(tensors, 2)
         if row.get("cuda_max_allocated_gb"):
@@ -249,6 +277,8 @@ def main(argv=None) -> dict:
     p.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                    help="glibc's MALLOC_MMAP_THRESHOLD_ in the variants' processes (e.g. 65536: freed activations go "
                         "back to the OS, so the peak RSS reads what the run holds, not what the C heap kept)")
+    p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="fsdp: also run each variant sharded")
+    p.add_argument("--processes", type=int, default=1, help="the sharded runs' processes (torchrun)")
     p.add_argument("--child", choices=("full", "lora"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -256,6 +286,10 @@ def main(argv=None) -> dict:
         return child(args)
     if args.replan:
         return replan(args)
+    if args.strategy == "fsdp":
+        if args.processes < 2:
+            p.error("--strategy fsdp needs --processes 2 or more")
+        return main_sharded(args, argv if argv is not None else sys.argv[1:])
     from dstudio.app.benchmark import write_results
 
     shape = TINY_UNET if args.tiny else SD15_UNET
@@ -282,6 +316,32 @@ def main(argv=None) -> dict:
         "unet": "tiny" if args.tiny else "sd15", "steps": args.steps, "batch_size": 1, "rows": rows,
         "malloc_mmap_threshold": args.malloc_mmap_threshold,
         "lora_over_full_peak": ratio, "accounting": books, "notes": notes, "columns": COLUMNS}, path=args.out)
+    print(json.dumps(result, indent=1))
+    return result
+
+
+
+def main_sharded(args, given: list[str]) -> dict:
+    """Each variant at 1 process, then sharded over --processes: per-rank peaks and the largest over the 1-process."""
+    from dstudio.app.benchmark import write_results
+
+    rows, ratios = [], {}
+    for v in args.variants:
+        one, sharded = run_capped(args, v), run_capped(args, v, args.processes)
+        rows += [{"name": v, "strategy": "one process", **one},
+                 {"name": v, "strategy": f"fsdp x{args.processes}", **sharded}]
+        if one["status"] == sharded["status"] == "ok":
+            ratios[v] = round(sharded["peak_rss_gb"] / one["peak_rss_gb"], 3)
+    notes = [f"{v}: largest per-rank peak under FSDP over {args.processes} processes / 1-process peak = {r}"
+             for v, r in ratios.items()]
+    notes += [f"{r['name']} ({r['strategy']}): failed under its {r['cap_gb']} GB address-space cap: {r['reason']}"
+              for r in rows if r["status"] != "ok"]
+    columns = [["name", "variant"], ["strategy", "strategy"], ["status", "status"], ["peak_rss_gb", "peak RSS GB"],
+               ["rank_peak_rss_gb", "per-rank peak GB"], ["step_seconds_after_first", "s/step"]]
+    result = write_results("memory-fsdp-tiny" if args.tiny else "memory-fsdp", {
+        "command": " ".join(["python", "benchmarks/memory.py", *given]), "unet": "tiny" if args.tiny else "sd15",
+        "steps": args.steps, "batch_size": 1, "processes": args.processes, "rows": rows,
+        "sharded_over_one_process_peak": ratios, "notes": notes, "columns": columns}, path=args.out)
     print(json.dumps(result, indent=1))
     return result
 

@@ -19,13 +19,15 @@ from dstudio.distill.core.io import atomic_path
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2  # tensors and plain data only, loaded with weights_only=True
-RUN_MARKERS = (CHECKPOINT, "pipeline")  # what makes a folder hold a run
-RUN_OUTPUTS = (CHECKPOINT, "pipeline", "log.jsonl", "samples", "config.yaml", "eval.json")  # what --overwrite clears
+SHARDED = "checkpoint"  # trainer.strategy=fsdp's checkpoint: a folder of per-rank shards (sharded_checkpoint.py)
+RUN_MARKERS = (CHECKPOINT, SHARDED, "pipeline")  # what makes a folder hold a run
+RUN_OUTPUTS = (CHECKPOINT, SHARDED, "pipeline", "log.jsonl", "samples", "config.yaml", "eval.json")  # what --overwrite
+                                                                                                     # clears
 # Config keys a --resume may change: run length, logging, learning rates. Any other difference changes the
 # networks or what they learn, and is refused.
 RESUMABLE_TRAINER_KEYS = {"steps", "batch_size", "grad_accum", "ema_decay", "log_every", "sample_every",
                           "checkpoint_every", "grid_per_class", "mixed_precision", "cpu", "deterministic",
-                          "gradient_checkpointing"}
+                          "gradient_checkpointing", "strategy"}
 RESUMABLE_METHOD_KEYS = {"pairs"}
 
 
@@ -112,6 +114,16 @@ def read_checkpoint(path: Path) -> dict:
     return state
 
 
+def read_run_checkpoint(run_dir: Path) -> dict:
+    """A run folder's checkpoint: checkpoint.pt, or the sharded checkpoint/ folder an FSDP run writes (its common
+    part, with a reader of its shards under "reader")."""
+    if (run_dir / SHARDED).is_dir():
+        from dstudio.distill.core.sharded_checkpoint import read_sharded
+
+        return read_sharded(run_dir / SHARDED)
+    return read_checkpoint(run_dir / CHECKPOINT)
+
+
 def config_changes(old: dict, new: dict) -> dict[str, tuple]:
     """{section.key: (old, new)} for every trainer/method value that differs between two resolved configs."""
     diff = {}
@@ -163,7 +175,7 @@ def open_run_folder(run_dir: str | Path, resume: bool, overwrite: bool, method_n
     check_run_folder(run_dir, resume, overwrite)
     if not resume:
         return RunStart(run_dir, overwrite=overwrite)
-    state = read_checkpoint(run_dir / CHECKPOINT)
+    state = read_run_checkpoint(run_dir)
     return RunStart(run_dir, True, False, state, check_resume(state, method_name, config, run_dir))
 
 

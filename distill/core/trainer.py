@@ -5,6 +5,7 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -14,17 +15,23 @@ from typing import Literal
 import numpy as np
 import torch
 import yaml
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
+from dstudio.distill.core.batch_stream import BatchStream
 from dstudio.distill.core.checkpoint import (CHECKPOINT, CHECKPOINT_FORMAT, RunStart, clear_run, dstudio_version,
                                              open_run_folder, rng_state, set_rng_state, trim_log)
 from dstudio.distill.core.config import require, to_dict
 from dstudio.distill.core.errors import UserError
+from dstudio.distill.core.ema import EMA
 from dstudio.distill.core.images import collapse_reason, save_grid
 from dstudio.distill.core.io import append_line, atomic_path, drop_stale_temps, run_folder_lock, save_torch
 from dstudio.distill.core.memory import cast_frozen, enable_gradient_checkpointing, frozen_dtype
 from dstudio.distill.core.method import Batch, BatchSource, Method, Phase, RunContext
+from dstudio.distill.core.sharded_checkpoint import SHARDED, save_sharded
+from dstudio.distill.core.sharding import (check_strategy, device_mesh, full_state, full_tensor, gradient_sync,
+                                           launched_processes, meta_copy, plain_network, reshard, shard_method,
+                                           sharded_optimizer_state, sharded_state)
 from dstudio.distill.core.signals import Stopped, stop_requested, stop_signals
 
 @dataclass
@@ -46,8 +53,12 @@ class TrainerConfig:
     # the weights no phase trains (the teacher, a LoRA run's shared base): float32, or kept in bf16 / fp16
     # ("auto": mixed_precision's dtype when it is on)
     frozen_dtype: Literal["float32", "bf16", "fp16", "auto"] = "float32"
+    # under a multi-process launch: ddp (every process holds every network) or fsdp (FSDP2: each holds 1/N of every
+    # network, optimiser state and EMA); one process runs as is either way
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
     def validate(self) -> None:
+        check_strategy(self.strategy, self.mixed_precision)
         require(self.steps > 0, f"trainer.steps={self.steps} must be > 0")
         require(self.batch_size > 0, f"trainer.batch_size={self.batch_size} must be > 0")
         require(self.grad_accum > 0, f"trainer.grad_accum={self.grad_accum} must be > 0")
@@ -62,74 +73,6 @@ class TrainerConfig:
 
 class DivergenceError(RuntimeError):
     """A non-finite loss: the run stops and keeps its last good checkpoint."""
-
-
-class EMA:
-    """Exponential moving average of a module's parameters, with the usual warm-up min(decay, (1+k)/(10+k))."""
-
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = [p.detach().clone() for p in module.parameters()]
-
-    @torch.no_grad()
-    def update(self, module: nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        params = [p.detach().to(s.dtype) for s, p in zip(self.shadow, module.parameters())]
-        if params:
-            torch._foreach_lerp_(self.shadow, params, 1 - d)
-
-    @contextlib.contextmanager
-    def applied(self, module: nn.Module):
-        """Swap the averaged weights in for the duration of the block."""
-        live = [p.detach().clone() for p in module.parameters()]
-        with torch.no_grad():
-            for s, p in zip(self.shadow, module.parameters()):
-                p.copy_(s)
-        try:
-            yield module
-        finally:
-            with torch.no_grad():
-                for v, p in zip(live, module.parameters()):
-                    p.copy_(v)
-
-    def state_dict(self) -> list[Tensor]:
-        return self.shadow
-
-    def load_state_dict(self, shadow: list[Tensor]) -> None:
-        for s, v in zip(self.shadow, shadow):
-            s.copy_(v)
-
-
-class BatchStream:
-    """An endless, resumable stream of shuffled mini-batches; each process takes its own slice."""
-
-    def __init__(self, data, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.rank, self.world = rank, world
-        self.epoch, self.pos = 0, 0
-
-    def _order(self) -> Tensor:
-        return torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-
-    def next(self, device) -> Batch:
-        need = self.batch_size * self.world
-        order, idx, have = self._order(), [], 0
-        while have < need:
-            take = order[self.pos:self.pos + need - have]
-            idx.append(take)
-            have += len(take)
-            self.pos += len(take)
-            if self.pos >= len(order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                order = self._order()
-        idx = torch.cat(idx)[self.rank::self.world]
-        return Batch.of(self.data.images[idx].to(device), self.data.labels[idx].to(device))
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
 
 
 def cpu_only() -> bool:
@@ -153,6 +96,7 @@ class Trainer:
         self.config, self.run_dir, self.data = config, Path(run_dir), data
         # Phases train different parameters, so every DDP step leaves some of them unused.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+        self.fsdp = config.strategy == "fsdp" and launched_processes() > 1
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu or cpu_only(),
                                        kwargs_handlers=[ddp])
         self.method = method.to(self.accelerator.device)
@@ -161,11 +105,17 @@ class Trainer:
         dtype = frozen_dtype(config.frozen_dtype, config.mixed_precision)
         self.frozen_cast = dtype is not None and cast_frozen(method, dtype) > 0  # then grids sample under autocast
         self.phases = method.phases()
+        if self.fsdp:  # a meta copy of the student to export into, then every network sharded in place
+            self.export_template = meta_copy(method.student_net())
+            shard_method(method, device_mesh(self.accelerator.device), config.mixed_precision, dtype)
         # foreach: one kernel per op over all tensors, on CPUs too (torch picks it by default on CUDA only)
         optimizers = [torch.optim.AdamW(method.param_groups(ph), lr=ph.lr, betas=ph.betas,
                                         weight_decay=ph.weight_decay, foreach=True) for ph in self.phases]
         # `model` is what runs the losses (DDP-wrapped on many processes); `method` stays the plain module.
-        self.model, *optimizers = self.accelerator.prepare(self.method, *optimizers)
+        if not self.fsdp:
+            self.model, *optimizers = self.accelerator.prepare(self.method, *optimizers)
+        else:
+            self.model = self.method
         self.optimizers = {ph.name: opt for ph, opt in zip(self.phases, optimizers)}
         self.ema = EMA(method.student_net(), config.ema_decay)
         self.stream = None
@@ -202,8 +152,15 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        if self.is_main:
+        """checkpoint.pt from the main process, or under FSDP a sharded checkpoint/ folder from every process (the
+        other kind, left by a resume that changed trainer.strategy, is removed once this one is whole)."""
+        if self.fsdp:
+            save_sharded(self.state_dict(), self.run_dir)
+        elif self.is_main:
             save_torch(self.state_dict(), self.run_dir / CHECKPOINT)
+        if self.is_main:
+            stale = self.run_dir / (CHECKPOINT if self.fsdp else SHARDED)
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
         self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self) -> None:
@@ -212,20 +169,27 @@ class Trainer:
 
     def restore(self, state: dict) -> None:
         """Networks, optimisers (with this run's learning rates), EMA, data order, RNG and step from a checkpoint."""
+        reader, rank = state.get("reader"), self.accelerator.process_index
         try:
+            if reader:  # a sharded checkpoint: cut for this run's shards, or whole for unsharded networks
+                state = reader.local_state(self.method, self.optimizers, self.ema, rank) if self.fsdp else \
+                    reader.full_state(rank)
             for name, sd in state["modules"].items():
-                getattr(self.method, name).load_state_dict(sd)
+                module = getattr(self.method, name)
+                module.load_state_dict(sharded_state(sd, module.state_dict()) if self.fsdp else sd)
             for name, sd in state["optimizers"].items():
-                self.optimizers[name].load_state_dict(sd)
-        except (RuntimeError, KeyError, AttributeError, ValueError) as e:
+                opt = self.optimizers[name]
+                opt.load_state_dict(sharded_optimizer_state(sd, opt) if self.fsdp else sd)
+        except (RuntimeError, KeyError, AttributeError, ValueError, IndexError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"checkpoint '{self.run_dir / CHECKPOINT}' does not fit this run's networks ({first}); "
+            raise UserError(f"checkpoint '{self.run_dir / (SHARDED if reader else CHECKPOINT)}' does not fit this run's networks ({first}); "
                             f"was the teacher changed? --overwrite starts over") from None
         for phase in self.phases:  # a resume may change learning rates: the phase's own settings win
             for group in self.optimizers[phase.name].param_groups:
                 group.update(lr=phase.lr * group.get("lr_scale", 1.0), betas=phase.betas,
                              weight_decay=phase.weight_decay)
-        self.ema.load_state_dict(state["ema"])
+        self.ema.load_state_dict(list(sharded_state(dict(enumerate(state["ema"])), dict(enumerate(self.ema.shadow)))
+                                      .values()) if self.fsdp else state["ema"])
         if self.stream and state["stream"]:
             self.stream.load_state_dict(state["stream"])
         set_rng_state(state["rng"])
@@ -262,8 +226,11 @@ class Trainer:
         self.method.train_only(phase)
         totals: dict[str, float] = {}
         for i, batch in enumerate(self.micro_batches(phase, batches)):
-            # gradients of all but the last micro-batch stay local: DDP all-reduces once, at the last backward
-            sync = contextlib.nullcontext() if i == len(batches) - 1 else self.accelerator.no_sync(self.model)
+            # gradients of all but the last micro-batch stay local: DDP all-reduces (FSDP reduce-scatters) once, at
+            # the last backward
+            last = i == len(batches) - 1
+            sync = gradient_sync(self.method, last) if self.fsdp else \
+                contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
             with sync:
                 with self.accelerator.autocast():
                     loss, logs = self.model(phase.name, batch, self.step)
@@ -282,7 +249,10 @@ class Trainer:
     def _update(self, phase: Phase, loss: Tensor) -> None:
         """Clip the phase's summed gradients, set its learning rate for this step, take the optimiser step."""
         opt = self.optimizers[phase.name]
-        norm = self.accelerator.clip_grad_norm_(self.method.phase_parameters(phase), phase.grad_clip or float("inf"))
+        if self.fsdp:
+            reshard(self.method)
+        norm = full_tensor(self.accelerator.clip_grad_norm_(self.method.phase_parameters(phase),
+                                                            phase.grad_clip or float("inf")))
         if norm is not None and not torch.isfinite(torch.as_tensor(norm)) and self.config.mixed_precision != "fp16":
             raise DivergenceError(
                 f"non-finite gradient at step {self.step}, phase '{phase.name}' (loss {loss.item():.4g}); the last "
@@ -317,8 +287,12 @@ class Trainer:
         autocast = self.accelerator.autocast() if self.frozen_cast else contextlib.nullcontext()
         with torch.no_grad(), self.ema.applied(m.student_net()), autocast:
             images = m.sample(labels, gen).float()
+            if self.fsdp:  # the shards back in place before the live weights are
+                reshard(m)
         m.train()
         torch.set_rng_state(rng)
+        if not self.is_main:  # under FSDP every process samples (each holds a shard of the student), one saves
+            return
         save_grid(images, path, nrow=self.config.grid_per_class)
         reason = collapse_reason(images)
         if reason:
@@ -368,7 +342,7 @@ class Trainer:
         if self.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
             bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in logs.items() if math.isfinite(v)})
             append_line(log_file, json.dumps({"step": self.step, "time": round(time.time() - t0, 2), **logs}))
-        if self.step % cfg.sample_every == 0 and self.is_main:
+        if self.step % cfg.sample_every == 0 and (self.is_main or self.fsdp):
             self.sample_grid(self.run_dir / "samples" / f"step_{self.step:06d}.png")
         saved = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
         if saved:
@@ -381,10 +355,31 @@ class Trainer:
 
     def _export(self) -> None:
         """The student (its EMA weights) as a pipeline folder, and the final grid."""
+        if self.fsdp:
+            return self._export_sharded()
         if self.is_main:
             with self.ema.applied(self.method.student_net()):
                 self.method.export(self.run_dir / "pipeline")
             self.sample_grid(self.run_dir / "samples" / "final.png")
             if self.collapse_warnings:
                 print(f"dstudio: warning: collapsed samples at {'; '.join(self.collapse_warnings)}", file=sys.stderr)
+        self.accelerator.wait_for_everyone()
+
+    def _export_sharded(self) -> None:
+        """FSDP: the student's EMA weights gathered (every process), exported from a plain copy by the main process;
+        the final grid sampled by every process."""
+        m = self.method
+        with self.ema.applied(m.student_net()) as net:
+            state = full_state(net)
+        if self.is_main:
+            live = m.student_net()
+            setattr(m, m.student_module, plain_network(self.export_template, state, self.accelerator.device))
+            try:
+                m.export(self.run_dir / "pipeline")
+            finally:
+                setattr(m, m.student_module, live)
+        del state
+        self.sample_grid(self.run_dir / "samples" / "final.png")
+        if self.is_main and self.collapse_warnings:
+            print(f"dstudio: warning: collapsed samples at {'; '.join(self.collapse_warnings)}", file=sys.stderr)
         self.accelerator.wait_for_everyone()

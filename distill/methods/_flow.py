@@ -20,6 +20,7 @@ from dstudio.distill.core.flow import FlowView, sample_u_shaped, sample_uniform
 from dstudio.distill.core.losses import lpips_distance, load_lpips, rfpp_premetric
 from dstudio.distill.core.method import Distiller, Phase, PromptOptions, RunContext
 from dstudio.distill.core.pairs import SOLVERS, PairBatches, Pairs, PairStore, PairStoreError
+from dstudio.distill.core.sharding import is_sharded
 from dstudio.samplers import FlowEulerScheduler, sample_flow_euler, scheduler_from_teacher
 
 
@@ -126,8 +127,12 @@ class FlowMethod(Distiller):
         acc.wait_for_everyone()
         if not acc.is_main_process:
             store.open()
-        store.generate(self._teacher, self.cond_for, rank=acc.process_index, world=acc.num_processes,
-                       progress=acc.is_main_process, solve=solve, condition=self.cond)
+        # trainer.strategy=fsdp: every teacher call is collective, so every process runs every shard (same noise,
+        # same files); data parallel: shard i on rank i mod N
+        sharded = is_sharded(next(self._teacher.network.parameters()))
+        rank, world = (0, 1) if sharded else (acc.process_index, acc.num_processes)
+        store.generate(self._teacher, self.cond_for, rank=rank, world=world, progress=acc.is_main_process,
+                       solve=solve, condition=self.cond)
         acc.wait_for_everyone()
         return store.load()
 
