@@ -38,7 +38,11 @@ def _train(method_name: str, args, teacher_source: str | None) -> Path:
                                  args.overwrite))
     pipeline = run.fit()
     print(f"exported {pipeline}")
-    if cls.is_distiller and args.eval_per_class:
+    if cls.is_distiller and args.eval_per_class is None and not run.teacher.family.pixel_space:
+        print("dstudio: note: no end-of-run FID for a latent teacher unless asked: --eval-per-class N draws 10 N "
+              "images of teacher and student", file=sys.stderr)
+    elif cls.is_distiller and args.eval_per_class != 0:
+        args.eval_per_class = args.eval_per_class or 100
         _evaluate(run, args, teacher_source, pipeline)
     return pipeline
 

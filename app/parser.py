@@ -128,9 +128,10 @@ def _distill(sub, methods) -> None:
     dp = sub.add_parser("distill", help="distill a teacher into a fast student")
     dp.add_argument("method", help=f"one of: {', '.join(distillers) or '(none yet)'}")
     dp.add_argument("--teacher", default=None, help=TEACHER_HELP)
-    dp.add_argument("--eval-per-class", type=non_negative_int("--eval-per-class"), default=100,
+    dp.add_argument("--eval-per-class", type=non_negative_int("--eval-per-class"), default=None,
                     help="after training, FID (mnist and pixels) and speed of teacher (50 DDIM steps) vs student on "
-                         "this many images per class (0: skip)")
+                         "this many images per class (0: skip; default: 100 for pixel teachers, skipped for latent "
+                         "ones, whose 50-step teacher images cost hours at full size)")
     _train_args(dp, "runs/distill")
     for flag, entry in method_flags(methods).items():
         dp.add_argument(flag, dest=entry["dest"], type=entry["type"], default=None, help=entry["help"])

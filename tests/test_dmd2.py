@@ -159,7 +159,7 @@ def test_gan_head_noise_levels_span_all_steps_and_differ_for_real_and_fake(dmd2)
 
 def test_logit_normal_times_for_flow_teachers():
     """SD3's training times (Esser et al. 2024, eq. 19): u = sigmoid(N(0, 1)), kept in [lo, hi), as t = u (T - 1);
-    the DMD loss draws them for flow-matching teachers by default."""
+    the DMD loss draws them with method.t_dist=logit_normal (or auto, on flow-matching teachers)."""
     import math
 
     from dstudio.distill.core.score import sample_logit_normal_timesteps
