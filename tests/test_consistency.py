@@ -8,6 +8,7 @@ from dstudio.distill.core.method import Batch, RunContext
 from dstudio.distill.methods.consistency import discretisation_steps, index_probabilities
 from dstudio.samplers import karras_sigmas
 from dstudio.samplers.schedules import consistency_scalings
+from fit import fit_digits, stopped_and_resumed
 
 
 @pytest.mark.parametrize("total, k, n", [
@@ -99,16 +100,11 @@ def test_consistency_distillation_target_is_one_teacher_ode_step(tiny_teacher, s
 def _run(tiny_teacher, run, steps, resume=False, **method):
     from dstudio.distill.core.config import from_dict
     from dstudio.distill.core.teacher import load_teacher
-    from dstudio.distill.core.trainer import Trainer, TrainerConfig
-    from dstudio.distill.data import digits8
     from dstudio.distill.methods.consistency import Consistency, ConsistencyConfig
 
     torch.manual_seed(0)
-    data = digits8(8)
     m = Consistency(from_dict(ConsistencyConfig, {"data": "digits", **method}), teacher=load_teacher(tiny_teacher))
-    trainer = Trainer(m, TrainerConfig(steps=steps, batch_size=8, sample_every=100, checkpoint_every=2,
-                                       grid_per_class=1), run, data=data)
-    return trainer, trainer.fit(resume=resume)
+    return fit_digits(m, run, steps, resume)
 
 
 @pytest.mark.parametrize("init", ["scratch", "teacher"])
@@ -116,8 +112,7 @@ def test_resume_and_export(tiny_teacher, tmp_path, init):
     from diffusers import DiffusionPipeline
 
     trainer, pipeline = _run(tiny_teacher, tmp_path / "a", 4, init=init)
-    _run(tiny_teacher, tmp_path / "b", 2, init=init)
-    resumed, _ = _run(tiny_teacher, tmp_path / "b", 4, resume=True, init=init)
+    resumed = stopped_and_resumed(lambda *a, **k: _run(tiny_teacher, *a, init=init, **k), tmp_path / "b")
     for a, b in zip(trainer.method.student.parameters(), resumed.method.student.parameters()):
         torch.testing.assert_close(a, b)
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from dstudio.distill.core.flow import FlowView, anneal_beta, anneal_noise, sample_u_shaped, u_shaped_density
 from dstudio.distill.core.losses import ict_huber_c, pseudo_huber, rfpp_huber_c, rfpp_premetric
+from fit import stopped_and_resumed
 
 SMOKE = {"num_pairs": 24, "shard_size": 10, "solver_steps": 3, "reflow_steps": 2}
 
@@ -171,8 +172,8 @@ def test_phases_resume_and_export(tiny_teacher, tmp_path, name):
         assert sum(p.numel() for p in m.student.parameters()) < 0.5 * sum(p.numel() for p in m.teacher_denoiser.parameters())
 
     # resume from the step-2 checkpoint of a second run reaches the same weights as the uninterrupted run
-    _train(name, tiny_teacher, tmp_path / "b", steps=2, **extra)
-    resumed, _ = _train(name, tiny_teacher, tmp_path / "b", steps=4, resume=True, **extra)
+    resumed = stopped_and_resumed(lambda run, steps, **k: _train(name, tiny_teacher, run, steps, **k, **extra),
+                                  tmp_path / "b")
     for a, b in zip(m.student.parameters(), resumed.method.student.parameters()):
         torch.testing.assert_close(a, b)
 

@@ -12,6 +12,7 @@ from dstudio.distill.core.method import Batch, RunContext
 from dstudio.distill.methods._continuous import directional_derivative
 from dstudio.distill.methods.meanflow import (MeanFlow, MeanFlowConfig, adaptive_weight, guided_velocity,
                                               meanflow_target, sample_times)
+from fit import fit_digits, stopped_and_resumed
 
 
 def make(teacher, **cfg):
@@ -179,19 +180,13 @@ def test_bad_config_and_cfg_on_an_unconditional_teacher(zoo):
 
 def _run(tiny_teacher, run, steps, resume=False, **method):
     from dstudio.distill.core.teacher import load_teacher
-    from dstudio.distill.core.trainer import Trainer, TrainerConfig
-    from dstudio.distill.data import digits8
 
-    m = make(load_teacher(tiny_teacher), **method)
-    trainer = Trainer(m, TrainerConfig(steps=steps, batch_size=8, sample_every=100, checkpoint_every=2,
-                                       grid_per_class=1), run, data=digits8(8))
-    return trainer, trainer.fit(resume=resume)
+    return fit_digits(make(load_teacher(tiny_teacher), **method), run, steps, resume)
 
 
 def test_resume_is_bit_for_bit(tiny_teacher, tmp_path):
     trainer, _ = _run(tiny_teacher, tmp_path / "a", 4)
-    _run(tiny_teacher, tmp_path / "b", 2)
-    resumed, _ = _run(tiny_teacher, tmp_path / "b", 4, resume=True)
+    resumed = stopped_and_resumed(lambda *a, **k: _run(tiny_teacher, *a, **k), tmp_path / "b")
     for a, b in zip(trainer.method.student.parameters(), resumed.method.student.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

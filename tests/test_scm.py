@@ -10,6 +10,7 @@ from dstudio.distill.core.config import ConfigError, from_dict
 from dstudio.distill.core.method import Batch, RunContext
 from dstudio.distill.methods.scm import (SCM, AdaptiveWeight, SCMConfig, normalise_tangent, sample_trigflow_times,
                                          scm_loss, scm_tangent, tangent_warmup, trigflow_sigma, trigflow_time)
+from fit import fit_digits, stopped_and_resumed
 
 SD = 0.5
 
@@ -152,20 +153,14 @@ def test_bad_config_is_one_line(bad, message):
 
 def _run(tiny_teacher, run, steps, resume=False, **method):
     from dstudio.distill.core.teacher import load_teacher
-    from dstudio.distill.core.trainer import Trainer, TrainerConfig
-    from dstudio.distill.data import digits8
 
-    m = make(load_teacher(tiny_teacher), tangent_warmup=3, **method)
-    trainer = Trainer(m, TrainerConfig(steps=steps, batch_size=8, sample_every=100, checkpoint_every=2,
-                                       grid_per_class=1), run, data=digits8(8))
-    return trainer, trainer.fit(resume=resume)
+    return fit_digits(make(load_teacher(tiny_teacher), tangent_warmup=3, **method), run, steps, resume)
 
 
 @pytest.mark.parametrize("jvp", ["autograd", "finite_difference"])
 def test_resume_is_bit_for_bit(tiny_teacher, tmp_path, jvp):
     trainer, _ = _run(tiny_teacher, tmp_path / "a", 4, jvp=jvp)
-    _run(tiny_teacher, tmp_path / "b", 2, jvp=jvp)
-    resumed, _ = _run(tiny_teacher, tmp_path / "b", 4, resume=True, jvp=jvp)
+    resumed = stopped_and_resumed(lambda *a, **k: _run(tiny_teacher, *a, jvp=jvp, **k), tmp_path / "b")
     for name in ("student", "weighting"):
         for a, b in zip(getattr(trainer.method, name).parameters(), getattr(resumed.method, name).parameters()):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
