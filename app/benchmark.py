@@ -41,11 +41,27 @@ def stock_scheduler(name: str, base_config):
     return getattr(diffusers, cls).from_config(base_config, **overrides)
 
 
-def merge_rows(rows: list[dict], old: list[dict], date: str | None, key) -> list[dict]:
+def source_commit() -> str | None:
+    """The checkout's commit (short; `+dirty` with uncommitted changes to tracked files), or None outside git."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "") if head.returncode == 0 else None
+
+
+def merge_rows(rows: list[dict], old: list[dict], date: str | None, key, commit: str | None = None) -> list[dict]:
     """This run's rows, then an earlier file's rows of every run (`key(row)`) not measured again, each keeping its
-    `measured` date (and its speed ratio, taken within its own run)."""
+    `measured` date and `commit` (and its speed ratio, taken within its own run)."""
     fresh = {key(r) for r in rows}
-    return rows + [{"measured": r.get("measured", date), **r} for r in old if key(r) not in fresh]
+    return rows + [{"measured": r.get("measured", date), "commit": r.get("commit", commit), **r}
+                   for r in old if key(r) not in fresh]
 
 
 def write_results(name: str, payload: dict, path: Path | None = None) -> dict:
@@ -55,8 +71,12 @@ def write_results(name: str, payload: dict, path: Path | None = None) -> dict:
     from dstudio.distill.core.export import versions
     from dstudio.distill.core.io import save_json
 
+    commit = source_commit()
     payload = {"benchmark": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "machine": machine(), "versions": versions(), **payload}
+               "machine": machine(), "versions": versions(), "commit": commit, **payload}
+    for row in payload.get("rows", []):  # rows of an earlier run (`measured`) keep the commit they had
+        if "measured" not in row:
+            row["commit"] = commit
     path = Path(path) if path else RESULTS / f"{name}.json"
     save_json(payload, path)
     if path.resolve().parent == RESULTS.resolve():

@@ -1,10 +1,11 @@
 """Every trainer on the shipped teacher: FID-mnist at 1 (and 2 / 4) NFE, training wall time, parameters and
 images/s against the teacher at 50 DDIM steps, all measured in one run of this script.
 
-    python benchmarks/distill.py [--preset quick|full] [--only NAME ...] [--reuse]
+    python benchmarks/distill.py [--preset quick|full] [--only NAME ...] [--sweeps] [--reuse]
 
-Each row trains `dstudio distill METHOD --preset P` into benchmarks/runs/P/NAME (kept out of git) unless
---reuse finds a finished run there (an interrupted one, --reuse continues from its checkpoint), then samples the
+RUNS holds one row per method and its main options, SWEEPS (--sweeps, or by name with --only) the settings searched
+to pick the defaults. Each row trains `dstudio distill METHOD --preset P` into benchmarks/runs/P/NAME (kept out of
+git) unless --reuse finds a finished run there (an interrupted one, --reuse continues from its checkpoint), then samples the
 exported pipeline on the protocol's noise.
 Writes benchmarks/results/distill-P.json (grids in benchmarks/results/distill-P/) and its table in
 benchmarks/RESULTS.md.
@@ -37,14 +38,26 @@ def lrs(generator: str, critic: str | None = None) -> list[str]:
     return ["--set", f"method.lr_generator={generator}", "--set", f"method.lr_critic={critic or generator}"]
 
 
-# name: (method, extra CLI arguments, NFEs to measure); `{preset}` is --preset
+# name: (method, extra CLI arguments, NFEs to measure); `{preset}` is --preset. RUNS: one row per method and
+# its main options (the README table); SWEEPS (--sweeps): the settings searched to pick the defaults
 RUNS = {
     "dmd2": ("dmd2", ["--preset", "{preset}"], [1]),
     "dmd2-4step": ("dmd2", ["--preset", "{preset}", "--set", "method.num_steps=4"], [4]),
+    "dmd2-lora64": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64"], [1]),
+    "sim": ("sim", ["--preset", "{preset}"], [1]),
+    "msd-k1": ("msd", ["--preset", "{preset}", "--students", "1"], [1]),
+    "msd-k2": ("msd", ["--preset", "{preset}", "--students", "2"], [1]),
+    "msd-k4": ("msd", ["--preset", "{preset}", "--students", "4"], [1]),
+    "msd-k4-small": ("msd", ["--preset", "{preset}-small"], [1]),
+    "rectified_flow": ("rectified_flow", ["--preset", "{preset}"], [1, 2]),
+    "slimflow": ("slimflow", ["--preset", "{preset}"], [1, 2]),
+    "consistency": ("consistency", ["--preset", "{preset}"], [1, 2]),
+    "consistency-init-teacher": ("consistency", ["--preset", "{preset}", "--init", "teacher"], [1, 2]),
+}
+SWEEPS = {
     # LoRA student and fake score over the teacher's own weights (alpha = rank); adapters on DMD2's own LoRA targets
     # (the default), or on the narrower set dstudio first used (attention and resnet convolutions)
     "dmd2-lora16": ("dmd2", ["--preset", "{preset}", "--lora-rank", "16"], [1]),
-    "dmd2-lora64": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64"], [1]),
     "dmd2-lora64-lr2e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", *lrs("2e-3")], [1]),
     "dmd2-lora64-lr1.5e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", *lrs("1.5e-3")], [1]),
     "dmd2-lora64-lr2e-3-critic1e-3": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", *lrs("2e-3", "1e-3")],
@@ -68,21 +81,13 @@ RUNS = {
                                              "method.lora_fake_score=false", *lrs("2e-3")], [1]),
     "dmd2-lora64-fullfake-lr2e-3-critic5e-4": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", "--set",
                                                         "method.lora_fake_score=false", *lrs("2e-3", "5e-4")], [1]),
-    "sim": ("sim", ["--preset", "{preset}"], [1]),
-    "msd-k1": ("msd", ["--preset", "{preset}", "--students", "1"], [1]),
-    "msd-k2": ("msd", ["--preset", "{preset}", "--students", "2"], [1]),
-    "msd-k4": ("msd", ["--preset", "{preset}", "--students", "4"], [1]),
-    "msd-k4-small": ("msd", ["--preset", "{preset}-small"], [1]),
     # MSD's options: a fake score and GAN head per student; the smaller students' three stages (TSM, DM, DM + GAN)
     "msd-k4-critics": ("msd", ["--preset", "{preset}", "--students", "4", "--set", "method.critics=per_student"], [1]),
     "msd-k4-small-3stage": ("msd", ["--preset", "{preset}-small", "--set", "method.dm_steps=200"], [1]),
-    # each student gets a whole batch per step, as when K students are trained one by one (K times the compute)
+    # a batch of 256 (the default is 64)
     "msd-k4-b256": ("msd", ["--preset", "{preset}", "--students", "4", "--set", "trainer.batch_size=256"], [1]),
-    "rectified_flow": ("rectified_flow", ["--preset", "{preset}"], [1, 2]),
-    "slimflow": ("slimflow", ["--preset", "{preset}"], [1, 2]),
-    "consistency": ("consistency", ["--preset", "{preset}"], [1, 2]),
-    "consistency-init-teacher": ("consistency", ["--preset", "{preset}", "--init", "teacher"], [1, 2]),
 }
+ALL: dict = {}  # RUNS and SWEEPS, with the default rows of registered methods (main)
 
 
 def check_runs(runs: dict) -> dict:
@@ -107,7 +112,7 @@ def params(unet) -> int:
 
 def train(name: str, preset: str, reuse: bool) -> tuple[Path, float | None]:
     """Train row `name` (with `reuse`: evaluate its finished run, or continue its interrupted one); its training seconds."""
-    method, extra, _ = RUNS[name]
+    method, extra, _ = ALL[name]
     run = ROOT / "runs" / preset / name
     record = run / "bench.json"
     earlier = json.loads(record.read_text())["train_seconds"] if record.is_file() else 0.0
@@ -131,14 +136,19 @@ def train(name: str, preset: str, reuse: bool) -> tuple[Path, float | None]:
 
 
 def main(argv=None) -> int:
-    RUNS.update(check_runs(RUNS))
+    RUNS.update(check_runs({**RUNS, **SWEEPS}))
+    for name in SWEEPS:
+        RUNS.pop(name, None)
+    ALL.update(RUNS, **SWEEPS)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="quick")
-    p.add_argument("--only", nargs="+", choices=list(RUNS), default=list(RUNS))
+    p.add_argument("--only", nargs="+", choices=list(ALL), default=None, help="default: every RUNS row")
+    p.add_argument("--sweeps", action="store_true", help="with the RUNS rows, the SWEEPS rows (the searched settings)")
     p.add_argument("--reuse", action="store_true",
                    help="evaluate finished runs instead of training them again, and continue interrupted ones")
     p.add_argument("--per-class", type=int, default=200)
     args = p.parse_args(argv)
+    args.only = args.only or [*RUNS, *(SWEEPS if args.sweeps else ())]
 
     trained = {name: train(name, args.preset, args.reuse) for name in args.only}
 
@@ -163,19 +173,20 @@ def main(argv=None) -> int:
     t_row = measure("teacher-ddim", teacher, 50, method="teacher", params=params(teacher.unet))
     for name, (run, seconds) in trained.items():
         pipe = load_pipeline(run / "pipeline")
-        info = {"method": RUNS[name][0], "params": params(pipe.unet), "train_minutes": seconds and seconds / 60}
+        info = {"method": ALL[name][0], "params": params(pipe.unet), "train_minutes": seconds and seconds / 60}
         if hasattr(pipe.unet, "students"):
             info["params_per_student"] = max(params(s) for s in pipe.unet.students)
-        for nfe in RUNS[name][2]:
+        for nfe in ALL[name][2]:
             measure(name, pipe, nfe, **info)
     for r in rows:
         r["fid_vs_teacher"] = r["fid"] / t_row["fid"]
         r["speedup"] = r["images_per_s"] / t_row["images_per_s"]
         r["params_vs_teacher"] = r["params"] / t_row["params"]
     previous = RESULTS / f"distill-{args.preset}.json"
-    if set(args.only) != set(RUNS) and previous.is_file():  # a partial rerun updates its rows in the table
+    if previous.is_file():  # rows not measured again (other --only, the sweeps) stay, with their date and commit
         old = json.loads(previous.read_text())
-        rows = merge_rows(rows, old["rows"], old["date"], key=lambda r: r["name"].rsplit("-", 1)[0])
+        rows = merge_rows(rows, old["rows"], old["date"], key=lambda r: r["name"].rsplit("-", 1)[0],
+                          commit=old.get("commit"))
         for r in rows:  # the teacher's FID is deterministic on the protocol's noise: FID ratios stay comparable
             r["fid_vs_teacher"] = r["fid"] / t_row["fid"]
     write_results(f"distill-{args.preset}", {
@@ -186,7 +197,7 @@ def main(argv=None) -> int:
         "columns": [["name", "row"], ["nfe", "NFE"], ["fid", "FID-mnist"], ["fid_vs_teacher", "x teacher-50"],
                     ["images_per_s", "images/s"], ["speedup", "speed vs teacher-50"], ["params", "parameters"],
                     ["params_vs_teacher", "x teacher params"], ["train_minutes", "training minutes"],
-                    ["measured", "earlier run"]],
+                    ["measured", "earlier run"], ["commit", "commit"]],
         "notes": ["rows with a `measured` date come from an earlier run of this script (`--only` reruns the others)",
                   "training minutes: wall time of `dstudio distill` (pair generation included) on this machine, "
                   "while other jobs may have shared its cores; speeds are measured in this one run",

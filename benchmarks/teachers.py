@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     previous = RESULTS / "teachers.json"
     if set(args.only) != set(ZOO) and previous.is_file():  # a partial rerun updates its teachers' rows
         old = json.loads(previous.read_text())
-        rows = merge_rows(rows, old["rows"], old["date"], key=lambda r: r["teacher"])
+        rows = merge_rows(rows, old["rows"], old["date"], commit=old.get("commit"), key=lambda r: r["teacher"])
     write_results("teachers", {
         "command": "python benchmarks/teachers.py" + ("" if argv is None else " " + " ".join(argv)),
         "protocol": {"per_class": args.per_class, "noise_seed": 0, "features": list(SPACES),

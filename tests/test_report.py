@@ -46,3 +46,14 @@ def test_benchmark_rows_merge_keeps_only_runs_not_measured_again():
     assert [(r["name"], r["fid"], r.get("measured")) for r in merged] == [
         ("teacher-ddim-50", 1.5, None), ("sim-1", 5.0, None),
         ("rf-1", 3.0, "2026-01-01"), ("rf-2", 4.0, "2026-01-01")]
+
+
+def test_benchmark_rows_carry_the_commit_that_measured_them(tmp_path):
+    from dstudio.app.benchmark import source_commit, write_results
+
+    rows = [{"name": "sim-1", "fid": 5.0}, {"name": "rf-1", "fid": 3.0, "measured": "2026-01-01", "commit": "abc1234"}]
+    payload = write_results("x", {"rows": rows}, tmp_path / "x.json")
+    commit = source_commit()
+    assert commit is None or commit.split("+")[0].isalnum()
+    assert payload["commit"] == commit
+    assert [r["commit"] for r in payload["rows"]] == [commit, "abc1234"]
