@@ -71,7 +71,7 @@ def write_results(name: str, payload: dict, path: Path | None = None) -> dict:
     from dstudio.distill.core.export import versions
     from dstudio.distill.core.io import save_json
 
-    commit = source_commit()
+    commit = payload.pop("commit", None) or source_commit()  # a long benchmark names the commit it started at
     payload = {"benchmark": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "machine": machine(), "versions": versions(), "commit": commit, **payload}
     for row in payload.get("rows", []):  # rows of an earlier run (`measured`) keep the commit they had

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dstudio.app.benchmark import RESULTS, merge_rows, write_results
+from dstudio.app.benchmark import RESULTS, merge_rows, source_commit, write_results
 from dstudio.distill.core.images import save_grid
 from dstudio.distill.core.io import atomic_path
 from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_pipeline, reference_scheduler
@@ -148,6 +148,7 @@ def main(argv=None) -> int:
                    help="evaluate finished runs instead of training them again, and continue interrupted ones")
     p.add_argument("--per-class", type=int, default=200)
     args = p.parse_args(argv)
+    commit = source_commit()  # the code that trains the rows, whatever the checkout holds when they are written
     args.only = args.only or [*RUNS, *(SWEEPS if args.sweeps else ())]
 
     trained = {name: train(name, args.preset, args.reuse) for name in args.only}
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
                           commit=old.get("commit"))
         for r in rows:  # the teacher's FID is deterministic on the protocol's noise: FID ratios stay comparable
             r["fid_vs_teacher"] = r["fid"] / t_row["fid"]
-    write_results(f"distill-{args.preset}", {
+    write_results(f"distill-{args.preset}", {"commit": commit,
         "command": " ".join(["python benchmarks/distill.py", *(sys.argv[1:] if argv is None else argv)]),
         "teacher": str(DEFAULT_TEACHER), "preset": args.preset,
         "protocol": {"per_class": args.per_class, "noise_seed": 0, "features": "mnist", "reference": ref.source},

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from dstudio.app.benchmark import RESULTS, merge_rows, write_results
+from dstudio.app.benchmark import RESULTS, merge_rows, source_commit, write_results
 from dstudio.distill.core.images import collapse_reason, save_grid
 from dstudio.distill.core.teacher import load_pipeline, reference_scheduler
 from dstudio.distill.evaluation.fid import fid_of_tensor
@@ -138,6 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-steps", type=int, default=None, help="default: each recipe's (ZOO)")
     p.add_argument("--per-class", type=int, default=100)
     args = p.parse_args(argv)
+    commit = source_commit()  # the code that trains the rows, whatever the checkout holds when they are written
 
     rows, grids = [], RESULTS / "teachers"
     shipped = load_pipeline(None)
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
     if set(args.only) != set(ZOO) and previous.is_file():  # a partial rerun updates its teachers' rows
         old = json.loads(previous.read_text())
         rows = merge_rows(rows, old["rows"], old["date"], commit=old.get("commit"), key=lambda r: r["teacher"])
-    write_results("teachers", {
+    write_results("teachers", {"commit": commit,
         "command": "python benchmarks/teachers.py" + ("" if argv is None else " " + " ".join(argv)),
         "protocol": {"per_class": args.per_class, "noise_seed": 0, "features": list(SPACES),
                      "reference": {n: refs[n].source for n in SPACES}},
