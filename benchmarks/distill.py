@@ -84,6 +84,10 @@ SWEEPS = {
     # MSD's options: a fake score and GAN head per student; the smaller students' three stages (TSM, DM, DM + GAN)
     "msd-k4-critics": ("msd", ["--preset", "{preset}", "--students", "4", "--set", "method.critics=per_student"], [1]),
     "msd-k4-small-3stage": ("msd", ["--preset", "{preset}-small", "--set", "method.dm_steps=200"], [1]),
+    # the flow methods without their perceptual distance (method.perceptual: LPIPS, else the teacher's features)
+    "rectified_flow-no-perceptual": ("rectified_flow", ["--preset", "{preset}", "--set", "method.perceptual=none"],
+                                     [1, 2]),
+    "slimflow-no-perceptual": ("slimflow", ["--preset", "{preset}", "--set", "method.perceptual=none"], [1, 2]),
     # a batch of 256 (the default is 64)
     "msd-k4-b256": ("msd", ["--preset", "{preset}", "--students", "4", "--set", "trainer.batch_size=256"], [1]),
 }

@@ -27,8 +27,8 @@ from torch import nn
 
 METHODS = ("dmd2", "sim", "msd", "consistency", "rectified_flow", "slimflow")
 # what only shortens set-up (pair stores), or keeps the measured steps inside one phase (reflow)
-SETUP = {"rectified_flow": ["method.num_pairs=256", "method.reflow_steps=100000", "method.lpips=false"],
-         "slimflow": ["method.num_pairs=256", "method.reflow_steps=100000", "method.lpips=false"],
+SETUP = {"rectified_flow": ["method.num_pairs=256", "method.reflow_steps=100000", "method.perceptual=none"],
+         "slimflow": ["method.num_pairs=256", "method.reflow_steps=100000", "method.perceptual=none"],
          "consistency": ["method.init=teacher"]}
 TINY = {"dmd2": ["method.head_width=8"], "msd": ["method.students=2", "method.head_width=8"],
         "rectified_flow": ["method.num_pairs=8", "method.shard_size=8", "method.solver_steps=2"],

@@ -12,7 +12,7 @@ import pytest
 gradio = pytest.importorskip("gradio", reason="the app needs the .[app] extra (pip install -e '.[dev]' includes it)")
 
 TINY_PRESET = ("trainer: {steps: 2, batch_size: 4, sample_every: 1, checkpoint_every: 2, log_every: 1}\n"
-               "method: {num_pairs: 8, shard_size: 8, solver_steps: 2, reflow_steps: 1, lpips: false}\n")
+               "method: {num_pairs: 8, shard_size: 8, solver_steps: 2, reflow_steps: 1, perceptual: none}\n")
 
 
 def _free_port() -> int:

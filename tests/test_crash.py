@@ -43,7 +43,7 @@ TRAIN = """
     from dstudio.distill.methods.rectified_flow import RectifiedFlow, RectifiedFlowConfig
     torch.manual_seed(0)
     m = RectifiedFlow(from_dict(RectifiedFlowConfig, {{"num_pairs": 24, "shard_size": 8, "solver_steps": 2,
-                      "reflow_steps": 3, "lpips": False, "pairs": {pairs!r}}}), teacher=load_teacher({teacher!r}))
+                      "reflow_steps": 3, "perceptual": "none", "pairs": {pairs!r}}}), teacher=load_teacher({teacher!r}))
     cfg = TrainerConfig(steps=6, batch_size=4, sample_every=100, checkpoint_every=2, grid_per_class=1)
     Trainer(m, cfg, {run!r}).fit(resume={resume})
 """

@@ -126,7 +126,7 @@ def test_rectified_flow_student(teacher, tmp_path):
     from dstudio.distill.methods.rectified_flow import RectifiedFlow
 
     torch.manual_seed(0)
-    cfg = {"num_pairs": 16, "shard_size": 8, "solver_steps": 2, "reflow_steps": 1, "lpips": False}
+    cfg = {"num_pairs": 16, "shard_size": 8, "solver_steps": 2, "reflow_steps": 1, "perceptual": "none"}
     m = RectifiedFlow(from_dict(RectifiedFlow.Config, cfg), teacher=teacher)
     trainer, folder = _fit(m, tmp_path / "run", steps=2, grid_per_class=1)
     got = plain_diffusers(tmp_path, folder, *[(n, {"class_labels": LABELS, "num_inference_steps": n}) for n in (1, 2)])

@@ -23,7 +23,7 @@ TRAINER = ["trainer.batch_size=2", "trainer.sample_every=1000", "trainer.checkpo
 METHODS = {  # method -> (steps, overrides, options)
     "dmd2": (2, ["method.critic_ratio=1", "method.head_width=8"], {}),
     "rectified_flow": (2, ["method.num_pairs=4", "method.shard_size=4", "method.solver_steps=2",
-                           "method.reflow_steps=1", "method.lpips=false"], {}),
+                           "method.reflow_steps=1", "method.perceptual=none"], {}),
     "sim": (1, [], {}),
     "consistency": (1, [], {"init": "teacher"}),
 }

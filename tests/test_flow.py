@@ -153,7 +153,7 @@ def _train(name, teacher_dir, run, steps=4, resume=False, **method):
 
     cls = get_method(name)
     torch.manual_seed(0)
-    m = cls(from_dict(cls.Config, {**SMOKE, "lpips": False, **method}), teacher=load_teacher(teacher_dir))
+    m = cls(from_dict(cls.Config, {**SMOKE, "perceptual": "none", **method}), teacher=load_teacher(teacher_dir))
     cfg = TrainerConfig(steps=steps, batch_size=6, sample_every=100, checkpoint_every=2, grid_per_class=1, log_every=1)
     trainer = Trainer(m, cfg, run)
     return trainer, trainer.fit(resume=resume)
@@ -197,7 +197,7 @@ def test_rf_student_initialised_from_teacher_is_the_teachers_ode(tiny_teacher):
     from dstudio.distill.methods.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 
     teacher = load_teacher(tiny_teacher)
-    m = RectifiedFlow(RectifiedFlowConfig(lpips=False), teacher=teacher)
+    m = RectifiedFlow(RectifiedFlowConfig(perceptual="none"), teacher=teacher)
     x, t = torch.randn(4, *teacher.sample_shape), torch.tensor(0.3, dtype=torch.float64)
     labels = torch.arange(4)
     with torch.no_grad():
@@ -269,7 +269,7 @@ def test_slimflow_annealing_reflow_is_plain_l2_and_the_guide_is_the_ema(tiny_tea
     m = trainer.method
     calls = []
 
-    def fake_perceptual(a, b):  # stands in for LPIPS: counts its calls
+    def fake_perceptual(a, b, cond=None):  # stands in for the perceptual distance: counts its calls
         calls.append(len(a))
         return (a - b).abs().flatten(1).mean(1)
 
@@ -278,7 +278,7 @@ def test_slimflow_annealing_reflow_is_plain_l2_and_the_guide_is_the_ema(tiny_tea
     cond = torch.arange(5)
     torch.manual_seed(1)
     loss, logs = m.annealing_loss(z, x1, cond, step=0)
-    assert calls == [] and "lpips" not in logs and logs["beta"] == 0.0
+    assert calls == [] and "perceptual" not in logs and logs["beta"] == 0.0
     torch.manual_seed(1)
     torch.randn_like(z)  # anneal_noise's draw (beta = 0: z is kept)
     view = FlowView(m.student)
@@ -300,3 +300,25 @@ def test_slimflow_annealing_reflow_is_plain_l2_and_the_guide_is_the_ema(tiny_tea
     for (name, p), s in zip(m.student.named_parameters(), trainer.ema.shadow):
         torch.testing.assert_close(guide[name], s)
         assert not torch.equal(p, s)
+
+
+@pytest.mark.parametrize("family", [None, "sd15", "sd3", "flux-schnell", "pixart_sigma", "dit"])
+def test_teacher_feature_distance_is_offline_and_differentiable(family, tiny_teacher, tiny_family, one_thread):
+    """method.perceptual=teacher: zero between equal images, positive between different ones, the gradient reaches
+    the student's images and none of the frozen teacher's weights, on a pixel UNet and every kind of family backbone."""
+    from dstudio.distill.core.losses import TeacherFeatureDistance
+    from dstudio.distill.core.teacher import load_teacher
+
+    teacher = load_teacher(tiny_teacher if family is None else tiny_family(family))
+    teacher.network.requires_grad_(False)
+    if teacher.takes_prompts:
+        cond = teacher.conditions(["a red car", "a blue dog"])
+    else:
+        cond = teacher.cond(torch.tensor([3, 700] if family == "dit" else [1, 2]))
+    distance = TeacherFeatureDistance(teacher.denoiser)
+    x = torch.randn(2, *teacher.sample_shape)
+    x_hat = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
+    d = distance(x_hat, x, cond)
+    assert d.shape == (2,) and (d > 0).all() and distance(x, x, cond).abs().max() < 1e-6
+    d.sum().backward()
+    assert x_hat.grad.abs().sum() > 0 and all(p.grad is None for p in teacher.network.parameters())

@@ -117,7 +117,7 @@ def test_lora_rectified_flow(fresh_teacher, tmp_path):
     teacher = fresh_teacher
     base_before = _frozen(teacher.unet)
     torch.manual_seed(0)
-    cfg = {"num_pairs": 8, "shard_size": 8, "solver_steps": 2, "reflow_steps": 1, "lpips": False, "lora_rank": 2,
+    cfg = {"num_pairs": 8, "shard_size": 8, "solver_steps": 2, "reflow_steps": 1, "perceptual": "none", "lora_rank": 2,
            "distill_pairs": "teacher",
            "lora_targets": ["to_q", "to_v", "conv2"]}
     m = RectifiedFlow(from_dict(RectifiedFlow.Config, cfg), teacher=teacher)

@@ -10,7 +10,7 @@ from dstudio.app.cli import main
 from dstudio.distill.core.method import discover
 
 FLOW_FAST = ["--set", "method.num_pairs=8", "--set", "method.shard_size=8", "--set", "method.solver_steps=2",
-             "--set", "method.reflow_steps=1", "--set", "method.lpips=false"]
+             "--set", "method.reflow_steps=1", "--set", "method.perceptual=none"]
 FAST = {  # options that keep a method's two steps small; a method not named here runs on its quick preset
     "dmd2": ["--set", "method.head_width=8", "--set", "method.critic_ratio=1"],
     "msd": ["--students", "2", "--set", "method.head_width=8", "--set", "method.critic_ratio=1"],

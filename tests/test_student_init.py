@@ -15,7 +15,7 @@ FROM_TEACHER = {  # method: the config under which its student is a copy of the 
     "dmd2": dict(data="digits", head_width=8),
     "msd": dict(data="digits", students=2, head_width=8),
     "sim": {},
-    "rectified_flow": dict(lpips=False),
+    "rectified_flow": dict(perceptual="none"),
     "consistency": dict(data="digits", init="teacher"),
 }
 

@@ -19,8 +19,8 @@ METHODS = {  # name: (config overrides, trainer steps) so that every phase runs 
     "dmd2": (dict(data="digits", critic_ratio=1, lr_generator=1e-3, lr_critic=1e-3, head_width=8), 2),
     "msd": (dict(data="digits", students=2, student_width=0.5, tsm_steps=1, critic_ratio=1, head_width=8), 2),
     "sim": (dict(lr_generator=1e-3, lr_fake=1e-3), 2),
-    "rectified_flow": (dict(num_pairs=8, shard_size=8, solver_steps=2, reflow_steps=1, lpips=False), 2),
-    "slimflow": (dict(num_pairs=8, shard_size=8, solver_steps=2, reflow_steps=1, lpips=False), 2),
+    "rectified_flow": (dict(num_pairs=8, shard_size=8, solver_steps=2, reflow_steps=1, perceptual="none"), 2),
+    "slimflow": (dict(num_pairs=8, shard_size=8, solver_steps=2, reflow_steps=1, perceptual="none"), 2),
     "consistency": (dict(data="digits", s0=2, s1=4), 2),
 }
 

@@ -30,8 +30,9 @@ def rfpp_premetric(v_hat: Tensor, v: Tensor) -> Tensor:
     return pseudo_huber(v_hat, v, rfpp_huber_c(v.shape[1:])) / d
 
 
-def load_lpips(device) -> "torch.nn.Module | None":
-    """LPIPS (VGG) when the `lpips` package and its weights can be loaded, else None (with one warning)."""
+def load_lpips(device, quiet: bool = False) -> "torch.nn.Module | None":
+    """LPIPS (VGG) when the `lpips` package and its weights can be loaded, else None (with one warning unless
+    `quiet`)."""
     try:
         import lpips  # optional: not a dependency of dstudio
 
@@ -41,6 +42,8 @@ def load_lpips(device) -> "torch.nn.Module | None":
         net.requires_grad_(False)
         return net
     except Exception as e:  # not installed, or weights not downloadable
+        if quiet:
+            return None
         warnings.warn(f"LPIPS is not available ({type(e).__name__}); using the pseudo-Huber premetric alone",
                       stacklevel=2)
         return None
@@ -53,3 +56,50 @@ def lpips_distance(net, x: Tensor, y: Tensor) -> Tensor:
     x = torch.nn.functional.interpolate(x, size=224, mode="bilinear")
     y = torch.nn.functional.interpolate(y, size=224, mode="bilinear")
     return net(x, y).flatten()
+
+
+def feature_blocks(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks whose outputs `TeacherFeatureDistance` compares: a UNet's down blocks and mid block, else about four
+    evenly spaced blocks of a transformer."""
+    network = getattr(network, "base", network)
+    if hasattr(network, "down_blocks"):
+        return [*network.down_blocks, *([network.mid_block] if getattr(network, "mid_block", None) else [])]
+    for name in ("transformer_blocks", "single_transformer_blocks", "blocks"):
+        blocks = list(getattr(network, name, None) or [])
+        if blocks:
+            return blocks[::max(1, len(blocks) // 4)]
+    raise ValueError(f"{type(network).__name__} has no down blocks or transformer blocks to take features from")
+
+
+def _first_tensor(out) -> Tensor:
+    return out if isinstance(out, Tensor) else next(o for o in out if isinstance(o, Tensor))
+
+
+class TeacherFeatureDistance(torch.nn.Module):
+    """A perceptual distance that needs no download: LPIPS's form (Zhang et al. 2018, eq. 1, channel-normalised
+    activations, squared differences averaged over positions, equal channel weights) on the frozen teacher's own
+    encoder blocks, each image seen clean at the teacher's noise level `level` T (its features there describe images
+    the teacher knows). Per sample; gradients flow into `x_hat` only."""
+
+    def __init__(self, denoiser, level: float = 0.1):
+        super().__init__()
+        self.denoiser = denoiser
+        steps = len(denoiser.alphas_cumprod)
+        self.sigma = float(denoiser.t_to_sigma(torch.tensor(round(level * (steps - 1)))))
+        self.blocks = feature_blocks(denoiser.model)
+
+    def features(self, x: Tensor, cond) -> list[Tensor]:
+        feats: list[Tensor] = []
+        hooks = [b.register_forward_hook(lambda m, i, o: feats.append(_first_tensor(o))) for b in self.blocks]
+        try:
+            self.denoiser(x, self.sigma, cond)
+        finally:
+            for h in hooks:
+                h.remove()
+        return [f / (f.pow(2).sum(1 if f.ndim == 4 else -1, keepdim=True).sqrt() + 1e-10) for f in feats]
+
+    def forward(self, x_hat: Tensor, x: Tensor, cond=None) -> Tensor:
+        with torch.no_grad():
+            target = self.features(x, cond)
+        return sum((a - b.detach()).pow(2).sum(1 if a.ndim == 4 else -1).flatten(1).mean(1)
+                   for a, b in zip(self.features(x_hat, cond), target))

@@ -17,7 +17,7 @@ from torch import Tensor
 from dstudio.distill.core.config import require
 from dstudio.distill.core.denoiser import StartOptions, append_dims
 from dstudio.distill.core.flow import FlowView, sample_u_shaped, sample_uniform
-from dstudio.distill.core.losses import lpips_distance, load_lpips, rfpp_premetric
+from dstudio.distill.core.losses import TeacherFeatureDistance, lpips_distance, load_lpips, rfpp_premetric
 from dstudio.distill.core.method import Distiller, Phase, PromptOptions, RunContext
 from dstudio.distill.core.pairs import SOLVERS, PairBatches, Pairs, PairStore, PairStoreError
 from dstudio.distill.core.sharding import is_sharded
@@ -38,7 +38,10 @@ class FlowConfig(StartOptions, PromptOptions):
     time_dist: Literal["u_shaped", "uniform"] = "u_shaped"
     u_shape_a: float = 4.0
     premetric: Literal["pseudo_huber", "l2"] = "pseudo_huber"
-    lpips: bool = True                # added to the premetric when the lpips package and its weights load
+    # the perceptual distance added to the premetric (RF++: LPIPS-Huber; SlimFlow: LPIPS): "lpips" when the lpips
+    # package and its VGG weights load (else none), "teacher" the frozen teacher's own features (offline,
+    # losses.TeacherFeatureDistance), "auto" LPIPS when it loads else the teacher's features, "none"
+    perceptual: Literal["auto", "lpips", "teacher", "none"] = "auto"
     lr: float = 2e-5
     lr_distill: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.999)
@@ -78,7 +81,7 @@ class FlowMethod(Distiller):
         if config.pairs and Path(config.pairs).exists() and not Path(config.pairs).is_dir():
             raise PairStoreError(f"pair store '{config.pairs}' is a file: give a folder (it is created if missing)")
         self.pairs: dict[str, Tensor | None] | None = None  # the teacher's pairs, filled when the run starts
-        self._lpips = None
+        self._lpips = self._teacher_features = None
 
     # --- phases -----------------------------------------------------------------------------------
     def phases(self) -> list[Phase]:
@@ -113,11 +116,15 @@ class FlowMethod(Distiller):
         return idx % rows if rows else None
 
     def on_start(self, context: RunContext) -> None:
-        """Fill the teacher's pair store (RUN/pairs or method.pairs) before the first step; load LPIPS."""
+        """Fill the teacher's pair store (RUN/pairs or method.pairs) before the first step; load the perceptual
+        distance."""
         root = Path(self.config.pairs) if self.config.pairs else context.run_dir / "pairs"
         self.pairs = self.filled_store(PairStore(root, self.pair_spec()))
-        if self.config.lpips and self._lpips is None:
-            self._lpips = load_lpips(context.accelerator.device)
+        kind = self.config.perceptual
+        if kind in ("auto", "lpips") and self._lpips is None:
+            self._lpips = load_lpips(context.accelerator.device, quiet=kind == "auto")
+        if kind == "teacher" or (kind == "auto" and self._lpips is None):
+            self._teacher_features = TeacherFeatureDistance(self.teacher_denoiser)
 
     def filled_store(self, store: PairStore, solve=None) -> dict[str, Tensor | None]:
         """Open `store` (the main process creates it), generate its missing shards on every process, load it."""
@@ -173,11 +180,12 @@ class FlowMethod(Distiller):
             return rfpp_premetric(x_hat, x)
         return (x_hat - x).pow(2).flatten(1).mean(1)
 
-    def perceptual(self, x1_hat: Tensor, x1: Tensor) -> Tensor | None:
-        if self._lpips is None:
-            return None
-        decode = self._teacher.decode
-        return lpips_distance(self._lpips, decode(x1_hat), decode(x1))
+    def perceptual(self, x1_hat: Tensor, x1: Tensor, cond) -> Tensor | None:
+        """The perceptual distance between the student's samples and their targets, per sample (None: none)."""
+        if self._lpips is not None:
+            decode = self._teacher.decode
+            return lpips_distance(self._lpips, decode(x1_hat), decode(x1))
+        return None if self._teacher_features is None else self._teacher_features(x1_hat, x1, cond)
 
     def reflow_loss(self, student, z: Tensor, x1: Tensor, cond, premetric: str | None = None,
                     perceptual: bool = True) -> tuple[Tensor, dict[str, float]]:
@@ -190,22 +198,22 @@ class FlowMethod(Distiller):
         x1_hat = view.x1_hat(x_t, t, cond)
         v_hat = (x1_hat - x_t) / (1 - tt)
         dist = self.premetric(v_hat, x1 - z, premetric)
-        lp = self.perceptual(x1_hat, x1) if perceptual else None
+        lp = self.perceptual(x1_hat, x1, cond) if perceptual else None
         if lp is None:
             loss = dist.mean()
             return loss, {"reflow": loss.item()}
         loss = (t.to(dist.dtype) * dist + lp).mean()
-        return loss, {"reflow": dist.mean().item(), "lpips": lp.mean().item()}
+        return loss, {"reflow": dist.mean().item(), "perceptual": lp.mean().item()}
 
     def one_step_loss(self, student, z: Tensor, target: Tensor, cond) -> tuple[Tensor, dict[str, float]]:
         """Liu et al. 2023, sec. 2.3 (distillation, t = eps): d(z + v(z, eps), x1) (+ LPIPS when available)."""
         x1_hat = FlowView(student).one_step(z, cond)
         dist = self.premetric(x1_hat, target)
-        lp = self.perceptual(x1_hat, target)
+        lp = self.perceptual(x1_hat, target, cond)
         loss = dist.mean() if lp is None else (dist + lp).mean()
         logs = {"distill": dist.mean().item()}
         if lp is not None:
-            logs["lpips"] = lp.mean().item()
+            logs["perceptual"] = lp.mean().item()
         return loss, logs
 
     # --- sampling and export ----------------------------------------------------------------------
