@@ -87,6 +87,9 @@ SWEEPS = {
     # the flow methods without their perceptual distance (method.perceptual: LPIPS, else the teacher's features)
     "rectified_flow-no-perceptual": ("rectified_flow", ["--preset", "{preset}", "--set", "method.perceptual=none"],
                                      [1, 2]),
+    # a longer one-step distillation phase at the same total steps (quick: 400 reflow + 200 distillation steps)
+    "rectified_flow-reflow200": ("rectified_flow", ["--preset", "{preset}", "--set", "method.reflow_steps=200"],
+                                 [1, 2]),
     "slimflow-no-perceptual": ("slimflow", ["--preset", "{preset}", "--set", "method.perceptual=none"], [1, 2]),
     # a batch of 256 (the default is 64)
     "msd-k4-b256": ("msd", ["--preset", "{preset}", "--students", "4", "--set", "trainer.batch_size=256"], [1]),
