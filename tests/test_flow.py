@@ -282,7 +282,7 @@ def test_slimflow_annealing_reflow_is_plain_l2_and_the_guide_is_the_ema(tiny_tea
     torch.manual_seed(1)
     torch.randn_like(z)  # anneal_noise's draw (beta = 0: z is kept)
     view = FlowView(m.student)
-    t = view.clamp(sample_uniform(5))
+    t = sample_uniform(5).clamp(max=view.t_max)
     tt = t.float().view(-1, 1, 1, 1)
     x_t = tt * x1 + (1 - tt) * z
     with torch.no_grad():

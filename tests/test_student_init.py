@@ -103,3 +103,20 @@ def test_start_gain_is_a_method_option(zoo, data):
         assert method.timesteps[0] == teacher.denoiser.start_t(gain)
         assert float(method.student.sigma_max) <= gain * 1.0001
     assert starts[1.0] < starts[4.0] < starts[50.0]
+
+
+def test_reflow_trains_the_state_its_sampler_starts_from(zoo, data, monkeypatch):
+    """An eps teacher's flow student starts at a finite level (t_min > 0); reflow times below t_min keep their state
+    x_t (pure noise at t = 0) read at t_min, which is what the one-step sampler feeds it, not t_min's own mixture."""
+    teacher = load_teacher(zoo["eps-uncond"])
+    cls = get_method("rectified_flow")
+    method = cls(from_dict(cls.Config, FROM_TEACHER["rectified_flow"]), teacher=teacher).eval()
+    view = FlowView(method.student)
+    assert view.t_min > 0.1  # the start-gain cap: an eps student starts at sigma <= 4
+    monkeypatch.setattr("dstudio.distill.methods._flow.sample_u_shaped",  # RF++'s times, all drawn at t = 0
+                        lambda n, a, device: torch.zeros(n, dtype=torch.float64))
+    z, x1 = torch.randn(4, 1, 8, 8), data.images[:4]
+    with torch.no_grad():
+        loss, _ = method.reflow_loss(method.student, z, x1, None)
+        first_euler_v = view.one_step(z) - z  # v(z, 0) of the exported one-step sampler
+    assert loss.item() == pytest.approx(method.premetric(first_euler_v, x1 - z).mean().item(), rel=1e-5)

@@ -170,9 +170,12 @@ class FlowMethod(Distiller):
 
     # --- losses -----------------------------------------------------------------------------------
     def sample_t(self, view: FlowView, n: int, device) -> Tensor:
+        """Reflow times, at most the student's least noisy one. Below its noisiest (`t_min` > 0 for a student that
+        starts at a finite level, e.g. an eps teacher's) they are kept: x_t is then read at t_min as the sampler reads
+        its start, so the states its first Euler step sees (pure noise at t = 0) are trained."""
         c = self.config
         t = sample_u_shaped(n, c.u_shape_a, device) if c.time_dist == "u_shaped" else sample_uniform(n, device=device)
-        return view.clamp(t)
+        return t.clamp(max=view.t_max)
 
     def premetric(self, x_hat: Tensor, x: Tensor, kind: str | None = None) -> Tensor:
         """Per-sample distance between velocities or images: RF++'s pseudo-Huber, or the mean squared error."""
