@@ -42,7 +42,8 @@ def stock_scheduler(name: str, base_config):
 
 
 def source_commit() -> str | None:
-    """The checkout's commit (short; `+dirty` with uncommitted changes to tracked files), or None outside git."""
+    """The checkout's commit (short; `+dirty` with uncommitted changes to tracked files other than the benchmark
+    results), or None outside git."""
     import subprocess
 
     def git(*args):
@@ -50,7 +51,8 @@ def source_commit() -> str | None:
 
     try:
         head = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results",
+                    ":!benchmarks/RESULTS.md").stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty else "") if head.returncode == 0 else None
