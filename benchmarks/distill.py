@@ -91,6 +91,8 @@ SWEEPS = {
     "rectified_flow-reflow200": ("rectified_flow", ["--preset", "{preset}", "--set", "method.reflow_steps=200"],
                                  [1, 2]),
     "slimflow-no-perceptual": ("slimflow", ["--preset", "{preset}", "--set", "method.perceptual=none"], [1, 2]),
+    # one student for as long as four take (a step of K students trains each on a whole batch: K times the work)
+    "msd-k1-1600": ("msd", ["--preset", "{preset}", "--students", "1", "--set", "trainer.steps=1600"], [1]),
     # a batch of 256 (the default is 64)
     "msd-k4-b256": ("msd", ["--preset", "{preset}", "--students", "4", "--set", "trainer.batch_size=256"], [1]),
 }
