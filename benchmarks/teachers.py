@@ -179,9 +179,10 @@ def main(argv=None) -> int:
                     base=t_row, teacher=name, method=method, train_minutes=seconds and seconds / 60,
                     command=" ".join(student_command(teacher_run, method)).replace(str(ROOT.parent) + "/", ""))
     previous = RESULTS / "teachers.json"
-    if set(args.only) != set(ZOO) and previous.is_file():  # a partial rerun updates its teachers' rows
+    if previous.is_file():  # rows not measured again (other teachers or students) stay, with their date and commit
         old = json.loads(previous.read_text())
-        rows = merge_rows(rows, old["rows"], old["date"], commit=old.get("commit"), key=lambda r: r["teacher"])
+        rows = merge_rows(rows, old["rows"], old["date"], key=lambda r: (r["teacher"], r["method"]),
+                          commit=old.get("commit"))
     write_results("teachers", {"commit": commit,
         "command": "python benchmarks/teachers.py" + ("" if argv is None else " " + " ".join(argv)),
         "protocol": {"per_class": args.per_class, "noise_seed": 0, "features": list(SPACES),

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from dstudio.distill.core.config import require
-from dstudio.distill.core.denoiser import StartOptions, append_dims
+from dstudio.distill.core.denoiser import FLOW_START_GAIN, StartOptions, append_dims
 from dstudio.distill.core.flow import FlowView, sample_u_shaped, sample_uniform
 from dstudio.distill.core.losses import TeacherFeatureDistance, lpips_distance, load_lpips, rfpp_premetric
 from dstudio.distill.core.method import Distiller, Phase, PromptOptions, RunContext
@@ -28,6 +28,7 @@ from dstudio.samplers import FlowEulerScheduler, sample_flow_euler, scheduler_fr
 class FlowConfig(StartOptions, PromptOptions):
     pairs: str | None = field(default=None, metadata={  # runs with equal settings can share one store
         "cli": "--pairs", "help": "reflow pair store folder (default: RUN/pairs)"})
+    start_gain: float = FLOW_START_GAIN  # where an eps teacher's flow student starts (denoiser.FLOW_START_GAIN)
     num_pairs: int = 5000
     shard_size: int = 500
     pair_seed: int = 0
