@@ -43,7 +43,7 @@ def stock_scheduler(name: str, base_config):
 
 def source_commit() -> str | None:
     """The checkout's commit (short; `+dirty` with uncommitted changes to tracked files other than the benchmark
-    results), or None outside git."""
+    results and the docs), or None outside git."""
     import subprocess
 
     def git(*args):
@@ -52,7 +52,7 @@ def source_commit() -> str | None:
     try:
         head = git("rev-parse", "--short", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results",
-                    ":!benchmarks/RESULTS.md").stdout.strip()
+                    ":!*.md").stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty else "") if head.returncode == 0 else None
