@@ -81,8 +81,10 @@ SWEEPS = {
                                              "method.lora_fake_score=false", *lrs("2e-3")], [1]),
     "dmd2-lora64-fullfake-lr2e-3-critic5e-4": ("dmd2", ["--preset", "{preset}", "--lora-rank", "64", "--set",
                                                         "method.lora_fake_score=false", *lrs("2e-3", "5e-4")], [1]),
-    # MSD's options: a fake score and GAN head per student; the smaller students' three stages (TSM, DM, DM + GAN)
-    "msd-k4-critics": ("msd", ["--preset", "{preset}", "--students", "4", "--set", "method.critics=per_student"], [1]),
+    # MSD's options: one fake score and GAN head shared by the students; the smaller students' three stages (TSM,
+    # DM, DM + GAN)
+    "msd-k4-shared-critic": ("msd", ["--preset", "{preset}", "--students", "4", "--set", "method.critics=shared"],
+                             [1]),
     "msd-k4-small-3stage": ("msd", ["--preset", "{preset}-small", "--set", "method.dm_steps=200"], [1]),
     # the flow methods without their perceptual distance (method.perceptual: LPIPS, else the teacher's features)
     "rectified_flow-no-perceptual": ("rectified_flow", ["--preset", "{preset}", "--set", "method.perceptual=none"],
