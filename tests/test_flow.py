@@ -315,7 +315,7 @@ def test_teacher_feature_distance_is_offline_and_differentiable(family, tiny_tea
         cond = teacher.conditions(["a red car", "a blue dog"])
     else:
         cond = teacher.cond(torch.tensor([3, 700] if family == "dit" else [1, 2]))
-    distance = TeacherFeatureDistance(teacher.denoiser)
+    distance = TeacherFeatureDistance(teacher.denoiser, teacher.feature_taps)
     x = torch.randn(2, *teacher.sample_shape)
     x_hat = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
     d = distance(x_hat, x, cond)

@@ -28,6 +28,11 @@ class UNetFamily(Family):
     def feature_tap(self):
         return FeatureTap("mid_block", self.network.config.block_out_channels[-1])
 
+    def feature_taps(self) -> list[FeatureTap]:
+        """Each down block's output (its hidden states) and the mid-block's."""
+        down = [FeatureTap(f"down_blocks.{i}", c) for i, c in enumerate(self.network.config.block_out_channels)]
+        return down + ([self.feature_tap()] if self.network.mid_block is not None else [])
+
 
 @family("DStudioPipeline", "DDPMPipeline")
 class PixelUNet(UNetFamily):

@@ -328,8 +328,17 @@ class Family:
     # (f) features
     def feature_tap(self) -> FeatureTap:
         """A transformer's middle block: its image tokens on the latent grid of its patches."""
-        cfg, blocks = self.network.config, self.network.transformer_blocks
+        return self._block_tap(len(self.network.transformer_blocks) // 2)
+
+    def feature_taps(self) -> list[FeatureTap]:
+        """Taps along the network (the teacher-feature perceptual distance): about four evenly spaced blocks."""
+        n = len(self.network.transformer_blocks)
+        return [self._block_tap(i) for i in range(0, n, max(1, n // 4))]
+
+    def _block_tap(self, i: int) -> FeatureTap:
+        """Transformer block i's image tokens (the last element of a joint block's output) on its patch grid."""
+        cfg = self.network.config
         _, h, w = self.sample_shape
         p = (cfg.get("patch_size") or 1) * self.packing
-        return FeatureTap(f"transformer_blocks.{len(blocks) // 2}", cfg.num_attention_heads * cfg.attention_head_dim,
+        return FeatureTap(f"transformer_blocks.{i}", cfg.num_attention_heads * cfg.attention_head_dim,
                           (h // p, w // p), index=-1)

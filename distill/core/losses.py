@@ -1,6 +1,7 @@
 """Robust and perceptual distances shared by the flow and consistency methods."""
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -58,48 +59,26 @@ def lpips_distance(net, x: Tensor, y: Tensor) -> Tensor:
     return net(x, y).flatten()
 
 
-def feature_blocks(network: torch.nn.Module) -> list[torch.nn.Module]:
-    """The blocks whose outputs `TeacherFeatureDistance` compares: a UNet's down blocks and mid block, else about four
-    evenly spaced blocks of a transformer."""
-    network = getattr(network, "base", network)
-    if hasattr(network, "down_blocks"):
-        return [*network.down_blocks, *([network.mid_block] if getattr(network, "mid_block", None) else [])]
-    for name in ("transformer_blocks", "single_transformer_blocks", "blocks"):
-        blocks = list(getattr(network, name, None) or [])
-        if blocks:
-            return blocks[::max(1, len(blocks) // 4)]
-    raise ValueError(f"{type(network).__name__} has no down blocks or transformer blocks to take features from")
-
-
-def _first_tensor(out) -> Tensor:
-    return out if isinstance(out, Tensor) else next(o for o in out if isinstance(o, Tensor))
-
-
 class TeacherFeatureDistance(torch.nn.Module):
     """A perceptual distance that needs no download: LPIPS's form (Zhang et al. 2018, eq. 1, channel-normalised
     activations, squared differences averaged over positions, equal channel weights) on the frozen teacher's own
-    encoder blocks, each image seen clean at the teacher's noise level `level` T (its features there describe images
-    the teacher knows). Per sample; gradients flow into `x_hat` only."""
+    features at `taps` (Teacher.feature_taps: a UNet's down and mid blocks, a transformer's blocks' image tokens),
+    each image seen clean at the teacher's noise level `level` T (its features there describe images the teacher
+    knows). Per sample; gradients flow into `x_hat` only."""
 
-    def __init__(self, denoiser, level: float = 0.1):
+    def __init__(self, denoiser, taps, level: float = 0.1):
         super().__init__()
-        self.denoiser = denoiser
+        self.denoiser, self.taps = denoiser, taps
         steps = len(denoiser.alphas_cumprod)
         self.sigma = float(denoiser.t_to_sigma(torch.tensor(round(level * (steps - 1)))))
-        self.blocks = feature_blocks(denoiser.model)
 
     def features(self, x: Tensor, cond) -> list[Tensor]:
-        feats: list[Tensor] = []
-        hooks = [b.register_forward_hook(lambda m, i, o: feats.append(_first_tensor(o))) for b in self.blocks]
-        try:
+        with contextlib.ExitStack() as stack:
+            captured = [stack.enter_context(tap.capture(self.denoiser.model)) for tap in self.taps]
             self.denoiser(x, self.sigma, cond)
-        finally:
-            for h in hooks:
-                h.remove()
-        return [f / (f.pow(2).sum(1 if f.ndim == 4 else -1, keepdim=True).sqrt() + 1e-10) for f in feats]
+        return [f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) for out in captured for f in out]
 
     def forward(self, x_hat: Tensor, x: Tensor, cond=None) -> Tensor:
         with torch.no_grad():
             target = self.features(x, cond)
-        return sum((a - b.detach()).pow(2).sum(1 if a.ndim == 4 else -1).flatten(1).mean(1)
-                   for a, b in zip(self.features(x_hat, cond), target))
+        return sum((a - b).pow(2).sum(1).flatten(1).mean(1) for a, b in zip(self.features(x_hat, cond), target))

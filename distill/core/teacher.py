@@ -151,6 +151,11 @@ class Teacher:
         """Where the GAN head of DMD2 / MSD reads the network's features."""
         return self.family.feature_tap()
 
+    @property
+    def feature_taps(self) -> list[FeatureTap]:
+        """Where the teacher-feature perceptual distance (losses.TeacherFeatureDistance) reads the network."""
+        return self.family.feature_taps()
+
 
 def class_ids(data, num_classes: int) -> Tensor:
     """A labelled set's labels as the teacher's class ids: class folders named by integers are those classes

@@ -125,7 +125,7 @@ class FlowMethod(Distiller):
         if kind in ("auto", "lpips") and self._lpips is None:
             self._lpips = load_lpips(context.accelerator.device, quiet=kind == "auto")
         if kind == "teacher" or (kind == "auto" and self._lpips is None):
-            self._teacher_features = TeacherFeatureDistance(self.teacher_denoiser)
+            self._teacher_features = TeacherFeatureDistance(self.teacher_denoiser, self._teacher.feature_taps)
 
     def filled_store(self, store: PairStore, solve=None) -> dict[str, Tensor | None]:
         """Open `store` (the main process creates it), generate its missing shards on every process, load it."""
