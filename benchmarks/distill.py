@@ -98,12 +98,11 @@ SWEEPS = {
     # a batch of 256 (the default is 64)
     "msd-k4-b256": ("msd", ["--preset", "{preset}", "--students", "4", "--set", "trainer.batch_size=256"], [1]),
 }
-ALL: dict = {}  # RUNS and SWEEPS, with the default rows of registered methods (main)
 
 
 def check_runs(runs: dict) -> dict:
     """Every row names a registered method (a renamed or removed method fails here, not after hours of training);
-    a registered distiller without a row gets its default one (its preset, at 1 and 2 NFE): a new method file is in
+    the default row (its preset, at 1 and 2 NFE) of each registered distiller without one: a new method file is in
     the grid without an edit here."""
     from dstudio.distill.core.method import discover, get_method
 
@@ -114,16 +113,16 @@ def check_runs(runs: dict) -> dict:
             raise SystemExit(f"benchmarks/distill.py: row '{name}': {e}") from None
     named = {m for m, _, _ in runs.values()}
     rowless = sorted(n for n, c in discover().items() if c.is_distiller and n not in named)
-    return {**runs, **{n: (n, ["--preset", "{preset}"], [1, 2]) for n in rowless}}
+    return {n: (n, ["--preset", "{preset}"], [1, 2]) for n in rowless}
 
 
 def params(unet) -> int:
     return sum(p.numel() for p in unet.parameters())
 
 
-def train(name: str, preset: str, reuse: bool) -> tuple[Path, float | None]:
+def train(name: str, row: tuple, preset: str, reuse: bool) -> tuple[Path, float | None]:
     """Train row `name` (with `reuse`: evaluate its finished run, or continue its interrupted one); its training seconds."""
-    method, extra, _ = ALL[name]
+    method, extra, _ = row
     run = ROOT / "runs" / preset / name
     record = run / "bench.json"
     earlier = json.loads(record.read_text())["train_seconds"] if record.is_file() else 0.0
@@ -148,12 +147,10 @@ def train(name: str, preset: str, reuse: bool) -> tuple[Path, float | None]:
 
 def main(argv=None) -> int:
     RUNS.update(check_runs({**RUNS, **SWEEPS}))
-    for name in SWEEPS:
-        RUNS.pop(name, None)
-    ALL.update(RUNS, **SWEEPS)
+    grid = {**RUNS, **SWEEPS}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="quick")
-    p.add_argument("--only", nargs="+", choices=list(ALL), default=None, help="default: every RUNS row")
+    p.add_argument("--only", nargs="+", choices=list(grid), default=None, help="default: every RUNS row")
     p.add_argument("--sweeps", action="store_true", help="with the RUNS rows, the SWEEPS rows (the searched settings)")
     p.add_argument("--reuse", action="store_true",
                    help="evaluate finished runs instead of training them again, and continue interrupted ones")
@@ -162,7 +159,7 @@ def main(argv=None) -> int:
     commit = source_commit()  # the code that trains the rows, whatever the checkout holds when they are written
     args.only = args.only or [*RUNS, *(SWEEPS if args.sweeps else ())]
 
-    trained = {name: train(name, args.preset, args.reuse) for name in args.only}
+    trained = {name: train(name, grid[name], args.preset, args.reuse) for name in args.only}
 
     teacher = load_pipeline(DEFAULT_TEACHER)
     proto = protocol_for(teacher, args.per_class)
@@ -185,10 +182,10 @@ def main(argv=None) -> int:
     t_row = measure("teacher-ddim", teacher, 50, method="teacher", params=params(teacher.unet))
     for name, (run, seconds) in trained.items():
         pipe = load_pipeline(run / "pipeline")
-        info = {"method": ALL[name][0], "params": params(pipe.unet), "train_minutes": seconds and seconds / 60}
+        info = {"method": grid[name][0], "params": params(pipe.unet), "train_minutes": seconds and seconds / 60}
         if hasattr(pipe.unet, "students"):
             info["params_per_student"] = max(params(s) for s in pipe.unet.students)
-        for nfe in ALL[name][2]:
+        for nfe in grid[name][2]:
             measure(name, pipe, nfe, **info)
     for r in rows:
         r["fid_vs_teacher"] = r["fid"] / t_row["fid"]
