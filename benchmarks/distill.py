@@ -92,6 +92,8 @@ SWEEPS = {
     # a longer one-step distillation phase at the same total steps (quick: 400 reflow + 200 distillation steps)
     "rectified_flow-reflow200": ("rectified_flow", ["--preset", "{preset}", "--set", "method.reflow_steps=200"],
                                  [1, 2]),
+    # SIM's pseudo-Huber surrogate (the default loss is SiD's)
+    "sim-huber": ("sim", ["--preset", "{preset}", "--set", "method.loss=sim"], [1]),
     "slimflow-no-perceptual": ("slimflow", ["--preset", "{preset}", "--set", "method.perceptual=none"], [1, 2]),
     # one student for as long as four take (a step of K students trains each on a whole batch: K times the work)
     "msd-k1-1600": ("msd", ["--preset", "{preset}", "--students", "1", "--set", "trainer.steps=1600"], [1]),

@@ -1,7 +1,8 @@
 """The teacher zoo: teachers of every parameterisation, most of them shaped by other conventions than dstudio's, and
 what each method's quick student does on each, in two feature spaces that share no network.
 
-    python benchmarks/teachers.py [--only NAME ...] [--students dmd2 sim rectified_flow consistency] [--reuse]
+    python benchmarks/teachers.py [--only NAME ...] [--students dmd2 sim rectified_flow consistency]
+                                  [--reuse | --reuse-teachers]
                                   [--teacher-steps S] [--per-class 100]
 
 Zoo teachers (16x16 MNIST-5k, DDPMPipeline folders in benchmarks/runs/zoo/NAME/pipeline):
@@ -15,7 +16,10 @@ Each student is `dstudio distill METHOD --preset quick --teacher benchmarks/runs
 `--init teacher`, measured at 2 NFE, the others at 1). Rows: the teacher at 50 steps (trailing DDIM with its clip for
 DDPM teachers, its own Euler for flow matching) and each student, on the protocol's noise, FID in the `mnist` space
 (the digit classifier) and the `pixels` space (raw pixel statistics: speckle and texture a classifier ignores), each
-with its ratio to that teacher. --reuse evaluates finished runs instead of training them again.
+with its ratio to that teacher. An unconditional teacher's class counts are a multinomial draw rather than exactly
+100 per class, which alone puts the shipped teacher at about 1.8x its balanced FID-mnist on 1,000 images: zoo
+teachers are held to the shipped teacher sampled as they are (balanced labels for class-conditional ones, the mean
+over 20 random-label draws for unconditional ones). --reuse evaluates finished runs instead of training them again.
 Writes benchmarks/results/teachers.json and its table in benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -36,13 +40,15 @@ from dstudio.distill.core.images import collapse_reason, save_grid
 from dstudio.distill.core.teacher import load_pipeline, reference_scheduler
 from dstudio.distill.evaluation.fid import fid_of_tensor
 from dstudio.distill.evaluation.interval import fid_fields
-from dstudio.distill.evaluation.protocol import pipeline_images, protocol_fingerprint, protocol_for
-from dstudio.distill.evaluation.spaces import feature_space
-from dstudio.distill.evaluation.stats import reference_stats
+from dstudio.distill.evaluation.protocol import is_conditional, pipeline_images, protocol_fingerprint, protocol_for, \
+    protocol_inputs
+from dstudio.distill.evaluation.spaces import feature_space, tensor_features
+from dstudio.distill.evaluation.stats import Stats, frechet, reference_stats
 
 ROOT = Path(__file__).resolve().parent
 RUNS = ROOT / "runs" / "zoo"
 SPACES = ("mnist", "pixels")
+LABEL_DRAWS = 20  # class-count draws averaged in the shipped teacher's unconditional reference
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,7 @@ class Recipe:
 ZOO = {
     "eps-uncond": Recipe(("--lr-schedule", "constant", "--warmup", "0"), foreign="eps-linear", steps=8000),
     "flow": Recipe(foreign="flow", steps=8000),
-    "eps-cosine": Recipe(("method.prediction_type=epsilon", "method.clip_sample=true")),
+    "eps-cosine": Recipe(("method.prediction_type=epsilon", "method.clip_sample=true"), steps=10000),
     "v-zero-snr": Recipe(("method.prediction_type=v_prediction", "method.rescale_betas_zero_snr=true")),
     "sample-linear": Recipe(("method.prediction_type=sample", "method.beta_schedule=linear")),
 }
@@ -130,11 +136,44 @@ def callable_pipeline(pipe, reference: bool = False):
     return pipe
 
 
+def label_draws(n: int, per_class: int, draws: int = LABEL_DRAWS, seed: int = 0) -> list[torch.Tensor]:
+    """Indices into a pool of `per_class` images per class (class c at c * per_class ...): per draw, the first counts[c]
+    of class c, counts ~ Multinomial(n, 1/10) (capped at per_class) as an unconditional teacher's class counts are."""
+    rng, out = torch.Generator().manual_seed(seed), []
+    for _ in range(draws):
+        counts = torch.bincount(torch.randint(0, 10, (n,), generator=rng), minlength=10).clamp(max=per_class)
+        out.append(torch.cat([c * per_class + torch.arange(int(k)) for c, k in enumerate(counts)]))
+    return out
+
+
+def random_label_fids(pipe, n: int, spaces: dict, refs: dict, draws: int = LABEL_DRAWS) -> dict[str, list[float]]:
+    """The class-conditional `pipe`'s 50-step FIDs (space -> one per draw) on `n` images whose class counts are drawn
+    as an unconditional teacher's are (label_draws) instead of exactly n/10 each: the reference an unconditional
+    teacher is held to."""
+    per_class = n // 10 + n // 20  # 1.5x: a Binomial(n, 0.1) count passes it with p < 1e-6 for n = 1,000
+    labels, noise = protocol_inputs(pipe, per_class)
+    with torch.no_grad():
+        images, _ = pipeline_images(pipe, labels, noise, 50)
+    feats = {name: tensor_features(images, space) for name, space in spaces.items()}
+    return {name: [frechet(Stats.of(feats[name][idx.numpy()], name, "random labels", keep_feats=False), refs[name])
+                   for idx in label_draws(n, per_class, draws)] for name in spaces}
+
+
+def class_imbalance(images: torch.Tensor, space) -> float:
+    """Total variation between the digit classifier's class histogram of `images` (in [-1, 1]) and the uniform one:
+    0 for balanced classes, 0.9 when every image is one digit (what FID-mnist sees of mode dropping)."""
+    with torch.no_grad():
+        digits = space.model.logits(((images + 1) * 127.5).round().to(space.device)).argmax(-1).cpu()
+    return float((torch.bincount(digits, minlength=10) / len(digits) - 0.1).abs().sum() / 2)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=list(ZOO), default=list(ZOO))
     p.add_argument("--students", nargs="*", choices=list(STUDENTS), default=list(STUDENTS))
     p.add_argument("--reuse", action="store_true", help="evaluate finished runs instead of training them again")
+    p.add_argument("--reuse-teachers", action="store_true",
+                   help="evaluate finished teachers instead of training them again, but train the students")
     p.add_argument("--teacher-steps", type=int, default=None, help="default: each recipe's (ZOO)")
     p.add_argument("--per-class", type=int, default=100)
     args = p.parse_args(argv)
@@ -151,7 +190,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             images, seconds = pipeline_images(pipe, labels, noise, nfe)
         row = {"name": name, "nfe": nfe, "images_per_s": len(images) / seconds, "collapse": collapse_reason(images),
-               **extra}
+               "class_tv": class_imbalance(images, spaces["mnist"]), **extra}
         for n in SPACES:
             row.update(fid_fields(fid_of_tensor(images, refs[n], spaces[n], name), f"fid_{n}"))
             if base is not None:
@@ -164,10 +203,25 @@ def main(argv=None) -> int:
 
     shipped_row = measure("shipped-teacher-50", callable_pipeline(shipped, reference=True), 50, teacher="shipped",
                           method="teacher", command="dstudio teacher train --preset full (distill/assets)")
+    # an unconditional teacher's class counts are a multinomial draw: about 1.8x the balanced FID-mnist on 1,000
+    # images for the shipped teacher itself, so unconditional teachers are held to the shipped teacher sampled so
+    draws = random_label_fids(shipped, len(labels), spaces, refs)
+    unconditional_row = {"name": "shipped-teacher-50-random-labels", "nfe": 50, "teacher": "shipped",
+                         "method": "teacher, random labels", "draws": LABEL_DRAWS,
+                         **{f"fid_{n}": sum(f) / len(f) for n, f in draws.items()},
+                         **{f"fid_{n}_sd": float(torch.tensor(f).std()) for n, f in draws.items()},
+                         **{f"x_{n}": sum(f) / len(f) / shipped_row[f"fid_{n}"] for n, f in draws.items()},
+                         "command": "benchmarks/teachers.py: random_label_fids (mean of the draws)"}
+    rows.append(unconditional_row)
+    print("shipped teacher, random labels: " + "  ".join(
+        f"FID-{n} {unconditional_row[f'fid_{n}']:.4f} +- {unconditional_row[f'fid_{n}_sd']:.4f}" for n in SPACES),
+        file=sys.stderr)
     for name in args.only:
-        teacher_run, teacher_seconds = train_teacher(name, args.teacher_steps, args.reuse)
+        teacher_run, teacher_seconds = train_teacher(name, args.teacher_steps, args.reuse or args.reuse_teachers)
         teacher = callable_pipeline(load_pipeline(teacher_run / "pipeline"), reference=True)
-        t_row = measure(f"{name}-teacher-50", teacher, 50, base=shipped_row, teacher=name, method="teacher",
+        conditional = is_conditional(teacher)
+        t_row = measure(f"{name}-teacher-50", teacher, 50, base=shipped_row if conditional else unconditional_row,
+                        teacher=name, method="teacher", shipped_reference="balanced" if conditional else "random labels",
                         train_minutes=teacher_seconds and teacher_seconds / 60,
                         teacher_steps=trained_steps(teacher_run),
                         command=" ".join(ZOO[name].command(teacher_run, args.teacher_steps)[1:]).replace(
@@ -192,10 +246,14 @@ def main(argv=None) -> int:
         "floor": proto["floor"], "rows": rows,
         "columns": [["name", "row"], ["nfe", "NFE"], ["fid_mnist", "FID-mnist"], ["x_mnist", "x its teacher"],
                     ["fid_pixels", "FID-pixels"], ["x_pixels", "x its teacher (pixels)"],
+                    ["class_tv", "class imbalance"], ["shipped_reference", "teacher held to"],
                     ["collapse", "collapse check"], ["teacher_steps", "teacher steps"],
                     ["train_minutes", "training minutes"], ["measured", "earlier run"]],
         "notes": ["zoo teachers: 16x16 MNIST-5k; teacher rows' ratios are to the shipped teacher at 50 steps, "
                   "student rows' to their own teacher at 50 steps",
+                  "an unconditional teacher's class counts are a multinomial draw, not exactly 100 per class: its "
+                  "ratio is to the shipped teacher sampled with random labels (mean of the draws, "
+                  "shipped-teacher-50-random-labels), a class-conditional teacher's to the balanced shipped row",
                   "students: the quick presets, unchanged, on each teacher (consistency --init teacher at 2 NFE)",
                   "each row's `command` reproduces it; training minutes: wall time on this machine while other jobs "
                   "shared its cores"],

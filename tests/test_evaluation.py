@@ -110,3 +110,29 @@ def test_unconditional_pipelines_are_called_with_a_batch_size(uncond_teacher):
     assert pipe.scheduler is wrapped.scheduler  # one scheduler: set on the wrapper, used by the pipeline
     images, _ = pipeline_images(pipe, torch.arange(3), torch.randn(3, 1, 8, 8), 2)
     assert images.shape == (3, 1, 8, 8) and torch.isfinite(images).all()
+
+
+def test_unconditional_reference_draws_class_counts_as_an_unconditional_teacher_does(benchmark_script):
+    """benchmarks/teachers.py holds unconditional zoo teachers to the shipped teacher on multinomial class counts."""
+    label_draws = benchmark_script("teachers").label_draws
+    draws = label_draws(1000, 150, draws=5)
+    assert len(draws) == 5
+    for idx in draws:
+        counts = torch.bincount(idx // 150, minlength=10)
+        assert counts.sum() == 1000 and len(set(idx.tolist())) == 1000
+        assert not (counts == 100).all()  # not the balanced protocol
+        assert all((idx[idx // 150 == c] % 150 < counts[c]).all() for c in range(10))  # each class's first ones
+    assert not torch.equal(draws[0], draws[1])
+    assert all(torch.equal(a, b) for a, b in zip(draws, label_draws(1000, 150, draws=5)))  # seeded
+
+
+def test_class_imbalance_is_zero_for_balanced_digits_and_high_for_one(benchmark_script):
+    from dstudio.distill.data import mnist5k
+    from dstudio.distill.evaluation.spaces import feature_space
+
+    class_imbalance, space = benchmark_script("teachers").class_imbalance, feature_space("mnist", "cpu")
+    data = mnist5k(16)
+    images, labels = data.images, data.labels
+    balanced = torch.cat([images[labels == c][:20] for c in range(10)])
+    assert class_imbalance(balanced, space) < 0.15
+    assert class_imbalance(images[labels == 3][:200], space) > 0.8
