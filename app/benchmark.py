@@ -58,6 +58,15 @@ def source_commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty else "") if head.returncode == 0 else None
 
 
+def trained_at(run: Path) -> str | None:
+    """When the pipeline in `run` (a run folder or a pipeline folder) was exported: its dstudio.json `created` date, so
+    a row that evaluates an earlier run again (`--reuse`) still says when that run was trained; None without one."""
+    for card in (Path(run) / "pipeline" / "dstudio.json", Path(run) / "dstudio.json"):
+        if card.is_file():
+            return json.loads(card.read_text()).get("created")
+    return None
+
+
 def merge_rows(rows: list[dict], old: list[dict], date: str | None, key, commit: str | None = None) -> list[dict]:
     """This run's rows, then an earlier file's rows of every run (`key(row)`) not measured again, each keeping its
     `measured` date and `commit` (and its speed ratio, taken within its own run)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dstudio.app.benchmark import RESULTS, merge_rows, source_commit, write_results
+from dstudio.app.benchmark import RESULTS, merge_rows, source_commit, trained_at, write_results
 from dstudio.distill.core.images import save_grid
 from dstudio.distill.core.io import atomic_path
 from dstudio.distill.core.teacher import DEFAULT_TEACHER, load_pipeline, reference_scheduler
@@ -184,7 +184,8 @@ def main(argv=None) -> int:
     t_row = measure("teacher-ddim", teacher, 50, method="teacher", params=params(teacher.unet))
     for name, (run, seconds) in trained.items():
         pipe = load_pipeline(run / "pipeline")
-        info = {"method": grid[name][0], "params": params(pipe.unet), "train_minutes": seconds and seconds / 60}
+        info = {"method": grid[name][0], "params": params(pipe.unet), "train_minutes": seconds and seconds / 60,
+                "trained": trained_at(run)}
         if hasattr(pipe.unet, "students"):
             info["params_per_student"] = max(params(s) for s in pipe.unet.students)
         for nfe in grid[name][2]:
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
         "columns": [["name", "row"], ["nfe", "NFE"], ["fid", "FID-mnist"], ["fid_vs_teacher", "x teacher-50"],
                     ["images_per_s", "images/s"], ["speedup", "speed vs teacher-50"], ["params", "parameters"],
                     ["params_vs_teacher", "x teacher params"], ["train_minutes", "training minutes"],
-                    ["measured", "earlier run"], ["commit", "commit"]],
+                    ["trained", "trained (export date)"], ["measured", "earlier run"], ["commit", "commit"]],
         "notes": ["rows with a `measured` date come from an earlier run of this script (`--only` reruns the others)",
                   "training minutes: wall time of `dstudio distill` (pair generation included) on this machine, "
                   "while other jobs may have shared its cores; speeds are measured in this one run",

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from dstudio.app.benchmark import RESULTS, merge_rows, source_commit, write_results
+from dstudio.app.benchmark import RESULTS, merge_rows, source_commit, trained_at, write_results
 from dstudio.distill.core.images import collapse_reason, save_grid
 from dstudio.distill.core.teacher import load_pipeline, reference_scheduler
 from dstudio.distill.evaluation.fid import fid_of_tensor
@@ -222,6 +222,7 @@ def main(argv=None) -> int:
         conditional = is_conditional(teacher)
         t_row = measure(f"{name}-teacher-50", teacher, 50, base=shipped_row if conditional else unconditional_row,
                         teacher=name, method="teacher", shipped_reference="balanced" if conditional else "random labels",
+                        trained=trained_at(teacher_run),
                         train_minutes=teacher_seconds and teacher_seconds / 60,
                         teacher_steps=trained_steps(teacher_run),
                         command=" ".join(ZOO[name].command(teacher_run, args.teacher_steps)[1:]).replace(
@@ -231,6 +232,7 @@ def main(argv=None) -> int:
             nfe = STUDENTS[method][1]
             measure(f"{name}-{method}-{nfe}", callable_pipeline(load_pipeline(run_dir / "pipeline")), nfe,
                     base=t_row, teacher=name, method=method, train_minutes=seconds and seconds / 60,
+                    trained=trained_at(run_dir),
                     command=" ".join(student_command(teacher_run, method)).replace(str(ROOT.parent) + "/", ""))
     previous = RESULTS / "teachers.json"
     if previous.is_file():  # rows not measured again (other teachers or students) stay, with their date and commit
@@ -248,7 +250,8 @@ def main(argv=None) -> int:
                     ["fid_pixels", "FID-pixels"], ["x_pixels", "x its teacher (pixels)"],
                     ["class_tv", "class imbalance"], ["shipped_reference", "teacher held to"],
                     ["collapse", "collapse check"], ["teacher_steps", "teacher steps"],
-                    ["train_minutes", "training minutes"], ["measured", "earlier run"]],
+                    ["train_minutes", "training minutes"], ["trained", "trained (export date)"],
+                    ["measured", "earlier run"]],
         "notes": ["zoo teachers: 16x16 MNIST-5k; teacher rows' ratios are to the shipped teacher at 50 steps, "
                   "student rows' to their own teacher at 50 steps",
                   "an unconditional teacher's class counts are a multinomial draw, not exactly 100 per class: its "

@@ -57,3 +57,15 @@ def test_benchmark_rows_carry_the_commit_that_measured_them(tmp_path):
     assert commit is None or commit.split("+")[0].isalnum()
     assert payload["commit"] == commit
     assert [r["commit"] for r in payload["rows"]] == [commit, "abc1234"]
+
+
+def test_trained_at_reads_the_export_date_of_a_run_or_a_pipeline(tmp_path):
+    """A re-evaluated run (`--reuse`) keeps the date it was trained: its pipeline's dstudio.json `created`."""
+    import json
+
+    from dstudio.app.benchmark import trained_at
+
+    (tmp_path / "run" / "pipeline").mkdir(parents=True)
+    (tmp_path / "run" / "pipeline" / "dstudio.json").write_text(json.dumps({"created": "2026-12-05T04:18:52+00:00"}))
+    assert trained_at(tmp_path / "run") == trained_at(tmp_path / "run" / "pipeline") == "2026-12-05T04:18:52+00:00"
+    assert trained_at(tmp_path) is None  # a folder diffusers wrote (no dstudio.json)
