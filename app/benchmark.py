@@ -61,10 +61,9 @@ def source_commit() -> str | None:
 def trained_at(run: Path) -> str | None:
     """When the pipeline in `run` (a run folder or a pipeline folder) was exported: its dstudio.json `created` date, so
     a row that evaluates an earlier run again (`--reuse`) still says when that run was trained; None without one."""
-    for card in (Path(run) / "pipeline" / "dstudio.json", Path(run) / "dstudio.json"):
-        if card.is_file():
-            return json.loads(card.read_text()).get("created")
-    return None
+    from dstudio.distill.core.export import read_provenance
+
+    return read_provenance(Path(run) / "pipeline").get("created") or read_provenance(run).get("created")
 
 
 def merge_rows(rows: list[dict], old: list[dict], date: str | None, key, commit: str | None = None) -> list[dict]:

@@ -148,8 +148,8 @@ def train(name: str, row: tuple, preset: str, reuse: bool) -> tuple[Path, float 
 
 
 def main(argv=None) -> int:
-    RUNS.update(check_runs({**RUNS, **SWEEPS}))
-    grid = {**RUNS, **SWEEPS}
+    runs = {**RUNS, **check_runs({**RUNS, **SWEEPS})}
+    grid = {**runs, **SWEEPS}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="quick")
     p.add_argument("--only", nargs="+", choices=list(grid), default=None, help="default: every RUNS row")
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-class", type=int, default=200)
     args = p.parse_args(argv)
     commit = source_commit()  # the code that trains the rows, whatever the checkout holds when they are written
-    args.only = args.only or [*RUNS, *(SWEEPS if args.sweeps else ())]
+    args.only = args.only or [*runs, *(SWEEPS if args.sweeps else ())]
 
     trained = {name: train(name, grid[name], args.preset, args.reuse) for name in args.only}
 

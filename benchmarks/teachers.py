@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from dstudio.app.benchmark import RESULTS, merge_rows, source_commit, trained_at, write_results
-from dstudio.distill.core.images import collapse_reason, save_grid
+from dstudio.distill.core.images import collapse_reason, save_grid, to_uint8
 from dstudio.distill.core.teacher import load_pipeline, reference_scheduler
 from dstudio.distill.evaluation.fid import fid_of_tensor
 from dstudio.distill.evaluation.interval import fid_fields
@@ -163,7 +163,7 @@ def class_imbalance(images: torch.Tensor, space) -> float:
     """Total variation between the digit classifier's class histogram of `images` (in [-1, 1]) and the uniform one:
     0 for balanced classes, 0.9 when every image is one digit (what FID-mnist sees of mode dropping)."""
     with torch.no_grad():
-        digits = space.model.logits(((images + 1) * 127.5).round().to(space.device)).argmax(-1).cpu()
+        digits = space.model.logits(to_uint8(images).to(space.device)).argmax(-1).cpu()
     return float((torch.bincount(digits, minlength=10) / len(digits) - 0.1).abs().sum() / 2)
 
 
@@ -205,12 +205,12 @@ def main(argv=None) -> int:
                           method="teacher", command="dstudio teacher train --preset full (distill/assets)")
     # an unconditional teacher's class counts are a multinomial draw: about 1.8x the balanced FID-mnist on 1,000
     # images for the shipped teacher itself, so unconditional teachers are held to the shipped teacher sampled so
-    draws = random_label_fids(shipped, len(labels), spaces, refs)
+    draws = {n: torch.tensor(f) for n, f in random_label_fids(shipped, len(labels), spaces, refs).items()}
     unconditional_row = {"name": "shipped-teacher-50-random-labels", "nfe": 50, "teacher": "shipped",
                          "method": "teacher, random labels", "draws": LABEL_DRAWS,
-                         **{f"fid_{n}": sum(f) / len(f) for n, f in draws.items()},
-                         **{f"fid_{n}_sd": float(torch.tensor(f).std()) for n, f in draws.items()},
-                         **{f"x_{n}": sum(f) / len(f) / shipped_row[f"fid_{n}"] for n, f in draws.items()},
+                         **{f"fid_{n}": float(f.mean()) for n, f in draws.items()},
+                         **{f"fid_{n}_sd": float(f.std()) for n, f in draws.items()},
+                         **{f"x_{n}": float(f.mean()) / shipped_row[f"fid_{n}"] for n, f in draws.items()},
                          "command": "benchmarks/teachers.py: random_label_fids (mean of the draws)"}
     rows.append(unconditional_row)
     print("shipped teacher, random labels: " + "  ".join(

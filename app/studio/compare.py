@@ -2,7 +2,6 @@
 reason when they cannot load) and one row of images per pipeline on shared noise, with the speed it measured."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,11 +48,9 @@ class Entry:
         """The method that made it: the run's dstudio.json for students."""
         if self.kind != "student":
             return {"teacher": "teacher", "schedule": "searched schedule"}[self.kind]
-        info = self.path / "dstudio.json"
-        try:
-            return json.loads(info.read_text()).get("method") or self.kind
-        except (OSError, json.JSONDecodeError, AttributeError):
-            return self.kind
+        from dstudio.distill.core.export import read_provenance
+
+        return read_provenance(self.path).get("method") or self.kind
 
 
 def find_pipelines(runs: str | Path | None, teachers: tuple[Path, ...] = ()) -> list[Entry]:

@@ -40,6 +40,15 @@ def provenance(**extra) -> dict:
             "versions": versions(), "machine": platform.machine(), **extra}
 
 
+def read_provenance(folder: str | Path) -> dict:
+    """The dstudio.json a folder dstudio wrote holds (see provenance); {} where it has none or it is unreadable."""
+    try:
+        card = json.loads((Path(folder) / "dstudio.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return card if isinstance(card, dict) else {}
+
+
 def is_dstudio_class(cls: type) -> bool:
     return cls.__module__.split(".")[0] == "dstudio"
 

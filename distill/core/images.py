@@ -11,10 +11,14 @@ from torch import Tensor
 from dstudio.distill.core.io import save_image
 
 
+def to_uint8(images: Tensor) -> Tensor:
+    """Images in [-1, 1] -> uint8 [0, 255] on the CPU (clamped, rounded): what a PNG or clean-fid sees."""
+    return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_pil(images: Tensor) -> list[Image.Image]:
     """(N, C, H, W) in [-1, 1] -> PIL images (L for one channel, RGB for three)."""
-    arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    arr = arr.permute(0, 2, 3, 1).numpy()
+    arr = to_uint8(images).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from dstudio.distill.core.errors import UserError
+from dstudio.distill.core.images import to_uint8
 
 FEATURES = ("inception", "mnist", "pixels")
 EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp", "npy"}
@@ -131,7 +132,7 @@ def tensor_features(images: torch.Tensor, space: FeatureSpace, batch_size: int =
     n = len(images)
     if n == 0:
         raise FIDError("no images to compute features of")
-    u8 = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    u8 = to_uint8(images)
     if u8.shape[1] == 1:
         u8 = u8.expand(-1, 3, -1, -1)
     position = [0]
